@@ -1,0 +1,302 @@
+"""The typed job spec: the single source of configuration for an xcm run.
+
+A job file (``jobs/*.yaml``) is a serialised :class:`JobSpec`. Loading it checks every key at once and
+raises :class:`SpecError` listing all problems, each with the file, line, key and a fix, before anything
+starts. Components receive the section they need (``spec.training``, ``spec.modularity``...), never a dict.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_JOB = Path("jobs/tiny.yaml")
+RUNS_DIRECTORY = "xcm-runs"
+
+
+class Section(BaseModel):
+    """A spec section: unknown keys are errors (a typo must never be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+
+
+class ModelSpec(Section):
+    family: Literal["gpt2", "gpt_neox", "gemma"] = Field(
+        "gpt2", description="model family: gpt2, gpt_neox (Pythia) or gemma")
+    size: Literal["tiny", "small"] = Field(
+        "tiny", description="preset: tiny = 2 layers of width 64; small = the family's smallest real size")
+    init: Literal["random", "pretrained"] = "random"
+    pretrained: str | None = Field(None, description="local path or hub name, for init: pretrained")
+    config: dict[str, Any] = Field(default_factory=dict, description="overrides of the preset's config")
+
+
+class DataSpec(Section):
+    source: Literal["synthetic"] = Field(
+        "synthetic", description="synthetic = xcm's built-in multi-task corpus (offline)")
+    tasks: list[str] | None = Field(None, description="synthetic tasks to include; all when omitted")
+    num_examples: int = Field(20000, gt=0)
+    validation_examples: int = Field(1000, ge=0)
+    block_size: int = Field(64, gt=1, description="tokens per training sequence")
+    seed: int = 0
+
+
+class TrainingSpec(Section):
+    steps: int = Field(50, gt=0)
+    micro_batch_size: int = Field(8, gt=0, description="sequences per worker per micro-batch")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip; 0 turns it off")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 0
+    report_every: int = Field(25, gt=0, description="steps between Ray Train reports (each costs ~1-2 s)")
+
+
+class DeepSpeedSpec(Section):
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage, 0-3")
+
+
+class ModularitySpec(Section):
+    k: int = Field(4, ge=2, description="clusters per matrix")
+    lambda_: float = Field(20.0, alias="lambda", ge=0, description="weight of the clusterability loss")
+    matrices: list[Literal["mlp_in", "mlp_out"]] = Field(
+        default_factory=lambda: ["mlp_in", "mlp_out"], min_length=1)
+    partition: Literal["spectral", "contiguous"] = "spectral"
+    partition_at_step: int = Field(0, ge=0, description="step at which the partition is computed")
+    seed: int = 0
+
+
+class TrackingSpec(Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; a SQLite file under xcm-runs/ when omitted")
+    experiment: str = "xcm"
+    artifact_location: str | None = Field(None, description="artifact root for a new experiment")
+
+
+class CheckpointSpec(Section):
+    storage_path: str | None = Field(None, description="Ray Train storage path; xcm-runs/checkpoints when omitted")
+    every_steps: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
+    keep_last: int = Field(2, ge=1)
+
+
+class ResourcesSpec(Section):
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+
+class JobSpec(Section):
+    name: str = Field("xcm", pattern=r"^[A-Za-z0-9_.-]+$", description="run name (letters, digits, _ . -)")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    modularity: ModularitySpec = Field(default_factory=ModularitySpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    checkpointing: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    def resolved(self, workdir: Path) -> JobSpec:
+        """Fill the defaults that depend on where the job runs, as absolute paths workers can use."""
+        runs = (workdir / RUNS_DIRECTORY).resolve()
+        tracking = self.tracking.model_copy(update={
+            "uri": self.tracking.uri or f"sqlite:///{runs / 'mlflow.db'}",
+            "artifact_location": self.tracking.artifact_location or (runs / "artifacts").as_uri(),
+        })
+        checkpointing = self.checkpointing.model_copy(update={
+            "storage_path": self.checkpointing.storage_path or str(runs / "checkpoints"),
+        })
+        return self.model_copy(update={"tracking": tracking, "checkpointing": checkpointing})
+
+    def flat_params(self) -> dict[str, str]:
+        """The spec as ``section.key -> value`` strings, the shape MLflow params take."""
+        flat: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for key, item in value.items():
+                    walk(f"{prefix}.{key}" if prefix else key, item)
+            else:
+                flat[prefix] = str(value)
+
+        walk("", self.model_dump(mode="json", by_alias=True))
+        return flat
+
+
+class SpecProblem(BaseModel):
+    key: str
+    message: str
+    fix: str
+    line: int | None = None
+
+
+class SpecError(ValueError):
+    """Every problem of a job file, reported at once."""
+
+    def __init__(self, source: str, problems: list[SpecProblem]):
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''} in the job spec"]
+        for problem in problems:
+            where = f"line {problem.line}, " if problem.line else ""
+            lines.append(f"  - {where}{problem.key}: {problem.message}. Fix: {problem.fix}")
+        super().__init__("\n".join(lines))
+
+
+def load_spec(path: str | Path | None = None, overrides: list[str] = ()) -> JobSpec:
+    """Read, override (``section.key=value``) and validate a job file; raise SpecError listing every problem."""
+    path = Path(path) if path is not None else DEFAULT_JOB
+    source = str(path)
+    if not path.is_file():
+        raise SpecError(source, [SpecProblem(
+            key="(file)", message=f"no job file at {path.resolve()}",
+            fix="pass the path of a YAML job file, e.g. jobs/tiny.yaml")])
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        raise SpecError(source, [SpecProblem(
+            key="(file)", message=f"not valid YAML ({getattr(error, 'problem', error)})",
+            fix="correct the YAML syntax", line=mark.line + 1 if mark else None)]) from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise SpecError(source, [SpecProblem(
+            key="(file)", message=f"the top level is a {type(raw).__name__}, not a mapping",
+            fix="write the job as 'section: {key: value}' mappings, as in jobs/tiny.yaml")])
+    lines = _key_lines(text)
+    problems = _apply_overrides(raw, overrides)
+    spec = None
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as error:
+        problems += [_problem_from_pydantic(item, lines) for item in error.errors()]
+    if spec is not None:
+        problems += [p.model_copy(update={"line": lines.get(p.key)}) for p in consistency_problems(spec)]
+    if problems:
+        raise SpecError(source, problems)
+    return spec
+
+
+def consistency_problems(spec: JobSpec) -> list[SpecProblem]:
+    """Problems between keys that each look valid alone (pydantic checks the keys one at a time)."""
+    from orchestrator.models.registry import model_dimensions
+
+    problems: list[SpecProblem] = []
+    model, training, modularity = spec.model, spec.training, spec.modularity
+    if model.init == "pretrained" and not model.pretrained:
+        problems.append(SpecProblem(key="model.pretrained", message="init is 'pretrained' but no model is named",
+                                    fix="set model.pretrained to a local path or hub name, or init: random"))
+    if modularity.partition_at_step >= training.steps:
+        problems.append(SpecProblem(
+            key="modularity.partition_at_step",
+            message=f"{modularity.partition_at_step} is not before the last step ({training.steps})",
+            fix=f"choose a step below training.steps={training.steps}"))
+    if training.precision == "fp16" and not spec.resources.use_gpu:
+        problems.append(SpecProblem(key="training.precision", message="fp16 needs a GPU and none is requested",
+                                    fix="use precision fp32 or bf16 on CPU, or set resources.gpus_per_worker"))
+    try:
+        dimensions = model_dimensions(model)
+    except ValueError as error:
+        problems.append(SpecProblem(key="model.config", message=str(error),
+                                    fix="use config keys of the family's transformers config class"))
+        return problems
+    smallest = min(dimensions.hidden, dimensions.intermediate)
+    if modularity.k > smallest:
+        problems.append(SpecProblem(
+            key="modularity.k", message=f"k={modularity.k} exceeds the smallest regularised dimension ({smallest})",
+            fix=f"choose k <= {smallest}"))
+    if spec.data.block_size > dimensions.max_positions:
+        problems.append(SpecProblem(
+            key="data.block_size",
+            message=f"{spec.data.block_size} tokens exceed the model's {dimensions.max_positions} positions",
+            fix=f"set data.block_size <= {dimensions.max_positions} or raise the model's position limit"))
+    return problems
+
+
+def _apply_overrides(raw: dict, overrides: list[str]) -> list[SpecProblem]:
+    problems = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            problems.append(SpecProblem(key=override, message="an override must read section.key=value",
+                                        fix="write e.g. --set training.lr=3e-4"))
+            continue
+        target = raw
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                problems.append(SpecProblem(key=key, message=f"'{parent}' is not a section",
+                                            fix="override a key inside a section, e.g. training.lr"))
+                break
+        else:
+            target[leaf] = yaml.safe_load(value)
+    return problems
+
+
+def _problem_from_pydantic(item: dict, lines: dict[str, int]) -> SpecProblem:
+    key = ".".join(str(part) for part in item["loc"])
+    kind = item["type"]
+    if kind == "extra_forbidden":
+        message, fix = "unknown key", f"remove it or correct its spelling ({_known_keys(item['loc'])})"
+    elif kind == "missing":
+        message, fix = "required key is missing", "add it"
+    else:
+        message = item["msg"][0].lower() + item["msg"][1:]
+        fix = f"got {item.get('input')!r}; {_field_hint(item['loc'])}"
+    return SpecProblem(key=key, message=message, fix=fix, line=lines.get(key))
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = JobSpec
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model else None
+        annotation = field.annotation if field else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
+def _known_keys(loc: tuple) -> str:
+    model = _section_model(loc)
+    if model is None:
+        return "see jobs/tiny.yaml"
+    names = [field.alias or name for name, field in model.model_fields.items()]
+    return "known keys: " + ", ".join(names)
+
+
+def _field_hint(loc: tuple) -> str:
+    model = _section_model(loc)
+    field = None
+    if model is not None:
+        field = model.model_fields.get(str(loc[-1])) or next(
+            (f for f in model.model_fields.values() if f.alias == loc[-1]), None)
+    if field is not None and field.description:
+        return f"expected {field.description}"
+    return "see jobs/tiny.yaml for a valid value"
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map each dotted key of the YAML text to its 1-based line, so errors can point into the file."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+
+    if root is not None:
+        walk(root, "")
+    return lines

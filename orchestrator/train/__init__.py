@@ -1,0 +1,1 @@
+"""Training: the driver that launches Ray Train workers, and the per-rank DeepSpeed loop they run."""
