@@ -201,6 +201,8 @@ def consistency_problems(spec: JobSpec) -> list[SpecProblem]:
     if training.precision == "fp16" and not spec.resources.use_gpu:
         problems.append(SpecProblem(key="training.precision", message="fp16 needs a GPU and none is requested",
                                     fix="use precision fp32 or bf16 on CPU, or set resources.gpus_per_worker"))
+    if model.init == "pretrained" and not (model.pretrained and Path(model.pretrained).is_dir()):
+        return problems  # a hub model's sizes are known only once it is fetched, at build time
     try:
         dimensions = model_dimensions(model)
     except ValueError as error:

@@ -91,4 +91,4 @@ def _ensure_ray(spec: JobSpec) -> None:
         return
     resources = spec.resources
     ray.init(num_cpus=max(os.cpu_count() or 1, int(resources.num_workers * resources.cpus_per_worker)),
-             include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+             include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=True)

@@ -13,18 +13,17 @@ from orchestrator.modularity import GroupPartition, MatrixGroup, partition_group
 from orchestrator.spec import ModularitySpec
 
 
-def compute_partitions(engine, groups: list[MatrixGroup], modularity: ModularitySpec,
+def compute_partitions(groups: list[MatrixGroup], modularity: ModularitySpec,
                        rank: int) -> dict[str, GroupPartition]:
     """Every rank gets the same ``{group name: GroupPartition}``, computed once on rank 0."""
     import deepspeed
 
     partitions: dict[str, dict] = {}
     for group in groups:
-        matrices = group.in_matrices + group.out_matrices
-        with deepspeed.zero.GatheredParameters([m.module.weight for m in matrices], modifier_rank=None):
+        with deepspeed.zero.GatheredParameters([m.module.weight for m in group.matrices], modifier_rank=None):
             if rank == 0:
-                weights_in = [_copy(m.weight()) for m in group.in_matrices]  # [d_ff, d_model] each
-                weights_out = [_copy(m.weight()) for m in group.out_matrices]  # [d_model, d_ff] each
+                weights_in = [_copy(m.weight()) for m in group.inputs]  # [d_ff, d_model] each
+                weights_out = [_copy(m.weight()) for m in group.outputs]  # [d_model, d_ff] each
         if rank == 0:
             partition = partition_group(weights_in, weights_out, modularity.k,
                                         method=modularity.partition, seed=modularity.seed)
@@ -32,9 +31,32 @@ def compute_partitions(engine, groups: list[MatrixGroup], modularity: Modularity
     payload = [partitions]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(payload, src=0)
-    device = engine.device
-    return {name: GroupPartition.from_dict(data).to(device) for name, data in payload[0].items()}
+    return {name: GroupPartition.from_dict(data) for name, data in payload[0].items()}
 
 
 def _copy(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().float().clone()
+
+
+def partition_table(groups: list[MatrixGroup], partitions: dict[str, GroupPartition]):
+    """Every unit's cluster as a flat Arrow table (group, matrix, side, unit, cluster): readable by any tool."""
+    import pyarrow as pa
+
+    columns: dict[str, list] = {"group": [], "matrix": [], "side": [], "unit": [], "cluster": []}
+
+    def add(group: str, matrix: str, side: str, labels: torch.Tensor) -> None:
+        values = labels.tolist()
+        columns["group"] += [group] * len(values)
+        columns["matrix"] += [matrix] * len(values)
+        columns["side"] += [side] * len(values)
+        columns["unit"] += list(range(len(values)))
+        columns["cluster"] += values
+
+    for group in groups:
+        partition = partitions[group.name]
+        add(group.name, "", "hidden", partition.hidden)
+        for matrix, labels in zip(group.inputs, partition.inputs):
+            add(group.name, matrix.name, "input", labels)
+        for matrix, labels in zip(group.outputs, partition.outputs):
+            add(group.name, matrix.name, "output", labels)
+    return pa.table(columns)

@@ -82,16 +82,16 @@ class TrainingSession:
         """Compute the partition at ``partition_at_step`` (the method computes it once and keeps it)."""
         if step != self.spec.modularity.partition_at_step:
             return
-        from orchestrator.modularity import baseline
+        from orchestrator.modularity import baseline, regularize_groups
         from orchestrator.train.partitioning import compute_partitions
 
         started = time.perf_counter()
-        self.partitions = compute_partitions(self.engine, self.groups, self.spec.modularity, self.rank)
-        k = self.spec.modularity.k
+        self.partitions = compute_partitions(self.groups, self.spec.modularity, self.rank)
+        regularize_groups(self.regularizer, self.groups, self.partitions)
         for group in self.groups:
-            for matrix, (row_labels, col_labels) in self.partitions[group.name].matrix_labels(group):
-                self.regularizer.set_partition(matrix, row_labels, col_labels, k)
-                self.baselines[matrix.name] = float(baseline(row_labels, col_labels, k))
+            partition = self.partitions[group.name]
+            for matrix, (row_labels, col_labels) in zip(group.matrices, partition.matrix_labels()):
+                self.baselines[matrix.name] = float(baseline(row_labels, col_labels, partition.k))
         if self.is_rank_zero:
             self.logger.log({metric_names.PARTITION_SECONDS: time.perf_counter() - started}, step)
             self.save_partition_artifact(step)
@@ -127,15 +127,17 @@ class TrainingSession:
         """Per-matrix C from the last forward, their mean, mass-weighted mean and normalised mean."""
         if not self.partitions:
             return {}
-        from orchestrator.modularity import normalized_clusterability
+        from orchestrator.modularity import model_clusterability, normalized_clusterability
 
-        values = self.regularizer.measurements()  # {matrix name: (C, squared mass)}
-        metrics = {metric_names.layer_clusterability(name): c for name, (c, _) in values.items()}
-        total_mass = sum(mass for _, mass in values.values())
-        metrics[metric_names.CLUSTERABILITY] = sum(c for c, _ in values.values()) / len(values)
-        metrics[metric_names.CLUSTERABILITY_MASS_WEIGHTED] = sum(c * m for c, m in values.values()) / total_mass
+        values = {name: c.detach() for name, c in self.regularizer.values().items()}
+        masses = self.regularizer.masses()
+        summary = model_clusterability(list(values.values()), [masses[name] for name in values])
+        metrics = {metric_names.layer_clusterability(name): c.item() for name, c in values.items()}
+        metrics[metric_names.CLUSTERABILITY] = float(summary.mean)
+        metrics[metric_names.CLUSTERABILITY_MASS_WEIGHTED] = float(summary.mass_weighted)
         metrics[metric_names.CLUSTERABILITY_NORMALISED] = sum(
-            normalized_clusterability(c, self.baselines[name]) for name, (c, _) in values.items()) / len(values)
+            float(normalized_clusterability(c.item(), self.baselines[name])) for name, c in values.items()
+        ) / len(values)
         return metrics
 
     def publish(self, step: int, metrics: dict[str, float]) -> None:
@@ -167,11 +169,13 @@ class TrainingSession:
             ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     def save_partition_artifact(self, step: int) -> None:
-        import json
+        import pyarrow.parquet as pq
+
+        from orchestrator.train.partitioning import partition_table
 
         with tempfile.TemporaryDirectory() as directory:
-            path = Path(directory) / f"partition-step{step}.json"
-            path.write_text(json.dumps({name: p.to_dict() for name, p in self.partitions.items()}))
+            path = Path(directory) / f"partition-step{step}.parquet"
+            pq.write_table(partition_table(self.groups, self.partitions), path)
             self.logger.log_artifact(str(path), "partitions")
 
     def close(self) -> None:

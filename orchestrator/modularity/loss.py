@@ -1,0 +1,111 @@
+"""The clusterability loss term, -λ · mean_l C(W_l), computed from live parameters inside module forwards.
+
+Under DeepSpeed ZeRO-3 a module's full weight exists only while that module runs, so C is computed in a
+forward hook and never by reading the weight afterwards. Usage, once per step:
+
+    regularizer.clear()
+    task_loss = model(batch).loss           # hooks record C of every regularised matrix
+    loss = task_loss + regularizer.penalty(lam)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from orchestrator.modularity.measures import clusterability_parts, compute_dtype, onehot
+
+
+def clusterability_loss(values: Sequence[Tensor], lam: float) -> Tensor:
+    """-λ · mean(C): added to the task loss; C is a ratio, so shrinking weights cannot lower it."""
+    if not values:
+        raise ValueError("clusterability_loss: no clusterability values; did the regularised modules run?")
+    return -lam * torch.stack(list(values)).mean()
+
+
+@dataclass
+class _MatrixState:
+    """Per regularised module: its partition as one-hot matrices (built once per partition) and orientation."""
+    row_onehot: Tensor  # [n_out, k]
+    col_onehot: Tensor  # [n_in, k]
+    transposed: bool  # weight stored [n_in, n_out] (transformers' Conv1D)
+
+
+def _encode(row_labels: Tensor, col_labels: Tensor, k: int, device: torch.device, dtype: torch.dtype,
+            transposed: bool) -> _MatrixState:
+    return _MatrixState(onehot(row_labels.to(device), k, dtype), onehot(col_labels.to(device), k, dtype), transposed)
+
+
+class ClusterabilityRegularizer:
+    """Records C of each registered module's weight, with autograd, whenever that module runs forward.
+
+    Values are kept by module name, so a module that runs again in the same step (an activation-checkpoint
+    recompute) replaces its value instead of being counted twice.
+    """
+
+    def __init__(self) -> None:
+        self._states: dict[str, _MatrixState] = {}
+        self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._values: dict[str, Tensor] = {}
+        self._masses: dict[str, Tensor] = {}
+
+    def add(self, name: str, module: nn.Module, row_labels: Tensor, col_labels: Tensor, k: int,
+            transposed: bool = False) -> None:
+        """Regularise `module.weight` under the partition (rows `[n_out]`, cols `[n_in]`) of its [n_out, n_in] form."""
+        if name in self._states:
+            raise ValueError(f"ClusterabilityRegularizer: {name!r} is already registered; use set_partition")
+        weight = module.weight
+        self._states[name] = _encode(row_labels, col_labels, k, weight.device, compute_dtype(weight.dtype), transposed)
+        # prepend: run before other post-forward hooks, such as ZeRO-3's, which releases the gathered weight.
+        self._handles[name] = module.register_forward_hook(self._hook(name), prepend=True)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._states
+
+    def set_partition(self, name: str, row_labels: Tensor, col_labels: Tensor, k: int) -> None:
+        """Swap the partition of a registered module, e.g. after the partition is recomputed."""
+        old = self._states[name]
+        self._states[name] = _encode(row_labels, col_labels, k, old.row_onehot.device, old.row_onehot.dtype,
+                                     old.transposed)
+
+    def clear(self) -> None:
+        """Forget the last forward's values; call before each forward."""
+        self._values.clear()
+        self._masses.clear()
+
+    def values(self) -> dict[str, Tensor]:
+        """C per regularised module (by name) from the last forward, differentiable in the weights."""
+        return dict(self._values)
+
+    def masses(self) -> dict[str, Tensor]:
+        """Total squared weight mass per module from the last forward (detached), for the mass-weighted mean."""
+        return dict(self._masses)
+
+    def penalty(self, lam: float) -> Tensor:
+        """-λ · mean C over the modules that ran since `clear()`."""
+        return clusterability_loss(list(self._values.values()), lam)
+
+    def remove(self) -> None:
+        """Detach every hook; the regularizer records nothing afterwards."""
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
+        self._states.clear()
+        self.clear()
+
+    def _hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def record(module: nn.Module, inputs, output) -> None:
+            state = self._states[name]
+            weight = module.weight.T if state.transposed else module.weight  # [n_out, n_in]
+            if weight.shape != (state.row_onehot.shape[0], state.col_onehot.shape[0]):
+                raise ValueError(f"ClusterabilityRegularizer: {name!r} has weight [n_out, n_in] = "
+                                 f"{list(weight.shape)} but its partition labels {state.row_onehot.shape[0]} rows "
+                                 f"and {state.col_onehot.shape[0]} columns")
+            inside, total = clusterability_parts(weight, state.row_onehot, state.col_onehot)
+            self._values[name] = inside / total
+            self._masses[name] = total.detach()
+        return record

@@ -1,0 +1,82 @@
+"""Clusterability: the share of a matrix's squared weight mass that lies inside its k diagonal blocks.
+
+Block masses are computed with one-hot label matrices (`R.T @ W² @ C`), never with a dense `[n_out, n_in]`
+mask, so the cost is one pass over `W` whatever `k` is, and everything stays differentiable in `W`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (bf16, fp16, fp32) is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def onehot(labels: Tensor, k: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """`[n, k]` one-hot matrix of `labels` `[n]`, on the labels' device."""
+    return torch.nn.functional.one_hot(labels.long(), k).to(dtype)
+
+
+def block_mass_onehot(weight: Tensor, row_onehot: Tensor, col_onehot: Tensor) -> Tensor:
+    """`[k, k]` squared mass between row cluster i and column cluster j, from one-hot labels."""
+    squared = weight.to(compute_dtype(weight.dtype)).pow(2)  # [n_out, n_in]
+    return row_onehot.to(squared.dtype).T @ squared @ col_onehot.to(squared.dtype)
+
+
+def block_mass(weight: Tensor, row_labels: Tensor, col_labels: Tensor, k: int) -> Tensor:
+    """`[k, k]` squared weight mass between row cluster i and column cluster j of `weight` `[n_out, n_in]`."""
+    return block_mass_onehot(weight, onehot(row_labels, k), onehot(col_labels, k))
+
+
+def clusterability_parts(weight: Tensor, row_onehot: Tensor, col_onehot: Tensor) -> tuple[Tensor, Tensor]:
+    """In-block and total squared mass of `weight` `[n_out, n_in]` under one-hot labels `[n_out, k]`, `[n_in, k]`."""
+    squared = weight.to(compute_dtype(weight.dtype)).pow(2)  # [n_out, n_in]
+    # trace(R.T W² C) without the off-diagonal blocks: row-wise mass per column cluster, kept where clusters match.
+    inside = ((squared @ col_onehot.to(squared.dtype)) * row_onehot.to(squared.dtype)).sum()
+    return inside, squared.sum()
+
+
+def clusterability_onehot(weight: Tensor, row_onehot: Tensor, col_onehot: Tensor) -> Tensor:
+    """C from one-hot labels: the form the training hooks use, with labels encoded once per partition."""
+    inside, total = clusterability_parts(weight, row_onehot, col_onehot)
+    return inside / total
+
+
+def clusterability(weight: Tensor, row_labels: Tensor, col_labels: Tensor, k: int | None = None) -> Tensor:
+    """Scalar C(W) = in-block squared mass / total squared mass; 1 = no interaction between clusters.
+
+    `weight` is `[n_out, n_in]`; `k` defaults to the largest label + 1. Differentiable in `weight`.
+    """
+    if k is None:
+        k = int(max(row_labels.max(), col_labels.max())) + 1
+    return clusterability_onehot(weight, onehot(row_labels, k), onehot(col_labels, k))
+
+
+def baseline(row_labels: Tensor, col_labels: Tensor, k: int) -> Tensor:
+    """b = Σ_i |U_i||V_i| / (n_out n_in): the C that a matrix with no structure gets under this partition."""
+    rows = torch.bincount(row_labels, minlength=k).double()  # [k]
+    cols = torch.bincount(col_labels, minlength=k).double()  # [k]
+    return (rows * cols).sum() / (row_labels.numel() * col_labels.numel())
+
+
+def normalized_clusterability(c: Tensor | float, b: Tensor | float) -> Tensor | float:
+    """(C - b) / (1 - b): 0 for no structure beyond the partition's sizes, 1 for perfectly separate clusters."""
+    return (c - b) / (1 - b)
+
+
+class ModelClusterability(NamedTuple):
+    mean: Tensor
+    mass_weighted: Tensor
+
+
+def model_clusterability(values: Sequence[Tensor], masses: Sequence[Tensor]) -> ModelClusterability:
+    """A model's C: the plain mean over its matrices (the papers' figure) and the mean weighted by squared mass."""
+    c = torch.stack([torch.as_tensor(v) for v in values]).double()  # [n_matrices]
+    mass = torch.stack([torch.as_tensor(m) for m in masses]).double()  # [n_matrices]
+    return ModelClusterability(mean=c.mean(), mass_weighted=(c * mass).sum() / mass.sum())

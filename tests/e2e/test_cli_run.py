@@ -1,0 +1,47 @@
+"""The `xcm` command as a user types it: the default job end to end, and bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def xcm(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.slow
+def test_xcm_run_default_job_prints_run_and_ui_command(tmp_path):
+    """`xcm run jobs/tiny.yaml` trains, tracks a FINISHED run in ./xcm-runs and prints its id and the UI command."""
+    result = xcm("run", str(ROOT / "jobs" / "tiny.yaml"), "--set", "training.steps=12", "--set",
+                 "training.report_every=12", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = next(line.split()[2] for line in result.stdout.splitlines() if line.startswith("xcm: run "))
+    assert "mlflow ui --backend-store-uri sqlite:///" in result.stdout
+    assert "step 12/12" in result.stdout  # the progress line reached the terminal
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'xcm-runs' / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert len(client.get_metric_history(run_id, "task_loss")) == 12
+
+
+def test_invalid_job_file_exits_2_with_every_problem(tmp_path):
+    """A bad job file stops `xcm run` before anything starts, exit code 2, problems on stderr."""
+    job = tmp_path / "bad.yaml"
+    job.write_text("model:\n  family: gpt5\ntraining:\n  stepz: 3\n")
+    result = xcm("run", str(job), cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "model.family" in result.stderr and "training.stepz" in result.stderr
+    assert not (tmp_path / "xcm-runs").exists()
+
+
+def test_check_validates_shipped_jobs(tmp_path):
+    """`xcm check` accepts every shipped job file."""
+    result = xcm("check", *map(str, sorted((ROOT / "jobs").glob("*.yaml"))), cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,75 @@
+"""Whole-job runs of the default path: YAML -> Ray Train workers -> DeepSpeed ZeRO -> MLflow."""
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from orchestrator.spec import load_spec
+from orchestrator.train.launch import run_job
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 40
+
+
+def tiny_run(workdir: Path, *overrides: str):
+    spec = load_spec(ROOT / "jobs" / "tiny.yaml", [f"training.steps={STEPS}", f"training.report_every={STEPS}",
+                                                   *overrides])
+    return run_job(spec, workdir)
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+@pytest.fixture(scope="module")
+def paired_runs(tmp_path_factory, local_ray):
+    """The tiny job with the clusterability loss on (lambda 20) and its control (lambda 0), in one store."""
+    workdir = tmp_path_factory.mktemp("paired")
+    clustered = tiny_run(workdir, "name=clustered")
+    control = tiny_run(workdir, "name=control", "modularity.lambda=0")
+    return clustered, control, MlflowClient(tracking_uri=clustered.tracking_uri)
+
+
+@pytest.mark.slow
+def test_loss_raises_clusterability_only_when_on(paired_runs):
+    """Task loss falls with and without the loss; clusterability ends far above 1/k only with it on."""
+    clustered, control, client = paired_runs
+    k = 4
+    for result in (clustered, control):
+        task_loss = history(client, result.run_id, "task_loss")
+        assert len(task_loss) == STEPS
+        assert sum(task_loss[-5:]) / 5 < task_loss[0] - 1.0, task_loss
+    clustered_c = history(client, clustered.run_id, "clusterability")
+    control_c = history(client, control.run_id, "clusterability")
+    assert clustered_c[-1] > 0.7 > 1 / k
+    assert control_c[-1] < 0.45
+    assert clustered_c[-1] > clustered_c[0] + 0.3
+
+
+@pytest.mark.slow
+def test_run_is_tracked_completely(paired_runs):
+    """The MLflow run is FINISHED with the resolved spec, per-layer metrics, throughput, the partition and a checkpoint."""
+    clustered, _, client = paired_runs
+    run = client.get_run(clustered.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["modularity.lambda"] == "20.0"
+    assert run.data.params["deepspeed.zero_stage"] == "2"
+    layers = [key for key in run.data.metrics if key.startswith("clusterability/transformer.")]
+    assert len(layers) == 4  # c_fc and c_proj of 2 blocks
+    for key in ("loss", "task_loss", "clusterability", "tokens_per_s", *layers):
+        assert len(history(client, clustered.run_id, key)) == STEPS, key
+    assert min(history(client, clustered.run_id, "tokens_per_s")) > 0
+    artifacts = [item.path for item in client.list_artifacts(clustered.run_id, "partitions")]
+    assert artifacts == ["partitions/partition-step0.parquet"]
+    assert clustered.checkpoint_path and any(Path(clustered.checkpoint_path).rglob("*model_states.pt"))
+
+
+@pytest.mark.slow
+def test_worker_error_marks_run_failed(tmp_path, local_ray):
+    """An error inside the workers ends the MLflow run FAILED and reaches the caller."""
+    with pytest.raises(Exception):
+        tiny_run(tmp_path, "name=broken", "data.num_examples=20", "training.micro_batch_size=64")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'xcm-runs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("xcm-tiny").experiment_id])
+    assert [run.info.status for run in runs] == ["FAILED"]

@@ -1,0 +1,104 @@
+"""The regularizer's forward hooks record C of live weights, in [n_out, n_in] orientation, with gradients."""
+
+import pytest
+import torch
+from torch import nn
+
+from orchestrator.modularity import (
+    ClusterabilityRegularizer,
+    clusterability,
+    contiguous_labels,
+    find_matrix_groups,
+    partition_group,
+    regularize_groups,
+)
+
+
+def _conv1d_and_linear(tiny_gpt2):
+    """GPT-2's first c_fc (Conv1D, stored [64, 256]) and an nn.Linear holding the same map ([256, 64])."""
+    conv = tiny_gpt2.transformer.h[0].mlp.c_fc
+    linear = nn.Linear(64, 256)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.T)
+    return conv, linear
+
+
+def test_conv1d_and_equivalent_linear_give_same_clusterability(tiny_gpt2):
+    """A Conv1D and an nn.Linear with the transposed weight measure the same C, via hooks and directly."""
+    conv, linear = _conv1d_and_linear(tiny_gpt2)
+    rows, cols = contiguous_labels(256, 4), contiguous_labels(64, 4)
+    regularizer = ClusterabilityRegularizer()
+    regularizer.add("conv", conv, rows, cols, 4, transposed=True)
+    regularizer.add("linear", linear, rows, cols, 4)
+    with torch.no_grad():
+        x = torch.randn(3, 64)
+        conv(x), linear(x)
+    values = regularizer.values()
+    direct = clusterability(conv.weight.T, rows, cols)
+    assert torch.allclose(values["conv"], values["linear"]) and torch.allclose(values["conv"], direct)
+    regularizer.remove()
+
+
+def test_model_forward_records_every_group_matrix(tiny_gpt2):
+    """One GPT-2 forward records C of every MLP matrix, equal to C computed directly on its [n_out, n_in] weight."""
+    groups = find_matrix_groups(tiny_gpt2)
+    partitions = {g.name: partition_group([m.weight() for m in g.inputs], [m.weight() for m in g.outputs], 4)
+                  for g in groups}
+    regularizer = ClusterabilityRegularizer()
+    regularize_groups(regularizer, groups, partitions)
+    with torch.no_grad():
+        tiny_gpt2(torch.randint(0, 64, (2, 16)))
+    values = regularizer.values()
+    for group in groups:
+        for matrix, (rows, cols) in zip(group.matrices, partitions[group.name].matrix_labels()):
+            assert torch.allclose(values[matrix.name], clusterability(matrix.weight(), rows, cols, 4))
+    assert len(values) == len(regularizer.masses()) == 4
+    regularizer.remove()
+
+
+def test_penalty_gradient_steps_increase_clusterability():
+    """A few Adam steps on the penalty alone raise C of a random matrix well above its starting value."""
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 48, bias=False)
+    rows, cols = contiguous_labels(48, 4), contiguous_labels(32, 4)
+    start = float(clusterability(layer.weight.detach(), rows, cols))
+    regularizer = ClusterabilityRegularizer()
+    regularizer.add("layer", layer, rows, cols, 4)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    for _ in range(10):
+        regularizer.clear()
+        layer(torch.randn(5, 32))
+        optimizer.zero_grad()
+        regularizer.penalty(20.0).backward()
+        optimizer.step()
+    assert float(clusterability(layer.weight.detach(), rows, cols)) > start + 0.1
+
+
+def test_clear_set_partition_and_remove():
+    """clear() empties values, set_partition() changes what the hook measures, remove() stops recording."""
+    layer = nn.Linear(8, 8, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(8))
+    regularizer = ClusterabilityRegularizer()
+    regularizer.add("layer", layer, torch.arange(8) % 2, torch.arange(8) % 2, 2)
+    layer(torch.randn(1, 8))
+    assert regularizer.values()["layer"].item() == 1.0
+    regularizer.clear()
+    assert regularizer.values() == {}
+    regularizer.set_partition("layer", torch.arange(8) % 2, (torch.arange(8) + 1) % 2, 2)
+    layer(torch.randn(1, 8))
+    assert regularizer.values()["layer"].item() == 0.0
+    regularizer.remove()
+    layer(torch.randn(1, 8))
+    assert regularizer.values() == {}
+    with pytest.raises(ValueError, match="no clusterability values"):
+        regularizer.penalty(1.0)
+
+
+def test_hook_rejects_labels_of_the_wrong_size():
+    """Labels that do not fit the weight's [n_out, n_in] shape raise a ValueError naming the module."""
+    layer = nn.Linear(8, 6)
+    regularizer = ClusterabilityRegularizer()
+    regularizer.add("layer", layer, torch.arange(8) % 2, torch.arange(6) % 2, 2)  # rows and cols swapped
+    with pytest.raises(ValueError, match="'layer'"):
+        layer(torch.randn(1, 8))

@@ -1,0 +1,91 @@
+"""The job spec: shipped jobs validate, bad files fail before anything starts with every problem listed."""
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.spec import JobSpec, SpecError, load_spec
+
+JOBS = sorted(Path(__file__).resolve().parents[1].joinpath("jobs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda path: path.name)
+def test_every_shipped_job_validates(job):
+    """Every file in jobs/ loads into a JobSpec without problems."""
+    assert isinstance(load_spec(job), JobSpec)
+
+
+def test_default_job_is_tiny_gpt2_on_zero2():
+    """The default job trains the tiny GPT-2 with 2 workers under ZeRO-2 and the loss on."""
+    spec = load_spec(Path(__file__).resolve().parents[1] / "jobs" / "tiny.yaml")
+    assert (spec.model.family, spec.model.size, spec.deepspeed.zero_stage) == ("gpt2", "tiny", 2)
+    assert spec.resources.num_workers == 2 and spec.modularity.lambda_ > 0
+
+
+def write(tmp_path, text):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_all_field_problems_are_listed_at_once_with_lines_and_fixes(tmp_path):
+    """Unknown keys and wrong types are reported together, each naming the file, line, key and a fix."""
+    path = write(tmp_path, "name: ok\nmodel:\n  famly: gpt2\ntraining:\n  steps: -3\n  lr: fast\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    problems = {problem.key: problem for problem in caught.value.problems}
+    assert set(problems) == {"model.famly", "training.steps", "training.lr"}
+    assert problems["model.famly"].line == 3 and "family" in problems["model.famly"].fix
+    assert problems["training.lr"].line == 6
+    message = str(caught.value)
+    assert str(path) in message and "3 problems" in message
+
+
+def test_inconsistent_values_are_listed_at_once(tmp_path):
+    """Values valid alone but inconsistent together (k too large, partition after the end) all fail."""
+    path = write(tmp_path, "training:\n  steps: 10\nmodularity:\n  k: 1000\n  partition_at_step: 10\n"
+                           "data:\n  block_size: 4096\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    keys = {problem.key for problem in caught.value.problems}
+    assert keys == {"modularity.k", "modularity.partition_at_step", "data.block_size"}
+
+
+def test_fp16_without_gpu_and_pretrained_without_name_fail(tmp_path):
+    """fp16 on CPU and a pretrained init without a model name are rejected with their fixes."""
+    path = write(tmp_path, "training:\n  precision: fp16\nmodel:\n  init: pretrained\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    fixes = {problem.key: problem.fix for problem in caught.value.problems}
+    assert "bf16" in fixes["training.precision"] and "model.pretrained" in fixes["model.pretrained"]
+
+
+def test_zero_stage_outside_range_fails(tmp_path):
+    """A ZeRO stage outside 0-3 is a spec error."""
+    with pytest.raises(SpecError, match="deepspeed.zero_stage"):
+        load_spec(write(tmp_path, "deepspeed:\n  zero_stage: 4\n"))
+
+
+def test_malformed_yaml_and_missing_file_are_clear(tmp_path):
+    """Broken YAML names its line; a missing file names the path and the fix."""
+    with pytest.raises(SpecError, match="not valid YAML") as caught:
+        load_spec(write(tmp_path, "model:\n  family: [gpt2\n"))
+    assert caught.value.problems[0].line is not None
+    with pytest.raises(SpecError, match="no job file"):
+        load_spec(tmp_path / "absent.yaml")
+
+
+def test_overrides_are_validated_like_the_file(tmp_path):
+    """--set overrides change values and go through the same validation."""
+    path = write(tmp_path, "training:\n  steps: 10\n")
+    assert load_spec(path, ["training.steps=30", "modularity.lambda=0"]).training.steps == 30
+    with pytest.raises(SpecError, match="training.steps"):
+        load_spec(path, ["training.steps=zero"])
+
+
+def test_resolved_spec_has_absolute_local_store(tmp_path):
+    """With no tracking URI, the run uses a SQLite store and checkpoints under the working directory."""
+    spec = JobSpec().resolved(tmp_path)
+    assert spec.tracking.uri == f"sqlite:///{tmp_path.resolve() / 'xcm-runs' / 'mlflow.db'}"
+    assert Path(spec.checkpointing.storage_path).is_absolute()
+    assert spec.flat_params()["modularity.lambda"] == "20.0"
