@@ -105,9 +105,13 @@ class JobSpec(Section):
     def resolved(self, workdir: Path) -> JobSpec:
         """Fill the defaults that depend on where the job runs, as absolute paths workers can use."""
         runs = (workdir / RUNS_DIRECTORY).resolve()
+        uri = self.tracking.uri or f"sqlite:///{runs / 'mlflow.db'}"
+        # A tracking server chooses its own artifact store; a local store needs one beside it (not ./mlruns).
+        local_store = not uri.startswith(("http://", "https://", "databricks"))
         tracking = self.tracking.model_copy(update={
-            "uri": self.tracking.uri or f"sqlite:///{runs / 'mlflow.db'}",
-            "artifact_location": self.tracking.artifact_location or (runs / "artifacts").as_uri(),
+            "uri": uri,
+            "artifact_location": self.tracking.artifact_location or (
+                (runs / "artifacts").as_uri() if local_store else None),
         })
         checkpointing = self.checkpointing.model_copy(update={
             "storage_path": self.checkpointing.storage_path or str(runs / "checkpoints"),

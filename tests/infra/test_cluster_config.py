@@ -121,7 +121,10 @@ def test_setup_installs_the_mounted_checkout_with_the_pinned_requirements(prepar
 
 def test_cluster_runs_the_same_image_as_kuberay(prepared):
     """cluster.yaml and the KubeRay cluster run one image, tagged with xcm's version."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: pytest's own dependency
+        import tomli as tomllib
 
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     image = prepared["docker"]["image"]
