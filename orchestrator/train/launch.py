@@ -90,5 +90,7 @@ def _ensure_ray(spec: JobSpec) -> None:
         ray.init(runtime_env=runtime_env, log_to_driver=True)
         return
     resources = spec.resources
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(resources.num_workers * resources.cpus_per_worker)),
+    # address="local": a new instance even when a `ray start` cluster runs here (plain init would join it).
+    ray.init(address="local",
+             num_cpus=max(os.cpu_count() or 1, int(resources.num_workers * resources.cpus_per_worker)),
              include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=True)
