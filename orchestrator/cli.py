@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from orchestrator.cluster_jobs import ClusterError
 from orchestrator.spec import DEFAULT_JOB, SpecError, load_spec
 
 
@@ -24,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("jobs", nargs="+", help="job files")
     check.set_defaults(handler=_check)
 
+    _add_cluster_verbs(verbs)
+    _add_checkpoint_verbs(verbs)
+    _add_measure_verb(verbs)
+
     args = parser.parse_args(argv)
     if args.verb is None:
         args = parser.parse_args(["run", *(argv or [])])
@@ -32,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as error:
         print(error, file=sys.stderr)
         return 2
+    except ClusterError as error:
+        print(f"xcm: {error}", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -44,6 +52,13 @@ def _run(args: argparse.Namespace) -> int:
     except tracking.TrackingUnavailable as error:
         print(f"xcm: {error}", file=sys.stderr)
         return 1
+    _print_result(result)
+    return 0
+
+
+def _print_result(result) -> None:
+    from orchestrator import tracking
+
     print(f"\nxcm: run {result.run_id} finished")
     for key in ("task_loss", "clusterability"):
         if key in result.metrics:
@@ -52,7 +67,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  checkpoint: {result.checkpoint_path}")
     print(f"  open the MLflow UI:  {tracking.ui_command(result.tracking_uri)}")
     print(f"  then the run:        {tracking.run_link(result.tracking_uri, result.experiment_id, result.run_id)}")
-    return 0
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -65,6 +79,213 @@ def _check(args: argparse.Namespace) -> int:
             print(error, file=sys.stderr)
             failed += 1
     return 1 if failed else 0
+
+
+def _add_checkpoint_verbs(verbs) -> None:
+    """resume / export: a run's checkpoints, named by run directory, checkpoint or MLflow run id."""
+    target_help = ("a run directory (xcm-runs/checkpoints/<job>-<run id>), one of its step-* checkpoints, "
+                   "or an MLflow run id")
+    store_help = "MLflow store to look a run id up in (default: ./xcm-runs/mlflow.db)"
+    resume = verbs.add_parser("resume", help="continue a run from its newest intact checkpoint, same MLflow run")
+    resume.add_argument("target", help=target_help)
+    resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the run's spec, e.g. --set training.steps=200 (repeatable)")
+    resume.add_argument("--tracking-uri", default=None, help=store_help)
+    resume.set_defaults(handler=_resume)
+    export = verbs.add_parser("export", help="write a checkpoint as a Hugging Face model directory")
+    export.add_argument("target", help=target_help)
+    export.add_argument("--to", choices=["hf"], required=True, help="format: hf (transformers save_pretrained)")
+    export.add_argument("directory", help="output directory")
+    export.add_argument("--tracking-uri", default=None, help=store_help)
+    export.set_defaults(handler=_export)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from orchestrator import tracking
+    from orchestrator.train.checkpointing import ResumeMismatch
+    from orchestrator.train.resume import ResumeError, resume_job
+
+    try:
+        result = resume_job(args.target, Path.cwd(), args.overrides, args.tracking_uri)
+    except (ResumeError, ResumeMismatch, tracking.TrackingUnavailable) as error:
+        print(f"xcm: {error}", file=sys.stderr)
+        return 1
+    _print_result(result)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from orchestrator.spec import JobSpec
+    from orchestrator.train.export import ExportError, export_hf
+    from orchestrator.train.resume import ResumeError
+
+    uri = args.tracking_uri or JobSpec().resolved(Path.cwd()).tracking.uri
+    try:
+        directory = export_hf(args.target, Path(args.directory), uri)
+    except (ResumeError, ExportError) as error:
+        print(f"xcm: {error}", file=sys.stderr)
+        return 1
+    print(f"xcm: exported to {directory} (load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _add_cluster_verbs(verbs) -> None:
+    """submit / status / logs / stop / list / ui, in the spirit of `ray job`."""
+    def with_address(verb):
+        verb.add_argument("--address", default=None,
+                          help="Ray dashboard address (default: RAY_ADDRESS if it is http://..., "
+                               "else http://127.0.0.1:8265)")
+        return verb
+
+    submit = with_address(verbs.add_parser("submit", help="submit a job to a Ray cluster through Ray's Jobs API"))
+    submit.add_argument("job", help="job file")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec key (repeatable)")
+    submit.set_defaults(handler=_submit)
+    status = with_address(verbs.add_parser("status", help="a submitted job's status (the newest when omitted)"))
+    status.add_argument("job_id", nargs="?")
+    status.set_defaults(handler=_status)
+    logs = with_address(verbs.add_parser("logs", help="a submitted job's logs"))
+    logs.add_argument("job_id")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    logs.set_defaults(handler=_logs)
+    stop = with_address(verbs.add_parser("stop", help="stop a submitted job (its MLflow run ends KILLED)"))
+    stop.add_argument("job_id")
+    stop.set_defaults(handler=_stop)
+    listing = with_address(verbs.add_parser("list", help="the cluster's jobs"))
+    listing.set_defaults(handler=_list)
+    ui = verbs.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for a job's tracking store")
+    ui.add_argument("job", nargs="?", default=str(DEFAULT_JOB), help=f"job file (default {DEFAULT_JOB})")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(handler=_ui)
+
+
+def _address(args: argparse.Namespace) -> str:
+    import os
+
+    from orchestrator.cluster_jobs import DEFAULT_ADDRESS
+
+    environment = os.environ.get("RAY_ADDRESS", "")
+    return args.address or (environment if environment.startswith(("http://", "https://")) else DEFAULT_ADDRESS)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from orchestrator import cluster_jobs
+
+    submission = cluster_jobs.submit(args.job, args.overrides, _address(args), Path.cwd())
+    print(f"xcm: submitted job {submission.job_id} to {submission.address}")
+    print(f"  MLflow run: {submission.run_link}")
+    print(f"  follow it:  xcm logs {submission.job_id} --follow --address {submission.address}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from orchestrator import cluster_jobs
+
+    job_id = args.job_id
+    if job_id is None:
+        jobs = cluster_jobs.list_jobs(_address(args))
+        if not jobs:
+            print("xcm: no jobs on this cluster")
+            return 0
+        job_id = jobs[-1]["job_id"]
+    info = cluster_jobs.status(_address(args), job_id)
+    print(f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
+    if info["run_id"]:
+        print(f"  MLflow run {info['run_id']} in {info['tracking_uri']}")
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from orchestrator import cluster_jobs
+
+    if not args.follow:
+        print(cluster_jobs.logs(_address(args), args.job_id), end="")
+        return 0
+
+    async def follow() -> None:
+        async for lines in cluster_jobs.follow_logs(_address(args), args.job_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(follow())
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from orchestrator import cluster_jobs
+
+    stopped = cluster_jobs.stop(_address(args), args.job_id)
+    print(f"xcm: {'stopping' if stopped else 'already finished:'} {args.job_id}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from orchestrator import cluster_jobs
+
+    for job in cluster_jobs.list_jobs(_address(args)):
+        print(f"{job['job_id']:<40} {job['status']:<10} {job['run_id']}")
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    """Replace this process with the MLflow UI for the job's store (a server URI is already a UI)."""
+    import os
+
+    from orchestrator import tracking
+
+    spec = load_spec(args.job).resolved(Path.cwd())
+    uri = spec.tracking.uri
+    if uri.startswith(("http://", "https://")):
+        print(f"xcm: {uri} is a tracking server: open it in a browser")
+        return 0
+    print(f"xcm: MLflow UI for {uri} on http://127.0.0.1:{args.port}", flush=True)
+    tracking.prepare_local_store(uri)
+    os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                         "--port", str(args.port)])
+    return 1
+
+
+def _add_measure_verb(verbs) -> None:
+    measure = verbs.add_parser("measure", help="clusterability of any model's MLP matrices under four partitions")
+    measure.add_argument("model", help="a save_pretrained directory, an xcm checkpoint (run directory, step-* "
+                                       "checkpoint or MLflow run id), or a Hugging Face hub name")
+    measure.add_argument("--k", default="4", help="clusters: 4, a sweep 2..20, or a list 2,4,8 (default 4)")
+    measure.add_argument("--matrices", nargs="+", choices=["mlp_in", "mlp_out"], default=["mlp_in", "mlp_out"],
+                         help="which MLP matrices (default both)")
+    measure.add_argument("--seed", type=int, default=0, help="seed of the spectral and random partitions")
+    measure.add_argument("--tracking-uri", default=None,
+                         help="MLflow store for the results and for run-id lookups (default ./xcm-runs/mlflow.db)")
+    measure.add_argument("--experiment", default="xcm-measure", help="MLflow experiment (default xcm-measure)")
+    measure.set_defaults(handler=_measure)
+
+
+def _measure(args: argparse.Namespace) -> int:
+    from orchestrator import measure, tracking
+    from orchestrator.spec import JobSpec
+    from orchestrator.train.resume import ResumeError
+
+    try:
+        k_values = measure.parse_k(args.k)
+    except ValueError as error:
+        print(f"xcm: {error}", file=sys.stderr)
+        return 2
+    uri = args.tracking_uri or JobSpec().resolved(Path.cwd()).tracking.uri
+    try:
+        model = measure.load_model(args.model, uri)
+    except (OSError, ResumeError) as error:
+        print(f"xcm: cannot load {args.model!r}: {error}", file=sys.stderr)
+        return 1
+    measurements = measure.measure_model(model, k_values, args.matrices, args.seed)
+    print(measure.format_table(measurements))
+    try:
+        run_id = measure.log_measurements(measurements, args.model, uri, args.experiment, Path.cwd())
+    except tracking.TrackingUnavailable as error:
+        print(f"xcm: {error}", file=sys.stderr)
+        return 1
+    print(f"\nxcm: logged to MLflow run {run_id} (experiment {args.experiment}) in {uri}")
+    return 0
 
 
 if __name__ == "__main__":

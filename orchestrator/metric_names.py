@@ -7,11 +7,52 @@ CLUSTERABILITY_MASS_WEIGHTED = "clusterability/mass_weighted"
 CLUSTERABILITY_NORMALISED = "clusterability/normalised"
 CLUSTERABILITY_LAYER_PREFIX = "clusterability/"
 TOKENS_PER_SECOND = "tokens_per_s"
+SAMPLES_PER_SECOND = "samples_per_s"  # classifiers: images or modular-addition prompts per second, all workers
 STEP_TIME = "step_time_s"
+MFU = "mfu"  # model FLOPs per second over the workers' peak FLOP/s (orchestrator.train.throughput)
+PEAK_MEMORY_MAX = "memory/peak_gib/max"  # the largest worker's peak: CUDA memory allocated, or RSS on CPU
+ACCURACY = "accuracy"  # classifiers: share of the step's training examples classified right
 LEARNING_RATE = "lr"
-PARTITION_SECONDS = "partition/seconds"
+PARTITION_SECONDS = "partition/seconds"  # the partitioner's time to compute a version (slowest actor)
+PARTITION_VERSION = "partition/version"  # logged at the step every rank adopted that version
+PARTITION_AGREEMENT = "partition/ari_prev"  # adjusted Rand index with the previous version, mean over groups
+PARTITION_LAG_STEPS = "partition/lag_steps"  # steps from the request to the adoption
+EVAL_LOSS = "eval/loss"  # mean token loss on the validation split, over all ranks
+EVAL_PERPLEXITY = "eval/perplexity"  # exp(eval/loss)
+EVAL_TASK_LOSS_PREFIX = "eval/loss/"
+RESUMED_FROM_STEP = "checkpoint/resumed_from_step"  # logged at the step a restarted or resumed run continued at
 
 
 def layer_clusterability(matrix_name: str) -> str:
     """The per-matrix metric, e.g. ``clusterability/transformer.h.0.mlp.c_fc``."""
     return CLUSTERABILITY_LAYER_PREFIX + matrix_name
+
+
+def layer_clusterability_normalised(matrix_name: str) -> str:
+    """The per-matrix normalised C, (C - b) / (1 - b), e.g. ``clusterability/normalised/transformer.h.0.mlp.c_fc``."""
+    return f"{CLUSTERABILITY_NORMALISED}/{matrix_name}"
+
+
+def partition_agreement(group_name: str) -> str:
+    """One group's adjusted Rand index with the previous version, e.g. ``partition/ari_prev/transformer.h.0.mlp``."""
+    return f"{PARTITION_AGREEMENT}/{group_name}"
+
+
+def partition_cluster_size(group_name: str, cluster: int) -> str:
+    """Hidden neurons in one cluster of a group, e.g. ``partition/cluster_size/transformer.h.0.mlp/2``."""
+    return f"partition/cluster_size/{group_name}/{cluster}"
+
+
+def worker_peak_memory(rank: int) -> str:
+    """One worker's peak memory in GiB, e.g. ``memory/peak_gib/rank1``."""
+    return f"memory/peak_gib/rank{rank}"
+
+
+def eval_task_loss(task: str) -> str:
+    """One synthetic task's validation loss, e.g. ``eval/loss/add``."""
+    return EVAL_TASK_LOSS_PREFIX + task
+
+
+def measured_clusterability(variant: str, matrix_name: str | None = None) -> str:
+    """``xcm measure``'s C under one partition variant, for one matrix or (no name) the model mean; step = k."""
+    return f"measure/{variant}" + (f"/{matrix_name}" if matrix_name else "")

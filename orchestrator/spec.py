@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 DEFAULT_JOB = Path("jobs/tiny.yaml")
 RUNS_DIRECTORY = "xcm-runs"
+TEXT_SOURCES = ("synthetic", "hub", "files")  # the others are classification data: images, modular addition
 
 
 class Section(BaseModel):
@@ -24,8 +25,9 @@ class Section(BaseModel):
 
 
 class ModelSpec(Section):
-    family: Literal["gpt2", "gpt_neox", "gemma"] = Field(
-        "gpt2", description="model family: gpt2, gpt_neox (Pythia) or gemma")
+    family: Literal["gpt2", "gpt_neox", "gemma", "mnist_mlp", "cifar_cnn", "modular_addition"] = Field(
+        "gpt2", description="model family: gpt2, gpt_neox (Pythia) or gemma; or one of xcm's own classifiers: "
+                            "mnist_mlp, cifar_cnn, modular_addition (random init, sizes as in the papers)")
     size: Literal["tiny", "small"] = Field(
         "tiny", description="preset: tiny = 2 layers of width 64; small = the family's smallest real size")
     init: Literal["random", "pretrained"] = "random"
@@ -34,13 +36,57 @@ class ModelSpec(Section):
 
 
 class DataSpec(Section):
-    source: Literal["synthetic"] = Field(
-        "synthetic", description="synthetic = xcm's built-in multi-task corpus (offline)")
+    source: Literal["synthetic", "hub", "files", "digits", "mnist", "cifar10", "modular_addition"] = Field(
+        "synthetic", description="synthetic = xcm's built-in multi-task corpus (offline); hub = a Hugging Face "
+                                 "dataset (data.dataset); files = local text, JSONL or Parquet files (data.files); "
+                                 "images: digits (scikit-learn's, offline), mnist or cifar10 (hub, or data.dataset "
+                                 "as a local directory); modular_addition = (a + b) mod data.modulus, generated")
     tasks: list[str] | None = Field(None, description="synthetic tasks to include; all when omitted")
     num_examples: int = Field(20000, gt=0)
     validation_examples: int = Field(1000, ge=0)
     block_size: int = Field(64, gt=1, description="tokens per training sequence")
     seed: int = 0
+    dataset: str | None = Field(None, description="hub dataset name, e.g. wikitext (source: hub)")
+    dataset_config: str | None = Field(None, description="hub dataset config, e.g. wikitext-2-raw-v1")
+    split: str = Field("train", description="hub split to train on")
+    validation_split: str | None = Field(
+        "validation", description="hub split to evaluate on; null holds out validation_fraction of training")
+    files: list[str] = Field(default_factory=list, description="local files or glob patterns (source: files)")
+    validation_files: list[str] = Field(
+        default_factory=list, description="local validation files; when empty, validation_fraction is held out")
+    format: Literal["text", "json", "parquet"] | None = Field(
+        None, description="text, json (JSONL too) or parquet; from the files' suffixes when omitted")
+    text_field: str = Field("text", description="the column of JSONL/Parquet rows (or hub examples) with the text")
+    validation_fraction: float = Field(
+        0.05, ge=0, lt=1, description="share of documents held out for validation when no split or files name one")
+    tokenizer: str | None = Field(
+        None, description="byte, or a local path or hub name for AutoTokenizer; the pretrained model's own "
+                          "tokenizer (or byte for a random model) when omitted")
+    cache_dir: str | None = Field(None, description="token cache (Arrow); xcm-runs/data-cache when omitted")
+    modulus: int = Field(113, ge=2, description="p of (a + b) mod p (source: modular_addition)")
+
+    def resolved(self, workdir: Path, runs: Path) -> DataSpec:
+        """Absolute file paths and cache directory, so every worker reads the same files wherever it runs."""
+        def absolute(path: str) -> str:
+            return str((workdir / Path(path).expanduser()).resolve())
+
+        tokenizer = self.tokenizer
+        if tokenizer and (workdir / tokenizer).is_dir():  # a local tokenizer; otherwise a hub name or "byte"
+            tokenizer = absolute(tokenizer)
+        return self.model_copy(update={
+            "files": [absolute(path) for path in self.files],
+            "validation_files": [absolute(path) for path in self.validation_files],
+            "tokenizer": tokenizer,
+            "cache_dir": absolute(self.cache_dir) if self.cache_dir else str(runs / "data-cache"),
+        })
+
+
+class EvaluationSpec(Section):
+    every_steps: int = Field(
+        0, ge=0, description="steps between evaluations on the validation split (and after the last); 0 = off")
+    max_batches: int | None = Field(
+        None, gt=0, description="micro-batches per worker per evaluation; the whole validation split when omitted")
+    per_task: bool = Field(True, description="also log eval/loss/<task> for the synthetic corpus's tasks")
 
 
 class TrainingSpec(Section):
@@ -50,13 +96,25 @@ class TrainingSpec(Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip; 0 turns it off")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32; bf16 (CPU, or GPUs that support it); fp16 with dynamic loss scaling (GPU only)")
     seed: int = 0
     report_every: int = Field(25, gt=0, description="steps between Ray Train reports (each costs ~1-2 s)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's (beta1, beta2)")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="after warm-up: constant, or cosine decay to min_lr_ratio * lr at the last step")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up from lr/warmup_steps to lr")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the cosine schedule's final lr, as a share of lr")
+    activation_checkpointing: bool = Field(
+        False, description="recompute transformer blocks in backward (non-reentrant): less memory, ~1/3 more compute")
 
 
 class DeepSpeedSpec(Section):
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage, 0-3")
+    offload_optimizer: bool = Field(False, description="keep optimizer states in CPU memory (ZeRO 1-3)")
+    param_persistence_threshold: int | None = Field(
+        None, ge=0, description="ZeRO-3: parameters under this many elements stay whole on every rank "
+                                "(DeepSpeed's default 100000); 0 shards every parameter")
 
 
 class ModularitySpec(Section):
@@ -66,25 +124,46 @@ class ModularitySpec(Section):
         default_factory=lambda: ["mlp_in", "mlp_out"], min_length=1)
     partition: Literal["spectral", "contiguous"] = "spectral"
     partition_at_step: int = Field(0, ge=0, description="step at which the partition is computed")
+    partition_every: int = Field(0, ge=0, description="steps between recomputations of the partition, by the "
+                                                      "partitioner actors; 0 = once, at partition_at_step")
     seed: int = 0
+
+
+class PartitionerSpec(Section):
+    """The Ray actors that compute partitions off the training path (``orchestrator.partitioner``)."""
+
+    actors: int = Field(1, ge=1, description="partitioner actors; each takes a share of the MLP groups")
+    cpus: float = Field(0, ge=0, description="CPUs reserved per actor; 0 shares the trainers' (small machines)")
+    gpus: float = Field(0, ge=0, description="GPUs per actor; > 0 co-clusters on the GPU")
+    heatmap_every: int = Field(10, ge=1, description="versions between heatmap artifacts (the first and the "
+                                                     "end of training always get one)")
+    delay_s: float = Field(0, ge=0, description="seconds each partition waits before computing: simulates a "
+                                                "slow partitioner in tests and benchmarks")
 
 
 class TrackingSpec(Section):
     uri: str | None = Field(None, description="MLflow tracking URI; a SQLite file under xcm-runs/ when omitted")
     experiment: str = "xcm"
     artifact_location: str | None = Field(None, description="artifact root for a new experiment")
+    run_id: str | None = Field(None, description="an existing MLflow run to log into (set by xcm submit); "
+                                                 "a new run when omitted")
 
 
 class CheckpointSpec(Section):
     storage_path: str | None = Field(None, description="Ray Train storage path; xcm-runs/checkpoints when omitted")
     every_steps: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
-    keep_last: int = Field(2, ge=1)
+    keep_last: int = Field(2, ge=1, description="checkpoints kept; 2 or more leaves one to fall back on")
+    max_failures: int = Field(0, ge=-1, description="worker failures survived by restarting from the last "
+                                                     "checkpoint (Ray Train FailureConfig); -1 = no limit")
 
 
 class ResourcesSpec(Section):
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
+    peak_tflops: float | None = Field(
+        None, gt=0, description="peak TFLOP/s of one worker at the job's precision, for the MFU estimate; "
+                                "from the GPU's name (or a CPU default) when omitted")
 
     @property
     def use_gpu(self) -> bool:
@@ -96,8 +175,10 @@ class JobSpec(Section):
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     modularity: ModularitySpec = Field(default_factory=ModularitySpec)
+    partitioner: PartitionerSpec = Field(default_factory=PartitionerSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     checkpointing: CheckpointSpec = Field(default_factory=CheckpointSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
@@ -116,7 +197,12 @@ class JobSpec(Section):
         checkpointing = self.checkpointing.model_copy(update={
             "storage_path": self.checkpointing.storage_path or str(runs / "checkpoints"),
         })
-        return self.model_copy(update={"tracking": tracking, "checkpointing": checkpointing})
+        return self.model_copy(update={"tracking": tracking, "checkpointing": checkpointing,
+                                       "data": self.data.resolved(workdir, runs)})
+
+    def to_yaml(self) -> str:
+        """The spec as a job file: what a run logs as ``spec.yaml``, loadable again with ``load_spec``."""
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
 
     def flat_params(self) -> dict[str, str]:
         """The spec as ``section.key -> value`` strings, the shape MLflow params take."""
@@ -205,10 +291,18 @@ def consistency_problems(spec: JobSpec) -> list[SpecProblem]:
     if training.precision == "fp16" and not spec.resources.use_gpu:
         problems.append(SpecProblem(key="training.precision", message="fp16 needs a GPU and none is requested",
                                     fix="use precision fp32 or bf16 on CPU, or set resources.gpus_per_worker"))
+    from orchestrator.data.preflight import data_spec_problems
+
+    problems += data_spec_problems(spec)
+    from orchestrator.train.preflight import training_spec_problems
+
+    problems += training_spec_problems(spec)
     if model.init == "pretrained" and not (model.pretrained and Path(model.pretrained).is_dir()):
         return problems  # a hub model's sizes are known only once it is fetched, at build time
     try:
         dimensions = model_dimensions(model)
+    except OSError:
+        return problems  # an unreadable pretrained directory: training_spec_problems reported it
     except ValueError as error:
         problems.append(SpecProblem(key="model.config", message=str(error),
                                     fix="use config keys of the family's transformers config class"))
@@ -218,11 +312,16 @@ def consistency_problems(spec: JobSpec) -> list[SpecProblem]:
         problems.append(SpecProblem(
             key="modularity.k", message=f"k={modularity.k} exceeds the smallest regularised dimension ({smallest})",
             fix=f"choose k <= {smallest}"))
-    if spec.data.block_size > dimensions.max_positions:
+    if spec.data.source in TEXT_SOURCES and spec.data.block_size > dimensions.max_positions:
         problems.append(SpecProblem(
             key="data.block_size",
             message=f"{spec.data.block_size} tokens exceed the model's {dimensions.max_positions} positions",
             fix=f"set data.block_size <= {dimensions.max_positions} or raise the model's position limit"))
+    if spec.partitioner.actors > dimensions.layers:
+        problems.append(SpecProblem(
+            key="partitioner.actors",
+            message=f"{spec.partitioner.actors} actors for {dimensions.layers} MLP layers would leave some idle",
+            fix=f"set partitioner.actors <= {dimensions.layers}"))
     return problems
 
 

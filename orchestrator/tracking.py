@@ -1,8 +1,12 @@
 """MLflow tracking: the driver opens and closes the run; rank 0 logs into it, batched and off the step path.
 
 Shaped after Composer's MLflowLogger: one run per job, created by the driver so a failure anywhere can still
-mark it FAILED; rank 0 queues metrics and a background thread sends them with ``log_batch`` (one HTTP call
-costs ~60 ms, so per-metric calls from the loop would dominate a tiny model's step).
+mark it FAILED; rank 0 spools metrics to local disk and a background thread sends them with ``log_batch`` (one
+HTTP call costs ~60 ms, so per-metric calls from the loop would dominate a tiny model's step).
+
+The tracking store must answer when a run starts or resumes (``start_run``/``attach_run`` raise
+``TrackingUnavailable`` at once, before any worker starts: a run with no MLflow run would have nowhere to put
+its metrics); once training runs, an outage only delays them (see ``metric_spool``).
 """
 
 from __future__ import annotations
@@ -10,12 +14,15 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from mlflow import MlflowClient
 
     from orchestrator.spec import TrackingSpec
@@ -40,10 +47,15 @@ def client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
+def prepare_local_store(uri: str) -> None:
+    """A SQLite store's directory must exist before MLflow opens the file."""
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
 def start_run(tracking: TrackingSpec, run_name: str, params: dict[str, str]) -> str:
     """Create the job's MLflow run (and its experiment when new), log the resolved spec, return the run id."""
-    if tracking.uri.startswith("sqlite:///"):
-        Path(tracking.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    prepare_local_store(tracking.uri)
     mlflow = client(tracking.uri)
     try:
         experiment = mlflow.get_experiment_by_name(tracking.experiment)
@@ -61,6 +73,26 @@ def start_run(tracking: TrackingSpec, run_name: str, params: dict[str, str]) -> 
     for start in range(0, len(items), 100):
         mlflow.log_batch(run.info.run_id, params=items[start:start + 100])
     return run.info.run_id
+
+
+def attach_run(uri: str, run_id: str) -> str:
+    """Log into a run created earlier (by ``xcm submit`` on the user's machine): mark it RUNNING again."""
+    mlflow = client(uri)
+    try:
+        mlflow.update_run(run_id, status="RUNNING")
+    except Exception as error:
+        raise TrackingUnavailable(
+            f"MLflow run {run_id} cannot be used in {uri} ({type(error).__name__}: {error}). "
+            "Check tracking.run_id and tracking.uri, or omit tracking.run_id to start a new run.") from error
+    return run_id
+
+
+def log_resolved_spec(uri: str, run_id: str, spec_yaml: str) -> None:
+    """The resolved job as the artifact ``spec.yaml``: exactly what the run trained, runnable again as a job file."""
+    try:
+        client(uri).log_text(run_id, spec_yaml, "spec.yaml")
+    except Exception as error:
+        logger.warning("could not log spec.yaml to MLflow run %s: %s", run_id, error)
 
 
 def end_run(uri: str, run_id: str, status: str) -> None:
@@ -84,45 +116,55 @@ def run_link(uri: str, experiment_id: str, run_id: str) -> str:
 
 
 class MetricLogger:
-    """Rank 0's logger: ``log`` only enqueues; a daemon thread sends batches every ``interval_s``.
+    """Rank 0's logger: ``log`` writes to the on-disk spool, ``log_artifact*`` enqueue; a daemon thread sends
+    every ``interval_s``.
 
-    A failed send keeps the batch and retries on the next round, so a brief store outage loses nothing;
-    ``close`` drains the queue before the run is marked finished.
+    A failed send leaves the metrics in the spool (or the artifact in its queue) for the next round, so a
+    tracking server that is down for a while loses nothing, and neither does a worker that dies: the next
+    logger on the same spool sends what it left. ``close`` drains both before the run is marked finished.
     """
 
-    def __init__(self, uri: str, run_id: str, interval_s: float = 1.0):
+    def __init__(self, uri: str, run_id: str, spool_path: Path, interval_s: float = 1.0):
+        from orchestrator.metric_spool import MetricSpool
+
         self._client = client(uri)
         self._run_id = run_id
         self._interval_s = interval_s
-        self._queue: queue.Queue = queue.Queue()
-        self._pending: list = []
+        self._spool = MetricSpool(spool_path)
+        self._outage = False  # the last send failed: warn once per outage, not once per retry
+        self._artifacts: queue.Queue = queue.Queue()  # (write into a directory, artifact path) pairs
+        self._pending_artifacts: list = []
         self._stop = threading.Event()
         self._close_timeout_s = 60.0
         self._thread = threading.Thread(target=self._send_forever, name="xcm-mlflow", daemon=True)
         self._thread.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        timestamp = int(time.time() * 1000)
-        for key, value in metrics.items():
-            self._queue.put(Metric(key, float(value), timestamp, step))
+        """Spool the step's metrics (a step that a resumed run recomputes is logged only the first time)."""
+        self._spool.append(metrics, step, int(time.time() * 1000))
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        """Artifacts are rare and large: sent directly, and a failure is logged rather than stopping training."""
-        try:
-            self._client.log_artifact(self._run_id, local_path, artifact_path)
-        except Exception as error:
-            logger.warning("could not log artifact %s: %s", local_path, error)
+        """Queue a small file for upload; it is read now, so the caller may delete it as soon as this returns."""
+        name, data = Path(local_path).name, Path(local_path).read_bytes()
+        self.log_artifacts_from(lambda directory: (directory / name).write_bytes(data), artifact_path)
+
+    def log_artifacts_from(self, write: Callable[[Path], object], artifact_path: str | None = None) -> None:
+        """Queue artifacts that the sender thread writes (``write(directory)``) and uploads under
+        ``artifact_path``: neither building a file (a Parquet table, a PNG) nor uploading it costs a step."""
+        self._artifacts.put((write, artifact_path))
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Send what is queued, retrying for up to ``timeout_s``; report what could not be sent."""
         self._close_timeout_s = timeout_s
         self._stop.set()
         self._thread.join(timeout_s + self._interval_s + 5)
-        unsent = len(self._pending) + self._queue.qsize()
-        if unsent:
-            logger.warning("MLflow logger closed with %d unsent metrics", unsent)
+        if self._spool.pending():
+            logger.warning("MLflow logger closed with unsent metrics; they stay in %s and are sent when the run "
+                           "is resumed", self._spool.path)
+        self._spool.close()
+        unsent_artifacts = len(self._pending_artifacts) + self._artifacts.qsize()
+        if unsent_artifacts:
+            logger.warning("MLflow logger closed with %d unsent artifact uploads", unsent_artifacts)
 
     def _send_forever(self) -> None:
         while not self._stop.wait(self._interval_s):
@@ -132,15 +174,47 @@ class MetricLogger:
             time.sleep(self._interval_s)
 
     def _send_pending(self) -> bool:
-        """Send everything queued; True when nothing is left, False when the store refused a batch."""
-        while not self._queue.empty():
-            self._pending.append(self._queue.get_nowait())
-        while self._pending:
-            batch = self._pending[:_MAX_BATCH]
+        """Send everything spooled and queued; True when nothing is left, False when the store refused a batch."""
+        from mlflow.entities import Metric
+
+        while self._spool.pending():
+            records, offset = self._spool.unsent(_MAX_BATCH)
+            batch = [Metric(key, value, record["timestamp"], record["step"])
+                     for record in records for key, value in record["metrics"].items()]
             try:
-                self._client.log_batch(self._run_id, metrics=batch, synchronous=True)
+                # Resending a batch after a crash is harmless: the spool keeps each metric's timestamp, and
+                # MLflow stores an identical (key, value, timestamp, step) once.
+                if batch:
+                    self._client.log_batch(self._run_id, metrics=batch, synchronous=True)
             except Exception as error:
-                logger.warning("MLflow log_batch failed (%s); %d metrics kept for retry", error, len(self._pending))
+                if not self._outage:
+                    logger.warning("MLflow log_batch failed (%s); training goes on, metrics wait in %s and are "
+                                   "retried every %s s", error, self._spool.path, self._interval_s)
+                self._outage = True
                 return False
-            del self._pending[:len(batch)]
+            self._spool.mark_sent(offset)
+            if self._outage:
+                logger.warning("MLflow is reachable again: sending the metrics held in %s", self._spool.path)
+                self._outage = False
+        return self._send_artifacts()
+
+    def _send_artifacts(self) -> bool:
+        """Write and upload every queued artifact; a writer that fails is dropped, an upload that fails is kept."""
+        while not self._artifacts.empty():
+            self._pending_artifacts.append(self._artifacts.get_nowait())
+        while self._pending_artifacts:
+            write, artifact_path = self._pending_artifacts[0]
+            with tempfile.TemporaryDirectory(prefix="xcm-artifact-") as directory:
+                try:
+                    write(Path(directory))
+                except Exception:
+                    logger.exception("could not write artifacts for %s; dropped", artifact_path)
+                    self._pending_artifacts.pop(0)
+                    continue
+                try:
+                    self._client.log_artifacts(self._run_id, directory, artifact_path)
+                except Exception as error:
+                    logger.warning("MLflow artifact upload to %s failed (%s); kept for retry", artifact_path, error)
+                    return False
+            self._pending_artifacts.pop(0)
         return True

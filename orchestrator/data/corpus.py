@@ -5,29 +5,32 @@ import torch
 
 from orchestrator.data.packing import pack_texts
 from orchestrator.data.synthetic import TASKS, generate_examples
-from orchestrator.data.tokenizer import ByteTokenizer
+from orchestrator.data.tokenizer import ByteTokenizer, TextTokenizer
 
 
 def _split_blocks(
-    num_examples: int, block_size: int, seed: int, tasks: Sequence[str] | None, split: str
-) -> tuple[torch.Tensor, ByteTokenizer]:
-    tokenizer = ByteTokenizer()
+    num_examples: int, block_size: int, seed: int, tasks: Sequence[str] | None, split: str,
+    tokenizer: TextTokenizer | None,
+) -> tuple[torch.Tensor, TextTokenizer]:
+    tokenizer = tokenizer or ByteTokenizer()
     examples = generate_examples(num_examples, seed, TASKS if tasks is None else tasks, split)
     return pack_texts([example.text for example in examples], block_size, tokenizer), tokenizer
 
 
 def build_synthetic_blocks(
-    num_examples: int, block_size: int, seed: int, tasks: Sequence[str] | None = None
-) -> tuple[torch.Tensor, ByteTokenizer]:
-    """Return training blocks [n_blocks, block_size + 1] of mixed tasks, and their tokenizer."""
-    return _split_blocks(num_examples, block_size, seed, tasks, "train")
+    num_examples: int, block_size: int, seed: int, tasks: Sequence[str] | None = None,
+    tokenizer: TextTokenizer | None = None,
+) -> tuple[torch.Tensor, TextTokenizer]:
+    """Return training blocks [n_blocks, block_size + 1] of mixed tasks, and their tokenizer (bytes by default)."""
+    return _split_blocks(num_examples, block_size, seed, tasks, "train", tokenizer)
 
 
 def build_validation_blocks(
-    num_examples: int, block_size: int, seed: int, tasks: Sequence[str] | None = None
-) -> tuple[torch.Tensor, ByteTokenizer]:
+    num_examples: int, block_size: int, seed: int, tasks: Sequence[str] | None = None,
+    tokenizer: TextTokenizer | None = None,
+) -> tuple[torch.Tensor, TextTokenizer]:
     """Return held-out blocks [n_blocks, block_size + 1]: no text in them occurs in training."""
-    return _split_blocks(num_examples, block_size, seed, tasks, "validation")
+    return _split_blocks(num_examples, block_size, seed, tasks, "validation", tokenizer)
 
 
 def task_blocks(
@@ -36,13 +39,14 @@ def task_blocks(
     seed: int,
     tasks: Sequence[str] | None = None,
     split: str = "validation",
+    tokenizer: TextTokenizer | None = None,
 ) -> dict[str, torch.Tensor]:
     """Return {task: blocks [n_blocks, block_size + 1]}, each task packed alone.
 
     Separate tensors per task let an evaluator measure loss task by task, e.g. to ask which
     model cluster a task depends on.
     """
-    tokenizer = ByteTokenizer()
+    tokenizer = tokenizer or ByteTokenizer()
     blocks = {}
     for task in TASKS if tasks is None else tasks:
         examples = generate_examples(num_examples_per_task, seed, (task,), split)

@@ -49,7 +49,8 @@ class ShardedBatches:
         """Return micro-batch number `step`: {"input_ids": [B, T], "labels": [B, T]}."""
         epoch, index = divmod(step, self.batches_per_epoch)
         rows = self.shard(epoch)[index * self.micro_batch_size : (index + 1) * self.micro_batch_size]
-        inputs, labels = split_inputs_and_labels(self.blocks[rows])  # [B, T] each
+        # Indexing copies the rows out of a (possibly memory-mapped, int32) block tensor; losses need int64.
+        inputs, labels = split_inputs_and_labels(self.blocks[rows].long())  # [B, T] each
         return {"input_ids": inputs.contiguous(), "labels": labels.contiguous()}
 
 

@@ -3,10 +3,10 @@ from collections.abc import Sequence
 
 import torch
 
-from orchestrator.data.tokenizer import ByteTokenizer
+from orchestrator.data.tokenizer import TextTokenizer
 
 
-def pack_texts(texts: Sequence[str], block_size: int, tokenizer: ByteTokenizer) -> torch.Tensor:
+def pack_texts(texts: Sequence[str], block_size: int, tokenizer: TextTokenizer) -> torch.Tensor:
     """Concatenate `texts` (each followed by eos) and cut them into rows of block_size + 1 tokens.
 
     The extra token lets one row give both the inputs and the next-token labels (see
@@ -16,8 +16,8 @@ def pack_texts(texts: Sequence[str], block_size: int, tokenizer: ByteTokenizer) 
     if block_size < 1:
         raise ValueError(f"block_size={block_size} must be >= 1")
     stream: list[int] = []
-    for text in texts:
-        stream.extend(tokenizer.encode(text))
+    for ids in tokenizer.encode_batch(texts):
+        stream.extend(ids)
         stream.append(tokenizer.eos_id)
     width = block_size + 1
     n_blocks = len(stream) // width

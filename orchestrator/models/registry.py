@@ -51,6 +51,10 @@ def model_config(spec: ModelSpec, vocab_size: int | None = None) -> PretrainedCo
     """The transformers config the spec describes; ``vocab_size`` (the tokenizer's) fills a preset's gap."""
     import transformers
 
+    from orchestrator.models.classifiers import CLASSIFIER_FAMILIES
+
+    if spec.family in CLASSIFIER_FAMILIES:
+        raise ValueError(f"model family {spec.family} is one of xcm's own classifiers, not a transformers model")
     if spec.init == "pretrained":
         config = transformers.AutoConfig.from_pretrained(spec.pretrained)
         for key, value in spec.config.items():
@@ -72,8 +76,12 @@ def model_config(spec: ModelSpec, vocab_size: int | None = None) -> PretrainedCo
 
 def model_dimensions(spec: ModelSpec) -> ModelDimensions:
     """The sizes that spec checks need, read from the config without building the model."""
+    from orchestrator.models.classifiers import CLASSIFIER_FAMILIES, classifier_dimensions
+
+    if spec.family in CLASSIFIER_FAMILIES:
+        return classifier_dimensions(spec)
     config = model_config(spec)
-    if spec.family == "gpt2" or config.model_type == "gpt2":
+    if config.model_type == "gpt2":  # by the config, which a pretrained model of another family may not match
         return ModelDimensions(hidden=config.n_embd, intermediate=config.n_inner or 4 * config.n_embd,
                                max_positions=config.n_positions, layers=config.n_layer,
                                vocab_size=config.vocab_size)
@@ -82,11 +90,16 @@ def model_dimensions(spec: ModelSpec) -> ModelDimensions:
                            vocab_size=config.vocab_size)
 
 
-def build_model(spec: ModelSpec, vocab_size: int, seed: int) -> torch.nn.Module:
-    """A causal LM: ``from_pretrained`` for init: pretrained, else random weights seeded identically on every rank."""
+def build_model(spec: ModelSpec, vocab_size: int | None, seed: int) -> torch.nn.Module:
+    """A causal LM: ``from_pretrained`` for init: pretrained, else random weights seeded identically on every rank.
+    xcm's own classifier families are built by ``models.classifiers`` (``vocab_size`` None for image inputs)."""
     import torch
     import transformers
 
+    from orchestrator.models.classifiers import CLASSIFIER_FAMILIES, build_classifier
+
+    if spec.family in CLASSIFIER_FAMILIES:
+        return build_classifier(spec, vocab_size, seed)
     if spec.init == "pretrained":
         return transformers.AutoModelForCausalLM.from_pretrained(spec.pretrained, config=model_config(spec))
     config = model_config(spec, vocab_size=vocab_size)

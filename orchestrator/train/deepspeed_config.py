@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from orchestrator.spec import JobSpec
 
+# Dynamic fp16 loss scaling: start at 2^16, halve on overflow (after `hysteresis` overflows), double after
+# `loss_scale_window` clean steps. The clusterability term is part of the scaled loss, so it needs nothing extra.
+_FP16_LOSS_SCALING = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                      "min_loss_scale": 1}
+
 
 def deepspeed_config(spec: JobSpec, world_size: int) -> dict:
-    """ZeRO stage, batch geometry, precision and clipping as DeepSpeed expects them.
+    """ZeRO stage and offload, batch geometry, precision and clipping as DeepSpeed expects them.
 
-    On GPU the optimizer is DeepSpeed's own (its fused CUDA AdamW); on CPU the trainer passes a client
-    ``torch.optim.AdamW`` instead, which spares the ~65 s compile of DeepSpeed's FusedAdam op.
+    On GPU the optimizer is DeepSpeed's own AdamW (fused CUDA kernels, or its CPU Adam when the optimizer is
+    offloaded); on CPU the trainer passes a client ``torch.optim.AdamW`` instead, which spares the ~65 s
+    compile of DeepSpeed's FusedAdam op (and the ~70 s of CPUAdam under offload).
     """
     training = spec.training
     config = {
@@ -17,13 +23,29 @@ def deepspeed_config(spec: JobSpec, world_size: int) -> dict:
         "gradient_accumulation_steps": training.gradient_accumulation_steps,
         "train_batch_size": training.micro_batch_size * training.gradient_accumulation_steps * world_size,
         "gradient_clipping": training.grad_clip,
-        "zero_optimization": {"stage": spec.deepspeed.zero_stage},
+        "zero_optimization": zero_section(spec),
         "bf16": {"enabled": training.precision == "bf16"},
-        "fp16": {"enabled": training.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "fp16": {"enabled": training.precision == "fp16", **_FP16_LOSS_SCALING},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
     if spec.resources.use_gpu:
-        config["optimizer"] = {"type": "AdamW", "params": {"lr": training.lr, "weight_decay": training.weight_decay}}
+        config["optimizer"] = {"type": "AdamW", "params": {
+            "lr": training.lr, "weight_decay": training.weight_decay, "betas": list(training.betas)}}
+    elif spec.deepspeed.offload_optimizer:
+        # DeepSpeed insists on its CPUAdam under offload; on a CPU-only machine the client AdamW already runs
+        # where the offloaded states live, so the check only costs a compile.
+        config["zero_force_ds_cpu_optimizer"] = False
     return config
+
+
+def zero_section(spec: JobSpec) -> dict:
+    """The ``zero_optimization`` section: the stage, optimizer offload, and ZeRO-3's persistence threshold."""
+    zero = spec.deepspeed
+    section: dict = {"stage": zero.zero_stage}
+    if zero.offload_optimizer:
+        section["offload_optimizer"] = {"device": "cpu", "pin_memory": spec.resources.use_gpu}
+    if zero.param_persistence_threshold is not None:
+        section["stage3_param_persistence_threshold"] = zero.param_persistence_threshold
+    return section

@@ -27,17 +27,33 @@ class RunResult:
     metrics: dict
 
 
-def run_job(spec: JobSpec, workdir: Path | None = None) -> RunResult:
+def run_job(spec: JobSpec, workdir: Path | None = None, resume_from: str | None = None) -> RunResult:
     """Train the job on Ray (local, or the cluster at RAY_ADDRESS) and track it in one MLflow run.
 
     The run is created before any worker starts, so whatever fails later is recorded as FAILED against it.
+    ``resume_from`` (a checkpoint, from ``xcm resume``) is where the workers start when Ray Train has no
+    checkpoint of its own for the run.
     """
+    from orchestrator.data.preflight import check_data
+
     spec = spec.resolved(workdir or Path.cwd())
-    run_id = tracking.start_run(spec.tracking, spec.name, spec.flat_params())
+    # Bad data input (missing files, an unreachable dataset, a tokenizer too big for the model) stops here, before
+    # the MLflow run and any worker; a text source's tokens are cached now, and the workers read the cache.
+    check_data(spec)
+    if spec.tracking.run_id:
+        run_id = tracking.attach_run(spec.tracking.uri, spec.tracking.run_id)
+    else:
+        run_id = tracking.start_run(spec.tracking, spec.name, spec.flat_params())
+    tracking.log_resolved_spec(spec.tracking.uri, run_id, spec.to_yaml())
     status = "FAILED"
     try:
-        result = _fit(spec, run_id)
+        result = _fit(spec, run_id, resume_from)
         status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C, or SIGTERM from `xcm stop` / `ray job stop` (Ray's driver handler turns it into SystemExit):
+        # a deliberate stop, so KILLED rather than FAILED; the last checkpoint stays for `xcm resume`.
+        status = "KILLED"
+        raise
     finally:
         tracking.end_run(spec.tracking.uri, run_id, status)
     experiment_id = tracking.client(spec.tracking.uri).get_run(run_id).info.experiment_id
@@ -46,11 +62,13 @@ def run_job(spec: JobSpec, workdir: Path | None = None) -> RunResult:
                      metrics=dict(result.metrics or {}))
 
 
-def _fit(spec: JobSpec, run_id: str):
+def _fit(spec: JobSpec, run_id: str, resume_from: str | None = None):
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from orchestrator.partitioner import start_partitioners
+    from orchestrator.train.checkpoint_store import run_directory_name
     from orchestrator.train.progress import ProgressBoard, ProgressLine
     from orchestrator.train.worker import train_worker
 
@@ -58,24 +76,29 @@ def _fit(spec: JobSpec, run_id: str):
     resources = spec.resources
     board_name = f"xcm-progress-{uuid.uuid4().hex[:12]}"
     board = ProgressBoard.options(name=board_name).remote()
+    partitioners = start_partitioners(spec)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"spec": spec.model_dump(mode="json", by_alias=True), "run_id": run_id,
-                           "progress_actor": board_name},
+                           "progress_actor": board_name, "partitioners": list(partitioners),
+                           "resume_from": resume_from},
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers, use_gpu=resources.use_gpu,
             resources_per_worker={"CPU": resources.cpus_per_worker,
                                   **({"GPU": resources.gpus_per_worker} if resources.use_gpu else {})}),
+        # The same name on every start of the run: Ray Train then restores its checkpoints on `xcm resume`.
         run_config=RunConfig(
-            name=f"{spec.name}-{run_id[:8]}", storage_path=spec.checkpointing.storage_path,
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpointing.keep_last)),
+            name=run_directory_name(spec.name, run_id), storage_path=spec.checkpointing.storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpointing.keep_last),
+            failure_config=FailureConfig(max_failures=spec.checkpointing.max_failures)),
     )
     try:
         with ProgressLine(board, spec.training.steps):
             return trainer.fit()
     finally:
-        ray.kill(board)
+        for actor in (board, *partitioners.values()):
+            ray.kill(actor)
 
 
 def _ensure_ray(spec: JobSpec) -> None:

@@ -1,41 +1,59 @@
-"""The start-of-training partition: gather each group's matrices, co-cluster on rank 0, broadcast the labels.
+"""The trainers' side of partitioning: gather each group's matrices onto rank 0, and the partition as a table.
 
 Under ZeRO-3 each rank holds a shard of every matrix, so the gather is a collective every rank enters, one
-group at a time (never the whole model at once); under ZeRO 0-2 it is a no-op.
+group at a time (never the whole model at once); under ZeRO 0-2 it is a no-op. Rank 0 keeps a float32 CPU
+copy as numpy arrays, which Ray's object store shares without copying with the partitioner actors.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
-import torch.distributed as dist
 
-from orchestrator.modularity import GroupPartition, MatrixGroup, partition_group
-from orchestrator.spec import ModularitySpec
+from orchestrator.modularity import GroupPartition, MatrixGroup
 
 
-def compute_partitions(groups: list[MatrixGroup], modularity: ModularitySpec,
-                       rank: int) -> dict[str, GroupPartition]:
-    """Every rank gets the same ``{group name: GroupPartition}``, computed once on rank 0."""
+@dataclass(frozen=True)
+class GroupSnapshot:
+    """One group's matrices at one step, as the partitioner receives them."""
+
+    weights_in: tuple[np.ndarray, ...]  # [d_hidden, n_in] each
+    weights_out: tuple[np.ndarray, ...]  # [n_out, d_hidden] each
+    names: tuple[str, ...]  # matrix names: in-projections, then out-projections
+
+    def tensors(self, device: torch.device | str = "cpu") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """In- and out-projections as tensors on `device`."""
+        def load(arrays):  # copied: arrays from the object store are read-only
+            return [torch.tensor(array, device=device) for array in arrays]
+        return load(self.weights_in), load(self.weights_out)
+
+
+def gather_snapshot(groups: list[MatrixGroup], rank: int) -> dict[str, GroupSnapshot] | None:
+    """Every rank must call this at the same step; rank 0 gets ``{group name: GroupSnapshot}``, the others None."""
     import deepspeed
 
-    partitions: dict[str, dict] = {}
+    snapshot: dict[str, GroupSnapshot] = {}
     for group in groups:
         with deepspeed.zero.GatheredParameters([m.module.weight for m in group.matrices], modifier_rank=None):
             if rank == 0:
-                weights_in = [_copy(m.weight()) for m in group.inputs]  # [d_ff, d_model] each
-                weights_out = [_copy(m.weight()) for m in group.outputs]  # [d_model, d_ff] each
-        if rank == 0:
-            partition = partition_group(weights_in, weights_out, modularity.k,
-                                        method=modularity.partition, seed=modularity.seed)
-            partitions[group.name] = partition.to_dict()
-    payload = [partitions]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(payload, src=0)
-    return {name: GroupPartition.from_dict(data) for name, data in payload[0].items()}
+                snapshot[group.name] = GroupSnapshot(
+                    weights_in=tuple(_copy(m.weight()) for m in group.inputs),
+                    weights_out=tuple(_copy(m.weight()) for m in group.outputs),
+                    names=tuple(m.name for m in group.matrices))
+    return snapshot if rank == 0 else None
 
 
-def _copy(weight: torch.Tensor) -> torch.Tensor:
-    return weight.detach().float().clone()
+def _copy(weight: torch.Tensor) -> np.ndarray:
+    return weight.detach().float().cpu().numpy().copy()
+
+
+def plain_partition(partition: GroupPartition) -> dict:
+    """``GroupPartition.to_dict`` with plain lists: what actors return and checkpoints keep (any format holds it)."""
+    return {"k": partition.k, "hidden": partition.hidden.tolist(),
+            "inputs": [labels.tolist() for labels in partition.inputs],
+            "outputs": [labels.tolist() for labels in partition.outputs]}
 
 
 def partition_table(groups: list[MatrixGroup], partitions: dict[str, GroupPartition]):

@@ -32,7 +32,12 @@ def format_progress(snapshot: dict, total_steps: int) -> str:
              f"task {snapshot['task_loss']:.4f}"]
     if snapshot.get("clusterability") is not None:
         parts.append(f"C {snapshot['clusterability']:.3f}")
-    parts.append(f"{snapshot['tokens_per_s']:,.0f} tok/s")
+    if snapshot.get("accuracy") is not None:
+        parts.append(f"acc {snapshot['accuracy']:.3f}")
+    if snapshot.get("samples_per_s") is not None:
+        parts.append(f"{snapshot['samples_per_s']:,.0f} samples/s")
+    else:
+        parts.append(f"{snapshot['tokens_per_s']:,.0f} tok/s")
     return " | ".join(parts)
 
 

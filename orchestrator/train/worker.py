@@ -2,19 +2,19 @@
 
 Runbook: the driver (``orchestrator.train.launch``) starts N workers with the resolved spec; each builds the
 same random model and its own shard of the data, wraps the model in a DeepSpeed engine at the spec's ZeRO
-stage, and trains with ``task_loss - lambda * mean C``. Rank 0 computes the partition (after gathering
-the matrices, a collective under ZeRO-3) and broadcasts it; rank 0 alone logs to MLflow and posts
-progress. Every rank calls ``ray.train.report`` at the same steps: it is a barrier.
+stage, and trains with ``task_loss - lambda * mean C``. The partitioner actors compute the partition from
+matrices rank 0 gathers (a collective under ZeRO-3), and every rank adopts each version at the same step
+(``orchestrator.train.partition_schedule``); rank 0 alone logs to MLflow and posts progress. Every rank
+calls ``ray.train.report`` at the same steps: it is a barrier. A session that starts from a checkpoint (a
+restart after a failure, or ``xcm resume``) continues at its step, data position and partition
+(``orchestrator.train.checkpointing``).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
-from pathlib import Path
-
-import torch
+from collections.abc import Sequence
 
 from orchestrator import metric_names
 from orchestrator.spec import JobSpec
@@ -27,9 +27,13 @@ def train_worker(config: dict) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if spec.resources.use_gpu else "cpu")
     import ray.train
 
+    from orchestrator.train.preflight import require_precision_support
+
+    require_precision_support(spec)  # a GPU without bf16 fails here, not deep inside DeepSpeed
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    session = TrainingSession(spec, rank, world_size, config["run_id"], config.get("progress_actor"))
+    session = TrainingSession(spec, rank, world_size, config["run_id"], config.get("progress_actor"),
+                              config.get("resume_from"), config.get("partitioners", ()))
     try:
         session.run()
     finally:
@@ -39,105 +43,124 @@ def train_worker(config: dict) -> None:
 class TrainingSession:
     """One rank's engine, data stream, regulariser and (on rank 0) logger, stepped from ``run``."""
 
-    def __init__(self, spec: JobSpec, rank: int, world_size: int, run_id: str, progress_actor: str | None):
-        import deepspeed
-
-        from orchestrator.data import batch_stream, build_synthetic_blocks
+    def __init__(self, spec: JobSpec, rank: int, world_size: int, run_id: str, progress_actor: str | None,
+                 resume_from: str | None = None, partitioners: Sequence[str] = ()):
+        from orchestrator.data import build_training_data
         from orchestrator.models import build_model
         from orchestrator.modularity import ClusterabilityRegularizer, find_matrix_groups
-        from orchestrator.train.deepspeed_config import deepspeed_config
+        from orchestrator.train.checkpointing import CheckpointManager
+        from orchestrator.train.engine import build_engine
+        from orchestrator.train.objectives import objective_for
+        from orchestrator.train.partition_schedule import PartitionSchedule
+        from orchestrator.train.throughput import throughput_meter
+        from orchestrator.train.evaluation import Evaluator, evaluation_sets
 
         self.spec, self.rank, self.world_size = spec, rank, world_size
         self.is_rank_zero = rank == 0
-        data = spec.data
-        blocks, tokenizer = build_synthetic_blocks(data.num_examples, data.block_size, data.seed, data.tasks)
-        self.batches = batch_stream(blocks, spec.training.micro_batch_size, rank, world_size, spec.training.seed)
-        model = build_model(spec.model, tokenizer.vocab_size, seed=spec.training.seed)
-        optimizer = None if spec.resources.use_gpu else torch.optim.AdamW(
-            model.parameters(), lr=spec.training.lr, weight_decay=spec.training.weight_decay)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                               config=deepspeed_config(spec, world_size))
+        data = build_training_data(spec.data, spec.model)  # the driver built it first: a token-cache read here
+        self.objective = objective_for(spec)  # next-token prediction, or classification (images, modular addition)
+        model = build_model(spec.model, data.vocab_size, seed=spec.training.seed)
+        flops = self.objective.model_flops(model, data.train)  # counted before ZeRO shards the weights
+        self.engine = build_engine(model, spec, world_size)
+        self.throughput = throughput_meter(spec, flops, world_size, self.objective.unit, self.engine.device)
         self.groups = find_matrix_groups(self.engine.module, spec.modularity.matrices)
         self.regularizer = ClusterabilityRegularizer()
-        self.baselines: dict[str, float] = {}
-        self.partitions = None
         self.logger = self.progress = None
         if self.is_rank_zero:
             from orchestrator.tracking import MetricLogger
+            from orchestrator.train.checkpoint_store import metric_spool_path
 
-            self.logger = MetricLogger(spec.tracking.uri, run_id)
+            self.logger = MetricLogger(spec.tracking.uri, run_id, metric_spool_path(spec, run_id))
             if progress_actor:
                 self.progress = ray_actor(progress_actor)
+        self.partition_schedule = PartitionSchedule(self.groups, self.regularizer, spec.modularity, spec.partitioner,
+                                                    rank, self.engine.device, partitioners, self.logger)
+        self.checkpoints = CheckpointManager(spec, rank, world_size, run_id)
+        restored = self.checkpoints.restore(self.engine, resume_from)
+        self.start_step = restored.step if restored else 0
+        if restored is not None:
+            self.load_partition_state(restored.partition_state)
+            if self.is_rank_zero:
+                self.logger.log({metric_names.RESUMED_FROM_STEP: restored.step}, restored.step)
+        self.batches = self.objective.batches(data.train, spec.training.micro_batch_size, rank, world_size,
+                                              spec.training.seed, start_step=restored.data_position if restored else 0)
+        self.evaluator = Evaluator(self.engine, self.objective, evaluation_sets(data, spec.evaluation),
+                                   spec.evaluation, spec.training.micro_batch_size, rank, world_size,
+                                   last_step=spec.training.steps - 1, device=self.engine.device)
 
     def run(self) -> None:
         training = self.spec.training
         metrics: dict[str, float] = {}
-        for step in range(training.steps):
+        for step in range(self.start_step, training.steps):
             self.maybe_partition(step)
             metrics = self.train_step()
+            metrics.update(self.throughput.memory_metrics(step))  # every worker's peak, when due (a collective)
             self.publish(step, metrics)
+            self.maybe_evaluate(step)
             self.maybe_report(step, metrics)
+        self.partition_schedule.finish()
+
+    def maybe_evaluate(self, step: int) -> None:
+        """Eval loss and perplexity every ``evaluation.every_steps``: every rank runs it, rank 0 logs it."""
+        if not self.evaluator.due(step):
+            return
+        metrics = self.evaluator.evaluate()
+        if self.is_rank_zero:
+            self.logger.log(metrics, step)
 
     def maybe_partition(self, step: int) -> None:
-        """Compute the partition at ``partition_at_step`` (the method computes it once and keeps it)."""
-        if step != self.spec.modularity.partition_at_step:
-            return
-        from orchestrator.modularity import baseline, regularize_groups
-        from orchestrator.train.partitioning import compute_partitions
+        """Request or adopt a partition version at this step boundary, as the schedule decides (every rank)."""
+        self.partition_schedule.maybe_repartition(step)
 
-        started = time.perf_counter()
-        self.partitions = compute_partitions(self.groups, self.spec.modularity, self.rank)
-        regularize_groups(self.regularizer, self.groups, self.partitions)
-        for group in self.groups:
-            partition = self.partitions[group.name]
-            for matrix, (row_labels, col_labels) in zip(group.matrices, partition.matrix_labels()):
-                self.baselines[matrix.name] = float(baseline(row_labels, col_labels, partition.k))
-        if self.is_rank_zero:
-            self.logger.log({metric_names.PARTITION_SECONDS: time.perf_counter() - started}, step)
-            self.save_partition_artifact(step)
+    def partition_state(self) -> dict | None:
+        """The partition as checkpoints keep it (``PartitionSchedule.state_dict``: version, labels under
+        ``"partitions"``, adoption steps); None before the first one. ``load_partition_state`` inverts it."""
+        if self.partition_schedule.partitions is None:
+            return None
+        return self.partition_schedule.state_dict()
+
+    def load_partition_state(self, state: dict | None) -> None:
+        if state is not None:
+            self.partition_schedule.load_state_dict(state)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
         started = time.perf_counter()
         lam = self.spec.modularity.lambda_
-        tokens = 0
+        lr = self.engine.get_lr()[0]  # the rate this step applies (the scheduler moves on at its end)
+        items = 0  # tokens or samples, as the objective counts them
         for _ in range(self.spec.training.gradient_accumulation_steps):
             batch = next(self.batches)
-            input_ids = batch["input_ids"].to(self.engine.device)  # [B, T]
-            labels = batch["labels"].to(self.engine.device)  # [B, T]
             self.regularizer.clear()
-            task_loss = self.causal_lm_loss(input_ids, labels)
-            loss = task_loss + self.regularizer.penalty(lam) if self.partitions and lam > 0 else task_loss
+            task_loss, task_metrics = self.objective.loss(self.engine, batch)
+            partitioned = self.partition_schedule.partitions is not None
+            loss = task_loss + self.regularizer.penalty(lam) if partitioned and lam > 0 else task_loss
             self.engine.backward(loss)
             self.engine.step()
-            tokens += input_ids.numel()
-        elapsed = time.perf_counter() - started
+            items += self.objective.count(batch)
         metrics = {metric_names.LOSS: loss.item(), metric_names.TASK_LOSS: task_loss.item(),
-                   metric_names.STEP_TIME: elapsed,
-                   metric_names.TOKENS_PER_SECOND: tokens * self.world_size / elapsed,
-                   metric_names.LEARNING_RATE: self.engine.get_lr()[0]}
+                   metric_names.LEARNING_RATE: lr,
+                   **{name: float(value) for name, value in task_metrics.items()}}
+        metrics.update(self.throughput.step_metrics(time.perf_counter() - started, items))
         metrics.update(self.clusterability_metrics())
         return metrics
 
-    def causal_lm_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.engine(input_ids=input_ids).logits  # [B, T, vocab]
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-
     def clusterability_metrics(self) -> dict[str, float]:
-        """Per-matrix C from the last forward, their mean, mass-weighted mean and normalised mean."""
-        if not self.partitions:
+        """Per-matrix C, raw and normalised, from the last forward; their mean, mass-weighted and normalised mean."""
+        if self.partition_schedule.partitions is None:
             return {}
         from orchestrator.modularity import model_clusterability, normalized_clusterability
 
         values = {name: c.detach() for name, c in self.regularizer.values().items()}
         masses = self.regularizer.masses()
         summary = model_clusterability(list(values.values()), [masses[name] for name in values])
+        baselines = self.partition_schedule.baselines
+        normalised = {name: float(normalized_clusterability(c.item(), baselines[name])) for name, c in values.items()}
         metrics = {metric_names.layer_clusterability(name): c.item() for name, c in values.items()}
+        metrics.update({metric_names.layer_clusterability_normalised(name): n for name, n in normalised.items()})
         metrics[metric_names.CLUSTERABILITY] = float(summary.mean)
         metrics[metric_names.CLUSTERABILITY_MASS_WEIGHTED] = float(summary.mass_weighted)
-        metrics[metric_names.CLUSTERABILITY_NORMALISED] = sum(
-            float(normalized_clusterability(c.item(), self.baselines[name])) for name, c in values.items()
-        ) / len(values)
+        metrics[metric_names.CLUSTERABILITY_NORMALISED] = sum(normalised.values()) / len(normalised)
         return metrics
 
     def publish(self, step: int, metrics: dict[str, float]) -> None:
@@ -149,34 +172,24 @@ class TrainingSession:
             self.progress.post.remote({
                 "step": step, "loss": metrics[metric_names.LOSS], "task_loss": metrics[metric_names.TASK_LOSS],
                 "clusterability": metrics.get(metric_names.CLUSTERABILITY),
-                "tokens_per_s": metrics[metric_names.TOKENS_PER_SECOND]})
+                "tokens_per_s": metrics.get(metric_names.TOKENS_PER_SECOND),
+                "samples_per_s": metrics.get(metric_names.SAMPLES_PER_SECOND),
+                "accuracy": metrics.get(metric_names.ACCURACY)})
 
     def maybe_report(self, step: int, metrics: dict[str, float]) -> None:
-        """Report to Ray Train every ``report_every`` steps, with a checkpoint when one is due and at the end."""
+        """Report to Ray Train every ``report_every`` steps; the checkpoint manager reports instead when a
+        checkpoint is due (every ``checkpointing.every_steps`` and at the end)."""
         import ray.train
 
-        last = step == self.spec.training.steps - 1
-        every = self.spec.checkpointing.every_steps
-        checkpoint_due = last or (every > 0 and (step + 1) % every == 0)
+        checkpoint_due = self.checkpoints.due(step)
         if not checkpoint_due and (step + 1) % self.spec.training.report_every:
             return
         reported = {"step": step, **{key: value for key, value in metrics.items() if "/" not in key}}
         if not checkpoint_due:
             ray.train.report(reported)
             return
-        with tempfile.TemporaryDirectory() as directory:
-            self.engine.save_checkpoint(directory, tag=f"step-{step + 1}")
-            ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(directory))
-
-    def save_partition_artifact(self, step: int) -> None:
-        import pyarrow.parquet as pq
-
-        from orchestrator.train.partitioning import partition_table
-
-        with tempfile.TemporaryDirectory() as directory:
-            path = Path(directory) / f"partition-step{step}.parquet"
-            pq.write_table(partition_table(self.groups, self.partitions), path)
-            self.logger.log_artifact(str(path), "partitions")
+        data_position = (step + 1) * self.spec.training.gradient_accumulation_steps
+        self.checkpoints.save(self.engine, step, reported, self.partition_state(), data_position)
 
     def close(self) -> None:
         self.regularizer.remove()

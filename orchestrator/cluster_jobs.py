@@ -1,0 +1,187 @@
+"""Jobs on a Ray cluster through Ray's Jobs API: submit, status, logs, stop, list.
+
+The same job file runs on a laptop and on a cluster: ``submit`` validates it here, resolves it (overrides,
+tracking URI, storage path) into one YAML that travels in the job's runtime environment with xcm's code, and
+creates the MLflow run here, so the link can be printed before the cluster starts working. Paths that only
+exist on this machine are refused for a remote cluster, before anything is sent.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import yaml
+
+import orchestrator
+from orchestrator import tracking
+from orchestrator.spec import JobSpec, SpecError, SpecProblem, load_spec
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+SUBMITTED_JOB_FILE = "job.yaml"
+# Ray's job supervisor SIGKILLs the entrypoint this long after SIGTERM; the driver needs a moment to mark
+# the MLflow run KILLED and let Ray Train stop its workers.
+_STOP_GRACE_SECONDS = "30"
+
+
+class ClusterError(RuntimeError):
+    """A cluster operation that cannot go ahead; the message says what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    job_id: str
+    run_id: str
+    run_link: str
+    address: str
+
+
+def submit(job_file: str, overrides: list[str], address: str, workdir: Path) -> Submission:
+    """Validate, resolve and submit a job; the MLflow run exists (RUNNING) when this returns."""
+    spec = load_spec(job_file, overrides)
+    remote = not is_local_address(address)
+    _check_reachable_from_cluster(spec, job_file, remote)
+    spec = spec.resolved(workdir)
+    client = connect(address)
+    run_id = tracking.start_run(spec.tracking, spec.name, spec.flat_params())
+    spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"run_id": run_id})})
+    job_id = f"xcm-{spec.name}-{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory(prefix="xcm-submit-") as staging:
+        Path(staging, SUBMITTED_JOB_FILE).write_text(yaml.safe_dump(spec.model_dump(mode="json", by_alias=True)))
+        runtime_env = {
+            "working_dir": staging,
+            "py_modules": [str(Path(orchestrator.__file__).parent)],
+            "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": _STOP_GRACE_SECONDS},
+        }
+        try:
+            _submit_when_agent_ready(client, entrypoint=f"python -m orchestrator.cli run {SUBMITTED_JOB_FILE}",
+                                     submission_id=job_id, runtime_env=runtime_env,
+                                     metadata={"xcm.job": spec.name, "xcm.run_id": run_id,
+                                               "xcm.tracking_uri": spec.tracking.uri})
+        except Exception as error:
+            tracking.end_run(spec.tracking.uri, run_id, "FAILED")
+            raise ClusterError(f"the cluster at {address} refused the job: {error}") from error
+    experiment_id = tracking.client(spec.tracking.uri).get_run(run_id).info.experiment_id
+    return Submission(job_id=job_id, run_id=run_id, address=address,
+                      run_link=tracking.run_link(spec.tracking.uri, experiment_id, run_id))
+
+
+def _submit_when_agent_ready(client, timeout_s: float = 60.0, **job) -> None:
+    """A head that just started answers 500 "No available agent" until its job agent is up: wait for it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.submit_job(**job)
+            return
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
+def is_local_address(address: str) -> bool:
+    return (urlparse(address).hostname or address) in LOCAL_HOSTS
+
+
+def _check_reachable_from_cluster(spec: JobSpec, job_file: str, remote: bool) -> None:
+    """A remote cluster cannot see this machine's files: a SQLite store or a local checkpoint directory."""
+    if not remote:
+        return
+    problems = []
+    uri = spec.tracking.uri
+    if uri is None or uri.startswith(("sqlite:", "file:", "/", ".")):
+        problems.append(SpecProblem(
+            key="tracking.uri", message=f"{uri or 'the default local SQLite store'} lives on this machine, "
+                                        "and a local store does not work across nodes",
+            fix="run the MLflow server in infra/mlflow and set tracking.uri: http://<host>:5000"))
+    storage = spec.checkpointing.storage_path
+    if storage is None or "://" not in storage:
+        problems.append(SpecProblem(
+            key="checkpointing.storage_path",
+            message=f"{storage or 'the default ./xcm-runs/checkpoints'} is a path on this machine",
+            fix="set it to storage every node reaches, e.g. s3://bucket/xcm or a shared mount (see infra/README.md)"))
+    if spec.model.init == "pretrained" and spec.model.pretrained and Path(spec.model.pretrained).exists():
+        problems.append(SpecProblem(
+            key="model.pretrained", message=f"{spec.model.pretrained} is a local path",
+            fix="use a hub name, or a path that exists on the cluster's nodes"))
+    if problems:
+        raise SpecError(job_file, problems)
+
+
+def connect(address: str):
+    """A Jobs API client, with Ray's connection and token errors turned into one line each."""
+    _use_token_when_available()  # before Ray is imported: it reads the mode once
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as error:
+        raise ClusterError(_explain(error, address)) from None
+
+
+def _use_token_when_available() -> None:
+    """Ray 2.60 heads require a token, but its Jobs client sends one only when RAY_AUTH_MODE=token is set:
+    turn that on when the user has a token (RAY_AUTH_TOKEN, or the file `ray start` writes) and chose no mode."""
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _explain(error: Exception, address: str) -> str:
+    text = f"{type(error).__name__}: {error}"
+    if "uthenticat" in text or "token" in text.lower():
+        return (f"the Ray cluster at {address} wants its authentication token (Ray 2.60 enables token auth by "
+                "default): copy the head's ~/.ray/auth_token to this machine (or set RAY_AUTH_TOKEN) and set "
+                "RAY_AUTH_MODE=token")
+    if "onnect" in text or "refused" in text or "resolve" in text.lower():
+        return (f"no Ray dashboard answers at {address}: start a head with `ray start --head "
+                "--dashboard-host 127.0.0.1`, or pass --address http://HEAD:8265 (or set RAY_ADDRESS)")
+    return f"the Ray cluster at {address} failed: {text.splitlines()[0]}"
+
+
+def status(address: str, job_id: str) -> dict:
+    """The job's Ray status and message, with its MLflow run id."""
+    info = _job_info(address, job_id)
+    return {"job_id": job_id, "status": str(info.status), "message": info.message or "",
+            "run_id": (info.metadata or {}).get("xcm.run_id", ""),
+            "tracking_uri": (info.metadata or {}).get("xcm.tracking_uri", "")}
+
+
+def logs(address: str, job_id: str) -> str:
+    _job_info(address, job_id)
+    return connect(address).get_job_logs(job_id)
+
+
+async def follow_logs(address: str, job_id: str):
+    _job_info(address, job_id)
+    async for lines in connect(address).tail_job_logs(job_id):
+        yield lines
+
+
+def stop(address: str, job_id: str) -> bool:
+    """Ask Ray to stop the job (SIGTERM to its driver, which marks the MLflow run KILLED); False if already over."""
+    _job_info(address, job_id)
+    return connect(address).stop_job(job_id)
+
+
+def list_jobs(address: str) -> list[dict]:
+    jobs = connect(address).list_jobs()
+    return [{"job_id": job.submission_id or job.job_id, "status": str(job.status),
+             "run_id": (job.metadata or {}).get("xcm.run_id", ""), "entrypoint": job.entrypoint}
+            for job in sorted(jobs, key=lambda job: job.start_time or 0)]
+
+
+def _job_info(address: str, job_id: str):
+    client = connect(address)
+    try:
+        return client.get_job_info(job_id)
+    except Exception as error:
+        if "does not exist" in str(error) or "404" in str(error):
+            raise ClusterError(f"no job {job_id!r} on the cluster at {address}: `xcm list` shows the jobs") from None
+        raise ClusterError(_explain(error, address)) from None

@@ -1,0 +1,41 @@
+"""The DeepSpeed engine of one rank: the model prepared for training, its optimizer and LR schedule."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from orchestrator.spec import JobSpec
+
+if TYPE_CHECKING:
+    import torch
+
+
+def build_engine(model: torch.nn.Module, spec: JobSpec, world_size: int):
+    """``deepspeed.initialize`` at the spec's ZeRO stage and precision, with AdamW and the warm-up schedule."""
+    import deepspeed
+    import torch
+
+    from orchestrator.train.deepspeed_config import deepspeed_config
+    from orchestrator.train.schedule import scheduler_factory
+
+    training = spec.training
+    if training.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    model.train()  # from_pretrained leaves eval mode, in which transformers skips activation checkpointing
+    optimizer = None if spec.resources.use_gpu else torch.optim.AdamW(
+        model.parameters(), lr=training.lr, weight_decay=training.weight_decay, betas=tuple(training.betas))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(spec, world_size),
+                                      lr_scheduler=scheduler_factory(training))
+    return engine
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each block's activations in backward instead of keeping them.
+
+    Non-reentrant checkpointing only: the reentrant kind runs the block's backward in a separate autograd
+    pass that silently drops the clusterability term's gradient (STACK.md); the non-reentrant kind keeps it.
+    """
+    if not hasattr(model, "gradient_checkpointing_enable"):
+        raise ValueError(f"{type(model).__name__} has no activation checkpointing; "
+                         "set training.activation_checkpointing: false")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

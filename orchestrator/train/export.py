@@ -1,0 +1,92 @@
+"""``xcm export <checkpoint> --to hf <dir>``: a Hugging Face model directory from a run's ZeRO checkpoint.
+
+The weights are consolidated by DeepSpeed's own ``zero_to_fp32`` (which reassembles every rank's fp32
+optimizer partition, ZeRO 1-3); the model is rebuilt from the transformers config saved in the checkpoint and
+written with ``save_pretrained``, so ``AutoModelForCausalLM.from_pretrained(dir)`` loads it anywhere. The
+partition it was trained under goes beside it as ``partition.parquet`` (one row per unit: group, matrix,
+side, unit, cluster, the same table as the run's MLflow artifact).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import torch
+
+from orchestrator.train import checkpoint_store as store
+
+PARTITION_FILE = "partition.parquet"
+PROVENANCE_FILE = "xcm-export.json"
+
+
+class ExportError(RuntimeError):
+    """The checkpoint cannot be written in the requested format."""
+
+
+def export_hf(target: str, out_dir: Path, tracking_uri: str) -> Path:
+    """Write the newest intact checkpoint of ``target`` (checkpoint, run directory or run id) to ``out_dir``."""
+    from orchestrator.train.resume import locate
+
+    located = locate(target, tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="xcm-export-") as scratch:
+        local = _local_copy(located, Path(scratch))
+        if not (local / store.MODEL_CONFIG).is_file():
+            raise ExportError(f"checkpoint {located.uri} holds a model that is not a transformers model (xcm's "
+                              "MLP, CNN or modular-addition transformer): --to hf exports transformers families")
+        model = _consolidated_model(local, located.state)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir)
+        partition_state = torch.load(local / store.PARTITION, weights_only=False)
+        if partition_state is not None:
+            _write_partition(model, local, partition_state, out_dir / PARTITION_FILE)
+    (out_dir / PROVENANCE_FILE).write_text(json.dumps({
+        "checkpoint": located.uri, "mlflow_run_id": located.state.run_id, "step": located.state.step,
+        "partition": PARTITION_FILE if partition_state is not None else None}, indent=2))
+    return out_dir
+
+
+def consolidated_state_dict(checkpoint: Path, state: store.CheckpointState) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a local checkpoint, by parameter name."""
+    deepspeed_dir = checkpoint / store.DEEPSPEED
+    if state.zero_stage == 0:  # no ZeRO: rank 0's model file holds the whole module
+        module = torch.load(deepspeed_dir / state.deepspeed_tag / "mp_rank_00_model_states.pt",
+                            weights_only=False)["module"]
+        return {name: tensor.float() for name, tensor in module.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(deepspeed_dir), tag=state.deepspeed_tag)
+
+
+def _consolidated_model(checkpoint: Path, state: store.CheckpointState) -> torch.nn.Module:
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(checkpoint / Path(store.MODEL_CONFIG).parent)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(consolidated_state_dict(checkpoint, state), strict=True)
+    return model
+
+
+def _write_partition(model: torch.nn.Module, checkpoint: Path, partition_state: dict, path: Path) -> None:
+    import pyarrow.parquet as pq
+    import yaml
+
+    from orchestrator.modularity import GroupPartition, find_matrix_groups
+    from orchestrator.spec import JobSpec
+    from orchestrator.train.partitioning import partition_table
+
+    spec = JobSpec.model_validate(yaml.safe_load((checkpoint / store.JOB).read_text()))
+    groups = find_matrix_groups(model, spec.modularity.matrices)
+    partitions = {name: GroupPartition.from_dict(data) for name, data in partition_state["partitions"].items()}
+    pq.write_table(partition_table(groups, partitions), path)
+
+
+def _local_copy(located: store.Located, scratch: Path) -> Path:
+    """The checkpoint as a local directory: itself on local storage, a download otherwise."""
+    if isinstance(located.filesystem, pafs.LocalFileSystem):
+        return Path(located.path)
+    pafs.copy_files(located.path, str(scratch), source_filesystem=located.filesystem,
+                    destination_filesystem=pafs.LocalFileSystem())
+    return scratch

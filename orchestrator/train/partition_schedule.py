@@ -1,0 +1,195 @@
+"""When the trainers ask the partitioner actors for a partition, and the step at which they all adopt it.
+
+The policy, decided here and nowhere else:
+- the first partition is requested at ``modularity.partition_at_step`` and awaited: before it there is no
+  partition to train with (the method's "compute once, at the start", and xcm's default);
+- with ``modularity.partition_every > 0`` a new one is requested that many steps after the last request, never
+  while one is in flight; training goes on with the current partition while the actors work;
+- while a request is in flight, rank 0 looks at the actors' answers at each step boundary without blocking and
+  broadcasts what it saw (one integer, asynchronously); every rank reads it at the next boundary, so all adopt
+  the same version at the same step, one step after rank 0 saw it, and no step waits for the broadcast;
+- each adoption (version, request step, adoption step) is recorded; ``state_dict`` holds the record with the
+  current labels, so a run resumed from a checkpoint trains on exactly the partition it had.
+A request the actors fail for good is dropped (the current partition stays); failing the first one stops the job.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from orchestrator.modularity import (
+    ClusterabilityRegularizer,
+    GroupPartition,
+    MatrixGroup,
+    baseline,
+    regularize_groups,
+)
+from orchestrator.partitioner import PartitionerPool, PartitionRequest, PartitionShare
+from orchestrator.spec import ModularitySpec, PartitionerSpec
+from orchestrator.tracking import MetricLogger
+from orchestrator.train.partition_report import PartitionReport
+from orchestrator.train.partitioning import gather_snapshot, plain_partition
+
+logger = logging.getLogger(__name__)
+
+PENDING, READY, FAILED = 0, 1, 2  # what rank 0 saw of the request in flight, as broadcast to every rank
+
+
+class _Decision:
+    """Rank 0's observation on its way to every rank: sent at one step boundary, read at the next."""
+
+    def __init__(self, code: int, device: torch.device):
+        self._tensor = torch.tensor([code], dtype=torch.int64, device=device)  # [1], on the device nccl needs
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        self._work = dist.broadcast(self._tensor, src=0, async_op=True) if distributed else None
+
+    def value(self) -> int:
+        if self._work is not None:
+            self._work.wait()
+        return int(self._tensor.item())
+
+
+@dataclass
+class _Request:
+    step: int
+    sent: PartitionRequest | None = None  # rank 0: the actors' answers to come; None on other ranks
+    shares: list[PartitionShare] = field(default_factory=list)  # rank 0: the answers, once seen
+    error: Exception | None = None  # rank 0: why the actors failed, if they did
+    decision: _Decision | None = None  # the observation broadcast at the last step boundary
+
+
+class PartitionSchedule:
+    """Owns the current partition of every rank: requests, adoption, the regulariser's labels and baselines."""
+
+    def __init__(self, groups: Sequence[MatrixGroup], regularizer: ClusterabilityRegularizer,
+                 modularity: ModularitySpec, partitioner: PartitionerSpec, rank: int, device: torch.device,
+                 actor_names: Sequence[str], metric_logger: MetricLogger | None):
+        self._groups, self._regularizer = list(groups), regularizer
+        self._modularity, self._partitioner = modularity, partitioner
+        self._rank, self._device = rank, device
+        self.partitions: dict[str, GroupPartition] | None = None
+        self.baselines: dict[str, float] = {}  # matrix name -> C of a structureless matrix under its partition
+        self.version = 0
+        self.adoptions: list[dict[str, int]] = []
+        self._last_request: int | None = None
+        self._request: _Request | None = None
+        self._pool = PartitionerPool(list(actor_names), [g.name for g in groups]) if rank == 0 else None
+        self._report = PartitionReport(metric_logger, groups) if metric_logger is not None else None
+
+    def maybe_repartition(self, step: int) -> int | None:
+        """At a step boundary, adopt a published version or ask for a new one; returns the version adopted
+        at this step, if any. Every rank calls it before every step: it may enter collectives."""
+        adopted = self._poll(step) if self._request is not None else None
+        if self._request is None and self._due(step):
+            self._send(step)
+            if self.partitions is None:
+                adopted = self._poll(step, wait=True)
+        return adopted
+
+    def finish(self) -> None:
+        """After the last step: heatmaps of the trained matrices under the current partition (a collective).
+        A version still in flight is dropped, after its last broadcast has arrived."""
+        if self._request is not None and self._request.decision is not None:
+            self._request.decision.value()
+        if self.partitions is None:
+            return
+        snapshot = gather_snapshot(self._groups, self._rank)
+        if self._report is not None:
+            self._report.final(snapshot, self.partitions)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps, as plain ints and lists: the current version, its labels, every adoption."""
+        partitions = None if self.partitions is None else {
+            name: plain_partition(partition) for name, partition in self.partitions.items()}
+        return {"version": self.version, "last_request": self._last_request, "partitions": partitions,
+                "adoptions": [dict(adoption) for adoption in self.adoptions]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`'s output: the same labels in the regulariser, the same record."""
+        self.version = int(state["version"])
+        self._last_request = state["last_request"]
+        self.adoptions = [dict(adoption) for adoption in state["adoptions"]]
+        self._request = None
+        if state["partitions"] is not None:
+            self._apply({name: GroupPartition.from_dict(data) for name, data in state["partitions"].items()})
+
+    def _due(self, step: int) -> bool:
+        if self.partitions is None:
+            return step >= self._modularity.partition_at_step
+        every = self._modularity.partition_every
+        return every > 0 and step >= self._last_request + every
+
+    def _send(self, step: int) -> None:
+        """Gather the matrices (every rank) and, on rank 0, send them to the actors without waiting."""
+        snapshot = gather_snapshot(self._groups, self._rank)
+        self._request, self._last_request = _Request(step), step
+        if self._pool is not None:
+            previous = None if self.partitions is None else {
+                name: plain_partition(partition) for name, partition in self.partitions.items()}
+            draw = self.version % self._partitioner.heatmap_every == 0  # versions 1, 1 + N, 1 + 2N...
+            self._request.sent = self._pool.request(snapshot, previous, draw)
+
+    def _poll(self, step: int, wait: bool = False) -> int | None:
+        """Every rank acts on what rank 0 saw of the answers: at the last step boundary (or, with `wait`, now,
+        after waiting for them); meanwhile rank 0 sends what it sees now, for the next boundary."""
+        request = self._request
+        if wait:
+            code = self._broadcast_code(self._observe(request, wait=True))
+        else:
+            code = request.decision.value() if request.decision is not None else PENDING
+            if code == PENDING:
+                request.decision = _Decision(self._observe(request, wait=False), self._device)
+                return None
+        self._request = None
+        if code == FAILED:
+            if self.partitions is None:
+                raise RuntimeError("the partitioner could not compute the first partition"
+                                   + ("" if request.error is None else f": {request.error}")
+                                   + ("" if self._rank == 0 else " (rank 0 has the cause)")) from request.error
+            logger.warning("partition requested at step %d failed (%s); keeping version %d", request.step,
+                           request.error, self.version)
+            return None
+        shares = request.shares
+        payload = [{name: data for share in shares for name, data in share.partitions.items()}]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(payload, src=0, device=self._device)
+        partitions = {group.name: GroupPartition.from_dict(payload[0][group.name]) for group in self._groups}
+        self._apply(partitions)
+        self.version += 1
+        self.adoptions.append({"version": self.version, "requested_at": request.step, "adopted_at": step})
+        if self._report is not None:
+            self._report.adopted(self.version, step, request.step, partitions, shares, request.sent)
+        return self.version
+
+    def _observe(self, request: _Request, wait: bool) -> int:
+        """Rank 0: whether the actors have answered (collecting the answers), waiting for them with `wait`."""
+        if self._pool is None or not (wait or self._pool.ready(request.sent)):
+            return PENDING
+        try:
+            request.shares = self._pool.collect(request.sent)
+        except Exception as error:  # an actor failed for good (Ray already restarted it and retried)
+            request.error = error
+            return FAILED
+        return READY
+
+    def _apply(self, partitions: dict[str, GroupPartition]) -> None:
+        """Give the regulariser the new labels and recompute each matrix's baseline under them."""
+        regularize_groups(self._regularizer, self._groups, partitions)
+        self.partitions = partitions
+        self.baselines = {
+            matrix.name: float(baseline(rows, cols, partitions[group.name].k))
+            for group in self._groups
+            for matrix, (rows, cols) in zip(group.matrices, partitions[group.name].matrix_labels())}
+
+    def _broadcast_code(self, code: int) -> int:
+        """Rank 0's `code` on every rank: one small tensor on the training device (nccl needs it on the GPU)."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return code
+        tensor = torch.tensor([code], dtype=torch.int64, device=self._device)
+        dist.broadcast(tensor, src=0)
+        return int(tensor.item())

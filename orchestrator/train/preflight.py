@@ -1,0 +1,163 @@
+"""Training-side problems of a job spec, found before any worker starts (``spec.consistency_problems`` calls them).
+
+Covers what the model, the data kind, the ZeRO options, the precision and the batch geometry must agree on.
+bf16 on GPUs: the driver checks ``torch.cuda.is_bf16_supported()`` when it sees a GPU itself; on a cluster whose
+driver has none (a CPU head node), the workers' GPUs cannot be asked from here, so every worker checks its own
+before it builds anything (``require_precision_support``) and fails the run at once with the same message.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from orchestrator.spec import JobSpec, SpecProblem
+
+TRANSFORMER_FAMILIES = ("gpt2", "gpt_neox", "gemma")
+# Which model families can train on which data sources (text sources need a language model).
+FAMILIES_OF_SOURCE = {"digits": ("mnist_mlp", "cifar_cnn"), "mnist": ("mnist_mlp", "cifar_cnn"),
+                      "cifar10": ("mnist_mlp", "cifar_cnn"), "modular_addition": ("modular_addition",)}
+# Training examples of the sources whose size the spec alone fixes (before the validation hold-out).
+DIGITS_EXAMPLES = 1797
+
+
+def training_spec_problems(spec: JobSpec) -> list[SpecProblem]:
+    """Every training-side problem of ``spec`` (an empty list when it can run)."""
+    return [*_model_data_problems(spec), *_pretrained_problems(spec), *_zero_problems(spec),
+            *_schedule_problems(spec), *_batch_split_problems(spec), *_precision_problems(spec)]
+
+
+def _problem(key: str, message: str, fix: str) -> SpecProblem:
+    from orchestrator.spec import SpecProblem
+
+    return SpecProblem(key=key, message=message, fix=fix)
+
+
+def _model_data_problems(spec: JobSpec) -> list[SpecProblem]:
+    from orchestrator.spec import TEXT_SOURCES
+
+    model, source, problems = spec.model, spec.data.source, []
+    families = TRANSFORMER_FAMILIES if source in TEXT_SOURCES else FAMILIES_OF_SOURCE[source]
+    if model.family not in families:
+        problems.append(_problem("model.family", f"{model.family} cannot train on data.source {source}",
+                                 f"use model.family {' or '.join(families)} for this source, or another source"))
+    if model.family not in TRANSFORMER_FAMILIES:
+        if model.init == "pretrained":
+            problems.append(_problem("model.init", f"{model.family} is one of xcm's own models, trained from scratch",
+                                     "set model.init: random"))
+        if spec.training.activation_checkpointing:
+            problems.append(_problem("training.activation_checkpointing",
+                                     f"{model.family} is too small to need it and has no checkpointed blocks",
+                                     "set training.activation_checkpointing: false"))
+        if spec.evaluation.every_steps:
+            problems.append(_problem("evaluation.every_steps", "periodic evaluation covers text (eval loss and "
+                                     "perplexity) but not yet classifiers; training accuracy is logged every step",
+                                     "set evaluation.every_steps: 0"))
+    return problems
+
+
+def _pretrained_problems(spec: JobSpec) -> list[SpecProblem]:
+    """A pretrained model must be found (a local directory, or a hub name, cached when offline) and be of the family."""
+    import os
+    from pathlib import Path
+
+    model = spec.model
+    if model.init != "pretrained" or not model.pretrained or model.family not in TRANSFORMER_FAMILIES:
+        return []
+    name = model.pretrained
+    if Path(name).expanduser().is_dir():
+        return _pretrained_config_problems(spec)
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        return [_problem("model.pretrained", f"no model directory at {name}",
+                         "name an existing directory (with config.json) or a hub model such as openai-community/gpt2")]
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return [_problem("model.pretrained", f"hub model {name!r} is not in the local cache and the hub is "
+                             "offline (HF_HUB_OFFLINE)", "download it once where the hub is reachable, or name a "
+                             "local directory")]
+        return _pretrained_config_problems(spec)
+    return []  # a hub model that may be fetched: its config is checked when the workers load it
+
+
+def _pretrained_config_problems(spec: JobSpec) -> list[SpecProblem]:
+    from orchestrator.models.registry import model_config
+
+    try:
+        model_type = model_config(spec.model).model_type
+    except (OSError, ValueError) as error:
+        return [_problem("model.pretrained", f"{spec.model.pretrained} holds no usable transformers config ({error})",
+                         "name a directory saved with save_pretrained, or a hub model")]
+    accepted = {"gpt2": ("gpt2",), "gpt_neox": ("gpt_neox",), "gemma": ("gemma", "gemma2", "gemma3_text")}
+    if model_type in accepted[spec.model.family]:
+        return []
+    return [_problem("model.family", f"{spec.model.pretrained} is a {model_type!r} model, not {spec.model.family}",
+                     f"set model.family to the model's family, or name a {spec.model.family} model")]
+
+
+def _zero_problems(spec: JobSpec) -> list[SpecProblem]:
+    zero, problems = spec.deepspeed, []
+    if zero.offload_optimizer and zero.zero_stage == 0:
+        problems.append(_problem("deepspeed.offload_optimizer", "optimizer offload needs ZeRO stage 1, 2 or 3",
+                                 "set deepspeed.zero_stage >= 1, or offload_optimizer: false"))
+    if zero.param_persistence_threshold is not None and zero.zero_stage != 3:
+        problems.append(_problem("deepspeed.param_persistence_threshold",
+                                 f"only ZeRO-3 shards parameters, but zero_stage is {zero.zero_stage}",
+                                 "set deepspeed.zero_stage: 3, or remove param_persistence_threshold"))
+    return problems
+
+
+def _schedule_problems(spec: JobSpec) -> list[SpecProblem]:
+    training = spec.training
+    if training.warmup_steps < training.steps:
+        return []
+    return [_problem("training.warmup_steps",
+                     f"{training.warmup_steps} warm-up steps leave none of the {training.steps} steps at full lr",
+                     f"choose warmup_steps below training.steps={training.steps}")]
+
+
+def _batch_split_problems(spec: JobSpec) -> list[SpecProblem]:
+    """A dataset whose size the spec fixes must give every worker at least one micro-batch per epoch."""
+    data, workers, batch = spec.data, spec.resources.num_workers, spec.training.micro_batch_size
+    total = {"digits": DIGITS_EXAMPLES, "modular_addition": data.modulus ** 2}.get(data.source)
+    if total is None:
+        return []  # text is packed and hub images counted only once loaded: the data check does those
+    train = total - int(round(total * data.validation_fraction))
+    if train // workers >= batch:
+        return []
+    return [_problem("training.micro_batch_size",
+                     f"{train} training examples split over {workers} workers leave {train // workers} each, "
+                     f"fewer than one micro-batch of {batch}",
+                     f"lower training.micro_batch_size to <= {max(train // workers, 1)} or resources.num_workers, "
+                     "or hold out less (data.validation_fraction)")]
+
+
+def _precision_problems(spec: JobSpec) -> list[SpecProblem]:
+    if spec.training.precision != "bf16" or not spec.resources.use_gpu:
+        return []  # bf16 runs on any CPU torch supports (natively with AVX512-BF16/AMX, emulated otherwise)
+    import torch
+
+    if not torch.cuda.is_available():
+        return []  # the driver sees no GPU: the workers check theirs (require_precision_support)
+    return [] if torch.cuda.is_bf16_supported() else [_bf16_problem(torch.cuda.get_device_name())]
+
+
+def _bf16_problem(device_name: str) -> SpecProblem:
+    return _problem("training.precision", f"bf16 is not supported by {device_name} (it needs compute capability 8.0+, "
+                                          "e.g. A100, H100, L4, RTX 30xx)", "use precision fp16 (with loss scaling) "
+                                                                            "or fp32 on this GPU")
+
+
+def require_precision_support(spec: JobSpec) -> None:
+    """In a worker, before anything is built: stop at once when its GPU cannot compute in the job's precision."""
+    import torch
+
+    if not spec.resources.use_gpu:
+        return
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"resources.gpus_per_worker: the job asks for GPUs but this worker sees none (torch "
+                           f"{torch.__version__}, CUDA {torch.version.cuda}). Fix: install a CUDA build of torch on "
+                           "the GPU nodes, or set resources.gpus_per_worker: 0")
+    if spec.training.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        problem = _bf16_problem(torch.cuda.get_device_name())
+        raise RuntimeError(f"{problem.key}: {problem.message}. Fix: {problem.fix}")

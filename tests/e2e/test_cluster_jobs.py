@@ -1,0 +1,135 @@
+"""Jobs on a real Ray head started by the test: submit, follow, succeed, stop, and the bad-input lines."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def xcm(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """`ray start --head --block` on 127.0.0.1 with the dashboard; stopped by signalling that process alone
+    (`ray stop` would kill every Ray on the machine)."""
+    dashboard_port = free_port()
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address",
+               "127.0.0.1", "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port",
+               str(dashboard_port), "--dashboard-agent-listen-port", str(free_port()), "--num-cpus", "2",
+               "--disable-usage-stats"]
+    log = tmp_path_factory.mktemp("ray-head") / "head.log"
+    with open(log, "w") as output:
+        # As a user would: the head runs in the environment where xcm is installed, so `python` finds it.
+        environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        head = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=environment)
+    address = f"http://127.0.0.1:{dashboard_port}"
+    deadline = time.monotonic() + 90
+    workdir = tmp_path_factory.mktemp("cluster-client")
+    try:
+        while xcm("list", "--address", address, cwd=workdir).returncode != 0:
+            assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(2)
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(60)
+
+
+def wait_for_status(address: str, job_id: str, wanted: set[str], workdir: Path, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        line = xcm("status", job_id, "--address", address, cwd=workdir).stdout.splitlines()[0]
+        status = line.split(": ")[1].split()[0]
+        if status in wanted or time.monotonic() > deadline:
+            return status
+        time.sleep(2)
+
+
+def submitted_ids(output: str) -> tuple[str, str]:
+    job_id = next(line.split()[3] for line in output.splitlines() if line.startswith("xcm: submitted job"))
+    run_id = next(line.rsplit("/", 1)[1] for line in output.splitlines() if "MLflow run:" in line)
+    return job_id, run_id
+
+
+@pytest.mark.slow
+def test_submitted_job_succeeds_and_is_tracked(ray_head, tmp_path):
+    """A submitted tiny job runs on the head, its logs can be followed, and MLflow's client reads its metrics."""
+    submitted = xcm("submit", str(ROOT / "jobs" / "tiny.yaml"), "--set", "training.steps=12",
+                    "--set", "training.report_every=12", "--address", ray_head, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    job_id, run_id = submitted_ids(submitted.stdout)
+    followed = xcm("logs", job_id, "--follow", "--address", ray_head, cwd=tmp_path, timeout=400)
+    assert f"xcm: run {run_id} finished" in followed.stdout
+    assert wait_for_status(ray_head, job_id, {"SUCCEEDED", "FAILED"}, tmp_path, 60) == "SUCCEEDED"
+    assert job_id in xcm("list", "--address", ray_head, cwd=tmp_path).stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'xcm-runs' / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "task_loss")] == list(range(12))
+
+
+@pytest.mark.slow
+def test_stopped_job_ends_killed_and_keeps_its_checkpoint(ray_head, tmp_path):
+    """`xcm stop` ends the job STOPPED, its MLflow run KILLED, and the checkpoints written so far stay."""
+    submitted = xcm("submit", str(ROOT / "jobs" / "tiny.yaml"), "--set", "training.steps=100000",
+                    "--set", "checkpointing.every_steps=20", "--set", "training.report_every=20",
+                    "--address", ray_head, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    job_id, run_id = submitted_ids(submitted.stdout)
+    checkpoints = tmp_path / "xcm-runs" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not any(checkpoints.rglob("*model_states.pt")):
+        assert time.monotonic() < deadline, xcm("logs", job_id, "--address", ray_head, cwd=tmp_path).stdout[-3000:]
+        time.sleep(2)
+    stopped = xcm("stop", job_id, "--address", ray_head, cwd=tmp_path)
+    assert stopped.returncode == 0 and "stopping" in stopped.stdout
+    assert wait_for_status(ray_head, job_id, {"STOPPED"}, tmp_path, 90) == "STOPPED"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'xcm-runs' / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert any(checkpoints.rglob("*model_states.pt"))
+
+
+def test_unknown_job_id_is_one_clear_line(ray_head, tmp_path):
+    """Asking for a job that does not exist names it and points to `xcm list`."""
+    result = xcm("status", "xcm-nope-123", "--address", ray_head, cwd=tmp_path)
+    assert result.returncode == 1 and "no job 'xcm-nope-123'" in result.stderr and "xcm list" in result.stderr
+
+
+def test_unreachable_address_is_one_clear_line(tmp_path):
+    """A dashboard address where nothing listens fails at once with how to start a head."""
+    result = xcm("list", "--address", f"http://127.0.0.1:{free_port()}", cwd=tmp_path)
+    assert result.returncode == 1 and "no Ray dashboard answers" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_remote_cluster_refuses_local_paths(tmp_path):
+    """Submitting to a remote cluster with a local SQLite store and checkpoint path fails before contacting it."""
+    result = xcm("submit", str(ROOT / "jobs" / "tiny.yaml"), "--address", "http://ray-head.invalid:8265", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "tracking.uri" in result.stderr and "checkpointing.storage_path" in result.stderr
+    assert not (tmp_path / "xcm-runs").exists()
+
+
+def test_invalid_job_file_is_refused_before_submission(tmp_path):
+    """An invalid job file fails `xcm submit` with its problems, exit code 2."""
+    job = tmp_path / "bad.yaml"
+    job.write_text("training:\n  steps: many\n")
+    result = xcm("submit", str(job), "--address", f"http://127.0.0.1:{free_port()}", cwd=tmp_path)
+    assert result.returncode == 2 and "training.steps" in result.stderr

@@ -1,0 +1,117 @@
+"""MLflow may fail: a tracking server that goes down mid-run delays the run's metrics and loses none."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from orchestrator import metric_names
+from orchestrator.spec import load_spec
+from orchestrator.tracking import TrackingUnavailable
+from orchestrator.train import checkpoint_store as store
+from orchestrator.train.launch import run_job
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 40
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 over a SQLite store, that can be stopped and started again."""
+
+    def __init__(self, directory: Path):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+                         "--port", str(self.port), "--workers", "1",
+                         "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
+                         "--artifacts-destination", str(directory / "artifacts")]
+        self._log = directory / "server.log"
+        self._process: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 180) -> None:
+        with self._log.open("a") as log:
+            self._process = subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=True,
+                                             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self._process.poll() is None, self._log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError(f"mlflow server on {self.uri} did not answer in {timeout_s} s")
+
+    def stop(self) -> None:
+        """Kill the server and its uvicorn worker (its own process group), as a crash would."""
+        if self._process is not None and self._process.poll() is None:
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = MlflowServer(tmp_path / "server")
+    (tmp_path / "server").mkdir()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.slow
+def test_metrics_logged_while_the_server_is_down_reach_it_afterwards(tmp_path, server, local_ray):
+    """Training goes on through a server outage; afterwards every step's metrics are in MLflow, once."""
+    spec = load_spec(ROOT / "jobs" / "tiny.yaml", [
+        f"training.steps={STEPS}", f"training.report_every={STEPS}", "evaluation.every_steps=0",
+        f"tracking.uri={server.uri}", "tracking.experiment=outage"])
+    outcome: dict = {}
+    job = threading.Thread(target=lambda: outcome.update(result=run_job(spec, tmp_path)))
+    job.start()
+
+    def wait_for(condition, what: str) -> None:
+        deadline = time.monotonic() + 300
+        while not condition():
+            assert time.monotonic() < deadline and job.is_alive(), what
+            time.sleep(0.1)
+
+    # The run directory appears when Ray Train starts, after the driver's last MLflow call before training.
+    wait_for(lambda: any(tmp_path.glob("xcm-runs/checkpoints/tiny-*")), "Ray Train never started")
+    server.stop()
+    down_ms = time.time() * 1000
+    wait_for(lambda: any(spool.read_text().count('"step"') >= 5
+                         for spool in tmp_path.glob(f"xcm-runs/checkpoints/tiny-*/{store.METRIC_SPOOL}")),
+             "no steps trained while the server was down")
+    server.start()  # down until it answers again
+    up_ms = time.time() * 1000
+    job.join(600)
+    run_id = outcome["result"].run_id
+    client = MlflowClient(tracking_uri=server.uri)
+    history = client.get_metric_history(run_id, metric_names.LOSS)
+    assert sorted(m.step for m in history) == list(range(STEPS))
+    for key in (metric_names.TASK_LOSS, metric_names.CLUSTERABILITY):
+        assert len(client.get_metric_history(run_id, key)) == STEPS, key
+    assert sum(down_ms <= m.timestamp <= up_ms for m in history) >= 5
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_unreachable_server_at_start_fails_before_training(tmp_path):
+    """With the tracking server down when a run starts, nothing starts and the error names the fix."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    spec = load_spec(ROOT / "jobs" / "tiny.yaml", [f"tracking.uri=http://127.0.0.1:{port}"])
+    with pytest.raises(TrackingUnavailable, match="Start the tracking server"):
+        run_job(spec, tmp_path)
+    assert not (tmp_path / "xcm-runs" / "checkpoints").exists()

@@ -1,0 +1,168 @@
+"""Checkpoints end to end: a resumed run equals an uninterrupted one, `kill -9` recovery, export to Hugging Face."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from orchestrator import metric_names
+from orchestrator.spec import load_spec
+from orchestrator.train import checkpoint_store as store
+from orchestrator.train.checkpointing import ResumeMismatch
+from orchestrator.train.export import PARTITION_FILE, consolidated_state_dict, export_hf
+from orchestrator.train.launch import run_job
+from orchestrator.train.resume import ResumeError, locate, resume_job
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 20
+
+
+def tiny(*overrides: str):
+    """The default job, 20 steps, partition at step 0, a checkpoint every 10 steps, no evaluation; an 8-step
+    warm-up, so that a resumed run whose LR schedule restarted (at lr/8) would show in the loss."""
+    return load_spec(ROOT / "jobs" / "tiny.yaml", [
+        f"training.steps={STEPS}", "training.report_every=10", "checkpointing.every_steps=10",
+        "training.warmup_steps=8", "modularity.partition_at_step=0", "evaluation.every_steps=0", *overrides])
+
+
+def losses(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, metric_names.LOSS))
+
+
+def final_weights(checkpoint_path: str) -> dict[str, torch.Tensor]:
+    located = store.newest_intact(*store.resolve(checkpoint_path))
+    assert located.state.step == STEPS
+    return consolidated_state_dict(Path(located.path), located.state)
+
+
+def assert_same_training(client, reference, result) -> None:
+    """Every step's loss logged exactly once and equal to the reference run's, and the same final weights."""
+    expected, got = losses(client, reference.run_id), losses(client, result.run_id)
+    assert [step for step, _ in got] == list(range(STEPS))
+    for (step, want), (_, have) in zip(expected, got):
+        assert abs(want - have) <= 1e-6, (step, want, have)
+    reference_weights, weights = final_weights(reference.checkpoint_path), final_weights(result.checkpoint_path)
+    assert reference_weights.keys() == weights.keys()
+    for name, tensor in reference_weights.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("resume")
+
+
+@pytest.fixture(scope="module")
+def client(workdir):
+    return MlflowClient(tracking_uri=f"sqlite:///{workdir / 'xcm-runs' / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workdir, local_ray):
+    """The reference: 20 steps in one go."""
+    return run_job(tiny("name=uninterrupted"), workdir)
+
+
+@pytest.mark.slow
+def test_resumed_run_equals_uninterrupted_run(workdir, client, uninterrupted):
+    """10 steps, stop, `xcm resume` for 10 more: same MLflow run, same loss at every step, same final weights."""
+    first = run_job(tiny("name=interrupted", "training.steps=10"), workdir)
+    run_directory = Path(first.checkpoint_path).parent
+    resumed = resume_job(str(run_directory), workdir, ["training.steps=20"])
+    assert resumed.run_id == first.run_id
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, metric_names.RESUMED_FROM_STEP)] \
+        == [(10, 10.0)]
+    assert_same_training(client, uninterrupted, resumed)
+
+
+@pytest.mark.slow
+def test_killed_worker_is_restarted_from_the_last_checkpoint(workdir, client, uninterrupted):
+    """`kill -9` of a worker mid-run: Ray restarts the group, which continues from a checkpoint; same result."""
+    import ray
+    from ray.util.state import list_actors
+
+    def workers(state: str) -> list:
+        # This test's own Ray, by address: without one the state API may pick another Ray running on the machine.
+        return list_actors(address=ray.get_runtime_context().gcs_address, limit=1000,
+                           filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", state)])
+
+    workers_before = len(workers("ALIVE")) + len(workers("DEAD"))
+    outcome: dict = {}
+    job = threading.Thread(target=lambda: outcome.update(result=run_job(
+        tiny("name=killed", "checkpointing.every_steps=5", "checkpointing.keep_last=2",
+             "checkpointing.max_failures=1"), workdir)))
+    job.start()
+    # Kill once Ray Train has registered the first checkpoint (its snapshot lists it), well before the end.
+    deadline = time.monotonic() + 300
+    while not any("step-00000005" in snapshot.read_text()
+                  for snapshot in workdir.glob("xcm-runs/checkpoints/killed-*/checkpoint_manager_snapshot.json")):
+        assert time.monotonic() < deadline and job.is_alive(), "the run never registered its first checkpoint"
+        time.sleep(0.1)
+    victim = workers("ALIVE")[0].pid
+    os.kill(victim, signal.SIGKILL)
+    job.join(600)
+    result = outcome["result"]
+    assert len(workers("ALIVE")) + len(workers("DEAD")) == workers_before + 4  # 2 workers, then 2 replacements
+    resumed_at = client.get_metric_history(result.run_id, metric_names.RESUMED_FROM_STEP)
+    assert [m.value for m in resumed_at] and all(m.value in (5, 10, 15) for m in resumed_at)
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    assert_same_training(client, uninterrupted, result)
+    run_directory = Path(result.checkpoint_path).parent
+    assert (run_directory / "step-00000020").is_dir() and not (run_directory / "step-00000005").exists()  # keep 2
+
+
+@pytest.mark.slow
+def test_export_loads_with_from_pretrained_and_matches_the_trained_model(tmp_path, uninterrupted):
+    """The exported Hugging Face directory gives the trained model's logits, and the partition lies beside it."""
+    import pyarrow.parquet as pq
+    import transformers
+
+    directory = export_hf(uninterrupted.checkpoint_path, tmp_path / "hf", tracking_uri="unused")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    checkpoint = Path(uninterrupted.checkpoint_path)
+    # The trained model as DeepSpeed's own module file holds it (ZeRO-2: rank 0 saves the whole module),
+    # a different source from the optimizer partitions that zero_to_fp32 consolidates.
+    trained = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.from_pretrained(checkpoint / "xcm")).eval()
+    module = torch.load(checkpoint / "deepspeed" / f"step-{STEPS}" / "mp_rank_00_model_states.pt",
+                        weights_only=False)["module"]
+    trained.load_state_dict(module)
+    tokens = torch.randint(0, exported.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(tokens).logits, trained(tokens).logits, rtol=0, atol=1e-5)
+    partition = pq.read_table(directory / PARTITION_FILE).to_pydict()
+    hidden = [cluster for side, cluster in zip(partition["side"], partition["cluster"]) if side == "hidden"]
+    assert len(hidden) == 2 * 256 and set(hidden) == {0, 1, 2, 3}  # 2 blocks x MLP width 256, k = 4
+
+
+@pytest.mark.slow
+def test_run_id_run_directory_and_checkpoint_name_the_same_checkpoint(workdir, uninterrupted):
+    """`xcm resume` finds a run's newest checkpoint from its MLflow run id as from its directory."""
+    uri = f"sqlite:///{workdir / 'xcm-runs' / 'mlflow.db'}"
+    run_directory = str(Path(uninterrupted.checkpoint_path).parent)
+    for target in (uninterrupted.run_id, run_directory, uninterrupted.checkpoint_path):
+        located = locate(target, uri)
+        assert (located.path, located.state.run_id) == (uninterrupted.checkpoint_path, uninterrupted.run_id)
+
+
+@pytest.mark.slow
+def test_resume_refuses_what_it_cannot_do(workdir, uninterrupted):
+    """A finished run asks for more steps; another worker count names the option to use. Nothing starts."""
+    run_directory = str(Path(uninterrupted.checkpoint_path).parent)
+    with pytest.raises(ResumeError, match="training.steps"):
+        resume_job(run_directory, workdir)
+    with pytest.raises(ResumeMismatch, match="resources.num_workers=2.*xcm export"):
+        resume_job(run_directory, workdir, ["training.steps=30", "resources.num_workers=1"])
+    with pytest.raises(ResumeError, match="neither a path nor an xcm run"):
+        resume_job("no-such-run", workdir)
+    command = subprocess.run([sys.executable, "-m", "orchestrator.cli", "resume", run_directory], cwd=workdir,
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert command.returncode == 1 and "already trained all 20 steps" in command.stderr

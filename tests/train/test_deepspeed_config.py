@@ -1,0 +1,45 @@
+"""The DeepSpeed config derived from the spec: ZeRO stage and offload, batch geometry, precision, optimizer."""
+
+from pathlib import Path
+
+from orchestrator.spec import load_spec
+from orchestrator.train.deepspeed_config import deepspeed_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def config_for(*overrides: str, world_size: int = 2) -> dict:
+    return deepspeed_config(load_spec(ROOT / "jobs" / "tiny.yaml", list(overrides)), world_size)
+
+
+def test_batch_geometry_multiplies_micro_batch_accumulation_and_workers():
+    """The global batch DeepSpeed checks is micro-batch × accumulation steps × workers."""
+    config = config_for("training.micro_batch_size=4", "training.gradient_accumulation_steps=3", world_size=2)
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
+            config["train_batch_size"]) == (4, 3, 24)
+
+
+def test_zero3_options_reach_the_zero_section():
+    """ZeRO-3's stage, optimizer offload and persistence threshold land in zero_optimization."""
+    config = config_for("deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true",
+                        "deepspeed.param_persistence_threshold=0")
+    assert config["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False},
+                                           "stage3_param_persistence_threshold": 0}
+    assert config["zero_force_ds_cpu_optimizer"] is False  # the client AdamW is allowed under offload on CPU
+
+
+def test_precision_sections_follow_the_spec():
+    """bf16 turns on DeepSpeed's bf16 section; fp16 (GPU) turns on fp16 with dynamic loss scaling."""
+    bf16 = config_for("training.precision=bf16")
+    assert bf16["bf16"]["enabled"] and not bf16["fp16"]["enabled"]
+    fp16 = config_for("training.precision=fp16", "resources.gpus_per_worker=1")
+    assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0 and not fp16["bf16"]["enabled"]
+
+
+def test_gpu_jobs_use_deepspeeds_adamw_with_the_spec_hyperparameters():
+    """On GPU DeepSpeed builds AdamW itself (fused kernels) from the spec's lr, weight decay and betas."""
+    config = config_for("resources.gpus_per_worker=1", "training.lr=0.0003", "training.weight_decay=0.1",
+                        "training.betas=[0.9, 0.95]", "training.grad_clip=0.5")
+    assert config["optimizer"] == {"type": "AdamW", "params": {"lr": 0.0003, "weight_decay": 0.1, "betas": [0.9, 0.95]}}
+    assert config["gradient_clipping"] == 0.5
+    assert "optimizer" not in config_for()  # on CPU the trainer passes torch's AdamW

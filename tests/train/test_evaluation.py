@@ -1,0 +1,114 @@
+"""Eval loss over the validation split: each rank evaluates its share, and the all-reduced mean is exact."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator import metric_names
+from orchestrator.data import ByteTokenizer, TrainingData
+from orchestrator.data.examples import LabelledExamples
+from orchestrator.spec import EvaluationSpec
+from orchestrator.train.evaluation import Evaluator, evaluation_sets
+from orchestrator.train.objectives import CausalLanguageModelling, Classification
+
+LANGUAGE = CausalLanguageModelling()
+VOCAB = 64
+
+
+def tiny_model():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                      attn_pdrop=0.0))
+
+
+def validation_blocks(n_blocks=12, width=17):
+    return torch.randint(0, VOCAB, (n_blocks, width), generator=torch.Generator().manual_seed(1))
+
+
+def mean_token_loss(model, blocks):
+    """The reference: one forward over all blocks in one process."""
+    with torch.no_grad():
+        logits = model(input_ids=blocks[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), blocks[:, 1:].flatten()).item()
+
+
+def test_two_ranks_give_the_single_process_loss_and_perplexity(tmp_path):
+    """Two gloo ranks, each over its half in micro-batches, all-reduce to the one-process mean token loss."""
+    script = Path(__file__).with_name("evaluate_on_rank.py")
+    result = tmp_path / "metrics.json"
+    ranks = [subprocess.Popen([sys.executable, str(script), str(rank), "2", str(tmp_path / "init"), str(result)])
+             for rank in range(2)]
+    assert [process.wait(timeout=180) for process in ranks] == [0, 0]
+    outcome = json.loads(result.read_text())
+    metrics, expected = outcome["metrics"], outcome["reference"]
+    assert metrics[metric_names.EVAL_LOSS] == pytest.approx(expected, rel=1e-6)
+    assert metrics[metric_names.EVAL_PERPLEXITY] == pytest.approx(math.exp(expected), rel=1e-6)
+
+
+def test_max_batches_evaluates_the_same_first_blocks_and_restores_training_mode():
+    """With max_batches the evaluator reads a fixed first part of the shard, and leaves the model as it found it."""
+    model, blocks = tiny_model().train(), validation_blocks()
+    evaluator = Evaluator(model, LANGUAGE, {metric_names.EVAL_LOSS: blocks},
+                          EvaluationSpec(every_steps=1, max_batches=2),
+                          micro_batch_size=3, rank=0, world_size=1, last_step=9, device=torch.device("cpu"))
+    loss = evaluator.evaluate()[metric_names.EVAL_LOSS]
+    assert loss == pytest.approx(mean_token_loss(model, blocks[:6]), rel=1e-5)
+    assert model.training
+
+
+class PixelClassifier(torch.nn.Module):
+    """The calling convention of xcm's classifiers: ``model(inputs=...)`` returns logits [B, classes]."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(16, 3)
+
+    def forward(self, inputs):
+        return self.linear(inputs.flatten(1))
+
+
+def test_classifiers_get_eval_loss_and_accuracy_without_perplexity():
+    """For labelled examples the evaluator reports the example-weighted loss and accuracy, and no perplexity."""
+    generator = torch.Generator().manual_seed(2)
+    examples = LabelledExamples(torch.randn(10, 1, 4, 4, generator=generator),
+                                torch.randint(0, 3, (10,), generator=generator))
+    model = PixelClassifier()
+    evaluator = Evaluator(model, Classification(torch.float32), {metric_names.EVAL_LOSS: examples},
+                          EvaluationSpec(every_steps=1), micro_batch_size=4, rank=0, world_size=1, last_step=9,
+                          device=torch.device("cpu"))
+    metrics = evaluator.evaluate()
+    with torch.no_grad():
+        logits = model(examples.inputs)
+    assert set(metrics) == {"eval/loss", "eval/accuracy"}
+    assert metrics["eval/loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, examples.labels).item())
+    assert metrics["eval/accuracy"] == pytest.approx((logits.argmax(-1) == examples.labels).float().mean().item())
+
+
+def test_due_every_n_steps_and_after_the_last():
+    """Evaluation falls after every every_steps-th step and after the last; every_steps 0 turns it off."""
+    def due_steps(every):
+        evaluator = Evaluator(torch.nn.Identity(), LANGUAGE, {metric_names.EVAL_LOSS: validation_blocks()},
+                              EvaluationSpec(every_steps=every), micro_batch_size=4, rank=0, world_size=1,
+                              last_step=11, device=torch.device("cpu"))
+        return [step for step in range(12) if evaluator.due(step)]
+
+    assert due_steps(5) == [4, 9, 11]
+    assert due_steps(0) == []
+
+
+def test_sets_name_the_split_and_each_task():
+    """eval/loss covers the validation split and eval/loss/<task> each task; per_task: false keeps only the split."""
+    blocks = validation_blocks()
+    data = TrainingData(train=blocks, validation=blocks, tokenizer=ByteTokenizer(),
+                        validation_by_task={"add": blocks[:4], "copy": blocks[4:]})
+    assert set(evaluation_sets(data, EvaluationSpec())) == {"eval/loss", "eval/loss/add", "eval/loss/copy"}
+    assert set(evaluation_sets(data, EvaluationSpec(per_task=False))) == {"eval/loss"}
