@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from orchestrator import cluster_jobs
 from orchestrator.cluster_jobs import ClusterError
 from orchestrator.spec import DEFAULT_JOB, SpecError, load_spec
 
@@ -91,6 +92,9 @@ def _add_checkpoint_verbs(verbs) -> None:
     resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the run's spec, e.g. --set training.steps=200 (repeatable)")
     resume.add_argument("--tracking-uri", default=None, help=store_help)
+    resume.add_argument("--address", default=None,
+                        help="resume as a job on the Ray cluster at this dashboard address (http://HEAD:8265) "
+                             "instead of on this machine")
     resume.set_defaults(handler=_resume)
     export = verbs.add_parser("export", help="write a checkpoint as a Hugging Face model directory")
     export.add_argument("target", help=target_help)
@@ -105,6 +109,9 @@ def _resume(args: argparse.Namespace) -> int:
     from orchestrator.train.checkpointing import ResumeMismatch
     from orchestrator.train.resume import ResumeError, resume_job
 
+    if args.address is not None:
+        return _print_submission(cluster_jobs.submit_resume(args.target, args.overrides, args.tracking_uri,
+                                                            args.address))
     try:
         result = resume_job(args.target, Path.cwd(), args.overrides, args.tracking_uri)
     except (ResumeError, ResumeMismatch, tracking.TrackingUnavailable) as error:
@@ -163,16 +170,16 @@ def _add_cluster_verbs(verbs) -> None:
 def _address(args: argparse.Namespace) -> str:
     import os
 
-    from orchestrator.cluster_jobs import DEFAULT_ADDRESS
-
     environment = os.environ.get("RAY_ADDRESS", "")
-    return args.address or (environment if environment.startswith(("http://", "https://")) else DEFAULT_ADDRESS)
+    return args.address or (environment if environment.startswith(("http://", "https://"))
+                            else cluster_jobs.DEFAULT_ADDRESS)
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from orchestrator import cluster_jobs
+    return _print_submission(cluster_jobs.submit(args.job, args.overrides, _address(args), Path.cwd()))
 
-    submission = cluster_jobs.submit(args.job, args.overrides, _address(args), Path.cwd())
+
+def _print_submission(submission) -> int:
     print(f"xcm: submitted job {submission.job_id} to {submission.address}")
     print(f"  MLflow run: {submission.run_link}")
     print(f"  follow it:  xcm logs {submission.job_id} --follow --address {submission.address}")
@@ -180,8 +187,6 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from orchestrator import cluster_jobs
-
     job_id = args.job_id
     if job_id is None:
         jobs = cluster_jobs.list_jobs(_address(args))
@@ -199,8 +204,6 @@ def _status(args: argparse.Namespace) -> int:
 def _logs(args: argparse.Namespace) -> int:
     import asyncio
 
-    from orchestrator import cluster_jobs
-
     if not args.follow:
         print(cluster_jobs.logs(_address(args), args.job_id), end="")
         return 0
@@ -214,16 +217,12 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    from orchestrator import cluster_jobs
-
     stopped = cluster_jobs.stop(_address(args), args.job_id)
     print(f"xcm: {'stopping' if stopped else 'already finished:'} {args.job_id}")
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
-    from orchestrator import cluster_jobs
-
     for job in cluster_jobs.list_jobs(_address(args)):
         print(f"{job['job_id']:<40} {job['status']:<10} {job['run_id']}")
     return 0

@@ -9,6 +9,7 @@ exist on this machine are refused for a remote cluster, before anything is sent.
 from __future__ import annotations
 
 import os
+import shlex
 import tempfile
 import time
 import uuid
@@ -54,14 +55,9 @@ def submit(job_file: str, overrides: list[str], address: str, workdir: Path) -> 
     job_id = f"xcm-{spec.name}-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="xcm-submit-") as staging:
         Path(staging, SUBMITTED_JOB_FILE).write_text(yaml.safe_dump(spec.model_dump(mode="json", by_alias=True)))
-        runtime_env = {
-            "working_dir": staging,
-            "py_modules": [str(Path(orchestrator.__file__).parent)],
-            "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": _STOP_GRACE_SECONDS},
-        }
         try:
             _submit_when_agent_ready(client, entrypoint=f"python -m orchestrator.cli run {SUBMITTED_JOB_FILE}",
-                                     submission_id=job_id, runtime_env=runtime_env,
+                                     submission_id=job_id, runtime_env=_runtime_env(staging),
                                      metadata={"xcm.job": spec.name, "xcm.run_id": run_id,
                                                "xcm.tracking_uri": spec.tracking.uri})
         except Exception as error:
@@ -70,6 +66,48 @@ def submit(job_file: str, overrides: list[str], address: str, workdir: Path) -> 
     experiment_id = tracking.client(spec.tracking.uri).get_run(run_id).info.experiment_id
     return Submission(job_id=job_id, run_id=run_id, address=address,
                       run_link=tracking.run_link(spec.tracking.uri, experiment_id, run_id))
+
+
+def submit_resume(target: str, overrides: list[str], tracking_uri: str | None, address: str) -> Submission:
+    """Submit `xcm resume TARGET` as a job: the run continues on the cluster, in the same MLflow run.
+
+    The newest intact checkpoint is located here first, so a typo or a run without checkpoints fails at once
+    instead of in the job's logs; the cluster then finds the same checkpoint through the same store."""
+    from orchestrator.train.resume import ResumeError, locate
+
+    uri = tracking_uri or JobSpec().resolved(Path.cwd()).tracking.uri
+    if not is_local_address(address) and not uri.startswith(("http://", "https://")):
+        raise ClusterError(f"the cluster at {address} cannot read the local MLflow store {uri}: pass "
+                           "--tracking-uri http://<host>:5000 (the server in infra/mlflow) that the run was logged to")
+    try:
+        located = locate(target, uri)
+    except ResumeError as error:
+        raise ClusterError(str(error)) from None
+    run_id = located.state.run_id
+    client = connect(address)
+    job_id = f"xcm-resume-{run_id[:8]}-{uuid.uuid4().hex[:8]}"
+    arguments = [target, "--tracking-uri", uri, *(f"--set={override}" for override in overrides)]
+    try:
+        _submit_when_agent_ready(client, entrypoint=shlex.join(["python", "-m", "orchestrator.cli", "resume",
+                                                                *arguments]),
+                                 submission_id=job_id, runtime_env=_runtime_env(None),
+                                 metadata={"xcm.resume": target, "xcm.run_id": run_id, "xcm.tracking_uri": uri})
+    except Exception as error:
+        raise ClusterError(f"the cluster at {address} refused the job: {error}") from error
+    experiment_id = tracking.client(uri).get_run(run_id).info.experiment_id
+    return Submission(job_id=job_id, run_id=run_id, address=address,
+                      run_link=tracking.run_link(uri, experiment_id, run_id))
+
+
+def _runtime_env(working_dir: str | None) -> dict:
+    """xcm's own code travels with every job; the job file, when there is one, in the working directory."""
+    runtime_env = {
+        "py_modules": [str(Path(orchestrator.__file__).parent)],
+        "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": _STOP_GRACE_SECONDS},
+    }
+    if working_dir is not None:
+        runtime_env["working_dir"] = working_dir
+    return runtime_env
 
 
 def _submit_when_agent_ready(client, timeout_s: float = 60.0, **job) -> None:

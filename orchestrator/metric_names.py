@@ -17,8 +17,11 @@ PARTITION_SECONDS = "partition/seconds"  # the partitioner's time to compute a v
 PARTITION_VERSION = "partition/version"  # logged at the step every rank adopted that version
 PARTITION_AGREEMENT = "partition/ari_prev"  # adjusted Rand index with the previous version, mean over groups
 PARTITION_LAG_STEPS = "partition/lag_steps"  # steps from the request to the adoption
-EVAL_LOSS = "eval/loss"  # mean token loss on the validation split, over all ranks
-EVAL_PERPLEXITY = "eval/perplexity"  # exp(eval/loss)
+PARTITION_WAIT_SECONDS = "partition/wait_seconds"  # how long the adoption step waited for the actors
+EVAL_PREFIX = "eval/"
+EVAL_LOSS = EVAL_PREFIX + LOSS  # mean token (text) or example (classifiers) loss on the validation split, all ranks
+EVAL_PERPLEXITY = "eval/perplexity"  # text: exp(eval/loss)
+EVAL_ACCURACY = EVAL_PREFIX + ACCURACY  # classifiers: share of the validation examples classified right, all ranks
 EVAL_TASK_LOSS_PREFIX = "eval/loss/"
 RESUMED_FROM_STEP = "checkpoint/resumed_from_step"  # logged at the step a restarted or resumed run continued at
 
@@ -51,6 +54,12 @@ def worker_peak_memory(rank: int) -> str:
 def eval_task_loss(task: str) -> str:
     """One synthetic task's validation loss, e.g. ``eval/loss/add``."""
     return EVAL_TASK_LOSS_PREFIX + task
+
+
+def eval_metric(set_name: str, metric: str) -> str:
+    """An objective's metric on an evaluation set named by its loss: ``accuracy`` on ``eval/loss`` is
+    ``eval/accuracy``; ``loss`` keeps the set's name (``eval/loss/add``)."""
+    return set_name.replace(EVAL_LOSS, EVAL_PREFIX + metric, 1)
 
 
 def measured_clusterability(variant: str, matrix_name: str | None = None) -> str:

@@ -139,6 +139,11 @@ class PartitionerSpec(Section):
                                                      "end of training always get one)")
     delay_s: float = Field(0, ge=0, description="seconds each partition waits before computing: simulates a "
                                                 "slow partitioner in tests and benchmarks")
+    adopt_after_steps: int = Field(
+        0, ge=0, description="0 = every rank adopts a new version at the step after rank 0 sees it (training never "
+                             "waits, but the step depends on timing); N = the version requested at step s is "
+                             "adopted at step s + N exactly, rank 0 waiting for it there if needed, so a resumed "
+                             "run repeats the same sequence; at most modularity.partition_every")
 
 
 class TrackingSpec(Section):
@@ -288,6 +293,7 @@ def consistency_problems(spec: JobSpec) -> list[SpecProblem]:
             key="modularity.partition_at_step",
             message=f"{modularity.partition_at_step} is not before the last step ({training.steps})",
             fix=f"choose a step below training.steps={training.steps}"))
+    problems += _adoption_problems(modularity, spec.partitioner)
     if training.precision == "fp16" and not spec.resources.use_gpu:
         problems.append(SpecProblem(key="training.precision", message="fp16 needs a GPU and none is requested",
                                     fix="use precision fp32 or bf16 on CPU, or set resources.gpus_per_worker"))
@@ -323,6 +329,26 @@ def consistency_problems(spec: JobSpec) -> list[SpecProblem]:
             message=f"{spec.partitioner.actors} actors for {dimensions.layers} MLP layers would leave some idle",
             fix=f"set partitioner.actors <= {dimensions.layers}"))
     return problems
+
+
+def _adoption_problems(modularity: ModularitySpec, partitioner: PartitionerSpec) -> list[SpecProblem]:
+    """A fixed adoption lag applies to recomputed partitions, and must not hold up the next request."""
+    lag, every = partitioner.adopt_after_steps, modularity.partition_every
+    if lag == 0:
+        return []
+    if every == 0:
+        return [SpecProblem(
+            key="partitioner.adopt_after_steps",
+            message=f"{lag} applies to recomputed partitions, and modularity.partition_every is 0 (the one "
+                    "partition is always awaited at partition_at_step)",
+            fix="set modularity.partition_every > 0, or partitioner.adopt_after_steps: 0")]
+    if lag > every:
+        return [SpecProblem(
+            key="partitioner.adopt_after_steps",
+            message=f"{lag} is more than modularity.partition_every={every}: no request goes out before the "
+                    f"previous adoption, so versions would come every {lag} steps, not every {every}",
+            fix=f"choose partitioner.adopt_after_steps <= {every}, or raise modularity.partition_every")]
+    return []
 
 
 def _apply_overrides(raw: dict, overrides: list[str]) -> list[SpecProblem]:

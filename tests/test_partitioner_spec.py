@@ -23,3 +23,18 @@ def test_partition_every_and_partitioner_keys_are_validated(tmp_path):
         load_spec(job)
     assert {p.key for p in caught.value.problems} == {"modularity.partition_every", "partitioner.cpus",
                                                       "partitioner.heatmap_every"}
+
+
+@pytest.mark.parametrize("modularity, problem", [
+    ("partition_every: 4", "raise modularity.partition_every"),
+    ("partition_every: 0", "partition_every > 0"),
+])
+def test_an_adoption_lag_needs_recomputed_partitions_and_at_most_their_period(tmp_path, modularity, problem):
+    """A lag beyond partition_every (or with nothing recomputed) is rejected with the key to change."""
+    job = tmp_path / "job.yaml"
+    job.write_text(f"modularity:\n  {modularity}\npartitioner:\n  adopt_after_steps: 5\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec(job)
+    [found] = caught.value.problems
+    assert found.key == "partitioner.adopt_after_steps" and found.line == 4 and problem in found.fix
+    assert load_spec(job, ["modularity.partition_every=5"]).partitioner.adopt_after_steps == 5

@@ -21,6 +21,7 @@ _READERS_OF_KEY = {
     "files": ("files",), "validation_files": ("files",), "format": ("files",),
     "tasks": ("synthetic",),
 }
+_IMAGE_HUB_SOURCES = ("mnist", "cifar10")  # a validation split of their own, or a held-out share when it is null
 
 
 def data_spec_problems(spec: JobSpec) -> list[SpecProblem]:
@@ -75,13 +76,19 @@ def _has_validation(spec: JobSpec) -> bool:
         return data.validation_examples > 0
     if data.source in ("hub", "files"):
         return separate_validation(data) or data.validation_fraction > 0
-    return True  # other sources hold out their own validation split
+    if data.source in _IMAGE_HUB_SOURCES:
+        return bool(data.validation_split) or data.validation_fraction > 0
+    return data.validation_fraction > 0  # digits and modular addition hold out a share of their examples
 
 
 def _validation_fix(spec: JobSpec) -> str:
+    image_split = ("set data.validation_split to a split of the dataset (e.g. test), or data.validation_split: null "
+                   "with data.validation_fraction > 0")
     return {"synthetic": "set data.validation_examples > 0",
             "hub": "set data.validation_split to a split of the dataset, or data.validation_fraction > 0",
-            }.get(spec.data.source, "list data.validation_files, or set data.validation_fraction > 0")
+            "files": "list data.validation_files, or set data.validation_fraction > 0",
+            "mnist": image_split, "cifar10": image_split,
+            }.get(spec.data.source, "set data.validation_fraction > 0 (the share of examples held out)")
 
 
 def _missing_file_problems(spec: JobSpec) -> list[SpecProblem]:
@@ -124,7 +131,7 @@ def _tokenizer_problems(spec: JobSpec) -> list[SpecProblem]:
 
 
 def _validation_size_problems(spec: JobSpec, data: TrainingData) -> list[SpecProblem]:
-    """Every rank evaluates an equal share of each validation set, so each set needs a block per worker."""
+    """Every rank evaluates an equal share of each validation set, so each set needs an item per worker."""
     from orchestrator import metric_names
     from orchestrator.spec import SpecProblem
     from orchestrator.train.evaluation import evaluation_sets
@@ -132,10 +139,24 @@ def _validation_size_problems(spec: JobSpec, data: TrainingData) -> list[SpecPro
     if not spec.evaluation.every_steps:
         return []
     workers = spec.resources.num_workers
-    sizes = {name: len(blocks) for name, blocks in evaluation_sets(data, spec.evaluation).items()}
+    sizes = {name: len(items) for name, items in evaluation_sets(data, spec.evaluation).items()}
+    unit, fix = _validation_size_unit_and_fix(spec)
     return [SpecProblem(
         key="evaluation.every_steps",
-        message=f"the validation set for {name} holds {size} blocks of {spec.data.block_size + 1} tokens, fewer "
-                f"than the {workers} workers that evaluate a share each",
-        fix=_validation_fix(spec) + " (more validation text), lower data.block_size, or set evaluation.every_steps: 0")
+        message=f"the validation set for {name} holds {size} {unit}, fewer than the {workers} workers that "
+                "evaluate a share each",
+        fix=fix + ", or set evaluation.every_steps: 0")
         for name, size in (sizes or {metric_names.EVAL_LOSS: 0}).items() if size < workers]
+
+
+def _validation_size_unit_and_fix(spec: JobSpec) -> tuple[str, str]:
+    """What a validation set counts (token blocks or examples), and how to hold out more of them."""
+    from orchestrator.spec import TEXT_SOURCES
+
+    data, workers = spec.data, spec.resources.num_workers
+    if data.source in TEXT_SOURCES:
+        return (f"blocks of {data.block_size + 1} tokens",
+                _validation_fix(spec) + " (more validation text), lower data.block_size")
+    if data.source in _IMAGE_HUB_SOURCES and data.validation_split:
+        return "examples", f"name a data.validation_split with at least {workers} examples"
+    return "examples", f"raise data.validation_fraction until at least {workers} examples are held out"

@@ -4,9 +4,9 @@ Saving goes through Ray Train's mechanism: every rank writes its part into a loc
 ``save_checkpoint`` is a collective), the ranks agree on the manifest, and every rank calls
 ``ray.train.report(..., checkpoint=...)``; Ray merges the directories into the run's storage and keeps the
 last ``keep_last``. Restoring takes Ray's latest checkpoint (after a worker-group restart, or a rerun of the
-same run) or the one the driver passes (``xcm resume``); rank 0 verifies it, falls back to an older intact
-one when needed, and broadcasts the choice, so every rank loads the same checkpoint. The layout and the
-verification live in ``checkpoint_store``.
+same run) or, when newer, the one the driver passes (``xcm resume``); rank 0 verifies it, falls back to an
+older intact one when needed, and broadcasts the choice, so every rank loads the same checkpoint. The layout
+and the verification live in ``checkpoint_store``.
 """
 
 from __future__ import annotations
@@ -91,10 +91,13 @@ class CheckpointManager:
         located = None
         if self.rank == 0:
             checkpoint = ray.train.get_checkpoint()
-            if checkpoint is not None:
-                located = store.newest_intact(checkpoint.filesystem, checkpoint.path)
-            elif resume_from:
+            # Ray Train lists a checkpoint only after the workers have moved past it, so a run that died just after
+            # an upload left a newer intact checkpoint than Ray's latest; `xcm resume` passes that one (names sort
+            # by step). A restart later in the resumed run has a newer checkpoint of Ray's own.
+            if resume_from and (checkpoint is None or Path(resume_from).name > Path(checkpoint.path).name):
                 located = store.newest_intact(*store.resolve(resume_from))
+            elif checkpoint is not None:
+                located = store.newest_intact(checkpoint.filesystem, checkpoint.path)
             if (checkpoint is not None or resume_from) and located is None:
                 logger.warning("no intact checkpoint to resume from (see the warnings above): starting at step 0")
         located = _from_rank_zero(located)

@@ -49,7 +49,8 @@ class Evaluator:
         too_small = [f"{name} ({len(sets[name])})" for name, shard in self.shards.items() if not len(shard)]
         if too_small and evaluation.every_steps:
             raise ValueError(f"validation sets {', '.join(too_small)} hold fewer items than the {world_size} ranks "
-                             "that evaluate a share each; hold out more validation data or lower data.block_size")
+                             "that evaluate a share each; hold out more validation data, or set "
+                             "evaluation.every_steps: 0")
 
     def due(self, step: int) -> bool:
         """After every ``every_steps`` steps and after the last one, when evaluation is on and there is data."""
@@ -72,7 +73,7 @@ class Evaluator:
         for name, metric_sums in sums.items():
             count = totals[(name, _COUNT)]
             for metric in metric_sums.keys() - {_COUNT}:
-                metrics[name.replace(metric_names.EVAL_LOSS, f"eval/{metric}", 1)] = totals[(name, metric)] / count
+                metrics[metric_names.eval_metric(name, metric)] = totals[(name, metric)] / count
         if metric_names.EVAL_LOSS in metrics and self.objective.unit == "tokens":
             # Capped below float overflow, so a diverged run logs a huge perplexity instead of failing.
             metrics[metric_names.EVAL_PERPLEXITY] = math.exp(min(metrics[metric_names.EVAL_LOSS], 700.0))

@@ -30,12 +30,14 @@ class PartitionReport:
         self._groups = list(groups)
 
     def adopted(self, version: int, step: int, requested_at: int, partitions: dict[str, GroupPartition],
-                shares: Sequence[PartitionShare], request: PartitionRequest) -> None:
-        """Version metrics at the adoption step, the partition as Parquet, and the heatmaps the actors draw."""
+                shares: Sequence[PartitionShare], request: PartitionRequest | None, waited_s: float) -> None:
+        """Version metrics at the adoption step, the partition as Parquet, and the heatmaps the actors draw
+        (none when `request` is None: a version restored from a checkpoint, asked for by the interrupted run)."""
         agreement = {name: value for share in shares for name, value in share.agreement.items()}
         metrics = {metric_names.PARTITION_VERSION: version,
                    metric_names.PARTITION_LAG_STEPS: step - requested_at,
-                   metric_names.PARTITION_SECONDS: max(share.seconds for share in shares)}
+                   metric_names.PARTITION_SECONDS: max(share.seconds for share in shares),
+                   metric_names.PARTITION_WAIT_SECONDS: waited_s}
         if agreement:
             metrics[metric_names.PARTITION_AGREEMENT] = sum(agreement.values()) / len(agreement)
             metrics.update({metric_names.partition_agreement(name): value for name, value in agreement.items()})
@@ -47,7 +49,7 @@ class PartitionReport:
         self._logger.log_artifacts_from(
             lambda directory: self._write_table(directory / f"partition-step{step}.parquet", version, partitions),
             PARTITIONS_DIRECTORY)
-        if request.heatmaps:
+        if request is not None and request.heatmaps:
             self._logger.log_artifacts_from(
                 lambda directory: _write_pictures(directory, PartitionerPool.collect_heatmaps(request)),
                 f"{HEATMAPS_DIRECTORY}/version-{version}")

@@ -8,16 +8,21 @@ The policy, decided here and nowhere else:
 - while a request is in flight, rank 0 looks at the actors' answers at each step boundary without blocking and
   broadcasts what it saw (one integer, asynchronously); every rank reads it at the next boundary, so all adopt
   the same version at the same step, one step after rank 0 saw it, and no step waits for the broadcast;
+- with ``partitioner.adopt_after_steps = N > 0`` the version requested at step s is adopted at step s + N
+  instead, rank 0 waiting for the answers there if they are not in: the adoption steps no longer depend on how
+  fast the actors are, so a resumed run repeats them;
 - each adoption (version, request step, adoption step) is recorded; ``state_dict`` holds the record with the
-  current labels, so a run resumed from a checkpoint trains on exactly the partition it had.
+  current labels, so a run resumed from a checkpoint trains on exactly the partition it had, and, with N > 0,
+  the version awaiting its adoption step, so that the resumed run adopts it at that step too.
 A request the actors fail for good is dropped (the current partition stays); failing the first one stops the job.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -57,8 +62,9 @@ class _Decision:
 @dataclass
 class _Request:
     step: int
+    adopt_at: int | None  # the step every rank adopts it at, waiting for it there; None = once rank 0 sees it
     sent: PartitionRequest | None = None  # rank 0: the actors' answers to come; None on other ranks
-    shares: list[PartitionShare] = field(default_factory=list)  # rank 0: the answers, once seen
+    shares: list[PartitionShare] = field(default_factory=list)  # the answers: rank 0's once seen, all restored
     error: Exception | None = None  # rank 0: why the actors failed, if they did
     decision: _Decision | None = None  # the observation broadcast at the last step boundary
 
@@ -87,8 +93,8 @@ class PartitionSchedule:
         adopted = self._poll(step) if self._request is not None else None
         if self._request is None and self._due(step):
             self._send(step)
-            if self.partitions is None:
-                adopted = self._poll(step, wait=True)
+            if self._request.adopt_at == step:  # the first partition: there is nothing to train with before it
+                adopted = self._poll(step)
         return adopted
 
     def finish(self) -> None:
@@ -103,18 +109,22 @@ class PartitionSchedule:
             self._report.final(snapshot, self.partitions)
 
     def state_dict(self) -> dict:
-        """What a checkpoint keeps, as plain ints and lists: the current version, its labels, every adoption."""
+        """What a checkpoint keeps, as plain ints and lists: the current version, its labels, every adoption,
+        and the version awaiting its adoption step. Rank 0's is the one kept: only it has the actors' answers."""
         partitions = None if self.partitions is None else {
             name: plain_partition(partition) for name, partition in self.partitions.items()}
         return {"version": self.version, "last_request": self._last_request, "partitions": partitions,
-                "adoptions": [dict(adoption) for adoption in self.adoptions]}
+                "adoptions": [dict(adoption) for adoption in self.adoptions], "pending": self._pending_state()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state_dict()`'s output: the same labels in the regulariser, the same record."""
         self.version = int(state["version"])
         self._last_request = state["last_request"]
         self.adoptions = [dict(adoption) for adoption in state["adoptions"]]
-        self._request = None
+        pending = state.get("pending")  # absent from checkpoints written before adopt_after_steps
+        self._request = None if pending is None else _Request(
+            pending["requested_at"], pending["adopt_at"],
+            shares=[PartitionShare(**share) for share in pending["shares"]])
         if state["partitions"] is not None:
             self._apply({name: GroupPartition.from_dict(data) for name, data in state["partitions"].items()})
 
@@ -127,24 +137,29 @@ class PartitionSchedule:
     def _send(self, step: int) -> None:
         """Gather the matrices (every rank) and, on rank 0, send them to the actors without waiting."""
         snapshot = gather_snapshot(self._groups, self._rank)
-        self._request, self._last_request = _Request(step), step
+        lag = self._partitioner.adopt_after_steps
+        adopt_at = step if self.partitions is None else step + lag if lag > 0 else None
+        self._request, self._last_request = _Request(step, adopt_at), step
         if self._pool is not None:
             previous = None if self.partitions is None else {
                 name: plain_partition(partition) for name, partition in self.partitions.items()}
             draw = self.version % self._partitioner.heatmap_every == 0  # versions 1, 1 + N, 1 + 2N...
             self._request.sent = self._pool.request(snapshot, previous, draw)
 
-    def _poll(self, step: int, wait: bool = False) -> int | None:
-        """Every rank acts on what rank 0 saw of the answers: at the last step boundary (or, with `wait`, now,
-        after waiting for them); meanwhile rank 0 sends what it sees now, for the next boundary."""
-        request = self._request
-        if wait:
+    def _poll(self, step: int) -> int | None:
+        """Every rank acts on what rank 0 saw of the answers: at its adoption step, after rank 0 waited for
+        them; without one, at the last step boundary (never waiting)."""
+        request, waited_s = self._request, 0.0
+        if request.adopt_at is None:
+            code = self._code_seen_before(request)
+        elif step >= request.adopt_at:
+            started = time.perf_counter()
             code = self._broadcast_code(self._observe(request, wait=True))
+            waited_s = time.perf_counter() - started
         else:
-            code = request.decision.value() if request.decision is not None else PENDING
-            if code == PENDING:
-                request.decision = _Decision(self._observe(request, wait=False), self._device)
-                return None
+            return None
+        if code == PENDING:
+            return None
         self._request = None
         if code == FAILED:
             if self.partitions is None:
@@ -163,11 +178,32 @@ class PartitionSchedule:
         self.version += 1
         self.adoptions.append({"version": self.version, "requested_at": request.step, "adopted_at": step})
         if self._report is not None:
-            self._report.adopted(self.version, step, request.step, partitions, shares, request.sent)
+            self._report.adopted(self.version, step, request.step, partitions, shares, request.sent, waited_s)
         return self.version
 
+    def _code_seen_before(self, request: _Request) -> int:
+        """What rank 0 saw at the last step boundary, on every rank; while that was PENDING, rank 0 sends what
+        it sees now, for the next boundary."""
+        code = request.decision.value() if request.decision is not None else PENDING
+        if code == PENDING:
+            request.decision = _Decision(self._observe(request, wait=False), self._device)
+        return code
+
+    def _pending_state(self) -> dict | None:
+        """A request with an adoption step, its answers awaited: its weights were gathered at the request step,
+        so a resumed run could not ask again. None without one, off rank 0, or when the actors failed (this run
+        then keeps its version at the adoption step, and so does a resumed one)."""
+        request = self._request
+        if request is None or request.adopt_at is None or self._observe(request, wait=True) != READY:
+            return None
+        return {"requested_at": request.step, "adopt_at": request.adopt_at,
+                "shares": [asdict(share) for share in request.shares]}
+
     def _observe(self, request: _Request, wait: bool) -> int:
-        """Rank 0: whether the actors have answered (collecting the answers), waiting for them with `wait`."""
+        """Rank 0: whether the actors have answered (collecting the answers), waiting for them with `wait`.
+        Answers in hand (awaited for a checkpoint, or restored from one) need no actor, on any rank."""
+        if request.shares:
+            return READY
         if self._pool is None or not (wait or self._pool.ready(request.sent)):
             return PENDING
         try:

@@ -101,7 +101,7 @@ class TrainingSession:
         self.partition_schedule.finish()
 
     def maybe_evaluate(self, step: int) -> None:
-        """Eval loss and perplexity every ``evaluation.every_steps``: every rank runs it, rank 0 logs it."""
+        """Eval loss, and perplexity or accuracy, every ``evaluation.every_steps``: all ranks run it, rank 0 logs."""
         if not self.evaluator.due(step):
             return
         metrics = self.evaluator.evaluate()

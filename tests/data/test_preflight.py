@@ -77,6 +77,28 @@ def test_validation_too_small_for_the_workers(tmp_path):
     assert "fewer than one block" in problems["data.validation_examples"].message
 
 
+@pytest.mark.parametrize("family, source, fix", [
+    ("mnist_mlp", "digits", "set data.validation_fraction > 0"),
+    ("modular_addition", "modular_addition", "set data.validation_fraction > 0"),
+    ("mnist_mlp", "mnist", "set data.validation_split to a split of the dataset (e.g. test)")])
+def test_classifier_evaluation_with_nothing_held_out_is_refused_at_load(tmp_path, family, source, fix):
+    """Evaluation of a classifier whose source holds nothing out names evaluation.every_steps and how to hold out."""
+    with pytest.raises(SpecError) as caught:
+        job(tmp_path, f"model.family={family}", f"data.source={source}", "data.validation_fraction=0",
+            "data.validation_split=null", "evaluation.every_steps=5")
+    problem = {problem.key: problem for problem in caught.value.problems}["evaluation.every_steps"]
+    assert "the data holds nothing out for validation" in problem.message
+    assert fix in problem.fix and "evaluation.every_steps: 0" in problem.fix
+
+
+def test_classifier_validation_smaller_than_the_workers_is_refused(tmp_path):
+    """One held-out digit for two workers is reported by the data check, with the hold-out that would suffice."""
+    problem = problems_of(job(tmp_path, "model.family=mnist_mlp", "data.source=digits",
+                              "data.validation_fraction=0.0006", "evaluation.every_steps=5"))["evaluation.every_steps"]
+    assert "eval/loss holds 1 examples, fewer than the 2 workers" in problem.message
+    assert "raise data.validation_fraction until at least 2 examples are held out" in problem.fix
+
+
 def test_spec_checks_catch_a_source_without_its_inputs_and_ignored_keys(tmp_path):
     """At spec load: files without a list, a key the source ignores, evaluation with nothing held out."""
     path = tmp_path / "job.yaml"

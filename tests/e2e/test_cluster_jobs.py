@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from orchestrator.metric_names import RESUMED_FROM_STEP, TASK_LOSS
+from orchestrator.train.resume import locate
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -86,10 +89,11 @@ def test_submitted_job_succeeds_and_is_tracked(ray_head, tmp_path):
 
 
 @pytest.mark.slow
-def test_stopped_job_ends_killed_and_keeps_its_checkpoint(ray_head, tmp_path):
-    """`xcm stop` ends the job STOPPED, its MLflow run KILLED, and the checkpoints written so far stay."""
+def test_stopped_job_ends_killed_keeps_its_checkpoint_and_resumes(ray_head, tmp_path):
+    """`xcm stop` ends the job STOPPED, its MLflow run KILLED, and the checkpoints written so far stay; `xcm resume
+    RUN_ID --address` continues that run on the cluster from its newest checkpoint to the end, each step once."""
     submitted = xcm("submit", str(ROOT / "jobs" / "tiny.yaml"), "--set", "training.steps=100000",
-                    "--set", "checkpointing.every_steps=20", "--set", "training.report_every=20",
+                    "--set", "checkpointing.every_steps=5", "--set", "training.report_every=5",
                     "--address", ray_head, cwd=tmp_path)
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     job_id, run_id = submitted_ids(submitted.stdout)
@@ -101,9 +105,23 @@ def test_stopped_job_ends_killed_and_keeps_its_checkpoint(ray_head, tmp_path):
     stopped = xcm("stop", job_id, "--address", ray_head, cwd=tmp_path)
     assert stopped.returncode == 0 and "stopping" in stopped.stdout
     assert wait_for_status(ray_head, job_id, {"STOPPED"}, tmp_path, 90) == "STOPPED"
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'xcm-runs' / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'xcm-runs' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
     assert client.get_run(run_id).info.status == "KILLED"
-    assert any(checkpoints.rglob("*model_states.pt"))
+    kept = locate(run_id, uri).state.step
+    # To the step of the next checkpoint, which the stop interrupted: the stopped run logged at most the steps
+    # before it, so the resumed run recomputes some steps already logged and logs the rest.
+    steps = kept + 5
+    resubmitted = xcm("resume", run_id, "--set", f"training.steps={steps}", "--address", ray_head, cwd=tmp_path)
+    assert resubmitted.returncode == 0, resubmitted.stderr[-3000:]
+    resume_job_id, same_run_id = submitted_ids(resubmitted.stdout)
+    assert same_run_id == run_id
+    followed = xcm("logs", resume_job_id, "--follow", "--address", ray_head, cwd=tmp_path, timeout=400)
+    assert f"xcm: run {run_id} finished" in followed.stdout, followed.stdout[-3000:]
+    assert wait_for_status(ray_head, resume_job_id, {"SUCCEEDED", "FAILED"}, tmp_path, 60) == "SUCCEEDED"
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, RESUMED_FROM_STEP)] == [(kept, kept)]
+    assert [m.step for m in client.get_metric_history(run_id, TASK_LOSS)] == list(range(steps))
 
 
 def test_unknown_job_id_is_one_clear_line(ray_head, tmp_path):
@@ -125,6 +143,13 @@ def test_remote_cluster_refuses_local_paths(tmp_path):
     assert result.returncode == 2
     assert "tracking.uri" in result.stderr and "checkpointing.storage_path" in result.stderr
     assert not (tmp_path / "xcm-runs").exists()
+
+
+def test_remote_resume_refuses_a_local_store(tmp_path):
+    """Resuming on a remote cluster from this machine's SQLite store fails in one line naming --tracking-uri."""
+    result = xcm("resume", "0123abcd", "--address", "http://ray-head.invalid:8265", cwd=tmp_path)
+    assert result.returncode == 1 and "--tracking-uri http://" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_invalid_job_file_is_refused_before_submission(tmp_path):

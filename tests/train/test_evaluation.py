@@ -1,4 +1,5 @@
-"""Eval loss over the validation split: each rank evaluates its share, and the all-reduced mean is exact."""
+"""Eval loss (and perplexity or accuracy) over the validation split: each rank evaluates its share, and the
+all-reduced means are exact."""
 
 import json
 import math
@@ -40,17 +41,32 @@ def mean_token_loss(model, blocks):
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), blocks[:, 1:].flatten()).item()
 
 
-def test_two_ranks_give_the_single_process_loss_and_perplexity(tmp_path):
-    """Two gloo ranks, each over its half in micro-batches, all-reduce to the one-process mean token loss."""
-    script = Path(__file__).with_name("evaluate_on_rank.py")
-    result = tmp_path / "metrics.json"
-    ranks = [subprocess.Popen([sys.executable, str(script), str(rank), "2", str(tmp_path / "init"), str(result)])
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict:
+    """What two gloo ranks (evaluate_on_rank.py) report for a token set and an example set, with the references."""
+    directory = tmp_path_factory.mktemp("two-ranks")
+    script, result = Path(__file__).with_name("evaluate_on_rank.py"), directory / "metrics.json"
+    ranks = [subprocess.Popen([sys.executable, str(script), str(rank), "2", str(directory / "init"), str(result)])
              for rank in range(2)]
     assert [process.wait(timeout=180) for process in ranks] == [0, 0]
-    outcome = json.loads(result.read_text())
-    metrics, expected = outcome["metrics"], outcome["reference"]
+    return json.loads(result.read_text())
+
+
+def test_two_ranks_give_the_single_process_loss_and_perplexity(two_ranks):
+    """Two gloo ranks, each over its half in micro-batches, all-reduce to the one-process mean token loss."""
+    metrics, expected = two_ranks["language"], two_ranks["references"]["token_loss"]
     assert metrics[metric_names.EVAL_LOSS] == pytest.approx(expected, rel=1e-6)
     assert metrics[metric_names.EVAL_PERPLEXITY] == pytest.approx(math.exp(expected), rel=1e-6)
+
+
+def test_two_ranks_give_the_single_process_accuracy(two_ranks):
+    """Ranks whose halves differ in accuracy (7/7 and 1/7, over micro-batches of 4 and 3) all-reduce to the
+    one-process accuracy 8/14 and mean example loss: example-weighted, not a mean of rank or batch means."""
+    metrics, references = two_ranks["classification"], two_ranks["references"]
+    assert references["accuracy"] == pytest.approx(8 / 14)
+    assert metrics[metric_names.EVAL_ACCURACY] == pytest.approx(references["accuracy"], rel=1e-6)
+    assert metrics[metric_names.EVAL_LOSS] == pytest.approx(references["example_loss"], rel=1e-6)
+    assert metric_names.EVAL_PERPLEXITY not in metrics
 
 
 def test_max_batches_evaluates_the_same_first_blocks_and_restores_training_mode():
@@ -88,9 +104,11 @@ def test_classifiers_get_eval_loss_and_accuracy_without_perplexity():
     metrics = evaluator.evaluate()
     with torch.no_grad():
         logits = model(examples.inputs)
-    assert set(metrics) == {"eval/loss", "eval/accuracy"}
-    assert metrics["eval/loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, examples.labels).item())
-    assert metrics["eval/accuracy"] == pytest.approx((logits.argmax(-1) == examples.labels).float().mean().item())
+    assert set(metrics) == {metric_names.EVAL_LOSS, metric_names.EVAL_ACCURACY}
+    assert metrics[metric_names.EVAL_LOSS] == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, examples.labels).item())
+    assert metrics[metric_names.EVAL_ACCURACY] == pytest.approx(
+        (logits.argmax(-1) == examples.labels).float().mean().item())
 
 
 def test_due_every_n_steps_and_after_the_last():

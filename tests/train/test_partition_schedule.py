@@ -1,20 +1,34 @@
-"""The partition schedule's state: what a checkpoint keeps, and what a resumed run does with it."""
+"""The partition schedule: its adoption policy, what a checkpoint keeps, and what a resumed run does with it."""
+
+import io
 
 import pytest
 import torch
 import transformers
 
-from orchestrator.modularity import ClusterabilityRegularizer, clusterability, find_matrix_groups, partition_group
+from orchestrator.modularity import (
+    ClusterabilityRegularizer,
+    GroupPartition,
+    clusterability,
+    find_matrix_groups,
+    partition_group,
+)
+from orchestrator.partitioner import PartitionShare
 from orchestrator.spec import ModularitySpec, PartitionerSpec
+from orchestrator.train import partition_schedule
 from orchestrator.train.partition_schedule import PartitionSchedule
 from orchestrator.train.partitioning import plain_partition
 
 
-@pytest.fixture
-def model():
+def tiny_gpt2():
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=16,
                                                                 vocab_size=40))
+
+
+@pytest.fixture
+def model():
+    return tiny_gpt2()
 
 
 def schedule_for(model, regularizer=None, **modularity) -> PartitionSchedule:
@@ -31,7 +45,8 @@ def saved_state(model) -> dict:
     return {"version": 3, "last_request": 20, "partitions": partitions,
             "adoptions": [{"version": 1, "requested_at": 0, "adopted_at": 0},
                           {"version": 2, "requested_at": 10, "adopted_at": 14},
-                          {"version": 3, "requested_at": 20, "adopted_at": 23}]}
+                          {"version": 3, "requested_at": 20, "adopted_at": 23}],
+            "pending": None}
 
 
 def test_state_round_trips_and_drives_the_regulariser(model):
@@ -66,3 +81,99 @@ def test_resumed_run_keeps_its_partition_until_the_next_request_is_due(model):
     assert periodic.state_dict()["last_request"] == 20
     periodic.maybe_repartition(30)
     assert periodic.state_dict()["last_request"] == 30 and periodic.version == 3  # asked; not adopted yet
+
+
+class LocalPool:
+    """The partitioner actors' work, done in the test's process when collected; `answered` is what `ready`
+    reports (False: actors slower than any lag)."""
+
+    answered = False
+
+    def __init__(self, names, group_names):
+        pass
+
+    @staticmethod
+    def request(snapshot, previous, draw):
+        return snapshot, previous
+
+    def ready(self, sent) -> bool:
+        return self.answered
+
+    @staticmethod
+    def collect(sent) -> list[PartitionShare]:
+        snapshot, previous = sent
+        partitions = {}
+        for name, group in snapshot.items():
+            partition = partition_group(*group.tensors(), 4, seed=0)
+            if previous is not None:
+                partition = partition.aligned_to(GroupPartition.from_dict(previous[name]))
+            partitions[name] = plain_partition(partition)
+        return [PartitionShare(partitions, {}, 0.0)]
+
+
+@pytest.fixture
+def local_pool(monkeypatch):
+    monkeypatch.setattr(partition_schedule, "PartitionerPool", LocalPool)
+    return LocalPool
+
+
+def rank_zero_schedule(model, lag: int) -> PartitionSchedule:
+    """Rank 0 of a world that is not started, its actors replaced by `LocalPool`: every 4 steps, `lag` to adopt."""
+    return PartitionSchedule(find_matrix_groups(model), ClusterabilityRegularizer(),
+                             ModularitySpec(partition_every=4), PartitionerSpec(adopt_after_steps=lag), rank=0,
+                             device=torch.device("cpu"), actor_names=(), metric_logger=None)
+
+
+def train(schedule, model, steps, labels: dict) -> None:
+    """The loop's side of the schedule; the weights move every step (the same way in every run), so each
+    version's labels show the step its weights were gathered at. `labels` gets each adopted version's."""
+    for step in steps:
+        version = schedule.maybe_repartition(step)
+        if version is not None:
+            labels[version] = {name: partition.hidden.tolist() for name, partition in schedule.partitions.items()}
+        generator = torch.Generator().manual_seed(step)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator), alpha=0.02)
+
+
+@pytest.mark.parametrize("answered", [False, True])
+def test_a_fixed_lag_adopts_each_version_that_many_steps_after_its_request(local_pool, monkeypatch, answered):
+    """With adopt_after_steps 2 the version asked for at step s is adopted at s + 2, however fast the actors."""
+    monkeypatch.setattr(local_pool, "answered", answered)
+    model = tiny_gpt2()
+    schedule = rank_zero_schedule(model, lag=2)
+    train(schedule, model, range(20), {})
+    assert [(a["version"], a["requested_at"], a["adopted_at"]) for a in schedule.adoptions] == [
+        (1, 0, 0), (2, 4, 6), (3, 8, 10), (4, 12, 14), (5, 16, 18)]
+
+
+def test_without_a_lag_slow_actors_never_hold_up_training(local_pool, model):
+    """With adopt_after_steps 0 (the default) a version that is not in yet is simply not adopted."""
+    schedule = rank_zero_schedule(model, lag=0)
+    train(schedule, model, range(20), {})
+    assert [a["version"] for a in schedule.adoptions] == [1]
+
+
+def test_a_checkpoint_between_request_and_adoption_resumes_into_the_same_sequence(local_pool):
+    """Saved at step 10 with step 8's version in flight, the resumed run adopts it at 10 with the same labels,
+    and every later version at the same step as an uninterrupted run."""
+    reference_model, reference_labels = tiny_gpt2(), {}
+    reference = rank_zero_schedule(reference_model, lag=2)
+    train(reference, reference_model, range(20), reference_labels)
+
+    model, labels = tiny_gpt2(), {}
+    interrupted = rank_zero_schedule(model, lag=2)
+    train(interrupted, model, range(10), labels)
+    buffer = io.BytesIO()
+    torch.save((model.state_dict(), interrupted.state_dict()), buffer)  # as a checkpoint keeps them
+    weights, state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert (state["pending"]["requested_at"], state["pending"]["adopt_at"]) == (8, 10)
+
+    resumed_model = tiny_gpt2()
+    resumed_model.load_state_dict(weights)
+    resumed = rank_zero_schedule(resumed_model, lag=2)
+    resumed.load_state_dict(state)
+    train(resumed, resumed_model, range(10, 20), labels)
+    assert resumed.adoptions == reference.adoptions
+    assert labels == reference_labels and len({str(version) for version in labels.values()}) == 5
