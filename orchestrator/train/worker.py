@@ -19,6 +19,9 @@ from collections.abc import Sequence
 from orchestrator import metric_names
 from orchestrator.spec import JobSpec
 
+# The driver redraws the progress line every 0.5 s at most: posting more often only costs the trainers' CPU.
+PROGRESS_POST_INTERVAL_S = 0.25
+
 
 def train_worker(config: dict) -> None:
     """Ray Train entry point; ``config`` carries the resolved spec, the MLflow run id and the progress actor name."""
@@ -66,6 +69,7 @@ class TrainingSession:
         self.groups = find_matrix_groups(self.engine.module, spec.modularity.matrices)
         self.regularizer = ClusterabilityRegularizer()
         self.logger = self.progress = None
+        self.last_progress_post = float("-inf")
         if self.is_rank_zero:
             from orchestrator.tracking import MetricLogger
             from orchestrator.train.checkpoint_store import metric_spool_path
@@ -164,11 +168,14 @@ class TrainingSession:
         return metrics
 
     def publish(self, step: int, metrics: dict[str, float]) -> None:
-        """Rank 0 only: queue the step's metrics for MLflow and post the progress snapshot."""
+        """Rank 0 only: queue the step's metrics for MLflow; post the progress snapshot a few times a second."""
         if not self.is_rank_zero:
             return
         self.logger.log(metrics, step)
-        if self.progress is not None:
+        now = time.monotonic()
+        last = step == self.spec.training.steps - 1
+        if self.progress is not None and (last or now - self.last_progress_post >= PROGRESS_POST_INTERVAL_S):
+            self.last_progress_post = now
             self.progress.post.remote({
                 "step": step, "loss": metrics[metric_names.LOSS], "task_loss": metrics[metric_names.TASK_LOSS],
                 "clusterability": metrics.get(metric_names.CLUSTERABILITY),
