@@ -56,16 +56,12 @@ def submit(job_file: str, overrides: list[str], address: str, workdir: Path) -> 
     with tempfile.TemporaryDirectory(prefix="xcm-submit-") as staging:
         Path(staging, SUBMITTED_JOB_FILE).write_text(yaml.safe_dump(spec.model_dump(mode="json", by_alias=True)))
         try:
-            _submit_when_agent_ready(client, entrypoint=f"python -m orchestrator.cli run {SUBMITTED_JOB_FILE}",
-                                     submission_id=job_id, runtime_env=_runtime_env(staging),
-                                     metadata={"xcm.job": spec.name, "xcm.run_id": run_id,
-                                               "xcm.tracking_uri": spec.tracking.uri})
-        except Exception as error:
+            return _submit_job(client, address, job_id, run_id, spec.tracking.uri,
+                               entrypoint=f"python -m orchestrator.cli run {SUBMITTED_JOB_FILE}",
+                               runtime_env=_runtime_env(staging), metadata={"xcm.job": spec.name})
+        except ClusterError:
             tracking.end_run(spec.tracking.uri, run_id, "FAILED")
-            raise ClusterError(f"the cluster at {address} refused the job: {error}") from error
-    experiment_id = tracking.client(spec.tracking.uri).get_run(run_id).info.experiment_id
-    return Submission(job_id=job_id, run_id=run_id, address=address,
-                      run_link=tracking.run_link(spec.tracking.uri, experiment_id, run_id))
+            raise
 
 
 def submit_resume(target: str, overrides: list[str], tracking_uri: str | None, address: str) -> Submission:
@@ -76,7 +72,7 @@ def submit_resume(target: str, overrides: list[str], tracking_uri: str | None, a
     from orchestrator.train.resume import ResumeError, locate
 
     uri = tracking_uri or JobSpec().resolved(Path.cwd()).tracking.uri
-    if not is_local_address(address) and not uri.startswith(("http://", "https://")):
+    if not is_local_address(address) and _is_local_store(uri):
         raise ClusterError(f"the cluster at {address} cannot read the local MLflow store {uri}: pass "
                            "--tracking-uri http://<host>:5000 (the server in infra/mlflow) that the run was logged to")
     try:
@@ -87,16 +83,22 @@ def submit_resume(target: str, overrides: list[str], tracking_uri: str | None, a
     client = connect(address)
     job_id = f"xcm-resume-{run_id[:8]}-{uuid.uuid4().hex[:8]}"
     arguments = [target, "--tracking-uri", uri, *(f"--set={override}" for override in overrides)]
+    return _submit_job(client, address, job_id, run_id, uri,
+                       entrypoint=shlex.join(["python", "-m", "orchestrator.cli", "resume", *arguments]),
+                       runtime_env=_runtime_env(None), metadata={"xcm.resume": target})
+
+
+def _submit_job(client, address: str, job_id: str, run_id: str, tracking_uri: str, entrypoint: str,
+                runtime_env: dict, metadata: dict) -> Submission:
+    """Submit one xcm job for the MLflow run ``run_id``, tagged with the run so `xcm status` can name it."""
     try:
-        _submit_when_agent_ready(client, entrypoint=shlex.join(["python", "-m", "orchestrator.cli", "resume",
-                                                                *arguments]),
-                                 submission_id=job_id, runtime_env=_runtime_env(None),
-                                 metadata={"xcm.resume": target, "xcm.run_id": run_id, "xcm.tracking_uri": uri})
+        _submit_when_agent_ready(client, entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env,
+                                 metadata={**metadata, "xcm.run_id": run_id, "xcm.tracking_uri": tracking_uri})
     except Exception as error:
         raise ClusterError(f"the cluster at {address} refused the job: {error}") from error
-    experiment_id = tracking.client(uri).get_run(run_id).info.experiment_id
+    experiment_id = tracking.client(tracking_uri).get_run(run_id).info.experiment_id
     return Submission(job_id=job_id, run_id=run_id, address=address,
-                      run_link=tracking.run_link(uri, experiment_id, run_id))
+                      run_link=tracking.run_link(tracking_uri, experiment_id, run_id))
 
 
 def _runtime_env(working_dir: str | None) -> dict:
@@ -133,7 +135,7 @@ def _check_reachable_from_cluster(spec: JobSpec, job_file: str, remote: bool) ->
         return
     problems = []
     uri = spec.tracking.uri
-    if uri is None or uri.startswith(("sqlite:", "file:", "/", ".")):
+    if _is_local_store(uri):
         problems.append(SpecProblem(
             key="tracking.uri", message=f"{uri or 'the default local SQLite store'} lives on this machine, "
                                         "and a local store does not work across nodes",
@@ -150,6 +152,11 @@ def _check_reachable_from_cluster(spec: JobSpec, job_file: str, remote: bool) ->
             fix="use a hub name, or a path that exists on the cluster's nodes"))
     if problems:
         raise SpecError(job_file, problems)
+
+
+def _is_local_store(tracking_uri: str | None) -> bool:
+    """A store on this machine's disk (the default SQLite file, or a file: path) that other nodes cannot read."""
+    return tracking_uri is None or tracking_uri.startswith(("sqlite:", "file:", "/", "."))
 
 
 def connect(address: str):
