@@ -1,18 +1,22 @@
 """Benchmark: xcm's trainer against a plain DeepSpeed loop, tokens/s as a ratio, with the clusterability loss off and on.
 
     python bench/throughput.py                          # jobs/tiny.yaml: tiny GPT-2, ZeRO-2, fp32, 2 CPU workers
-    python bench/throughput.py --set deepspeed.zero_stage=3 --steps 80
+    python bench/throughput.py --set deepspeed.zero_stage=3 --rounds 3
     python bench/throughput.py --set model.size=small --set training.precision=bf16 \
         --set resources.gpus_per_worker=1 --workers 1     # GPT-2 124M, ZeRO-2, bf16 on one GPU
 
-All three runs share the job's model, ZeRO stage, batch, precision and data:
-- plain: ``deepspeed.initialize`` and forward / cross-entropy / backward / step in worker processes started by
-  torch.multiprocessing (gloo on CPU, nccl on GPU): no Ray, no MLflow, no clusterability loss;
+Every run shares the job's model, ZeRO stage, batch, precision and data:
+- plain DeepSpeed: ``deepspeed.initialize`` and forward / cross-entropy / backward / step in worker processes
+  started by torch.multiprocessing (gloo on CPU, nccl on GPU), with no Ray running: no Ray, no MLflow, no loss;
+- plain DeepSpeed on Ray Train: the same loop in Ray Train workers, started as xcm starts its own. Its ratio to
+  the plain loop is what Ray itself costs on this machine, which xcm cannot change (on 2 cores, Ray's ~15
+  processes each wake every 10 ms and take ~17% of one core between them, measured with 2 idle workers);
 - xcm, loss off and loss on: the job through ``run_job`` (Ray Train workers, MLflow, the partitioner, progress).
-Only steady state counts: a step's time is the gap between consecutive steps (for xcm, between the timestamps of
-its per-step MLflow metrics, so logging and every per-step side job are inside), the first ``--skip`` steps and
-the last are dropped (start-up, partitioning, the final checkpoint), and the median is taken. The target is a
-ratio of 0.95 or more with the loss on.
+Ray is shut down after each Ray run, so every run starts from the same quiet machine. The runs go in rounds
+(``--rounds``), each round all four in turn, so that a load that drifts over minutes touches every variant alike.
+A run's figure is its mean step time over steps ``--skip``.. the second last (start-up, partitioning and the
+final checkpoint left out): for xcm, from the timestamps of its per-step MLflow ``loss`` metric, so logging and
+every per-step side job are inside. The target is a ratio of 0.95 or more with the loss on.
 """
 
 from __future__ import annotations
@@ -34,20 +38,14 @@ sys.path.insert(0, str(ROOT))
 from orchestrator.spec import JobSpec, load_spec  # noqa: E402
 
 
-def plain_worker(rank: int, world_size: int, port: int, spec_json: dict, output: str) -> None:
-    """One rank of the plain DeepSpeed loop; rank 0 writes the step times."""
-    spec = JobSpec.model_validate(spec_json)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cuda" if spec.resources.use_gpu else "cpu")
+def plain_loop(spec: JobSpec, rank: int, world_size: int) -> list[float]:
+    """Train the job's model without xcm; the time at the end of each step."""
     import deepspeed
 
     from orchestrator.data import batch_stream, build_training_data
     from orchestrator.models import build_model
     from orchestrator.train.deepspeed_config import deepspeed_config
 
-    deepspeed.init_distributed(dist_backend="nccl" if spec.resources.use_gpu else "gloo")
-    # Ray gives each worker as many threads as CPUs (OMP_NUM_THREADS); the plain loop gets the same share.
-    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     training = spec.training
     data = build_training_data(spec.data, spec.model)
     model = build_model(spec.model, data.vocab_size, seed=training.seed)
@@ -66,77 +64,138 @@ def plain_worker(rank: int, world_size: int, port: int, spec_json: dict, output:
             engine.step()
         loss.item()  # a real loop reads its loss; on GPU this also waits for the step to finish
         stamps.append(time.perf_counter())
+    return stamps
+
+
+def multiprocessing_worker(rank: int, world_size: int, port: int, spec_json: dict, output: str) -> None:
+    """One rank of the plain loop without Ray; rank 0 writes the step times."""
+    spec = JobSpec.model_validate(spec_json)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cuda" if spec.resources.use_gpu else "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if spec.resources.use_gpu else "gloo")
+    # Ray gives each worker as many threads as CPUs (OMP_NUM_THREADS); the plain loop gets the same share.
+    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+    stamps = plain_loop(spec, rank, world_size)
     if rank == 0:
         torch.save(stamps, output)
 
 
-def plain_step_seconds(spec: JobSpec, workers: int) -> list[float]:
+def ray_train_worker(config: dict) -> None:
+    """One rank of the plain loop on Ray Train (which has set up the process group); rank 0 writes the times."""
+    import ray.train
+
+    context = ray.train.get_context()
+    stamps = plain_loop(JobSpec.model_validate(config["spec"]), context.get_world_rank(), context.get_world_size())
+    if context.get_world_rank() == 0:
+        torch.save(stamps, config["output"])
+
+
+def plain_stamps(spec: JobSpec, workdir: Path) -> list[float]:
     with socket.socket() as probe:  # a free port for the process group, released before the workers bind it
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with tempfile.TemporaryDirectory() as directory:
-        output = str(Path(directory) / "stamps.pt")
-        torch.multiprocessing.spawn(plain_worker, args=(workers, port, spec.model_dump(mode="json", by_alias=True),
-                                                        output), nprocs=workers)
-        return gaps(torch.load(output))
+    output = str(workdir / "stamps.pt")
+    torch.multiprocessing.spawn(multiprocessing_worker, args=(spec.resources.num_workers, port, spec_json(spec),
+                                                              output), nprocs=spec.resources.num_workers)
+    return torch.load(output)
 
 
-def xcm_step_seconds(spec: JobSpec, workdir: Path) -> list[float]:
-    """The job through xcm's trainer; step times from the timestamps of its per-step ``loss`` metric."""
+def plain_on_ray_train_stamps(spec: JobSpec, workdir: Path) -> list[float]:
+    import ray
+    from ray.train import RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.train.launch import ensure_ray, worker_group
+
+    ensure_ray(spec)
+    output = str(workdir / "stamps.pt")
+    try:
+        TorchTrainer(ray_train_worker, train_loop_config={"spec": spec_json(spec), "output": output},
+                     **worker_group(spec), run_config=RunConfig(name=spec.name, storage_path=str(workdir))).fit()
+    finally:
+        ray.shutdown()
+    return torch.load(output)
+
+
+def xcm_stamps(spec: JobSpec, workdir: Path) -> list[float]:
+    """The job through xcm's trainer; the timestamps of its per-step ``loss`` metric."""
+    import ray
     from mlflow import MlflowClient
 
     from orchestrator.train.launch import run_job
 
-    result = run_job(spec, workdir)
-    client = MlflowClient(tracking_uri=result.tracking_uri)
-    inside = [metric.value for metric in client.get_metric_history(result.run_id, "step_time_s")]
-    print(f"xcm: median step_time_s inside train_step {statistics.median(inside) * 1000:.1f} ms")
-    history = client.get_metric_history(result.run_id, "loss")
-    return gaps([metric.timestamp / 1000 for metric in sorted(history, key=lambda metric: metric.step)])
+    try:
+        result = run_job(spec, workdir)
+    finally:
+        ray.shutdown()
+    history = MlflowClient(tracking_uri=result.tracking_uri).get_metric_history(result.run_id, "loss")
+    return [metric.timestamp / 1000 for metric in sorted(history, key=lambda metric: metric.step)]
 
 
-def gaps(stamps: list[float]) -> list[float]:
-    return [later - earlier for earlier, later in zip(stamps, stamps[1:])]
+def spec_json(spec: JobSpec) -> dict:
+    return spec.model_dump(mode="json", by_alias=True)
 
 
-def steady_median(step_seconds: list[float], skip: int) -> float:
-    return statistics.median(step_seconds[skip:-1])
+def steady_step_seconds(stamps: list[float], skip: int) -> float:
+    """Mean step time from the end of step ``skip`` to the end of the second last step (the last one saves a
+    checkpoint). A mean of the whole window rather than a median of gaps: MLflow's timestamps are whole
+    milliseconds, which would round a median, and every slow step is a real cost."""
+    window = stamps[skip:-1]
+    return (window[-1] - window[0]) / (len(window) - 1)
+
+
+# (name, the function that runs it and returns its step-end times, whether the clusterability loss is on)
+VARIANTS = (("plain DeepSpeed", plain_stamps, False), ("plain DeepSpeed on Ray Train", plain_on_ray_train_stamps, False),
+            ("xcm, loss off", xcm_stamps, False), ("xcm, loss on", xcm_stamps, True))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--job", default=str(ROOT / "jobs" / "tiny.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--skip", type=int, default=10, help="start-up steps left out of the median")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--skip", type=int, default=40, help="start-up steps left out")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="times each variant runs, interleaved")
     parser.add_argument("--lambda", dest="lam", type=float, default=20.0, help="the loss-on run's lambda")
     args = parser.parse_args()
+    if not 0 <= args.skip < args.steps - 3:
+        parser.error(f"--skip {args.skip} leaves no steady steps out of --steps {args.steps}")
     base = [*args.overrides, f"training.steps={args.steps}", f"training.report_every={args.steps}",
             f"resources.num_workers={args.workers}", "evaluation.every_steps=0", "checkpointing.every_steps=0",
             "modularity.partition_at_step=0"]
-    # The plain loop runs first and last: on a shared machine the load drifts, and its two medians show how much.
-    runs = [("plain DeepSpeed", 0.0), ("xcm, loss off", 0.0), ("xcm, loss on", args.lam), ("plain DeepSpeed", 0.0)]
-    medians: dict[str, list[float]] = {}
+    seconds: dict[str, list[float]] = {name: [] for name, *_ in VARIANTS}
     with tempfile.TemporaryDirectory() as directory:
-        for index, (name, lam) in enumerate(runs):
-            spec = load_spec(args.job, [*base, f"name=bench-{index}", f"modularity.lambda={lam}"])
-            spec = spec.resolved(Path(directory))
-            os.environ.setdefault("DS_ACCELERATOR", "cuda" if spec.resources.use_gpu else "cpu")
-            step_seconds = (plain_step_seconds(spec, args.workers) if name == "plain DeepSpeed"
-                            else xcm_step_seconds(spec, Path(directory)))
-            medians.setdefault(name, []).append(steady_median(step_seconds, args.skip))
+        for round_index in range(args.rounds):
+            for variant_index, (name, run, loss_on) in enumerate(VARIANTS):
+                workdir = Path(directory) / f"{round_index}-{variant_index}"
+                workdir.mkdir()
+                spec = load_spec(args.job, [*base, f"name=bench-{round_index}-{variant_index}",
+                                            f"modularity.lambda={args.lam if loss_on else 0.0}"]).resolved(workdir)
+                os.environ.setdefault("DS_ACCELERATOR", "cuda" if spec.resources.use_gpu else "cpu")
+                stamps = run(spec, workdir)
+                seconds[name].append(steady_step_seconds(stamps, args.skip))
+                print(f"[bench] round {round_index + 1}/{args.rounds} {name}: "
+                      f"{seconds[name][-1] * 1000:.1f} ms/step", flush=True)
+    report(spec, args, seconds)
+
+
+def report(spec: JobSpec, args, seconds: dict[str, list[float]]) -> None:
     training = spec.training
     tokens = training.micro_batch_size * training.gradient_accumulation_steps * args.workers * spec.data.block_size
+    typical = {name: statistics.median(values) for name, values in seconds.items()}
+    plain, on_ray = typical["plain DeepSpeed"], typical["plain DeepSpeed on Ray Train"]
     print(f"\n{spec.model.family}-{spec.model.size}, ZeRO-{spec.deepspeed.zero_stage}, {training.precision}, "
-          f"{args.workers} workers, {tokens} tokens per step; median of steps {args.skip}..{args.steps - 2}")
-    plain = statistics.mean(medians["plain DeepSpeed"])
-    print("  plain DeepSpeed, first and last run: "
-          + ", ".join(f"{seconds * 1000:.1f} ms/step" for seconds in medians["plain DeepSpeed"]))
-    for name, values in medians.items():
-        seconds = statistics.mean(values)
-        print(f"  {name:16s} {seconds * 1000:8.1f} ms/step  {tokens / seconds:10,.0f} tokens/s  "
-              f"ratio {plain / seconds:.3f}")
+          f"{args.workers} workers, {tokens:,} tokens per step; mean of steps {args.skip}..{args.steps - 2}, "
+          f"median of {args.rounds} rounds")
+    print(f"  {'':30s} {'ms/step':>8s}  {'(each round)':20s} {'tokens/s':>10s}  {'vs plain':>8s}  "
+          f"{'vs plain on Ray Train':>21s}")
+    for name, values in seconds.items():
+        rounds = ", ".join(f"{value * 1000:.1f}" for value in values)
+        print(f"  {name:30s} {typical[name] * 1000:8.1f}  ({rounds:18s}) {tokens / typical[name]:10,.0f}  "
+              f"{plain / typical[name]:8.3f}  {on_ray / typical[name]:21.3f}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """MLflow tracking: the driver opens and closes the run; rank 0 logs into it, batched and off the step path.
 
 Shaped after Composer's MLflowLogger: one run per job, created by the driver so a failure anywhere can still
-mark it FAILED; rank 0 spools metrics to local disk and a background thread sends them with ``log_batch`` (one
+mark it FAILED; rank 0 spools metrics to local disk and a sender process (``metric_sender``) sends them with ``log_batch`` (one
 HTTP call costs ~60 ms, so per-metric calls from the loop would dominate a tiny model's step).
 
 The tracking store must answer when a run starts or resumes (``start_run``/``attach_run`` raise
@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -32,7 +34,8 @@ logger = logging.getLogger(__name__)
 # MLflow retries a dead server for ~4 minutes by default; xcm would rather report it at once.
 _CLIENT_ENVIRONMENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
-_MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+# A metric sender that died is restarted by the next log call, at most this often (the spool holds the metrics).
+_SENDER_RESTART_S = 30.0
 
 
 class TrackingUnavailable(RuntimeError):
@@ -116,32 +119,40 @@ def run_link(uri: str, experiment_id: str, run_id: str) -> str:
 
 
 class MetricLogger:
-    """Rank 0's logger: ``log`` writes to the on-disk spool, ``log_artifact*`` enqueue; a daemon thread sends
-    every ``interval_s``.
+    """Rank 0's logger: ``log`` writes to the on-disk spool, which a sender process
+    (``orchestrator.metric_sender``) moves into MLflow every ``interval_s``; ``log_artifact*`` enqueue for a
+    daemon thread here, which writes and uploads them (rare, and their writers are closures).
 
     A failed send leaves the metrics in the spool (or the artifact in its queue) for the next round, so a
-    tracking server that is down for a while loses nothing, and neither does a worker that dies: the next
-    logger on the same spool sends what it left. ``close`` drains both before the run is marked finished.
+    tracking server that is down for a while loses nothing, and neither does a worker that dies: its sender
+    drains the spool when the pipe from the trainer closes, and the next logger on the same spool sends what is
+    left. ``close`` drains both before the run is marked finished.
     """
 
     def __init__(self, uri: str, run_id: str, spool_path: Path, interval_s: float = 1.0):
         from orchestrator.metric_spool import MetricSpool
 
         self._client = client(uri)
-        self._run_id = run_id
+        self._uri, self._run_id = uri, run_id
         self._interval_s = interval_s
         self._spool = MetricSpool(spool_path)
-        self._outage = False  # the last send failed: warn once per outage, not once per retry
+        self._sender = self._start_sender()
+        self._sender_started = time.monotonic()
         self._artifacts: queue.Queue = queue.Queue()  # (write into a directory, artifact path) pairs
         self._pending_artifacts: list = []
         self._stop = threading.Event()
         self._close_timeout_s = 60.0
-        self._thread = threading.Thread(target=self._send_forever, name="xcm-mlflow", daemon=True)
+        self._thread = threading.Thread(target=self._send_artifacts_forever, name="xcm-artifacts", daemon=True)
         self._thread.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Spool the step's metrics (a step that a resumed run recomputes is logged only the first time)."""
         self._spool.append(metrics, step, int(time.time() * 1000))
+        if self._sender.poll() is not None and time.monotonic() - self._sender_started > _SENDER_RESTART_S:
+            logger.warning("the metric sender process exited (code %s); starting another, the spool keeps every "
+                           "metric meanwhile", self._sender.returncode)
+            self._sender = self._start_sender()
+            self._sender_started = time.monotonic()
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         """Queue a small file for upload; it is read now, so the caller may delete it as soon as this returns."""
@@ -157,6 +168,15 @@ class MetricLogger:
         """Send what is queued, retrying for up to ``timeout_s``; report what could not be sent."""
         self._close_timeout_s = timeout_s
         self._stop.set()
+        try:
+            self._sender.stdin.write(f"{timeout_s}\n".encode())
+            self._sender.stdin.close()  # the sender drains the spool and exits
+        except OSError:
+            pass  # the sender is gone already: what it left stays in the spool
+        try:
+            self._sender.wait(timeout_s + self._interval_s + 10)
+        except subprocess.TimeoutExpired:
+            self._sender.kill()
         self._thread.join(timeout_s + self._interval_s + 5)
         if self._spool.pending():
             logger.warning("MLflow logger closed with unsent metrics; they stay in %s and are sent when the run "
@@ -166,37 +186,23 @@ class MetricLogger:
         if unsent_artifacts:
             logger.warning("MLflow logger closed with %d unsent artifact uploads", unsent_artifacts)
 
-    def _send_forever(self) -> None:
+    def _start_sender(self) -> subprocess.Popen:
+        """The sender process, with this interpreter, the package's import path and this environment."""
+        import orchestrator
+
+        package_root = str(Path(orchestrator.__file__).resolve().parents[1])
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        return subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.metric_sender", self._uri, self._run_id, str(self._spool.path),
+             "--interval", str(self._interval_s)], stdin=subprocess.PIPE, env=environment)
+
+    def _send_artifacts_forever(self) -> None:
         while not self._stop.wait(self._interval_s):
-            self._send_pending()
+            self._send_artifacts()
         deadline = time.monotonic() + self._close_timeout_s
-        while not self._send_pending() and time.monotonic() < deadline:
+        while not self._send_artifacts() and time.monotonic() < deadline:
             time.sleep(self._interval_s)
-
-    def _send_pending(self) -> bool:
-        """Send everything spooled and queued; True when nothing is left, False when the store refused a batch."""
-        from mlflow.entities import Metric
-
-        while self._spool.pending():
-            records, offset = self._spool.unsent(_MAX_BATCH)
-            batch = [Metric(key, value, record["timestamp"], record["step"])
-                     for record in records for key, value in record["metrics"].items()]
-            try:
-                # Resending a batch after a crash is harmless: the spool keeps each metric's timestamp, and
-                # MLflow stores an identical (key, value, timestamp, step) once.
-                if batch:
-                    self._client.log_batch(self._run_id, metrics=batch, synchronous=True)
-            except Exception as error:
-                if not self._outage:
-                    logger.warning("MLflow log_batch failed (%s); training goes on, metrics wait in %s and are "
-                                   "retried every %s s", error, self._spool.path, self._interval_s)
-                self._outage = True
-                return False
-            self._spool.mark_sent(offset)
-            if self._outage:
-                logger.warning("MLflow is reachable again: sending the metrics held in %s", self._spool.path)
-                self._outage = False
-        return self._send_artifacts()
 
     def _send_artifacts(self) -> bool:
         """Write and upload every queued artifact; a writer that fails is dropped, an upload that fails is kept."""

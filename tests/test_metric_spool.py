@@ -62,13 +62,19 @@ def test_spool_is_bounded(tmp_path):
 
 
 def test_sent_spool_is_compacted_but_remembers_steps(tmp_path):
-    """Once all is sent a large spool shrinks to one line that still knows the last step of every metric."""
+    """Once all is sent a large spool shrinks, at the writer's next append, to the new record and one line that
+    still knows the last step of every metric; the sender (another object on the path) reads on from there."""
     path = tmp_path / "spool.jsonl"
     spool = MetricSpool(path, compact_bytes=1000)
+    sender = MetricSpool(path, writer=False)
     for step in range(100):
         spool.append({"loss": 1.0, "lr": 0.1}, step, timestamp_ms=step)
-    spool.mark_sent(spool.unsent(max_metrics=10_000)[1])
-    assert len(path.read_text().splitlines()) == 1
+    sender.mark_sent(sender.unsent(max_metrics=10_000)[1])
+    assert len(path.read_text().splitlines()) == 100  # the sender never rewrites the file
+    spool.append({"loss": 1.5}, 100, timestamp_ms=100)
+    assert len(path.read_text().splitlines()) == 2
+    assert [record["step"] for record in sender.unsent(max_metrics=1000)[0]] == [100]
+    sender.mark_sent(sender.unsent(max_metrics=1000)[1])
     spool.close()
     reopened = MetricSpool(path)
     assert not reopened.pending()
@@ -99,3 +105,32 @@ def test_logger_resends_after_a_crash_without_duplicates(tmp_path):
     logger.close()
     history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
     assert history == [(0, 3.0), (1, 2.0), (2, 1.0), (3, 0.5)]
+
+
+def test_sender_process_delivers_every_step_once_while_the_writer_compacts(tmp_path):
+    """The sender process and the writer share the spool (it compacts under them, every ~2 KB), and when the pipe
+    from the trainer closes without a word, as when it dies, the sender still delivers what is left, each step
+    exactly once."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("sender")).info.run_id
+    spool_path = tmp_path / "spool.jsonl"
+    writer = MetricSpool(spool_path, compact_bytes=2000)
+    sender = subprocess.Popen([sys.executable, "-m", "orchestrator.metric_sender", uri, run_id, str(spool_path),
+                               "--interval", "0.05"], stdin=subprocess.PIPE)
+    compactions, steps, deadline = 0, 0, time.monotonic() + 90
+    while (steps < 300 or compactions < 3) and time.monotonic() < deadline:  # the sender needs a few s to start
+        size = spool_path.stat().st_size if spool_path.exists() else 0
+        writer.append({"loss": float(steps), "lr": 0.1}, steps, timestamp_ms=1000 + steps)
+        compactions += spool_path.stat().st_size < size
+        steps += 1
+        time.sleep(0.005)
+    sender.stdin.close()  # no drain timeout written: the trainer "died"
+    assert sender.wait(timeout=120) == 0
+    assert compactions >= 3
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+    assert history == [(step, float(step)) for step in range(steps)]
+    assert not MetricSpool(spool_path, writer=False).pending()

@@ -64,16 +64,15 @@ def run_job(spec: JobSpec, workdir: Path | None = None, resume_from: str | None 
 
 def _fit(spec: JobSpec, run_id: str, resume_from: str | None = None):
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
 
     from orchestrator.partitioner import start_partitioners
     from orchestrator.train.checkpoint_store import run_directory_name
     from orchestrator.train.progress import ProgressBoard, ProgressLine
     from orchestrator.train.worker import train_worker
 
-    _ensure_ray(spec)
-    resources = spec.resources
+    ensure_ray(spec)
     board_name = f"xcm-progress-{uuid.uuid4().hex[:12]}"
     board = ProgressBoard.options(name=board_name).remote()
     partitioners = start_partitioners(spec)
@@ -82,11 +81,7 @@ def _fit(spec: JobSpec, run_id: str, resume_from: str | None = None):
         train_loop_config={"spec": spec.model_dump(mode="json", by_alias=True), "run_id": run_id,
                            "progress_actor": board_name, "partitioners": list(partitioners),
                            "resume_from": resume_from},
-        torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=resources.num_workers, use_gpu=resources.use_gpu,
-            resources_per_worker={"CPU": resources.cpus_per_worker,
-                                  **({"GPU": resources.gpus_per_worker} if resources.use_gpu else {})}),
+        **worker_group(spec),
         # The same name on every start of the run: Ray Train then restores its checkpoints on `xcm resume`.
         run_config=RunConfig(
             name=run_directory_name(spec.name, run_id), storage_path=spec.checkpointing.storage_path,
@@ -101,7 +96,21 @@ def _fit(spec: JobSpec, run_id: str, resume_from: str | None = None):
             ray.kill(actor)
 
 
-def _ensure_ray(spec: JobSpec) -> None:
+def worker_group(spec: JobSpec) -> dict:
+    """``TorchTrainer``'s ``torch_config`` and ``scaling_config`` for the job's workers (``bench/throughput.py``
+    starts its plain DeepSpeed loop on Ray Train with the same ones)."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    resources = spec.resources
+    return {"torch_config": TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
+            "scaling_config": ScalingConfig(
+                num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                resources_per_worker={"CPU": resources.cpus_per_worker,
+                                      **({"GPU": resources.gpus_per_worker} if resources.use_gpu else {})})}
+
+
+def ensure_ray(spec: JobSpec) -> None:
     """Join the cluster at RAY_ADDRESS when set, else start a local Ray sized to the job."""
     import ray
 

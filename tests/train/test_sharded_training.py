@@ -158,10 +158,10 @@ def sharded(tmp_path_factory, local_ray):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from orchestrator.train.launch import _ensure_ray
+    from orchestrator.train.launch import ensure_ray
 
     directory = tmp_path_factory.mktemp("sharded")
-    _ensure_ray(case_spec([]))  # the session's Ray, started as xcm starts it (or joined)
+    ensure_ray(case_spec([]))  # the session's Ray, started as xcm starts it (or joined)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module
     config = {"output": str(directory / "results.pt"),
               "exactness": {name: case_spec(o).model_dump(mode="json", by_alias=True) for name, o in EXACTNESS.items()},
