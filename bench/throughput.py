@@ -1,4 +1,5 @@
-"""Benchmark: xcm's trainer against a plain DeepSpeed loop, tokens/s as a ratio, with the clusterability loss off and on.
+"""Benchmark: xcm's trainer against a plain DeepSpeed loop, tokens/s as a ratio, with the clusterability loss off
+and on.
 
     python bench/throughput.py                          # jobs/tiny.yaml: tiny GPT-2, ZeRO-2, fp32, 2 CPU workers
     python bench/throughput.py --set deepspeed.zero_stage=3 --rounds 3
@@ -147,16 +148,19 @@ def steady_step_seconds(stamps: list[float], skip: int) -> float:
 
 
 # (name, the function that runs it and returns its step-end times, whether the clusterability loss is on)
-VARIANTS = (("plain DeepSpeed", plain_stamps, False), ("plain DeepSpeed on Ray Train", plain_on_ray_train_stamps, False),
-            ("xcm, loss off", xcm_stamps, False), ("xcm, loss on", xcm_stamps, True))
+VARIANTS = (("plain DeepSpeed", plain_stamps, False),
+            ("plain DeepSpeed on Ray Train", plain_on_ray_train_stamps, False),
+            ("xcm, loss off", xcm_stamps, False),
+            ("xcm, loss on", xcm_stamps, True))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--job", default=str(ROOT / "jobs" / "tiny.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--skip", type=int, default=40, help="start-up steps left out")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--skip", type=int, default=150,
+                        help="start-up steps left out (imports, the partition and its heatmaps)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="times each variant runs, interleaved")
     parser.add_argument("--lambda", dest="lam", type=float, default=20.0, help="the loss-on run's lambda")

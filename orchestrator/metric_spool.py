@@ -4,8 +4,9 @@
 or restarted by Ray Train has lost nothing it logged; ``unsent``/``mark_sent`` let the sender (another process,
 ``orchestrator.metric_sender``) work through the file at MLflow's pace, from a byte offset kept beside it
 (``<spool>.sent``, replaced atomically). The two processes take an advisory lock (``<spool>.lock``) around every
-read or change of the files, but not around a send, which may take seconds. While the tracking server is down the file grows, up to ``max_unsent_bytes``; past
-that, new metrics are dropped with a warning (bounded, so a long outage cannot fill the disk).
+read or change of the files, but not around a send, which may take seconds. While the tracking server is down
+the file grows, up to ``max_unsent_bytes``; past that, new metrics are dropped with a warning (bounded, so a
+long outage cannot fill the disk).
 
 The file also remembers the last step logged per metric, across restarts and ``xcm resume``: a run that
 continues from a checkpoint recomputes the steps after it, and ``append`` drops the ones already logged, so

@@ -152,6 +152,9 @@ class TrackingSpec(Section):
     artifact_location: str | None = Field(None, description="artifact root for a new experiment")
     run_id: str | None = Field(None, description="an existing MLflow run to log into (set by xcm submit); "
                                                  "a new run when omitted")
+    log_every_steps: int = Field(1, ge=1, description="steps between the per-step training metrics logged to "
+                                                      "MLflow (loss, clusterability, throughput; the last step "
+                                                      "always): each metric costs the tracking store CPU")
 
 
 class CheckpointSpec(Section):

@@ -98,8 +98,9 @@ class TrainingSession:
         for step in range(self.start_step, training.steps):
             self.maybe_partition(step)
             metrics = self.train_step()
-            metrics.update(self.throughput.memory_metrics(step))  # every worker's peak, when due (a collective)
-            self.publish(step, metrics)
+            memory = self.throughput.memory_metrics(step)  # every worker's peak, when due (a collective)
+            metrics.update(memory)
+            self.publish(step, metrics, always_log=bool(memory))
             self.maybe_evaluate(step)
             self.maybe_report(step, metrics)
         self.partition_schedule.finish()
@@ -167,13 +168,15 @@ class TrainingSession:
         metrics[metric_names.CLUSTERABILITY_NORMALISED] = sum(normalised.values()) / len(normalised)
         return metrics
 
-    def publish(self, step: int, metrics: dict[str, float]) -> None:
-        """Rank 0 only: queue the step's metrics for MLflow; post the progress snapshot a few times a second."""
+    def publish(self, step: int, metrics: dict[str, float], always_log: bool = False) -> None:
+        """Rank 0 only: queue the step's metrics for MLflow every ``tracking.log_every_steps`` (and at the last
+        step, or ``always_log``); post the progress snapshot a few times a second."""
         if not self.is_rank_zero:
             return
-        self.logger.log(metrics, step)
-        now = time.monotonic()
         last = step == self.spec.training.steps - 1
+        if last or always_log or step % self.spec.tracking.log_every_steps == 0:
+            self.logger.log(metrics, step)
+        now = time.monotonic()
         if self.progress is not None and (last or now - self.last_progress_post >= PROGRESS_POST_INTERVAL_S):
             self.last_progress_post = now
             self.progress.post.remote({
