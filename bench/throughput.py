@@ -16,8 +16,9 @@ Every run shares the job's model, ZeRO stage, batch, precision and data:
 Ray is shut down after each Ray run, so every run starts from the same quiet machine. The runs go in rounds
 (``--rounds``), each round all four in turn, so that a load that drifts over minutes touches every variant alike.
 A run's figure is its mean step time over steps ``--skip``.. the second last (start-up, partitioning and the
-final checkpoint left out): for xcm, from the timestamps of its per-step MLflow ``loss`` metric, so logging and
-every per-step side job are inside. The target is a ratio of 0.95 or more with the loss on.
+final checkpoint left out): for xcm, from the timestamps of its MLflow ``loss`` metric (at the steps it logs:
+``tracking.log_every_steps``), so logging and every per-step side job are inside. The target is a ratio of 0.95
+or more with the loss on.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from orchestrator.spec import JobSpec, load_spec  # noqa: E402
 
 
-def plain_loop(spec: JobSpec, rank: int, world_size: int) -> list[float]:
+def plain_loop(spec: JobSpec, rank: int, world_size: int) -> dict[int, float]:
     """Train the job's model without xcm; the time at the end of each step."""
     import deepspeed
 
@@ -54,8 +55,8 @@ def plain_loop(spec: JobSpec, rank: int, world_size: int) -> list[float]:
         model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(spec, world_size))
     batches = batch_stream(data.train, training.micro_batch_size, rank, world_size, training.seed)
-    stamps = []
-    for _ in range(training.steps):
+    stamps = {}
+    for step in range(training.steps):
         for _ in range(training.gradient_accumulation_steps):
             batch = next(batches)
             input_ids, labels = batch["input_ids"].to(engine.device), batch["labels"].to(engine.device)
@@ -64,7 +65,7 @@ def plain_loop(spec: JobSpec, rank: int, world_size: int) -> list[float]:
             engine.backward(loss)
             engine.step()
         loss.item()  # a real loop reads its loss; on GPU this also waits for the step to finish
-        stamps.append(time.perf_counter())
+        stamps[step] = time.perf_counter()
     return stamps
 
 
@@ -93,7 +94,7 @@ def ray_train_worker(config: dict) -> None:
         torch.save(stamps, config["output"])
 
 
-def plain_stamps(spec: JobSpec, workdir: Path) -> list[float]:
+def plain_stamps(spec: JobSpec, workdir: Path) -> dict[int, float]:
     with socket.socket() as probe:  # a free port for the process group, released before the workers bind it
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -103,7 +104,7 @@ def plain_stamps(spec: JobSpec, workdir: Path) -> list[float]:
     return torch.load(output)
 
 
-def plain_on_ray_train_stamps(spec: JobSpec, workdir: Path) -> list[float]:
+def plain_on_ray_train_stamps(spec: JobSpec, workdir: Path) -> dict[int, float]:
     import ray
     from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
@@ -120,8 +121,8 @@ def plain_on_ray_train_stamps(spec: JobSpec, workdir: Path) -> list[float]:
     return torch.load(output)
 
 
-def xcm_stamps(spec: JobSpec, workdir: Path) -> list[float]:
-    """The job through xcm's trainer; the timestamps of its per-step ``loss`` metric."""
+def xcm_stamps(spec: JobSpec, workdir: Path) -> dict[int, float]:
+    """The job through xcm's trainer; the timestamps of its ``loss`` metric, by step."""
     import ray
     from mlflow import MlflowClient
 
@@ -132,22 +133,22 @@ def xcm_stamps(spec: JobSpec, workdir: Path) -> list[float]:
     finally:
         ray.shutdown()
     history = MlflowClient(tracking_uri=result.tracking_uri).get_metric_history(result.run_id, "loss")
-    return [metric.timestamp / 1000 for metric in sorted(history, key=lambda metric: metric.step)]
+    return {metric.step: metric.timestamp / 1000 for metric in history}
 
 
 def spec_json(spec: JobSpec) -> dict:
     return spec.model_dump(mode="json", by_alias=True)
 
 
-def steady_step_seconds(stamps: list[float], skip: int) -> float:
-    """Mean step time from the end of step ``skip`` to the end of the second last step (the last one saves a
-    checkpoint). A mean of the whole window rather than a median of gaps: MLflow's timestamps are whole
-    milliseconds, which would round a median, and every slow step is a real cost."""
-    window = stamps[skip:-1]
-    return (window[-1] - window[0]) / (len(window) - 1)
+def steady_step_seconds(stamps: dict[int, float], skip: int) -> float:
+    """Mean step time from the end of step ``skip`` (or the first logged step after it) to the end of the second
+    last logged step (the last one saves a checkpoint). A mean of the whole window rather than a median of gaps:
+    MLflow's timestamps are whole milliseconds, which would round a median, and every slow step is a real cost."""
+    steps = sorted(step for step in stamps if step >= skip)[:-1]
+    return (stamps[steps[-1]] - stamps[steps[0]]) / (steps[-1] - steps[0])
 
 
-# (name, the function that runs it and returns its step-end times, whether the clusterability loss is on)
+# (name, the function that runs it and returns its step-end times by step, whether the clusterability loss is on)
 VARIANTS = (("plain DeepSpeed", plain_stamps, False),
             ("plain DeepSpeed on Ray Train", plain_on_ray_train_stamps, False),
             ("xcm, loss off", xcm_stamps, False),

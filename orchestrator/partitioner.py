@@ -140,6 +140,6 @@ class PartitionerPool:
 
     @staticmethod
     def collect_heatmaps(request: PartitionRequest, timeout_s: float = 600) -> dict[str, bytes]:
-        """Every actor's heatmaps by matrix name: for the logger's sender thread, never the training loop."""
+        """Every actor's heatmaps by matrix name: for the logger's artifact thread, never the training loop."""
         return {name: png for pictures in ray.get(request.heatmaps, timeout=timeout_s)
                 for name, png in pictures.items()}

@@ -160,7 +160,7 @@ class MetricLogger:
         self.log_artifacts_from(lambda directory: (directory / name).write_bytes(data), artifact_path)
 
     def log_artifacts_from(self, write: Callable[[Path], object], artifact_path: str | None = None) -> None:
-        """Queue artifacts that the sender thread writes (``write(directory)``) and uploads under
+        """Queue artifacts that the artifact thread writes (``write(directory)``) and uploads under
         ``artifact_path``: neither building a file (a Parquet table, a PNG) nor uploading it costs a step."""
         self._artifacts.put((write, artifact_path))
 

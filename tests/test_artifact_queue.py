@@ -1,4 +1,4 @@
-"""Rank 0's artifact uploads: queued and written by the sender thread, so they never cost a training step."""
+"""Rank 0's artifact uploads: queued and written by the logger's artifact thread, so they never cost a training step."""
 
 import time
 

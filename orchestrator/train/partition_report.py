@@ -1,7 +1,7 @@
 """Rank 0's MLflow view of partition versions: metrics at each adoption, the partition as Parquet, heatmaps.
 
-All of it goes through the MetricLogger's queues: its sender thread writes the Parquet table and uploads the
-PNGs (drawn by the partitioner actors, or, for the end of training, by the sender thread itself), so a new
+All of it goes through the MetricLogger's queues: its artifact thread writes the Parquet table and uploads the
+PNGs (drawn by the partitioner actors, or, for the end of training, by the artifact thread itself), so a new
 version costs the training step only the enqueuing.
 """
 
