@@ -44,10 +44,13 @@ class ClusterabilityRegularizer:
     """Records C of each registered module's weight, with autograd, whenever that module runs forward.
 
     Values are kept by module name, so a module that runs again in the same step (an activation-checkpoint
-    recompute) replaces its value instead of being counted twice.
+    recompute) replaces its value instead of being counted twice. With ``differentiable=False`` (a run whose
+    lambda is 0 still reports C) the values are computed without autograd: no graph is built for a term that is
+    never backpropagated.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, differentiable: bool = True) -> None:
+        self.differentiable = differentiable
         self._states: dict[str, _MatrixState] = {}
         self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._values: dict[str, Tensor] = {}
@@ -105,7 +108,8 @@ class ClusterabilityRegularizer:
                 raise ValueError(f"ClusterabilityRegularizer: {name!r} has weight [n_out, n_in] = "
                                  f"{list(weight.shape)} but its partition labels {state.row_onehot.shape[0]} rows "
                                  f"and {state.col_onehot.shape[0]} columns")
-            inside, total = clusterability_parts(weight, state.row_onehot, state.col_onehot)
-            self._values[name] = inside / total
+            with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+                inside, total = clusterability_parts(weight, state.row_onehot, state.col_onehot)
+                self._values[name] = inside / total
             self._masses[name] = total.detach()
         return record

@@ -67,7 +67,8 @@ class TrainingSession:
         self.engine = build_engine(model, spec, world_size)
         self.throughput = throughput_meter(spec, flops, world_size, self.objective.unit, self.engine.device)
         self.groups = find_matrix_groups(self.engine.module, spec.modularity.matrices)
-        self.regularizer = ClusterabilityRegularizer()
+        # lambda 0 (a control run) still reports C, computed without autograd
+        self.regularizer = ClusterabilityRegularizer(differentiable=spec.modularity.lambda_ > 0)
         self.logger = self.progress = None
         self.last_progress_post = float("-inf")
         if self.is_rank_zero:

@@ -56,6 +56,27 @@ def test_model_forward_records_every_group_matrix(tiny_gpt2):
     regularizer.remove()
 
 
+def test_non_differentiable_regularizer_reports_the_same_values_without_a_graph(tiny_gpt2):
+    """For a lambda-0 run: the same C as the differentiable hooks, while the task loss keeps its own graph."""
+    groups = find_matrix_groups(tiny_gpt2)
+    partitions = {g.name: partition_group([m.weight() for m in g.inputs], [m.weight() for m in g.outputs], 4)
+                  for g in groups}
+    inputs = torch.randint(0, 64, (2, 16))
+    recorded = {}
+    for differentiable in (True, False):
+        regularizer = ClusterabilityRegularizer(differentiable=differentiable)
+        regularize_groups(regularizer, groups, partitions)
+        logits = tiny_gpt2(inputs).logits
+        recorded[differentiable] = regularizer.values()
+        regularizer.remove()
+    assert logits.requires_grad
+    assert all(value.requires_grad for value in recorded[True].values())
+    assert not any(value.requires_grad for value in recorded[False].values())
+    assert recorded[True].keys() == recorded[False].keys()
+    for name, value in recorded[False].items():
+        assert torch.equal(value, recorded[True][name].detach())
+
+
 def test_penalty_gradient_steps_increase_clusterability():
     """A few Adam steps on the penalty alone raise C of a random matrix well above its starting value."""
     torch.manual_seed(0)
