@@ -39,6 +39,7 @@ class SentMarker(NamedTuple):
     generation: int
     shift: int
 
+
 class MetricSpool:
     """An append-only JSON-lines file of ``{"step", "timestamp", "metrics"}`` records and a sent offset.
 
@@ -51,7 +52,7 @@ class MetricSpool:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._sent_path = self.path.with_name(self.path.name + ".sent")
-        self._lock_path = self.path.with_name(self.path.name + ".lock")
+        self._lock_file = self.path.with_name(self.path.name + ".lock").open("a")  # held open: locked every step
         self._max_unsent_bytes = max_unsent_bytes
         self._compact_bytes = compact_bytes
         self._thread_lock = threading.Lock()
@@ -118,7 +119,7 @@ class MetricSpool:
             elif marker.generation != current.generation:
                 return  # older still (cannot happen: compaction needs the sender to have marked 8 MB sent)
             if marker.offset > current.offset:
-                self._write_marker(marker._replace(shift=current.shift))
+                self._write_marker(marker)
 
     def pending(self) -> bool:
         with self._locked():
@@ -129,13 +130,17 @@ class MetricSpool:
             logger.warning("metric spool %s dropped %d metrics while full", self.path, self._dropped)
         if self._file is not None:
             self._file.close()
+        self._lock_file.close()
 
     @contextlib.contextmanager
     def _locked(self):
         """This process's threads, then the other process (an advisory lock on ``<spool>.lock``)."""
-        with self._thread_lock, self._lock_path.open("a") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            yield  # the lock goes with the file's closing
+        with self._thread_lock:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
 
     def _size(self) -> int:
         try:

@@ -174,13 +174,12 @@ class MetricLogger:
         except OSError:
             pass  # the sender is gone already: what it left stays in the spool
         try:
-            self._sender.wait(timeout_s + self._interval_s + 10)
+            self._sender.wait(timeout_s + self._interval_s + 10)  # it warns itself of what it could not send
         except subprocess.TimeoutExpired:
             self._sender.kill()
+            logger.warning("the metric sender did not finish within %s s; unsent metrics stay in %s and are sent "
+                           "when the run is resumed", timeout_s, self._spool.path)
         self._thread.join(timeout_s + self._interval_s + 5)
-        if self._spool.pending():
-            logger.warning("MLflow logger closed with unsent metrics; they stay in %s and are sent when the run "
-                           "is resumed", self._spool.path)
         self._spool.close()
         unsent_artifacts = len(self._pending_artifacts) + self._artifacts.qsize()
         if unsent_artifacts:
