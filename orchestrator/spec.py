@@ -154,7 +154,8 @@ class TrackingSpec(Section):
                                                  "a new run when omitted")
     log_every_steps: int = Field(1, ge=1, description="steps between the per-step training metrics logged to "
                                                       "MLflow (loss, clusterability, throughput; the last step "
-                                                      "always): each metric costs the tracking store CPU")
+                                                      "always): each metric costs the tracking store CPU, and on "
+                                                      "a GPU each logged step a synchronisation")
 
 
 class CheckpointSpec(Section):

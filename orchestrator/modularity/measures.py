@@ -36,10 +36,12 @@ def block_mass(weight: Tensor, row_labels: Tensor, col_labels: Tensor, k: int) -
 
 def clusterability_parts(weight: Tensor, row_onehot: Tensor, col_onehot: Tensor) -> tuple[Tensor, Tensor]:
     """In-block and total squared mass of `weight` `[n_out, n_in]` under one-hot labels `[n_out, k]`, `[n_in, k]`."""
-    squared = weight.to(compute_dtype(weight.dtype)).pow(2)  # [n_out, n_in]
+    squared = weight.to(compute_dtype(weight.dtype)).square()  # [n_out, n_in]
     # trace(R.T W² C) without the off-diagonal blocks: row-wise mass per column cluster, kept where clusters match.
-    inside = ((squared @ col_onehot.to(squared.dtype)) * row_onehot.to(squared.dtype)).sum()
-    return inside, squared.sum()
+    per_column_cluster = squared @ col_onehot.to(squared.dtype)  # [n_out, k]
+    inside = (per_column_cluster * row_onehot.to(squared.dtype)).sum()
+    # Every column has one cluster, so the [n_out, k] sums add up to the total: one pass over W fewer.
+    return inside, per_column_cluster.sum()
 
 
 def clusterability_onehot(weight: Tensor, row_onehot: Tensor, col_onehot: Tensor) -> Tensor:
@@ -75,7 +77,7 @@ class ModelClusterability(NamedTuple):
     mass_weighted: Tensor
 
 
-def model_clusterability(values: Sequence[Tensor], masses: Sequence[Tensor]) -> ModelClusterability:
+def model_clusterability(values: Sequence[Tensor | float], masses: Sequence[Tensor | float]) -> ModelClusterability:
     """A model's C: the plain mean over its matrices (the papers' figure) and the mean weighted by squared mass."""
     c = torch.stack([torch.as_tensor(v) for v in values]).double()  # [n_matrices]
     mass = torch.stack([torch.as_tensor(m) for m in masses]).double()  # [n_matrices]

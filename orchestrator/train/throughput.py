@@ -63,8 +63,15 @@ def throughput_meter(spec: JobSpec, flops_per_item: float, world_size: int, unit
 
 
 class ThroughputMeter:
-    """Turns a step's wall time and item count into items/s, step time and MFU for the whole job, and gathers
-    every worker's peak memory now and then (a collective: on a loaded CPU one per step cost ~10% of a tiny step)."""
+    """Turns the training steps' wall time and item counts into items/s, step time and MFU for the whole job, and
+    gathers every worker's peak memory now and then (a collective: on a loaded CPU one per step cost ~10% of a
+    tiny step).
+
+    Rates are means over a window of steps (since the trainer last logged them, ``restart_window``), not a
+    single step's: the trainer reads its metrics back from the device only at the steps it logs or shows, so on
+    a GPU a step that is neither ends without a synchronisation and its own wall time would only be the time to
+    queue its kernels.
+    """
 
     def __init__(self, flops_per_item: float, peak_flops_per_worker: float | None, world_size: int, unit: str,
                  device: torch.device, memory_every: int = 1, steps: int = 0):
@@ -73,14 +80,28 @@ class ThroughputMeter:
         self.world_size, self.device = world_size, device
         self.rate_name = metric_names.TOKENS_PER_SECOND if unit == "tokens" else metric_names.SAMPLES_PER_SECOND
         self.memory_every, self.steps = memory_every, steps
+        self._seconds, self._items, self._steps = 0.0, 0, 0
 
-    def step_metrics(self, seconds: float, items_per_rank: int) -> dict[str, float]:
-        """Items/s over all workers (each rank counts the same), the step's time and the MFU it implies."""
-        rate = items_per_rank * self.world_size / seconds
-        metrics = {self.rate_name: rate, metric_names.STEP_TIME: seconds}
+    def record(self, seconds: float, items_per_rank: int) -> None:
+        """Add one training step (its wall time and this rank's items) to the window."""
+        self._seconds += seconds
+        self._items += items_per_rank
+        self._steps += 1
+
+    def window_metrics(self) -> dict[str, float]:
+        """Items/s over all workers (each rank counts the same), mean step time and the MFU they imply, over the
+        window's steps; empty when it has none."""
+        if not self._steps:
+            return {}
+        rate = self._items * self.world_size / self._seconds
+        metrics = {self.rate_name: rate, metric_names.STEP_TIME: self._seconds / self._steps}
         if self.peak_flops:
             metrics[metric_names.MFU] = rate * self.flops_per_item / self.peak_flops
         return metrics
+
+    def restart_window(self) -> None:
+        """Start a new window (after its metrics were logged)."""
+        self._seconds, self._items, self._steps = 0.0, 0, 0
 
     def memory_metrics(self, step: int) -> dict[str, float]:
         """Every worker's peak memory after ``step``, when due (every rank calls this at every step)."""

@@ -16,6 +16,8 @@ import os
 import time
 from collections.abc import Sequence
 
+import torch
+
 from orchestrator import metric_names
 from orchestrator.spec import JobSpec
 
@@ -95,16 +97,35 @@ class TrainingSession:
 
     def run(self) -> None:
         training = self.spec.training
-        metrics: dict[str, float] = {}
         for step in range(self.start_step, training.steps):
             self.maybe_partition(step)
-            metrics = self.train_step()
+            metrics = self.train_step(measure=self.metrics_due(step))
             memory = self.throughput.memory_metrics(step)  # every worker's peak, when due (a collective)
             metrics.update(memory)
-            self.publish(step, metrics, always_log=bool(memory))
+            self.publish(step, metrics)
             self.maybe_evaluate(step)
             self.maybe_report(step, metrics)
         self.partition_schedule.finish()
+
+    def metrics_due(self, step: int) -> bool:
+        """Whether this rank reads the step's metrics back from the device (on a GPU, a synchronisation): at
+        the steps rank 0 logs or posts progress, and at every rank's Ray Train reports (memory steps among them)."""
+        if self.report_due(step):
+            return True
+        if not self.is_rank_zero:
+            return False
+        return self.log_due(step) or (self.progress is not None and self.progress_due())
+
+    def report_due(self, step: int) -> bool:
+        """Every rank reports to Ray Train every ``training.report_every`` steps and when a checkpoint is due."""
+        return self.checkpoints.due(step) or (step + 1) % self.spec.training.report_every == 0
+
+    def log_due(self, step: int) -> bool:
+        """Rank 0 logs every ``tracking.log_every_steps`` steps and at the last."""
+        return step == self.spec.training.steps - 1 or step % self.spec.tracking.log_every_steps == 0
+
+    def progress_due(self) -> bool:
+        return time.monotonic() - self.last_progress_post >= PROGRESS_POST_INTERVAL_S
 
     def maybe_evaluate(self, step: int) -> None:
         """Eval loss, and perplexity or accuracy, every ``evaluation.every_steps``: all ranks run it, rank 0 logs."""
@@ -129,8 +150,9 @@ class TrainingSession:
         if state is not None:
             self.partition_schedule.load_state_dict(state)
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
+    def train_step(self, measure: bool) -> dict[str, float]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; its metrics when ``measure``
+        (else ``{}``: nothing is read back from the device)."""
         started = time.perf_counter()
         lam = self.spec.modularity.lambda_
         lr = self.engine.get_lr()[0]  # the rate this step applies (the scheduler moves on at its end)
@@ -144,42 +166,43 @@ class TrainingSession:
             self.engine.backward(loss)
             self.engine.step()
             items += self.objective.count(batch)
-        metrics = {metric_names.LOSS: loss.item(), metric_names.TASK_LOSS: task_loss.item(),
-                   metric_names.LEARNING_RATE: lr,
-                   **{name: float(value) for name, value in task_metrics.items()}}
-        metrics.update(self.throughput.step_metrics(time.perf_counter() - started, items))
-        metrics.update(self.clusterability_metrics())
+        if not measure:
+            self.throughput.record(time.perf_counter() - started, items)
+            return {}
+        task, values, masses = to_floats({metric_names.LOSS: loss, metric_names.TASK_LOSS: task_loss, **task_metrics},
+                                         self.regularizer.values() if partitioned else {},
+                                         self.regularizer.masses() if partitioned else {})
+        self.throughput.record(time.perf_counter() - started, items)  # includes waiting for the device
+        metrics = {**task, metric_names.LEARNING_RATE: lr, **self.throughput.window_metrics()}
+        if values:
+            metrics.update(self.clusterability_metrics(values, masses))
         return metrics
 
-    def clusterability_metrics(self) -> dict[str, float]:
-        """Per-matrix C, raw and normalised, from the last forward; their mean, mass-weighted and normalised mean."""
-        if self.partition_schedule.partitions is None:
-            return {}
+    def clusterability_metrics(self, values: dict[str, float], masses: dict[str, float]) -> dict[str, float]:
+        """Per-matrix C, raw and normalised; their mean, mass-weighted mean and normalised mean."""
         from orchestrator.modularity import model_clusterability, normalized_clusterability
 
-        values = {name: c.detach() for name, c in self.regularizer.values().items()}
-        masses = self.regularizer.masses()
         summary = model_clusterability(list(values.values()), [masses[name] for name in values])
         baselines = self.partition_schedule.baselines
-        normalised = {name: float(normalized_clusterability(c.item(), baselines[name])) for name, c in values.items()}
-        metrics = {metric_names.layer_clusterability(name): c.item() for name, c in values.items()}
+        normalised = {name: float(normalized_clusterability(c, baselines[name])) for name, c in values.items()}
+        metrics = {metric_names.layer_clusterability(name): c for name, c in values.items()}
         metrics.update({metric_names.layer_clusterability_normalised(name): n for name, n in normalised.items()})
         metrics[metric_names.CLUSTERABILITY] = float(summary.mean)
         metrics[metric_names.CLUSTERABILITY_MASS_WEIGHTED] = float(summary.mass_weighted)
         metrics[metric_names.CLUSTERABILITY_NORMALISED] = sum(normalised.values()) / len(normalised)
         return metrics
 
-    def publish(self, step: int, metrics: dict[str, float], always_log: bool = False) -> None:
-        """Rank 0 only: queue the step's metrics for MLflow every ``tracking.log_every_steps`` (and at the last
-        step, or ``always_log``); post the progress snapshot a few times a second."""
-        if not self.is_rank_zero:
+    def publish(self, step: int, metrics: dict[str, float]) -> None:
+        """Rank 0 only: queue the step's metrics for MLflow at the steps ``log_due`` names and at memory steps;
+        post the progress snapshot a few times a second. ``metrics`` is empty at steps that were not measured."""
+        if not self.is_rank_zero or not metrics:
             return
-        last = step == self.spec.training.steps - 1
-        if last or always_log or step % self.spec.tracking.log_every_steps == 0:
+        memory_step = metric_names.PEAK_MEMORY_MAX in metrics
+        if memory_step or self.log_due(step):
             self.logger.log(metrics, step)
-        now = time.monotonic()
-        if self.progress is not None and (last or now - self.last_progress_post >= PROGRESS_POST_INTERVAL_S):
-            self.last_progress_post = now
+            self.throughput.restart_window()  # the next logged rates cover the steps from here on
+        if self.progress is not None and (step == self.spec.training.steps - 1 or self.progress_due()):
+            self.last_progress_post = time.monotonic()
             self.progress.post.remote({
                 "step": step, "loss": metrics[metric_names.LOSS], "task_loss": metrics[metric_names.TASK_LOSS],
                 "clusterability": metrics.get(metric_names.CLUSTERABILITY),
@@ -192,11 +215,10 @@ class TrainingSession:
         checkpoint is due (every ``checkpointing.every_steps`` and at the end)."""
         import ray.train
 
-        checkpoint_due = self.checkpoints.due(step)
-        if not checkpoint_due and (step + 1) % self.spec.training.report_every:
+        if not self.report_due(step):
             return
         reported = {"step": step, **{key: value for key, value in metrics.items() if "/" not in key}}
-        if not checkpoint_due:
+        if not self.checkpoints.due(step):
             ray.train.report(reported)
             return
         data_position = (step + 1) * self.spec.training.gradient_accumulation_steps
@@ -206,6 +228,14 @@ class TrainingSession:
         self.regularizer.remove()
         if self.logger is not None:
             self.logger.close()
+
+
+def to_floats(*groups: dict[str, torch.Tensor]) -> list[dict[str, float]]:
+    """Every dict's scalar tensors as floats, in one device-to-host copy: on a GPU each ``.item()`` is a
+    synchronisation that stops the host from queueing the next step's kernels."""
+    flat = [tensor.detach() for group in groups for tensor in group.values()]  # 0-d; stack promotes dtypes
+    floats = iter(torch.stack(flat).tolist() if flat else [])
+    return [{name: next(floats) for name in group} for group in groups]
 
 
 def ray_actor(name: str):

@@ -123,3 +123,14 @@ def test_hook_rejects_labels_of_the_wrong_size():
     regularizer.add("layer", layer, torch.arange(8) % 2, torch.arange(6) % 2, 2)  # rows and cols swapped
     with pytest.raises(ValueError, match="'layer'"):
         layer(torch.randn(1, 8))
+
+
+def test_labels_that_do_not_fit_the_weight_are_named_in_n_out_n_in_form(tiny_gpt2):
+    """A Conv1D (stored [n_in, n_out]) whose partition has the wrong sizes fails on forward, in [n_out, n_in]
+    terms both for the weight and for the labels."""
+    conv = tiny_gpt2.transformer.h[0].mlp.c_fc  # [n_out, n_in] = [256, 64]
+    regularizer = ClusterabilityRegularizer()
+    regularizer.add("conv", conv, contiguous_labels(128, 4), contiguous_labels(64, 4), 4, transposed=True)
+    with pytest.raises(ValueError, match=r"\[n_out, n_in\] = \[256, 64\] but its partition labels 128 rows and 64"):
+        conv(torch.randn(3, 64))
+    regularizer.remove()

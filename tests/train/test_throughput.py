@@ -36,9 +36,25 @@ def test_meter_reports_rate_step_time_and_mfu():
     """Items/s counts every worker; MFU is model FLOP/s over the workers' summed peak."""
     meter = ThroughputMeter(flops_per_item=1e6, peak_flops_per_worker=1e9, world_size=2, unit="samples",
                             device=torch.device("cpu"))
-    metrics = meter.step_metrics(seconds=0.5, items_per_rank=100)
-    assert metrics == {metric_names.SAMPLES_PER_SECOND: 400.0, metric_names.STEP_TIME: 0.5,
-                       metric_names.MFU: pytest.approx(0.2)}
+    meter.record(seconds=0.5, items_per_rank=100)
+    assert meter.window_metrics() == {metric_names.SAMPLES_PER_SECOND: 400.0, metric_names.STEP_TIME: 0.5,
+                                      metric_names.MFU: pytest.approx(0.2)}
+
+
+def test_meter_reports_means_over_the_window_until_restarted():
+    """Steps recorded since the last restart are averaged together; a restart empties the window."""
+    meter = ThroughputMeter(flops_per_item=1.0, peak_flops_per_worker=None, world_size=1, unit="tokens",
+                            device=torch.device("cpu"))
+    meter.record(0.1, items_per_rank=60)
+    assert meter.window_metrics()[metric_names.STEP_TIME] == pytest.approx(0.1)
+    for seconds in (0.2, 0.3):
+        meter.record(seconds, items_per_rank=60)
+    assert meter.window_metrics() == {metric_names.TOKENS_PER_SECOND: pytest.approx(300.0),
+                                      metric_names.STEP_TIME: pytest.approx(0.2)}
+    meter.restart_window()
+    assert meter.window_metrics() == {}
+    meter.record(0.5, items_per_rank=60)
+    assert meter.window_metrics()[metric_names.STEP_TIME] == 0.5
 
 
 def test_peak_flops_from_spec_or_cpu_default():
