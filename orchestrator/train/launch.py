@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,14 @@ def worker_group(spec: JobSpec) -> dict:
 
 
 def ensure_ray(spec: JobSpec) -> None:
-    """Join the cluster at RAY_ADDRESS when set, else start a local Ray sized to the job."""
+    """Join the cluster at RAY_ADDRESS when set, else start a local Ray sized to the job.
+
+    A local instance's own processes are told its address (RAY_ADDRESS, on a GCS port chosen here). Without it,
+    Ray's state API inside them (Ray Train's placement-group cleaner asks it whether the controller lives) takes
+    the address `ray start` last wrote to /tmp/ray/ray_current_cluster: a cluster stopped without `ray stop`
+    left there made the cleaner wait for a dead GCS and every run's shutdown 12 s longer; a `ray start` cluster
+    still running here made it ask that cluster about this run's controller, find none, and take it for dead.
+    """
     import ray
 
     if ray.is_initialized():
@@ -122,7 +130,20 @@ def ensure_ray(spec: JobSpec) -> None:
         ray.init(runtime_env=runtime_env, log_to_driver=True)
         return
     resources = spec.resources
-    # address="local": a new instance even when a `ray start` cluster runs here (plain init would join it).
-    ray.init(address="local",
-             num_cpus=max(os.cpu_count() or 1, int(resources.num_workers * resources.cpus_per_worker)),
-             include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=True)
+    gcs_port = _free_port()
+    runtime_env["env_vars"]["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
+    os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)  # read by the GCS that ray.init starts
+    try:
+        # address="local": a new instance even when a `ray start` cluster runs here (plain init would join it).
+        ray.init(address="local",
+                 num_cpus=max(os.cpu_count() or 1, int(resources.num_workers * resources.cpus_per_worker)),
+                 include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=True)
+    finally:
+        del os.environ["RAY_GCS_SERVER_PORT"]
+
+
+def _free_port() -> int:
+    """A port nothing listens on now (the GCS binds it moments later, on every interface)."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]

@@ -103,10 +103,14 @@ class ThroughputMeter:
         """Start a new window (after its metrics were logged)."""
         self._seconds, self._items, self._steps = 0.0, 0, 0
 
+    def memory_due(self, step: int) -> bool:
+        """Whether every worker's peak memory is gathered after ``step``: every ``memory_every`` steps and at the
+        last."""
+        return (step + 1) % self.memory_every == 0 or step == self.steps - 1
+
     def memory_metrics(self, step: int) -> dict[str, float]:
         """Every worker's peak memory after ``step``, when due (every rank calls this at every step)."""
-        due = (step + 1) % self.memory_every == 0 or step == self.steps - 1
-        return memory_metrics(self.device) if due else {}
+        return memory_metrics(self.device) if self.memory_due(step) else {}
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -109,8 +109,9 @@ class TrainingSession:
 
     def metrics_due(self, step: int) -> bool:
         """Whether this rank reads the step's metrics back from the device (on a GPU, a synchronisation): at
-        the steps rank 0 logs or posts progress, and at every rank's Ray Train reports (memory steps among them)."""
-        if self.report_due(step):
+        the steps rank 0 logs or posts progress, at every rank's Ray Train reports, and at memory steps (which
+        rank 0 always logs)."""
+        if self.report_due(step) or self.throughput.memory_due(step):
             return True
         if not self.is_rank_zero:
             return False
@@ -166,13 +167,13 @@ class TrainingSession:
             self.engine.backward(loss)
             self.engine.step()
             items += self.objective.count(batch)
+        if measure:  # the read-back waits for the device, so the recorded time covers the whole step
+            task, values, masses = to_floats(
+                {metric_names.LOSS: loss, metric_names.TASK_LOSS: task_loss, **task_metrics},
+                self.regularizer.values() if partitioned else {}, self.regularizer.masses() if partitioned else {})
+        self.throughput.record(time.perf_counter() - started, items)
         if not measure:
-            self.throughput.record(time.perf_counter() - started, items)
             return {}
-        task, values, masses = to_floats({metric_names.LOSS: loss, metric_names.TASK_LOSS: task_loss, **task_metrics},
-                                         self.regularizer.values() if partitioned else {},
-                                         self.regularizer.masses() if partitioned else {})
-        self.throughput.record(time.perf_counter() - started, items)  # includes waiting for the device
         metrics = {**task, metric_names.LEARNING_RATE: lr, **self.throughput.window_metrics()}
         if values:
             metrics.update(self.clusterability_metrics(values, masses))
@@ -197,8 +198,7 @@ class TrainingSession:
         post the progress snapshot a few times a second. ``metrics`` is empty at steps that were not measured."""
         if not self.is_rank_zero or not metrics:
             return
-        memory_step = metric_names.PEAK_MEMORY_MAX in metrics
-        if memory_step or self.log_due(step):
+        if self.throughput.memory_due(step) or self.log_due(step):
             self.logger.log(metrics, step)
             self.throughput.restart_window()  # the next logged rates cover the steps from here on
         if self.progress is not None and (step == self.spec.training.steps - 1 or self.progress_due()):

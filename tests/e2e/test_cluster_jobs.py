@@ -1,10 +1,12 @@
 """Jobs on a real Ray head started by the test: submit, follow, succeed, stop, and the bad-input lines."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,12 +33,15 @@ def xcm(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProces
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """`ray start --head --block` on 127.0.0.1 with the dashboard; stopped by signalling that process alone
-    (`ray stop` would kill every Ray on the machine)."""
+    (`ray stop` would kill every Ray on the machine). Its own temporary directory: the head's address file
+    (`ray_current_cluster`) would otherwise outlive it in /tmp/ray."""
     dashboard_port = free_port()
+    # Short: Ray's socket paths under it must stay within the 107 characters of a Unix socket name.
+    ray_tmpdir = tempfile.mkdtemp(prefix="xcm-head-", dir="/tmp")
     command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address",
                "127.0.0.1", "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port",
                str(dashboard_port), "--dashboard-agent-listen-port", str(free_port()), "--num-cpus", "2",
-               "--disable-usage-stats"]
+               "--disable-usage-stats", "--temp-dir", ray_tmpdir]
     log = tmp_path_factory.mktemp("ray-head") / "head.log"
     with open(log, "w") as output:
         # As a user would: the head runs in the environment where xcm is installed, so `python` finds it.
@@ -53,7 +58,12 @@ def ray_head(tmp_path_factory):
         yield address
     finally:
         os.killpg(head.pid, signal.SIGTERM)
-        head.wait(60)
+        try:
+            head.wait(10)
+        except subprocess.TimeoutExpired:  # a graceful stop drains every process one by one (~30 s on 2 cores)
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(30)
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
 
 
 def wait_for_status(address: str, job_id: str, wanted: set[str], workdir: Path, timeout: float) -> str:

@@ -78,7 +78,7 @@ def test_memory_is_gathered_every_report_and_at_the_end():
     """Peak memory is read at every report_every-th step and at the last, per worker and as the maximum."""
     meter = ThroughputMeter(1.0, None, world_size=1, unit="tokens", device=torch.device("cpu"), memory_every=5, steps=12)
     due = [step for step in range(12) if meter.memory_metrics(step)]
-    assert due == [4, 9, 11]
+    assert due == [4, 9, 11] == [step for step in range(12) if meter.memory_due(step)]
     metrics = meter.memory_metrics(11)
     assert set(metrics) == {metric_names.worker_peak_memory(0), metric_names.PEAK_MEMORY_MAX}
     assert metrics[metric_names.PEAK_MEMORY_MAX] == metrics[metric_names.worker_peak_memory(0)] > 0
