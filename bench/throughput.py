@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -95,9 +94,9 @@ def ray_train_worker(config: dict) -> None:
 
 
 def plain_stamps(spec: JobSpec, workdir: Path) -> dict[int, float]:
-    with socket.socket() as probe:  # a free port for the process group, released before the workers bind it
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    from orchestrator.train.launch import free_port
+
+    port = free_port()  # for the process group, released before the workers bind it
     output = str(workdir / "stamps.pt")
     torch.multiprocessing.spawn(multiprocessing_worker, args=(spec.resources.num_workers, port, spec_json(spec),
                                                               output), nprocs=spec.resources.num_workers)

@@ -130,19 +130,21 @@ def ensure_ray(spec: JobSpec) -> None:
         ray.init(runtime_env=runtime_env, log_to_driver=True)
         return
     resources = spec.resources
-    gcs_port = _free_port()
-    runtime_env["env_vars"]["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
-    os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)  # read by the GCS that ray.init starts
+    chosen_here = not os.environ.get("RAY_GCS_SERVER_PORT")  # read by the GCS that ray.init starts
+    if chosen_here:
+        os.environ["RAY_GCS_SERVER_PORT"] = str(free_port())
+    runtime_env["env_vars"]["RAY_ADDRESS"] = f"127.0.0.1:{os.environ['RAY_GCS_SERVER_PORT']}"
     try:
         # address="local": a new instance even when a `ray start` cluster runs here (plain init would join it).
         ray.init(address="local",
                  num_cpus=max(os.cpu_count() or 1, int(resources.num_workers * resources.cpus_per_worker)),
                  include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=True)
     finally:
-        del os.environ["RAY_GCS_SERVER_PORT"]
+        if chosen_here:
+            del os.environ["RAY_GCS_SERVER_PORT"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A port nothing listens on now (the GCS binds it moments later, on every interface)."""
     with socket.socket() as probe:
         probe.bind(("", 0))

@@ -3,7 +3,6 @@
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,15 +13,10 @@ import pytest
 from mlflow import MlflowClient
 
 from orchestrator.metric_names import RESUMED_FROM_STEP, TASK_LOSS
+from orchestrator.train.launch import free_port
 from orchestrator.train.resume import locate
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def xcm(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
