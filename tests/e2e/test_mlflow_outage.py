@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ from orchestrator import metric_names
 from orchestrator.spec import load_spec
 from orchestrator.tracking import TrackingUnavailable
 from orchestrator.train import checkpoint_store as store
-from orchestrator.train.launch import run_job
+from orchestrator.train.launch import free_port, run_job
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 40
@@ -27,9 +26,7 @@ class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 over a SQLite store, that can be stopped and started again."""
 
     def __init__(self, directory: Path):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self._command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
                          "--port", str(self.port), "--workers", "1",
@@ -108,9 +105,7 @@ def test_metrics_logged_while_the_server_is_down_reach_it_afterwards(tmp_path, s
 
 def test_unreachable_server_at_start_fails_before_training(tmp_path):
     """With the tracking server down when a run starts, nothing starts and the error names the fix."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     spec = load_spec(ROOT / "jobs" / "tiny.yaml", [f"tracking.uri=http://127.0.0.1:{port}"])
     with pytest.raises(TrackingUnavailable, match="Start the tracking server"):
         run_job(spec, tmp_path)

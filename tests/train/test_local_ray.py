@@ -12,14 +12,12 @@ ROOT = Path(__file__).resolve().parents[2]
 # Run in a fresh process: it starts its own local Ray with its own temporary directory (RAY_TMPDIR), where a
 # `ray_current_cluster` file names a GCS that is gone, as a `ray start` cluster killed without `ray stop` leaves.
 PROBE = """
-import json, os, socket, sys
+import json, os, sys
 import ray
 from orchestrator.spec import load_spec
-from orchestrator.train.launch import ensure_ray
+from orchestrator.train.launch import ensure_ray, free_port
 
-with socket.socket() as probe:  # a port nobody listens on: the dead cluster's GCS
-    probe.bind(("127.0.0.1", 0))
-    dead = probe.getsockname()[1]
+dead = free_port()  # a port nobody listens on: the dead cluster's GCS
 address_file = os.path.join(os.environ["RAY_TMPDIR"], "ray", "ray_current_cluster")
 os.makedirs(os.path.dirname(address_file), exist_ok=True)
 with open(address_file, "w") as file:
