@@ -97,7 +97,12 @@ class TrainingSpec(Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip; 0 turns it off")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="fp32; bf16 (CPU, or GPUs that support it); fp16 with dynamic loss scaling (GPU only)")
+        "fp32", description="fp32; bf16 (CPU, or GPUs that support it); fp16 with dynamic loss scaling (GPUs, or "
+                            "CPUs with native fp16)")
+    initial_loss_scale_power: int = Field(
+        16, ge=0, le=64, description="fp16: dynamic loss scaling starts at 2**power; a step whose gradients overflow "
+                                     "is skipped and halves the scale (hysteresis spares the first), 1000 clean "
+                                     "steps double it")
     seed: int = 0
     report_every: int = Field(25, gt=0, description="steps between Ray Train reports (each costs ~1-2 s)")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's (beta1, beta2)")
@@ -298,9 +303,6 @@ def consistency_problems(spec: JobSpec) -> list[SpecProblem]:
             message=f"{modularity.partition_at_step} is not before the last step ({training.steps})",
             fix=f"choose a step below training.steps={training.steps}"))
     problems += _adoption_problems(modularity, spec.partitioner)
-    if training.precision == "fp16" and not spec.resources.use_gpu:
-        problems.append(SpecProblem(key="training.precision", message="fp16 needs a GPU and none is requested",
-                                    fix="use precision fp32 or bf16 on CPU, or set resources.gpus_per_worker"))
     from orchestrator.data.preflight import data_spec_problems
 
     problems += data_spec_problems(spec)

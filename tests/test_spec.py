@@ -51,13 +51,13 @@ def test_inconsistent_values_are_listed_at_once(tmp_path):
     assert keys == {"modularity.k", "modularity.partition_at_step", "data.block_size"}
 
 
-def test_fp16_without_gpu_and_pretrained_without_name_fail(tmp_path):
-    """fp16 on CPU and a pretrained init without a model name are rejected with their fixes."""
-    path = write(tmp_path, "training:\n  precision: fp16\nmodel:\n  init: pretrained\n")
+def test_pretrained_without_name_fails(tmp_path):
+    """A pretrained init without a model name is rejected with its fix."""
+    path = write(tmp_path, "model:\n  init: pretrained\n")
     with pytest.raises(SpecError) as caught:
         load_spec(path)
     fixes = {problem.key: problem.fix for problem in caught.value.problems}
-    assert "bf16" in fixes["training.precision"] and "model.pretrained" in fixes["model.pretrained"]
+    assert "model.pretrained" in fixes["model.pretrained"]
 
 
 def test_zero_stage_outside_range_fails(tmp_path):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from orchestrator.spec import JobSpec
 
-# Dynamic fp16 loss scaling: start at 2^16, halve on overflow (after `hysteresis` overflows), double after
+# Dynamic fp16 loss scaling (loss_scale 0): start at 2^training.initial_loss_scale_power, skip a step whose
+# gradients overflow and halve the scale (the first overflow only uses up the `hysteresis`), double it after
 # `loss_scale_window` clean steps. The clusterability term is part of the scaled loss, so it needs nothing extra.
-_FP16_LOSS_SCALING = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
-                      "min_loss_scale": 1}
+_FP16_LOSS_SCALING = {"loss_scale": 0, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
 
 
 def deepspeed_config(spec: JobSpec, world_size: int) -> dict:
@@ -25,7 +25,8 @@ def deepspeed_config(spec: JobSpec, world_size: int) -> dict:
         "gradient_clipping": training.grad_clip,
         "zero_optimization": zero_section(spec),
         "bf16": {"enabled": training.precision == "bf16"},
-        "fp16": {"enabled": training.precision == "fp16", **_FP16_LOSS_SCALING},
+        "fp16": {"enabled": training.precision == "fp16", **_FP16_LOSS_SCALING,
+                 "initial_scale_power": training.initial_loss_scale_power},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

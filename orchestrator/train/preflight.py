@@ -4,6 +4,7 @@ Covers what the model, the data kind, the ZeRO options, the precision and the ba
 bf16 on GPUs: the driver checks ``torch.cuda.is_bf16_supported()`` when it sees a GPU itself; on a cluster whose
 driver has none (a CPU head node), the workers' GPUs cannot be asked from here, so every worker checks its own
 before it builds anything (``require_precision_support``) and fails the run at once with the same message.
+fp16 on CPU workers (DeepSpeed allows it only on CPUs with native fp16) is checked on both sides the same way.
 """
 from __future__ import annotations
 
@@ -129,6 +130,8 @@ def _batch_split_problems(spec: JobSpec) -> list[SpecProblem]:
 
 
 def _precision_problems(spec: JobSpec) -> list[SpecProblem]:
+    if spec.training.precision == "fp16" and not spec.resources.use_gpu:
+        return [] if cpu_fp16_supported() else [_cpu_fp16_problem()]
     if spec.training.precision != "bf16" or not spec.resources.use_gpu:
         return []  # bf16 runs on any CPU torch supports (natively with AVX512-BF16/AMX, emulated otherwise)
     import torch
@@ -144,16 +147,39 @@ def _bf16_problem(device_name: str) -> SpecProblem:
                                                                             "or fp32 on this GPU")
 
 
+def cpu_fp16_supported() -> bool:
+    """Whether this CPU computes fp16 natively (AVX512-FP16 or AMX-FP16): DeepSpeed's CPU accelerator asks oneDNN
+    the same question and refuses fp16 where the answer is no."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
+
+
+def _cpu_fp16_problem() -> SpecProblem:
+    return _problem("training.precision", "fp16 on CPU needs native fp16 (AVX512-FP16 or AMX-FP16), which this CPU "
+                                          "lacks (DeepSpeed refuses it)",
+                    "use precision bf16 or fp32 on this CPU, or set resources.gpus_per_worker for a GPU")
+
+
 def require_precision_support(spec: JobSpec) -> None:
-    """In a worker, before anything is built: stop at once when its GPU cannot compute in the job's precision."""
+    """In a worker, before anything is built: stop at once when its GPU (or CPU) cannot compute in the job's
+    precision."""
     import torch
 
     if not spec.resources.use_gpu:
+        if spec.training.precision == "fp16" and not cpu_fp16_supported():
+            _raise(_cpu_fp16_problem())
         return
     if not torch.cuda.is_available():
         raise RuntimeError(f"resources.gpus_per_worker: the job asks for GPUs but this worker sees none (torch "
                            f"{torch.__version__}, CUDA {torch.version.cuda}). Fix: install a CUDA build of torch on "
                            "the GPU nodes, or set resources.gpus_per_worker: 0")
     if spec.training.precision == "bf16" and not torch.cuda.is_bf16_supported():
-        problem = _bf16_problem(torch.cuda.get_device_name())
-        raise RuntimeError(f"{problem.key}: {problem.message}. Fix: {problem.fix}")
+        _raise(_bf16_problem(torch.cuda.get_device_name()))
+
+
+def _raise(problem: SpecProblem) -> None:
+    raise RuntimeError(f"{problem.key}: {problem.message}. Fix: {problem.fix}")

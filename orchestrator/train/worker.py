@@ -174,7 +174,8 @@ class TrainingSession:
         self.throughput.record(time.perf_counter() - started, items)
         if not measure:
             return {}
-        metrics = {**task, metric_names.LEARNING_RATE: lr, **self.throughput.window_metrics()}
+        metrics = {**task, metric_names.LEARNING_RATE: lr, **self.throughput.window_metrics(),
+                   **loss_scaling_metrics(self.engine, self.spec.training.precision)}
         if values:
             metrics.update(self.clusterability_metrics(values, masses))
         return metrics
@@ -228,6 +229,16 @@ class TrainingSession:
         self.regularizer.remove()
         if self.logger is not None:
             self.logger.close()
+
+
+def loss_scaling_metrics(engine, precision: str) -> dict[str, float]:
+    """fp16: the dynamic loss scale and the optimizer steps skipped on overflow since the run began (DeepSpeed
+    checkpoints both). A scale that keeps falling towards 1 means gradients that overflow at any scale: a
+    diverging run, not one short of fp16's range. Nothing for fp32 and bf16, which never scale."""
+    if precision != "fp16":
+        return {}
+    return {metric_names.LOSS_SCALE: float(engine.optimizer.cur_scale),
+            metric_names.SKIPPED_STEPS: float(engine.skipped_steps)}
 
 
 def to_floats(*groups: dict[str, torch.Tensor]) -> list[dict[str, float]]:

@@ -29,11 +29,14 @@ def test_zero3_options_reach_the_zero_section():
 
 
 def test_precision_sections_follow_the_spec():
-    """bf16 turns on DeepSpeed's bf16 section; fp16 (GPU) turns on fp16 with dynamic loss scaling."""
+    """bf16 turns on DeepSpeed's bf16 section; fp16 turns on fp16 with dynamic loss scaling from the spec's 2^power."""
     bf16 = config_for("training.precision=bf16")
     assert bf16["bf16"]["enabled"] and not bf16["fp16"]["enabled"]
     fp16 = config_for("training.precision=fp16", "resources.gpus_per_worker=1")
     assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0 and not fp16["bf16"]["enabled"]
+    assert fp16["fp16"]["initial_scale_power"] == 16  # DeepSpeed's own default
+    lower = config_for("training.precision=fp16", "resources.gpus_per_worker=1", "training.initial_loss_scale_power=8")
+    assert lower["fp16"]["initial_scale_power"] == 8
 
 
 def test_gpu_jobs_use_deepspeeds_adamw_with_the_spec_hyperparameters():

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.spec import SpecError, load_spec
-from orchestrator.train.preflight import require_precision_support
+from orchestrator.train.preflight import cpu_fp16_supported, require_precision_support
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,3 +86,15 @@ def test_worker_without_a_gpu_stops_before_building():
     with pytest.raises(RuntimeError, match="resources.gpus_per_worker: the job asks for GPUs but this worker sees none"):
         require_precision_support(spec)
     require_precision_support(load_spec(ROOT / "jobs" / "tiny.yaml", ["training.precision=bf16"]))  # CPU bf16: fine
+
+
+@pytest.mark.skipif(cpu_fp16_supported(), reason="this CPU computes fp16 natively, and DeepSpeed takes fp16 on it")
+def test_fp16_on_a_cpu_without_native_fp16_is_refused_by_driver_and_worker():
+    """fp16 on CPU workers is a spec problem where the CPU lacks native fp16 (DeepSpeed would refuse it only inside
+    initialize); a worker whose CPU lacks it stops at once, with the same fix. A GPU job's fp16 is its GPU's."""
+    assert "bf16 or fp32" in problems("training.precision=fp16")["training.precision"]
+    assert problems("training.precision=fp16", "resources.gpus_per_worker=1") == {}
+    spec = load_spec(ROOT / "jobs" / "tiny.yaml")
+    fp16 = spec.model_copy(update={"training": spec.training.model_copy(update={"precision": "fp16"})})
+    with pytest.raises(RuntimeError, match="training.precision: fp16 on CPU needs native fp16.*Fix: use .*bf16"):
+        require_precision_support(fp16)

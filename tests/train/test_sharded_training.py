@@ -49,12 +49,33 @@ FAMILIES = {
     "modular_addition_zero3": ["model.family=modular_addition", "data.source=modular_addition", "data.modulus=23",
                                "deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0"],
 }
+# fp16 with dynamic loss scaling from 2^20 (the first steps' scaled gradients overflow), a fast warm-up so the LR
+# differs at every optimizer step, and enough steps to learn after the scale has come down.
+FP16_STEPS = 14
+FP16 = {name: [*zero, "training.initial_loss_scale_power=20", "training.warmup_steps=10"] for name, zero in {
+    "zero2_fp16": ["deepspeed.zero_stage=2"],
+    "zero3_fp16": ["deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0"]}.items()}
 COMMON = ["training.lr=0.01", "training.micro_batch_size=8", "data.num_examples=2000", "evaluation.every_steps=0",
           "modularity.lambda=20"]
 
 
 def case_spec(overrides: list[str]) -> JobSpec:
     return load_spec(ROOT / "jobs" / "tiny.yaml", [*COMMON, *overrides])
+
+
+def fp16_case_spec(name: str) -> JobSpec:
+    """An fp16 case's spec. The spec check refuses fp16 on a CPU without native fp16, as DeepSpeed does (this
+    machine has none); torch still computes fp16 on any CPU, so the case sets it after the check and lifts
+    DeepSpeed's refusal in the worker (``allow_cpu_fp16``) to run the loss-scaling path a GPU runs."""
+    spec = case_spec(FP16[name])
+    return spec.model_copy(update={"training": spec.training.model_copy(update={"precision": "fp16"})})
+
+
+def allow_cpu_fp16() -> None:
+    """Let DeepSpeed's CPU accelerator take fp16 on a CPU without native fp16 (see ``fp16_case_spec``)."""
+    from deepspeed.accelerator import get_accelerator
+
+    type(get_accelerator()).is_fp16_supported = lambda accelerator: True
 
 
 def global_batch() -> torch.Tensor:
@@ -84,6 +105,9 @@ def sharded_cases(config: dict) -> None:
         results[name] = exactness_case(JobSpec.model_validate(spec), rank, world_size)
     for name, spec in config["families"].items():
         results[name] = family_case(JobSpec.model_validate(spec), rank, world_size)
+    allow_cpu_fp16()
+    for name, spec in config["fp16"].items():
+        results[name] = family_case(JobSpec.model_validate(spec), rank, world_size, steps=FP16_STEPS)
     if rank == 0:
         torch.save(results, config["output"])
 
@@ -131,22 +155,30 @@ def exactness_case(spec: JobSpec, rank: int, world_size: int) -> dict:
     return {"partitions": partitions, "grads": grads, "ranks": every_rank}
 
 
-def family_case(spec: JobSpec, rank: int, world_size: int) -> dict:
+def family_case(spec: JobSpec, rank: int, world_size: int, steps: int = FAMILY_STEPS) -> dict:
     """A few training steps of the spec's model on one micro-batch of its data (so the loss curve is not batch
-    noise), with the loss on from the first step."""
+    noise), with the loss on from the first step; after each step, the LR and (fp16) the loss-scaling metrics
+    that the trainer logs. Then the task loss of the trained weights."""
+    from orchestrator.train.worker import loss_scaling_metrics
+
     data = build_training_data(spec.data, spec.model)
     objective = objective_for(spec)
     model = build_model(spec.model, data.vocab_size, seed=spec.training.seed)
     engine, regularizer = engine_with_loss(spec, model, initial_partitions(model, spec), world_size)
     batch = next(objective.batches(data.train, spec.training.micro_batch_size, rank, world_size, spec.training.seed))
-    curve = {"task_loss": [], "clusterability": []}
-    for _ in range(FAMILY_STEPS):
+    curve = {"task_loss": [], "clusterability": [], "lr": [], "loss_scaling": []}
+    for _ in range(steps):
         regularizer.clear()
         task_loss, _ = objective.loss(engine, batch)
         engine.backward(task_loss + regularizer.penalty(spec.modularity.lambda_))
         engine.step()
         curve["task_loss"].append(task_loss.item())
         curve["clusterability"].append(torch.stack(list(regularizer.values().values())).mean().item())
+        curve["lr"].append(engine.get_lr()[0])
+        curve["loss_scaling"].append(loss_scaling_metrics(engine, spec.training.precision))
+    with torch.no_grad():
+        curve["trained_task_loss"] = objective.loss(engine, batch)[0].item()
+    curve["dtype"] = str(next(engine.module.parameters()).dtype)
     regularizer.remove()
     return curve
 
@@ -165,7 +197,8 @@ def sharded(tmp_path_factory, local_ray):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module
     config = {"output": str(directory / "results.pt"),
               "exactness": {name: case_spec(o).model_dump(mode="json", by_alias=True) for name, o in EXACTNESS.items()},
-              "families": {name: case_spec(o).model_dump(mode="json", by_alias=True) for name, o in FAMILIES.items()}}
+              "families": {name: case_spec(o).model_dump(mode="json", by_alias=True) for name, o in FAMILIES.items()},
+              "fp16": {name: fp16_case_spec(name).model_dump(mode="json", by_alias=True) for name in FP16}}
     TorchTrainer(sharded_cases, train_loop_config=config, torch_config=TorchConfig(backend="gloo"),
                  scaling_config=ScalingConfig(num_workers=WORKERS),
                  run_config=RunConfig(name="sharded-cases", storage_path=str(directory / "ray"))).fit()
@@ -253,4 +286,31 @@ def test_family_trains_with_the_loss(sharded, case):
     curve = sharded[case]
     assert all(torch.isfinite(torch.tensor(curve["task_loss"])))
     assert curve["task_loss"][-1] < curve["task_loss"][0], curve
+    assert curve["clusterability"][-1] > curve["clusterability"][0], curve
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(FP16))
+def test_fp16_loss_scaling_skips_overflowing_steps_then_trains(sharded, case):
+    """fp16 with the loss on, under ZeRO-2 and ZeRO-3: the steps whose scaled gradients overflow are skipped
+    (weights and LR schedule stay put) and halve the scale; the applied steps then lower the task loss and
+    raise clusterability, and the trained weights are finite."""
+    from orchestrator import metric_names
+    from orchestrator.train.schedule import lr_multiplier
+
+    curve, training = sharded[case], fp16_case_spec(case).training
+    assert curve["dtype"] == "torch.float16"
+    scales = [step[metric_names.LOSS_SCALE] for step in curve["loss_scaling"]]
+    skipped = [int(step[metric_names.SKIPPED_STEPS]) for step in curve["loss_scaling"]]
+    assert skipped[0] == 1 and skipped[-1] >= 2, skipped  # 2^20 overflows at once
+    assert scales[-1] < 2.0 ** 20 and scales == sorted(scales, reverse=True), scales  # halved, never raised
+    applied = FP16_STEPS - skipped[-1]
+    assert applied >= FP16_STEPS // 2, skipped  # the scale came down within a few steps
+    for step, (lr, skipped_so_far) in enumerate(zip(curve["lr"], skipped)):  # the schedule counts applied steps
+        assert lr == pytest.approx(training.lr * lr_multiplier(step + 1 - skipped_so_far, training)), (step, skipped)
+    losses = curve["task_loss"]  # each before its step's update, on the same batch (no dropout)
+    for step in range(FP16_STEPS - 1):
+        skipped_here = skipped[step] > (skipped[step - 1] if step else 0)
+        assert (losses[step + 1] == losses[step]) == skipped_here, (step, skipped, losses)  # skipped: weights kept
+    assert curve["trained_task_loss"] < curve["task_loss"][0], curve
     assert curve["clusterability"][-1] > curve["clusterability"][0], curve
