@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import threading
 import time
 from pathlib import Path
 
 from orchestrator.metric_spool import MetricSpool
+from orchestrator.priority import lower_priority
 
 logger = logging.getLogger("xcm.metric_sender")
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds to keep retrying at the end when the trainer did not say")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[xcm metric sender] %(levelname)s %(message)s")
-    os.nice(19 - os.nice(0))  # the lowest priority that still always progresses (SCHED_IDLE could starve)
+    lower_priority(19)  # the lowest that still always progresses (SCHED_IDLE could starve)
     stop = StopRequest(args.drain_timeout)
     threading.Thread(target=stop.watch, args=(sys.stdin,), name="stdin-watch", daemon=True).start()
     run(MetricSender(args.uri, args.run_id, args.spool, args.interval), args.interval, stop)

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator import tracking
+from orchestrator import priority, tracking
 from orchestrator.spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ def ensure_ray(spec: JobSpec) -> None:
     the address `ray start` last wrote to /tmp/ray/ray_current_cluster: a cluster stopped without `ray stop`
     left there made the cleaner wait for a dead GCS and every run's shutdown 12 s longer; a `ray start` cluster
     still running here made it ask that cluster about this run's controller, find none, and take it for dead.
+    Its workers run at the driver's priority, not below Ray's daemons (`orchestrator.priority`).
     """
     import ray
 
@@ -138,7 +139,8 @@ def ensure_ray(spec: JobSpec) -> None:
         # address="local": a new instance even when a `ray start` cluster runs here (plain init would join it).
         ray.init(address="local",
                  num_cpus=max(os.cpu_count() or 1, int(resources.num_workers * resources.cpus_per_worker)),
-                 include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=True)
+                 include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=True,
+                 _system_config={"worker_niceness": priority.WORKER_NICENESS})
     finally:
         if chosen_here:
             del os.environ["RAY_GCS_SERVER_PORT"]

@@ -12,12 +12,15 @@ import time
 
 import ray
 
+from orchestrator.priority import lower_priority
+
 
 @ray.remote(num_cpus=0)
 class ProgressBoard:
     """Holds the latest snapshot (step, loss, clusterability, tokens/s) that rank 0 posted."""
 
     def __init__(self):
+        lower_priority()  # a post per step from rank 0 must not pre-empt the ranks
         self._latest: dict | None = None
 
     def post(self, snapshot: dict) -> None:

@@ -1,4 +1,5 @@
-"""The local Ray that xcm starts: its processes find their own instance, whatever `ray start` left on the machine."""
+"""The local Ray that xcm starts: its processes find their own instance, whatever `ray start` left on the machine,
+and its workers run at the driver's priority while xcm's helper actors yield to them."""
 
 import json
 import os
@@ -7,6 +8,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
+from orchestrator import priority
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # Run in a fresh process: it starts its own local Ray with its own temporary directory (RAY_TMPDIR), where a
@@ -14,8 +19,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PROBE = """
 import json, os, sys
 import ray
+from orchestrator.partitioner import start_partitioners
 from orchestrator.spec import load_spec
 from orchestrator.train.launch import ensure_ray, free_port
+from orchestrator.train.progress import ProgressBoard
 
 dead = free_port()  # a port nobody listens on: the dead cluster's GCS
 address_file = os.path.join(os.environ["RAY_TMPDIR"], "ray", "ray_current_cluster")
@@ -28,18 +35,26 @@ def found_by_a_ray_process():
     from ray._private.services import canonicalize_bootstrap_address_or_die
     return canonicalize_bootstrap_address_or_die(None)  # what Ray's state API connects to
 
-ensure_ray(load_spec(sys.argv[1]))
+def thread_niceness(_actor=None):
+    return sorted({os.getpriority(os.PRIO_PROCESS, int(thread)) for thread in os.listdir("/proc/self/task")})
+
+spec = load_spec(sys.argv[1])
+ensure_ray(spec)
 try:
-    print("RESULT " + json.dumps({"own": ray.get_runtime_context().gcs_address,
-                                  "found": ray.get(found_by_a_ray_process.remote(), timeout=60), "dead": dead}))
+    helpers = {"partitioner": next(iter(start_partitioners(spec).values())), "progress board": ProgressBoard.remote()}
+    print("RESULT " + json.dumps({
+        "own": ray.get_runtime_context().gcs_address,
+        "found": ray.get(found_by_a_ray_process.remote(), timeout=60), "dead": dead,
+        "worker": ray.get(ray.remote(num_cpus=0)(thread_niceness).remote(), timeout=60),
+        "helpers": {name: ray.get(actor.__ray_call__.remote(thread_niceness), timeout=60)
+                    for name, actor in helpers.items()}}))
 finally:
     ray.shutdown()
 """
 
 
-def test_local_ray_processes_ignore_a_stale_ray_start_address():
-    """Ray's state API in the instance's processes (Ray Train's placement-group cleaner uses it) reaches that
-    instance, not the address a `ray start` left in the temporary directory."""
+@pytest.fixture(scope="module")
+def probed() -> dict:
     # Short: Ray's socket paths under it must stay within the 107 characters of a Unix socket name.
     with tempfile.TemporaryDirectory(prefix="xcm-ray-", dir="/tmp") as ray_tmpdir:
         done = subprocess.run([sys.executable, "-c", PROBE, str(ROOT / "jobs" / "tiny.yaml")], cwd=ROOT,
@@ -47,6 +62,19 @@ def test_local_ray_processes_ignore_a_stale_ray_start_address():
                               env={**os.environ, "RAY_TMPDIR": ray_tmpdir, "PYTHONPATH": str(ROOT)})
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-3000:]
-    result = json.loads(lines[0].removeprefix("RESULT "))
-    assert not result["found"].endswith(f":{result['dead']}")
-    assert result["found"].split(":")[1] == result["own"].split(":")[1]
+    return json.loads(lines[0].removeprefix("RESULT "))
+
+
+def test_local_ray_processes_ignore_a_stale_ray_start_address(probed):
+    """Ray's state API in the instance's processes (Ray Train's placement-group cleaner uses it) reaches that
+    instance, not the address a `ray start` left in the temporary directory."""
+    assert not probed["found"].endswith(f":{probed['dead']}")
+    assert probed["found"].split(":")[1] == probed["own"].split(":")[1]
+
+
+def test_workers_run_at_the_driver_priority_and_helpers_below_it(probed):
+    """A worker process (where a training rank runs) has every thread at niceness 0, not Ray's default 15 below
+    its daemons; the partitioner and progress-board actors have every thread at 15 or lower priority."""
+    assert probed["worker"] == [priority.WORKER_NICENESS] == [os.getpriority(os.PRIO_PROCESS, 0)]
+    for name, niceness in probed["helpers"].items():
+        assert min(niceness) >= priority.HELPER_NICENESS, (name, niceness)
