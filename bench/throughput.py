@@ -9,16 +9,19 @@ and on.
 Every run shares the job's model, ZeRO stage, batch, precision and data:
 - plain DeepSpeed: ``deepspeed.initialize`` and forward / cross-entropy / backward / step in worker processes
   started by torch.multiprocessing (gloo on CPU, nccl on GPU), with no Ray running: no Ray, no MLflow, no loss;
-- plain DeepSpeed on Ray Train: the same loop in Ray Train workers, started as xcm starts its own. Its ratio to
-  the plain loop is what Ray itself costs on this machine, which xcm cannot change (on 2 cores, Ray's ~15
-  processes each wake every 10 ms and take ~17% of one core between them, measured with 2 idle workers);
+- plain DeepSpeed on Ray Train: the same loop in Ray Train workers, started as xcm starts its own (a local Ray
+  whose workers run at niceness 0: see ``orchestrator.priority``). Its ratio to the plain loop is what Ray
+  itself costs on this machine (on 2 cores, Ray's ~15 processes each wake every 10 ms and take ~17-20% of one
+  core between them, measured with 2 idle workers);
 - xcm, loss off and loss on: the job through ``run_job`` (Ray Train workers, MLflow, the partitioner, progress).
 Ray is shut down after each Ray run, so every run starts from the same quiet machine. The runs go in rounds
 (``--rounds``), each round all four in turn, so that a load that drifts over minutes touches every variant alike.
 A run's figure is its mean step time over steps ``--skip``.. the second last (start-up, partitioning and the
 final checkpoint left out): for xcm, from the timestamps of its MLflow ``loss`` metric (at the steps it logs:
-``tracking.log_every_steps``), so logging and every per-step side job are inside. The target is a ratio of 0.95
-or more with the loss on.
+``tracking.log_every_steps``), so logging and every per-step side job are inside. Ratios are taken within a
+round and the median over rounds reported. The target is a ratio of 0.95 or more with the loss on. On a small
+CPU machine, log every 10 steps or so (``--set tracking.log_every_steps=10``): each logged step costs rank 0 a
+little, which a GPU step hides and a 40 ms CPU step does not.
 """
 
 from __future__ import annotations
@@ -187,19 +190,26 @@ def main() -> None:
 
 
 def report(spec: JobSpec, args, seconds: dict[str, list[float]]) -> None:
+    """Each variant's median over the rounds, and its ratio to the plain loop of the same round: this machine's
+    speed drifts by more than the differences measured, and a round's runs are minutes apart, not tens of them."""
     training = spec.training
     tokens = training.micro_batch_size * training.gradient_accumulation_steps * args.workers * spec.data.block_size
     typical = {name: statistics.median(values) for name, values in seconds.items()}
-    plain, on_ray = typical["plain DeepSpeed"], typical["plain DeepSpeed on Ray Train"]
+    plain, on_ray = seconds["plain DeepSpeed"], seconds["plain DeepSpeed on Ray Train"]
     print(f"\n{spec.model.family}-{spec.model.size}, ZeRO-{spec.deepspeed.zero_stage}, {training.precision}, "
           f"{args.workers} workers, {tokens:,} tokens per step; mean of steps {args.skip}..{args.steps - 2}, "
           f"median of {args.rounds} rounds")
-    print(f"  {'':30s} {'ms/step':>8s}  {'(each round)':20s} {'tokens/s':>10s}  {'vs plain':>8s}  "
-          f"{'vs plain on Ray Train':>21s}")
+    print(f"  {'':30s} {'ms/step':>8s}  {'(each round)':24s} {'tokens/s':>10s}  {'vs plain':>8s}  "
+          f"{'vs plain on Ray Train':>21s}   (ratios: median of the rounds' own)")
     for name, values in seconds.items():
         rounds = ", ".join(f"{value * 1000:.1f}" for value in values)
-        print(f"  {name:30s} {typical[name] * 1000:8.1f}  ({rounds:18s}) {tokens / typical[name]:10,.0f}  "
-              f"{plain / typical[name]:8.3f}  {on_ray / typical[name]:21.3f}")
+        print(f"  {name:30s} {typical[name] * 1000:8.1f}  ({rounds:22s}) {tokens / typical[name]:10,.0f}  "
+              f"{_paired(plain, values):8.3f}  {_paired(on_ray, values):21.3f}")
+
+
+def _paired(reference: list[float], values: list[float]) -> float:
+    """Median over the rounds of reference step time / step time (throughput relative to the reference)."""
+    return statistics.median(base / value for base, value in zip(reference, values))
 
 
 if __name__ == "__main__":
