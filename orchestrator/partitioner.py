@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from orchestrator.priority import lower_priority
 from orchestrator.spec import JobSpec, ModularitySpec
 from orchestrator.train.partitioning import GroupSnapshot, plain_partition
 
@@ -49,7 +48,6 @@ class Partitioner:
     """Co-clusters the groups it is sent; a GPU when the job gives it one."""
 
     def __init__(self, modularity: dict, delay_s: float = 0.0):
-        lower_priority()  # co-clusters in the time the ranks leave (on a cluster, on CPUs of its own anyway)
         self._modularity = ModularitySpec.model_validate(modularity)
         self._delay_s = delay_s
         self._device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"

@@ -3,8 +3,10 @@
 Ray starts every worker process at niceness 15 (its `worker_niceness`), below its own daemons, the driver and
 the dashboard at 0. Where the ranks fill the machine's cores (a laptop, a CI runner), every wake-up of a
 niceness-0 process then pre-empts a rank at once, and the other ranks wait for it at the next collective. So
-xcm's local Ray starts its workers at 0 (``WORKER_NICENESS``), and the helpers that run beside training (the
-partitioner actors, the progress board, the metric sender) lower themselves with ``lower_priority``.
+xcm's local Ray starts its workers at 0 (``WORKER_NICENESS``), and the helpers that only report on training
+(the progress board, the metric sender) lower themselves with ``lower_priority``. The partitioner actors keep
+the ranks' priority: the trainers wait for their partitions, and below the ranks they would get ~3% of a busy
+core (a recomputed partition many steps late, the first one holding up the start).
 """
 
 from __future__ import annotations
