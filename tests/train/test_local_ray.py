@@ -1,5 +1,5 @@
 """The local Ray that xcm starts: its processes find their own instance, whatever `ray start` left on the machine,
-and its workers run at the driver's priority while xcm's helper actors yield to them."""
+and its workers run at the driver's priority while the progress board yields to them."""
 
 import json
 import os
@@ -19,7 +19,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PROBE = """
 import json, os, sys
 import ray
-from orchestrator.partitioner import start_partitioners
 from orchestrator.spec import load_spec
 from orchestrator.train.launch import ensure_ray, free_port
 from orchestrator.train.progress import ProgressBoard
@@ -41,13 +40,12 @@ def thread_niceness(_actor=None):
 spec = load_spec(sys.argv[1])
 ensure_ray(spec)
 try:
-    helpers = {"partitioner": next(iter(start_partitioners(spec).values())), "progress board": ProgressBoard.remote()}
+    board = ProgressBoard.remote()
     print("RESULT " + json.dumps({
         "own": ray.get_runtime_context().gcs_address,
         "found": ray.get(found_by_a_ray_process.remote(), timeout=60), "dead": dead,
         "worker": ray.get(ray.remote(num_cpus=0)(thread_niceness).remote(), timeout=60),
-        "helpers": {name: ray.get(actor.__ray_call__.remote(thread_niceness), timeout=60)
-                    for name, actor in helpers.items()}}))
+        "progress board": ray.get(board.__ray_call__.remote(thread_niceness), timeout=60)}))
 finally:
     ray.shutdown()
 """
@@ -72,9 +70,8 @@ def test_local_ray_processes_ignore_a_stale_ray_start_address(probed):
     assert probed["found"].split(":")[1] == probed["own"].split(":")[1]
 
 
-def test_workers_run_at_the_driver_priority_and_helpers_below_it(probed):
+def test_workers_run_at_the_driver_priority_and_the_progress_board_below_it(probed):
     """A worker process (where a training rank runs) has every thread at niceness 0, not Ray's default 15 below
-    its daemons; the partitioner and progress-board actors have every thread at 15 or lower priority."""
+    its daemons; the progress board, which rank 0 posts to at every step, has every thread at 15 or more."""
     assert probed["worker"] == [priority.WORKER_NICENESS] == [os.getpriority(os.PRIO_PROCESS, 0)]
-    for name, niceness in probed["helpers"].items():
-        assert min(niceness) >= priority.HELPER_NICENESS, (name, niceness)
+    assert min(probed["progress board"]) >= priority.HELPER_NICENESS, probed["progress board"]
