@@ -11,8 +11,15 @@ JOBS = sorted(Path(__file__).resolve().parents[1].joinpath("jobs").glob("*.yaml"
 
 @pytest.mark.parametrize("job", JOBS, ids=lambda path: path.name)
 def test_every_shipped_job_validates(job):
-    """Every file in jobs/ loads into a JobSpec without problems."""
-    assert isinstance(load_spec(job), JobSpec)
+    """Every file in jobs/ loads into a JobSpec without problems; offline (as in the tests), the GPU jobs that
+    fine-tune a hub model fail on that alone, and the rest of each (k, block size, partitioner actors) fits the
+    family's published size."""
+    try:
+        assert isinstance(load_spec(job), JobSpec)
+    except SpecError as error:
+        found = [(problem.key, "not in the local cache" in problem.message) for problem in error.problems]
+        assert found == [("model.pretrained", True)], error
+        assert isinstance(load_spec(job, ["model.init=random", "model.size=small"]), JobSpec)
 
 
 def test_default_job_is_tiny_gpt2_on_zero2():
