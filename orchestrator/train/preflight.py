@@ -130,15 +130,27 @@ def _batch_split_problems(spec: JobSpec) -> list[SpecProblem]:
 
 
 def _precision_problems(spec: JobSpec) -> list[SpecProblem]:
-    if spec.training.precision == "fp16" and not spec.resources.use_gpu:
-        return [] if cpu_fp16_supported() else [_cpu_fp16_problem()]
-    if spec.training.precision != "bf16" or not spec.resources.use_gpu:
-        return []  # bf16 runs on any CPU torch supports (natively with AVX512-BF16/AMX, emulated otherwise)
+    if spec.resources.use_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            return []  # the driver sees no GPU: the workers check theirs (require_precision_support)
+    problem = _local_precision_problem(spec)
+    return [problem] if problem else []
+
+
+def _local_precision_problem(spec: JobSpec) -> SpecProblem | None:
+    """What this process's own hardware cannot compute of the job's precision: the one check the driver (as a spec
+    problem) and every worker (as an error) make. bf16 runs on any CPU torch supports (natively with
+    AVX512-BF16/AMX, emulated otherwise); fp16 on a CPU only where DeepSpeed takes it."""
+    precision = spec.training.precision
+    if not spec.resources.use_gpu:
+        return _cpu_fp16_problem() if precision == "fp16" and not cpu_fp16_supported() else None
     import torch
 
-    if not torch.cuda.is_available():
-        return []  # the driver sees no GPU: the workers check theirs (require_precision_support)
-    return [] if torch.cuda.is_bf16_supported() else [_bf16_problem(torch.cuda.get_device_name())]
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        return _bf16_problem(torch.cuda.get_device_name())
+    return None
 
 
 def _bf16_problem(device_name: str) -> SpecProblem:
@@ -169,17 +181,10 @@ def require_precision_support(spec: JobSpec) -> None:
     precision."""
     import torch
 
-    if not spec.resources.use_gpu:
-        if spec.training.precision == "fp16" and not cpu_fp16_supported():
-            _raise(_cpu_fp16_problem())
-        return
-    if not torch.cuda.is_available():
+    if spec.resources.use_gpu and not torch.cuda.is_available():
         raise RuntimeError(f"resources.gpus_per_worker: the job asks for GPUs but this worker sees none (torch "
                            f"{torch.__version__}, CUDA {torch.version.cuda}). Fix: install a CUDA build of torch on "
                            "the GPU nodes, or set resources.gpus_per_worker: 0")
-    if spec.training.precision == "bf16" and not torch.cuda.is_bf16_supported():
-        _raise(_bf16_problem(torch.cuda.get_device_name()))
-
-
-def _raise(problem: SpecProblem) -> None:
-    raise RuntimeError(f"{problem.key}: {problem.message}. Fix: {problem.fix}")
+    problem = _local_precision_problem(spec)
+    if problem:
+        raise RuntimeError(f"{problem.key}: {problem.message}. Fix: {problem.fix}")
