@@ -39,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from orchestrator import metric_names  # noqa: E402
 from orchestrator.spec import JobSpec, load_spec  # noqa: E402
 
 
@@ -49,13 +50,12 @@ def plain_loop(spec: JobSpec, rank: int, world_size: int) -> dict[int, float]:
     from orchestrator.data import batch_stream, build_training_data
     from orchestrator.models import build_model
     from orchestrator.train.deepspeed_config import deepspeed_config
+    from orchestrator.train.engine import client_optimizer
 
     training = spec.training
     data = build_training_data(spec.data, spec.model)
     model = build_model(spec.model, data.vocab_size, seed=training.seed)
-    optimizer = None if spec.resources.use_gpu else torch.optim.AdamW(
-        model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(spec, world_size))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=client_optimizer(model, spec), config=deepspeed_config(spec, world_size))
     batches = batch_stream(data.train, training.micro_batch_size, rank, world_size, training.seed)
     stamps = {}
     for step in range(training.steps):
@@ -134,8 +134,13 @@ def xcm_stamps(spec: JobSpec, workdir: Path) -> dict[int, float]:
         result = run_job(spec, workdir)
     finally:
         ray.shutdown()
-    history = MlflowClient(tracking_uri=result.tracking_uri).get_metric_history(result.run_id, "loss")
-    return {metric.step: metric.timestamp / 1000 for metric in history}
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    logged = client.get_run(result.run_id).data.metrics
+    print(f"[bench]   xcm's own figures at the last logged step: {logged.get(metric_names.MFU, 0):.3f} MFU, "
+          f"{logged.get(metric_names.TOKENS_PER_SECOND, 0):,.0f} tokens/s, "
+          f"peak memory {logged.get(metric_names.PEAK_MEMORY_MAX, 0):.2f} GiB, "
+          f"C {logged.get(metric_names.CLUSTERABILITY, 0):.3f}", flush=True)
+    return {metric.step: metric.timestamp / 1000 for metric in client.get_metric_history(result.run_id, metric_names.LOSS)}
 
 
 def spec_json(spec: JobSpec) -> dict:

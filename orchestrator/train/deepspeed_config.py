@@ -13,9 +13,8 @@ _FP16_LOSS_SCALING = {"loss_scale": 0, "loss_scale_window": 1000, "hysteresis": 
 def deepspeed_config(spec: JobSpec, world_size: int) -> dict:
     """ZeRO stage and offload, batch geometry, precision and clipping as DeepSpeed expects them.
 
-    On GPU the optimizer is DeepSpeed's own AdamW (fused CUDA kernels, or its CPU Adam when the optimizer is
-    offloaded); on CPU the trainer passes a client ``torch.optim.AdamW`` instead, which spares the ~65 s
-    compile of DeepSpeed's FusedAdam op (and the ~70 s of CPUAdam under offload).
+    The optimizer is the trainer's client ``torch.optim.AdamW`` (``engine.client_optimizer``), except where
+    DeepSpeed insists on its own (``deepspeed_builds_optimizer``): then the config's optimizer section names it.
     """
     training = spec.training
     config = {
@@ -31,7 +30,7 @@ def deepspeed_config(spec: JobSpec, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if spec.resources.use_gpu:
+    if deepspeed_builds_optimizer(spec):
         config["optimizer"] = {"type": "AdamW", "params": {
             "lr": training.lr, "weight_decay": training.weight_decay, "betas": list(training.betas)}}
     elif spec.deepspeed.offload_optimizer:
@@ -39,6 +38,17 @@ def deepspeed_config(spec: JobSpec, world_size: int) -> dict:
         # where the offloaded states live, so the check only costs a compile.
         config["zero_force_ds_cpu_optimizer"] = False
     return config
+
+
+def deepspeed_builds_optimizer(spec: JobSpec) -> bool:
+    """Whether DeepSpeed builds the optimizer from the config rather than taking the trainer's torch AdamW.
+
+    Only GPU jobs that offload the optimizer: there DeepSpeed requires its CPUAdam (vectorised for the host,
+    compiled on first use, ~70 s). Everywhere else torch's AdamW is as fast (``fused`` on GPU) and needs no
+    compile; DeepSpeed's FusedAdam would cost ~65 s of nvcc on every fresh node and a CUDA toolkit that matches
+    torch's.
+    """
+    return spec.resources.use_gpu and spec.deepspeed.offload_optimizer
 
 
 def zero_section(spec: JobSpec) -> dict:

@@ -13,7 +13,6 @@ if TYPE_CHECKING:
 def build_engine(model: torch.nn.Module, spec: JobSpec, world_size: int):
     """``deepspeed.initialize`` at the spec's ZeRO stage and precision, with AdamW and the warm-up schedule."""
     import deepspeed
-    import torch
 
     from orchestrator.train.deepspeed_config import deepspeed_config
     from orchestrator.train.schedule import scheduler_factory
@@ -22,11 +21,23 @@ def build_engine(model: torch.nn.Module, spec: JobSpec, world_size: int):
     if training.activation_checkpointing:
         enable_activation_checkpointing(model)
     model.train()  # from_pretrained leaves eval mode, in which transformers skips activation checkpointing
-    optimizer = None if spec.resources.use_gpu else torch.optim.AdamW(
-        model.parameters(), lr=training.lr, weight_decay=training.weight_decay, betas=tuple(training.betas))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(spec, world_size),
+    engine, *_ = deepspeed.initialize(model=model, optimizer=client_optimizer(model, spec), config=deepspeed_config(spec, world_size),
                                       lr_scheduler=scheduler_factory(training))
     return engine
+
+
+def client_optimizer(model: torch.nn.Module, spec: JobSpec) -> torch.optim.Optimizer | None:
+    """The AdamW handed to ``deepspeed.initialize`` (which wraps it in its ZeRO optimizer), or None where DeepSpeed
+    builds its own from the config (``deepspeed_config.deepspeed_builds_optimizer``). Fused kernels on GPU."""
+    import torch
+
+    from orchestrator.train.deepspeed_config import deepspeed_builds_optimizer
+
+    if deepspeed_builds_optimizer(spec):
+        return None
+    training = spec.training
+    return torch.optim.AdamW(model.parameters(), lr=training.lr, weight_decay=training.weight_decay,
+                             betas=tuple(training.betas), fused=spec.resources.use_gpu)
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:

@@ -31,7 +31,7 @@ def lr_multiplier(step: int, training: TrainingSpec) -> float:
 
 def scheduler_factory(training: TrainingSpec) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LambdaLR]:
     """What ``deepspeed.initialize(lr_scheduler=...)`` takes: a callable that wraps whichever optimizer the
-    engine ends up with (the client AdamW on CPU, DeepSpeed's own on GPU)."""
+    engine ends up with (the client AdamW, or DeepSpeed's CPUAdam under offload on GPU)."""
     import torch
 
     def build(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:

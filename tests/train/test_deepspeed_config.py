@@ -39,10 +39,31 @@ def test_precision_sections_follow_the_spec():
     assert lower["fp16"]["initial_scale_power"] == 8
 
 
-def test_gpu_jobs_use_deepspeeds_adamw_with_the_spec_hyperparameters():
-    """On GPU DeepSpeed builds AdamW itself (fused kernels) from the spec's lr, weight decay and betas."""
-    config = config_for("resources.gpus_per_worker=1", "training.lr=0.0003", "training.weight_decay=0.1",
-                        "training.betas=[0.9, 0.95]", "training.grad_clip=0.5")
+def test_the_trainer_brings_torchs_adamw_unless_deepspeed_insists_on_its_own():
+    """The client optimizer is torch's AdamW with the spec's lr, weight decay and betas, fused on GPU, so no job
+    compiles DeepSpeed's FusedAdam; only a GPU job that offloads the optimizer gets DeepSpeed's CPUAdam, named in
+    the config with the same hyperparameters."""
+    import torch
+
+    from orchestrator.train.engine import client_optimizer
+
+    hyperparameters = ("training.lr=0.0003", "training.weight_decay=0.1", "training.betas=[0.9, 0.95]")
+    model = torch.nn.Linear(4, 4)
+    for overrides, fused in (((), False), (("resources.gpus_per_worker=1",), True)):
+        spec = load_spec(ROOT / "jobs" / "tiny.yaml", [*hyperparameters, *overrides])
+        optimizer = client_optimizer(model, spec)
+        assert isinstance(optimizer, torch.optim.AdamW)
+        group = optimizer.param_groups[0]
+        assert (group["lr"], group["weight_decay"], group["betas"], bool(group["fused"])) == (
+            0.0003, 0.1, (0.9, 0.95), fused)
+        assert "optimizer" not in deepspeed_config(spec, 2)
+    offloaded = load_spec(ROOT / "jobs" / "tiny.yaml", [*hyperparameters, "resources.gpus_per_worker=1",
+                                                         "deepspeed.offload_optimizer=true"])
+    assert client_optimizer(model, offloaded) is None
+    config = deepspeed_config(offloaded, 2)
     assert config["optimizer"] == {"type": "AdamW", "params": {"lr": 0.0003, "weight_decay": 0.1, "betas": [0.9, 0.95]}}
-    assert config["gradient_clipping"] == 0.5
-    assert "optimizer" not in config_for()  # on CPU the trainer passes torch's AdamW
+    assert "zero_force_ds_cpu_optimizer" not in config
+
+
+def test_gradient_clipping_follows_the_spec():
+    assert config_for("training.grad_clip=0.5")["gradient_clipping"] == 0.5
