@@ -15,7 +15,8 @@ Every run shares the job's model, ZeRO stage, batch, precision and data:
   core between them, measured with 2 idle workers);
 - xcm, loss off and loss on: the job through ``run_job`` (Ray Train workers, MLflow, the partitioner, progress).
 Ray is shut down after each Ray run, so every run starts from the same quiet machine. The runs go in rounds
-(``--rounds``), each round all four in turn, so that a load that drifts over minutes touches every variant alike.
+(``--rounds``), each round all four in turn (or those ``--variants`` names, in its order), so that a load that
+drifts over minutes touches every variant alike.
 A run's figure is its mean step time over steps ``--skip``.. the second last (start-up, partitioning and the
 final checkpoint left out): for xcm, from the timestamps of its MLflow ``loss`` metric (at the steps it logs:
 ``tracking.log_every_steps``), so logging and every per-step side job are inside. Ratios are taken within a
@@ -155,11 +156,12 @@ def steady_step_seconds(stamps: dict[int, float], skip: int) -> float:
     return (stamps[steps[-1]] - stamps[steps[0]]) / (steps[-1] - steps[0])
 
 
-# (name, the function that runs it and returns its step-end times by step, whether the clusterability loss is on)
-VARIANTS = (("plain DeepSpeed", plain_stamps, False),
-            ("plain DeepSpeed on Ray Train", plain_on_ray_train_stamps, False),
-            ("xcm, loss off", xcm_stamps, False),
-            ("xcm, loss on", xcm_stamps, True))
+# key: (name, the function that runs it and returns its step-end times by step, whether the clusterability loss is on)
+VARIANTS = {"plain": ("plain DeepSpeed", plain_stamps, False),
+            "plain-ray-train": ("plain DeepSpeed on Ray Train", plain_on_ray_train_stamps, False),
+            "xcm-off": ("xcm, loss off", xcm_stamps, False),
+            "xcm-on": ("xcm, loss on", xcm_stamps, True)}
+PLAIN, ON_RAY_TRAIN = VARIANTS["plain"][0], VARIANTS["plain-ray-train"][0]
 
 
 def main() -> None:
@@ -172,16 +174,21 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="times each variant runs, interleaved")
     parser.add_argument("--lambda", dest="lam", type=float, default=20.0, help="the loss-on run's lambda")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"which runs, in this order each round (default: all, {','.join(VARIANTS)})")
     args = parser.parse_args()
     if not 0 <= args.skip < args.steps - 3:
         parser.error(f"--skip {args.skip} leaves no steady steps out of --steps {args.steps}")
+    chosen = args.variants.split(",")
+    if unknown := [key for key in chosen if key not in VARIANTS]:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     base = [*args.overrides, f"training.steps={args.steps}", f"training.report_every={args.steps}",
             f"resources.num_workers={args.workers}", "evaluation.every_steps=0", "checkpointing.every_steps=0",
             "modularity.partition_at_step=0"]
-    seconds: dict[str, list[float]] = {name: [] for name, *_ in VARIANTS}
+    seconds: dict[str, list[float]] = {VARIANTS[key][0]: [] for key in chosen}
     with tempfile.TemporaryDirectory() as directory:
         for round_index in range(args.rounds):
-            for variant_index, (name, run, loss_on) in enumerate(VARIANTS):
+            for variant_index, (name, run, loss_on) in enumerate(VARIANTS[key] for key in chosen):
                 workdir = Path(directory) / f"{round_index}-{variant_index}"
                 workdir.mkdir()
                 spec = load_spec(args.job, [*base, f"name=bench-{round_index}-{variant_index}",
@@ -200,7 +207,7 @@ def report(spec: JobSpec, args, seconds: dict[str, list[float]]) -> None:
     training = spec.training
     tokens = training.micro_batch_size * training.gradient_accumulation_steps * args.workers * spec.data.block_size
     typical = {name: statistics.median(values) for name, values in seconds.items()}
-    plain, on_ray = seconds["plain DeepSpeed"], seconds["plain DeepSpeed on Ray Train"]
+    plain, on_ray = seconds.get(PLAIN), seconds.get(ON_RAY_TRAIN)
     print(f"\n{spec.model.family}-{spec.model.size}, ZeRO-{spec.deepspeed.zero_stage}, {training.precision}, "
           f"{args.workers} workers, {tokens:,} tokens per step; mean of steps {args.skip}..{args.steps - 2}, "
           f"median of {args.rounds} rounds")
@@ -212,8 +219,11 @@ def report(spec: JobSpec, args, seconds: dict[str, list[float]]) -> None:
               f"{_paired(plain, values):8.3f}  {_paired(on_ray, values):21.3f}")
 
 
-def _paired(reference: list[float], values: list[float]) -> float:
-    """Median over the rounds of reference step time / step time (throughput relative to the reference)."""
+def _paired(reference: list[float] | None, values: list[float]) -> float:
+    """Median over the rounds of reference step time / step time (throughput relative to the reference); NaN
+    where the reference did not run."""
+    if not reference:
+        return float("nan")
     return statistics.median(base / value for base, value in zip(reference, values))
 
 

@@ -1,7 +1,10 @@
 """The clusterability loss term, -λ · mean_l C(W_l), computed from live parameters inside module forwards.
 
 Under DeepSpeed ZeRO-3 a module's full weight exists only while that module runs, so C is computed in a
-forward hook and never by reading the weight afterwards. Usage, once per step:
+forward hook and never by reading the weight afterwards. Where the weights persist (ZeRO 0-2, plain torch), the
+hook only notes the module, and C of every noted matrix is computed at once when first asked for: a few batched
+operators per weight shape instead of ~7 per matrix, which is what C costs when the step is bound by operator
+dispatch (a GPU step, or a small model). Usage, once per step:
 
     regularizer.clear()
     task_loss = model(batch).loss           # hooks record C of every regularised matrix
@@ -17,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from orchestrator.modularity.measures import clusterability_parts, compute_dtype, onehot
+from orchestrator.modularity.measures import batched_clusterability_parts, clusterability_parts, compute_dtype, onehot
 
 
 def clusterability_loss(values: Sequence[Tensor], lam: float) -> Tensor:
@@ -50,15 +53,22 @@ class ClusterabilityRegularizer:
     Values are kept by module name, so a module that runs again in the same step (an activation-checkpoint
     recompute) replaces its value instead of being counted twice. With ``differentiable=False`` (a run whose
     lambda is 0 still reports C) the values are computed without autograd: no graph is built for a term that is
-    never backpropagated.
+    never backpropagated. With ``weights_persist=True`` C is computed lazily, batched over the matrices of one
+    shape, when ``values``, ``masses`` or ``penalty`` first asks after a forward: only valid where a module's
+    weight is still whole after its forward (not ZeRO-3), and ask before the optimizer step changes it. While
+    ``recording`` is False the hooks record nothing (a step whose C nobody reads).
     """
 
-    def __init__(self, differentiable: bool = True) -> None:
+    def __init__(self, differentiable: bool = True, weights_persist: bool = False) -> None:
         self.differentiable = differentiable
+        self.weights_persist = weights_persist
+        self.recording = True
         self._states: dict[str, _MatrixState] = {}
         self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._values: dict[str, Tensor] = {}
         self._masses: dict[str, Tensor] = {}
+        self._pending: dict[str, Tensor] = {}  # weights_persist: modules that ran, C not yet computed
+        self._stacked_onehots: dict[tuple[str, ...], tuple[Tensor, Tensor]] = {}
 
     def add(self, name: str, module: nn.Module, row_labels: Tensor, col_labels: Tensor, k: int,
             transposed: bool = False) -> None:
@@ -67,6 +77,7 @@ class ClusterabilityRegularizer:
             raise ValueError(f"ClusterabilityRegularizer: {name!r} is already registered; use set_partition")
         weight = module.weight
         self._states[name] = _encode(row_labels, col_labels, k, weight.device, compute_dtype(weight.dtype), transposed)
+        self._stacked_onehots.clear()
         # prepend: run before other post-forward hooks, such as ZeRO-3's, which releases the gathered weight.
         self._handles[name] = module.register_forward_hook(self._hook(name), prepend=True)
 
@@ -78,22 +89,27 @@ class ClusterabilityRegularizer:
         old = self._states[name]
         self._states[name] = _encode(row_labels, col_labels, k, old.dim0_onehot.device, old.dim0_onehot.dtype,
                                      old.transposed)
+        self._stacked_onehots.clear()
 
     def clear(self) -> None:
         """Forget the last forward's values; call before each forward."""
         self._values.clear()
         self._masses.clear()
+        self._pending.clear()
 
     def values(self) -> dict[str, Tensor]:
         """C per regularised module (by name) from the last forward, differentiable in the weights."""
+        self._compute_pending()
         return dict(self._values)
 
     def masses(self) -> dict[str, Tensor]:
         """Total squared weight mass per module from the last forward (detached), for the mass-weighted mean."""
+        self._compute_pending()
         return dict(self._masses)
 
     def penalty(self, lam: float) -> Tensor:
         """-λ · mean C over the modules that ran since `clear()`."""
+        self._compute_pending()
         return clusterability_loss(list(self._values.values()), lam)
 
     def remove(self) -> None:
@@ -102,10 +118,13 @@ class ClusterabilityRegularizer:
             handle.remove()
         self._handles.clear()
         self._states.clear()
+        self._stacked_onehots.clear()
         self.clear()
 
     def _hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
         def record(module: nn.Module, inputs, output) -> None:
+            if not self.recording:
+                return
             state = self._states[name]
             weight = module.weight  # as stored; the one-hots are in the same orientation
             labelled = (state.dim0_onehot.shape[0], state.dim1_onehot.shape[0])
@@ -114,8 +133,37 @@ class ClusterabilityRegularizer:
                                        else (list(weight.shape), labelled))
                 raise ValueError(f"ClusterabilityRegularizer: {name!r} has weight [n_out, n_in] = {shape} but its "
                                  f"partition labels {rows} rows and {cols} columns")
+            if self.weights_persist:
+                if name not in self._values:  # a recompute after C was taken changes nothing
+                    self._pending[name] = weight
+                return
             with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
                 inside, total = clusterability_parts(weight, state.dim0_onehot, state.dim1_onehot)
                 self._values[name] = inside / total
             self._masses[name] = total.detach()
         return record
+
+    def _compute_pending(self) -> None:
+        """C of the modules noted since the last call, batched over matrices of the same shape, dtype and k."""
+        if not self._pending:
+            return
+        groups: dict[tuple, list[str]] = {}
+        for name, weight in self._pending.items():
+            key = (tuple(weight.shape), weight.dtype, weight.device, self._states[name].dim0_onehot.shape[1])
+            groups.setdefault(key, []).append(name)
+        with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+            for names in groups.values():
+                rows, cols = self._onehots_of(tuple(names))
+                inside, total = batched_clusterability_parts([self._pending[name] for name in names], rows, cols)
+                values, masses = (inside / total).unbind(), total.detach().unbind()
+                self._values.update(zip(names, values))
+                self._masses.update(zip(names, masses))
+        self._pending.clear()
+
+    def _onehots_of(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+        """The group's one-hots stacked `[G, dim0, k]`, `[G, dim1, k]`, kept until a partition changes."""
+        if names not in self._stacked_onehots:
+            states = [self._states[name] for name in names]
+            self._stacked_onehots[names] = (torch.stack([state.dim0_onehot for state in states]),
+                                            torch.stack([state.dim1_onehot for state in states]))
+        return self._stacked_onehots[names]

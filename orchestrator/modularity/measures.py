@@ -44,6 +44,17 @@ def clusterability_parts(weight: Tensor, row_onehot: Tensor, col_onehot: Tensor)
     return inside, per_column_cluster.sum()
 
 
+def batched_clusterability_parts(weights: Sequence[Tensor], row_onehots: Tensor,
+                                 col_onehots: Tensor) -> tuple[Tensor, Tensor]:
+    """``clusterability_parts`` of G same-shape matrices at once: in-block and total mass, each `[G]`, under one-hots
+    `[G, n_out, k]` and `[G, n_in, k]`. One stack and a handful of batched operators for all G, where G separate
+    calls dispatch ~7 operators each (forward, and as many again backward)."""
+    squared = torch.stack(list(weights)).to(compute_dtype(weights[0].dtype)).square()  # [G, n_out, n_in]
+    per_column_cluster = torch.bmm(squared, col_onehots.to(squared.dtype))  # [G, n_out, k]
+    inside = (per_column_cluster * row_onehots.to(squared.dtype)).sum(dim=(1, 2))
+    return inside, per_column_cluster.sum(dim=(1, 2))
+
+
 def clusterability_onehot(weight: Tensor, row_onehot: Tensor, col_onehot: Tensor) -> Tensor:
     """C from one-hot labels: the form the training hooks use, with labels encoded once per partition."""
     inside, total = clusterability_parts(weight, row_onehot, col_onehot)

@@ -69,8 +69,10 @@ class TrainingSession:
         self.engine = build_engine(model, spec, world_size)
         self.throughput = throughput_meter(spec, flops, world_size, self.objective.unit, self.engine.device)
         self.groups = find_matrix_groups(self.engine.module, spec.modularity.matrices)
-        # lambda 0 (a control run) still reports C, computed without autograd
-        self.regularizer = ClusterabilityRegularizer(differentiable=spec.modularity.lambda_ > 0)
+        # lambda 0 (a control run) still reports C, computed without autograd at the steps that read it. Outside
+        # ZeRO-3 the weights stay whole after each forward, so C is computed for all matrices at once, batched.
+        self.regularizer = ClusterabilityRegularizer(differentiable=spec.modularity.lambda_ > 0,
+                                                     weights_persist=spec.deepspeed.zero_stage < 3)
         self.logger = self.progress = None
         self.last_progress_post = float("-inf")
         if self.is_rank_zero:
@@ -158,19 +160,22 @@ class TrainingSession:
         lam = self.spec.modularity.lambda_
         lr = self.engine.get_lr()[0]  # the rate this step applies (the scheduler moves on at its end)
         items = 0  # tokens or samples, as the objective counts them
+        self.regularizer.recording = lam > 0 or measure
         for _ in range(self.spec.training.gradient_accumulation_steps):
             batch = next(self.batches)
             self.regularizer.clear()
             task_loss, task_metrics = self.objective.loss(self.engine, batch)
             partitioned = self.partition_schedule.partitions is not None
             loss = task_loss + self.regularizer.penalty(lam) if partitioned and lam > 0 else task_loss
+            # taken before the optimizer step changes the weights (a no-op where the penalty already took them)
+            values, masses = ((self.regularizer.values(), self.regularizer.masses()) if measure and partitioned
+                              else ({}, {}))
             self.engine.backward(loss)
             self.engine.step()
             items += self.objective.count(batch)
         if measure:  # the read-back waits for the device, so the recorded time covers the whole step
             task, values, masses = to_floats(
-                {metric_names.LOSS: loss, metric_names.TASK_LOSS: task_loss, **task_metrics},
-                self.regularizer.values() if partitioned else {}, self.regularizer.masses() if partitioned else {})
+                {metric_names.LOSS: loss, metric_names.TASK_LOSS: task_loss, **task_metrics}, values, masses)
         self.throughput.record(time.perf_counter() - started, items)
         if not measure:
             return {}

@@ -95,12 +95,60 @@ def test_penalty_gradient_steps_increase_clusterability():
     assert float(clusterability(layer.weight.detach(), rows, cols)) > start + 0.1
 
 
-def test_clear_set_partition_and_remove():
+def test_batched_regularizer_matches_the_per_matrix_hooks_in_value_mass_and_gradient(tiny_gpt2):
+    """Where weights persist after forward, C is computed lazily for all matrices at once (stacked by shape): the
+    same values, masses, penalty and weight gradients as the hooks that compute each matrix as it runs. A second
+    forward after C was taken (an activation-checkpoint recompute) changes nothing; with recording off, nothing is
+    recorded; non-differentiable, no graph."""
+    groups = find_matrix_groups(tiny_gpt2)
+    partitions = {g.name: partition_group([m.weight() for m in g.inputs], [m.weight() for m in g.outputs], 4)
+                  for g in groups}
+    inputs = torch.randint(0, 64, (2, 16))
+    matrices = [matrix for group in groups for matrix in group.matrices]
+    recorded = {}
+    for weights_persist in (False, True):
+        regularizer = ClusterabilityRegularizer(weights_persist=weights_persist)
+        regularize_groups(regularizer, groups, partitions)
+        tiny_gpt2.zero_grad()
+        tiny_gpt2(inputs)
+        penalty = regularizer.penalty(20.0)
+        values, masses = regularizer.values(), regularizer.masses()
+        tiny_gpt2(inputs)  # a recompute
+        assert regularizer.values().keys() == values.keys()
+        assert all(torch.equal(regularizer.values()[name], value) for name, value in values.items())
+        penalty.backward()
+        recorded[weights_persist] = (values, masses, penalty.detach(),
+                                     [matrix.module.weight.grad.clone() for matrix in matrices])
+        regularizer.remove()
+    (values, masses, penalty, grads), (batched_values, batched_masses, batched_penalty, batched_grads) = (
+        recorded[False], recorded[True])
+    assert len(batched_values) == len(matrices) == 4 and batched_values.keys() == values.keys()
+    for name in values:
+        assert torch.allclose(batched_values[name], values[name], atol=1e-6)
+        assert torch.allclose(batched_masses[name], masses[name], rtol=1e-6)
+    assert torch.allclose(batched_penalty, penalty, atol=1e-6)
+    for grad, batched_grad in zip(grads, batched_grads):
+        assert grad.abs().sum() > 0 and torch.allclose(batched_grad, grad, atol=1e-6)
+
+    quiet = ClusterabilityRegularizer(differentiable=False, weights_persist=True)
+    regularize_groups(quiet, groups, partitions)
+    quiet.recording = False
+    tiny_gpt2(inputs)
+    assert quiet.values() == {}
+    quiet.recording = True
+    tiny_gpt2(inputs)
+    assert quiet.values().keys() == values.keys()
+    assert not any(value.requires_grad for value in quiet.values().values())
+    quiet.remove()
+
+
+@pytest.mark.parametrize("weights_persist", [False, True])
+def test_clear_set_partition_and_remove(weights_persist):
     """clear() empties values, set_partition() changes what the hook measures, remove() stops recording."""
     layer = nn.Linear(8, 8, bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.eye(8))
-    regularizer = ClusterabilityRegularizer()
+    regularizer = ClusterabilityRegularizer(weights_persist=weights_persist)
     regularizer.add("layer", layer, torch.arange(8) % 2, torch.arange(8) % 2, 2)
     layer(torch.randn(1, 8))
     assert regularizer.values()["layer"].item() == 1.0
