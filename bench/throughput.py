@@ -4,7 +4,10 @@ and on.
     python bench/throughput.py                          # jobs/tiny.yaml: tiny GPT-2, ZeRO-2, fp32, 2 CPU workers
     python bench/throughput.py --set deepspeed.zero_stage=3 --rounds 3
     python bench/throughput.py --set model.size=small --set training.precision=bf16 \
-        --set resources.gpus_per_worker=1 --workers 1     # GPT-2 124M, ZeRO-2, bf16 on one GPU
+        --set resources.gpus_per_worker=1 --workers 1 \
+        --set data.block_size=512 --set training.micro_batch_size=16 \
+        --steps 300 --skip 100                           # GPT-2 124M, ZeRO-2, bf16 on one GPU, 8k tokens a step
+    python bench/throughput.py --variants plain,xcm-on   # only these runs, in this order
 
 Every run shares the job's model, ZeRO stage, batch, precision and data:
 - plain DeepSpeed: ``deepspeed.initialize`` and forward / cross-entropy / backward / step in worker processes
