@@ -134,6 +134,7 @@ class TrainingSession:
         """Eval loss, and perplexity or accuracy, every ``evaluation.every_steps``: all ranks run it, rank 0 logs."""
         if not self.evaluator.due(step):
             return
+        self.regularizer.recording = False  # nobody reads C of the validation forwards (train_step turns it back)
         metrics = self.evaluator.evaluate()
         if self.is_rank_zero:
             self.logger.log(metrics, step)
