@@ -59,7 +59,8 @@ def plain_loop(spec: JobSpec, rank: int, world_size: int) -> dict[int, float]:
     training = spec.training
     data = build_training_data(spec.data, spec.model)
     model = build_model(spec.model, data.vocab_size, seed=training.seed)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=client_optimizer(model, spec), config=deepspeed_config(spec, world_size))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=client_optimizer(model, spec),
+                                      config=deepspeed_config(spec, world_size))
     batches = batch_stream(data.train, training.micro_batch_size, rank, world_size, training.seed)
     stamps = {}
     for step in range(training.steps):
@@ -144,7 +145,8 @@ def xcm_stamps(spec: JobSpec, workdir: Path) -> dict[int, float]:
           f"{logged.get(metric_names.TOKENS_PER_SECOND, 0):,.0f} tokens/s, "
           f"peak memory {logged.get(metric_names.PEAK_MEMORY_MAX, 0):.2f} GiB, "
           f"C {logged.get(metric_names.CLUSTERABILITY, 0):.3f}", flush=True)
-    return {metric.step: metric.timestamp / 1000 for metric in client.get_metric_history(result.run_id, metric_names.LOSS)}
+    history = client.get_metric_history(result.run_id, metric_names.LOSS)
+    return {metric.step: metric.timestamp / 1000 for metric in history}
 
 
 def spec_json(spec: JobSpec) -> dict:

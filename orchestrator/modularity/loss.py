@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from orchestrator.modularity.measures import batched_clusterability_parts, clusterability_parts, compute_dtype, onehot
+from orchestrator.modularity.measures import clusterability_parts, compute_dtype, onehot
 
 
 def clusterability_loss(values: Sequence[Tensor], lam: float) -> Tensor:
@@ -154,7 +154,8 @@ class ClusterabilityRegularizer:
         with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
             for names in groups.values():
                 rows, cols = self._onehots_of(tuple(names))
-                inside, total = batched_clusterability_parts([self._pending[name] for name in names], rows, cols)
+                stacked = torch.stack([self._pending[name] for name in names])
+                inside, total = clusterability_parts(stacked, rows, cols)
                 values, masses = (inside / total).unbind(), total.detach().unbind()
                 self._values.update(zip(names, values))
                 self._masses.update(zip(names, masses))

@@ -35,24 +35,15 @@ def block_mass(weight: Tensor, row_labels: Tensor, col_labels: Tensor, k: int) -
 
 
 def clusterability_parts(weight: Tensor, row_onehot: Tensor, col_onehot: Tensor) -> tuple[Tensor, Tensor]:
-    """In-block and total squared mass of `weight` `[n_out, n_in]` under one-hot labels `[n_out, k]`, `[n_in, k]`."""
-    squared = weight.to(compute_dtype(weight.dtype)).square()  # [n_out, n_in]
+    """In-block and total squared mass of `weight` `[..., n_out, n_in]` under one-hot labels `[..., n_out, k]`,
+    `[..., n_in, k]`: scalars for one matrix, `[G]` for a stack of G. The regulariser stacks same-shape matrices to
+    compute C of all of them in a handful of batched operators rather than ~7 per matrix (forward, and backward)."""
+    squared = weight.to(compute_dtype(weight.dtype)).square()  # [..., n_out, n_in]
     # trace(R.T W² C) without the off-diagonal blocks: row-wise mass per column cluster, kept where clusters match.
-    per_column_cluster = squared @ col_onehot.to(squared.dtype)  # [n_out, k]
-    inside = (per_column_cluster * row_onehot.to(squared.dtype)).sum()
+    per_column_cluster = squared @ col_onehot.to(squared.dtype)  # [..., n_out, k]
+    inside = (per_column_cluster * row_onehot.to(squared.dtype)).sum(dim=(-2, -1))
     # Every column has one cluster, so the [n_out, k] sums add up to the total: one pass over W fewer.
-    return inside, per_column_cluster.sum()
-
-
-def batched_clusterability_parts(weights: Sequence[Tensor], row_onehots: Tensor,
-                                 col_onehots: Tensor) -> tuple[Tensor, Tensor]:
-    """``clusterability_parts`` of G same-shape matrices at once: in-block and total mass, each `[G]`, under one-hots
-    `[G, n_out, k]` and `[G, n_in, k]`. One stack and a handful of batched operators for all G, where G separate
-    calls dispatch ~7 operators each (forward, and as many again backward)."""
-    squared = torch.stack(list(weights)).to(compute_dtype(weights[0].dtype)).square()  # [G, n_out, n_in]
-    per_column_cluster = torch.bmm(squared, col_onehots.to(squared.dtype))  # [G, n_out, k]
-    inside = (per_column_cluster * row_onehots.to(squared.dtype)).sum(dim=(1, 2))
-    return inside, per_column_cluster.sum(dim=(1, 2))
+    return inside, per_column_cluster.sum(dim=(-2, -1))
 
 
 def clusterability_onehot(weight: Tensor, row_onehot: Tensor, col_onehot: Tensor) -> Tensor:

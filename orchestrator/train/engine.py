@@ -21,7 +21,8 @@ def build_engine(model: torch.nn.Module, spec: JobSpec, world_size: int):
     if training.activation_checkpointing:
         enable_activation_checkpointing(model)
     model.train()  # from_pretrained leaves eval mode, in which transformers skips activation checkpointing
-    engine, *_ = deepspeed.initialize(model=model, optimizer=client_optimizer(model, spec), config=deepspeed_config(spec, world_size),
+    engine, *_ = deepspeed.initialize(model=model, optimizer=client_optimizer(model, spec),
+                                      config=deepspeed_config(spec, world_size),
                                       lr_scheduler=scheduler_factory(training))
     return engine
 
