@@ -14,14 +14,16 @@ Every run shares the job's model, ZeRO stage, batch, precision and data:
   started by torch.multiprocessing (gloo on CPU, nccl on GPU), with no Ray running: no Ray, no MLflow, no loss;
 - plain DeepSpeed on Ray Train: the same loop in Ray Train workers, started as xcm starts its own (a local Ray
   whose workers run at niceness 0: see ``orchestrator.priority``). Its ratio to the plain loop is what Ray
-  itself costs on this machine (on 2 cores, Ray's ~15 processes each wake every 10 ms and take ~17-20% of one
-  core between them, measured with 2 idle workers);
+  itself costs on this machine: Ray's daemons and Ray Train's helper actors (~20 processes) wake every few ms;
+  on 2-core machines they took 5-20% of one core between them (two machines; idle, and while training);
 - xcm, loss off and loss on: the job through ``run_job`` (Ray Train workers, MLflow, the partitioner, progress).
 Ray is shut down after each Ray run, so every run starts from the same quiet machine. The runs go in rounds
-(``--rounds``), each round all four in turn (or those ``--variants`` names, in its order), so that a load that
-drifts over minutes touches every variant alike.
+(``--rounds``), each round all four in turn (or those ``--variants`` names, in its order), every second round in
+the reverse order, so that a load that drifts over minutes touches every variant alike.
 A run's figure is its mean step time over steps ``--skip``.. the second last (start-up, partitioning and the
-final checkpoint left out): for xcm, from the timestamps of its MLflow ``loss`` metric (at the steps it logs:
+final checkpoint left out; on a 2-core CPU, a window that starts 150 steps (3 s) in still held Ray's start-up
+and put the plain loop on Ray Train at 0.94 of the plain loop, one that starts 500 steps in at 1.0, hence the
+defaults): for xcm, from the timestamps of its MLflow ``loss`` metric (at the steps it logs:
 ``tracking.log_every_steps``), so logging and every per-step side job are inside. Ratios are taken within a
 round and the median over rounds reported. The target is a ratio of 0.95 or more with the loss on. On a small
 CPU machine, log every 10 steps or so (``--set tracking.log_every_steps=10``): each logged step costs rank 0 a
@@ -173,8 +175,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--job", default=str(ROOT / "jobs" / "tiny.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--skip", type=int, default=150,
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--skip", type=int, default=400,
                         help="start-up steps left out (imports, the partition and its heatmaps)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="times each variant runs, interleaved")
@@ -193,7 +195,8 @@ def main() -> None:
     seconds: dict[str, list[float]] = {VARIANTS[key][0]: [] for key in chosen}
     with tempfile.TemporaryDirectory() as directory:
         for round_index in range(args.rounds):
-            for variant_index, (name, run, loss_on) in enumerate(VARIANTS[key] for key in chosen):
+            order = chosen if round_index % 2 == 0 else chosen[::-1]  # drift within a round cancels over two
+            for variant_index, (name, run, loss_on) in enumerate(VARIANTS[key] for key in order):
                 workdir = Path(directory) / f"{round_index}-{variant_index}"
                 workdir.mkdir()
                 spec = load_spec(args.job, [*base, f"name=bench-{round_index}-{variant_index}",
