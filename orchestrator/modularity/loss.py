@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from orchestrator.modularity.measures import clusterability_parts, compute_dtype, onehot
+from orchestrator.modularity.measures import StackedClusterability, compute_dtype, onehot
 
 
 def clusterability_loss(values: Sequence[Tensor], lam: float) -> Tensor:
@@ -138,9 +138,8 @@ class ClusterabilityRegularizer:
                     self._pending[name] = weight
                 return
             with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
-                inside, total = clusterability_parts(weight, state.dim0_onehot, state.dim1_onehot)
-                self._values[name] = inside / total
-            self._masses[name] = total.detach()
+                value, total = StackedClusterability.apply(state.dim0_onehot[None], state.dim1_onehot[None], weight)
+            self._values[name], self._masses[name] = value[0], total[0]
         return record
 
     def _compute_pending(self) -> None:
@@ -154,9 +153,8 @@ class ClusterabilityRegularizer:
         with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
             for names in groups.values():
                 rows, cols = self._onehots_of(tuple(names))
-                stacked = torch.stack([self._pending[name] for name in names])
-                inside, total = clusterability_parts(stacked, rows, cols)
-                values, masses = (inside / total).unbind(), total.detach().unbind()
+                values, masses = StackedClusterability.apply(rows, cols, *(self._pending[name] for name in names))
+                values, masses = values.unbind(), masses.unbind()
                 self._values.update(zip(names, values))
                 self._masses.update(zip(names, masses))
         self._pending.clear()
