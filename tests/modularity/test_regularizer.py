@@ -182,3 +182,31 @@ def test_labels_that_do_not_fit_the_weight_are_named_in_n_out_n_in_form(tiny_gpt
     with pytest.raises(ValueError, match=r"\[n_out, n_in\] = \[256, 64\] but its partition labels 128 rows and 64"):
         conv(torch.randn(3, 64))
     regularizer.remove()
+
+
+@pytest.mark.parametrize("weights_persist", [False, True])
+def test_the_loss_keeps_no_copy_of_a_bf16_matrix_for_backward(tiny_gpt2, weights_persist):
+    """With bf16 weights, neither the per-matrix hooks (ZeRO-3's path) nor the batched path keeps a matrix-sized
+    tensor for backward other than the parameters themselves (a float32 copy each would, under ZeRO-3, hold every
+    regularised matrix at once on every rank)."""
+    model = tiny_gpt2.to(torch.bfloat16)
+    groups = find_matrix_groups(model)
+    partitions = {g.name: partition_group([m.weight().float() for m in g.inputs],
+                                          [m.weight().float() for m in g.outputs], 4) for g in groups}
+    regularizer = ClusterabilityRegularizer(weights_persist=weights_persist)
+    regularize_groups(regularizer, groups, partitions)
+    parameters = {parameter.data_ptr() for parameter in model.parameters()}
+    smallest_matrix = min(matrix.module.weight.numel() for group in groups for matrix in group.matrices)
+    copies = []
+
+    def note_copies(saved):
+        if saved.numel() >= smallest_matrix and saved.data_ptr() not in parameters:
+            copies.append(saved)
+        return saved
+
+    with torch.autograd.graph.saved_tensors_hooks(note_copies, lambda saved: saved):
+        model(torch.randint(0, 64, (2, 16)))
+        penalty = regularizer.penalty(20.0)
+    assert not [tuple(copy.shape) for copy in copies]
+    penalty.backward()
+    assert all(matrix.module.weight.grad.abs().sum() > 0 for group in groups for matrix in group.matrices)
