@@ -22,6 +22,9 @@ from torch import Tensor, nn
 
 from orchestrator.modularity.measures import StackedClusterability, compute_dtype, onehot
 
+# Weights in one batch of the lazy, batched path (``ClusterabilityRegularizer._batches``): 128 MiB as float32.
+STACK_ELEMENTS = 1 << 25
+
 
 def clusterability_loss(values: Sequence[Tensor], lam: float) -> Tensor:
     """-λ · mean(C): added to the task loss; C is a ratio, so shrinking weights cannot lower it."""
@@ -56,12 +59,15 @@ class ClusterabilityRegularizer:
     never backpropagated. With ``weights_persist=True`` C is computed lazily, batched over the matrices of one
     shape, when ``values``, ``masses`` or ``penalty`` first asks after a forward: only valid where a module's
     weight is still whole after its forward (not ZeRO-3), and ask before the optimizer step changes it. While
-    ``recording`` is False the hooks record nothing (a step whose C nobody reads).
+    ``recording`` is False the hooks record nothing (a step whose C nobody reads). A batch of the lazy path holds
+    at most ``stack_elements`` weights (a matrix larger than that is a batch of its own).
     """
 
-    def __init__(self, differentiable: bool = True, weights_persist: bool = False) -> None:
+    def __init__(self, differentiable: bool = True, weights_persist: bool = False,
+                 stack_elements: int = STACK_ELEMENTS) -> None:
         self.differentiable = differentiable
         self.weights_persist = weights_persist
+        self.stack_elements = stack_elements
         self.recording = True
         self._states: dict[str, _MatrixState] = {}
         self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
@@ -143,24 +149,34 @@ class ClusterabilityRegularizer:
         return record
 
     def _compute_pending(self) -> None:
-        """C of the modules noted since the last call, batched over matrices of the same shape, dtype and k."""
+        """C of the modules noted since the last call, a batch of same-shape matrices at a time (``_batches``)."""
         if not self._pending:
             return
-        groups: dict[tuple, list[str]] = {}
-        for name, weight in self._pending.items():
-            key = (tuple(weight.shape), weight.dtype, weight.device, self._states[name].dim0_onehot.shape[1])
-            groups.setdefault(key, []).append(name)
         with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
-            for names in groups.values():
-                rows, cols = self._onehots_of(tuple(names))
+            for names in self._batches():
+                rows, cols = self._onehots_of(names)
                 values, masses = StackedClusterability.apply(rows, cols, *(self._pending[name] for name in names))
-                values, masses = values.unbind(), masses.unbind()
-                self._values.update(zip(names, values))
-                self._masses.update(zip(names, masses))
+                self._values.update(zip(names, values.unbind()))
+                self._masses.update(zip(names, masses.unbind()))
         self._pending.clear()
 
+    def _batches(self) -> list[tuple[str, ...]]:
+        """The pending modules by shape, dtype, device and k, cut into batches of at most ``stack_elements``
+        weights. C's float32 copies of a batch (~10 bytes a weight at once) then stay bounded on a large model,
+        where the batch's few operators cost nothing beside its arithmetic (Gemma-2B's 36 gate and up projections
+        would otherwise stack 4.8 GB as float32), while a small model's matrices of one shape go in one batch."""
+        by_shape: dict[tuple, list[str]] = {}
+        for name, weight in self._pending.items():
+            key = (tuple(weight.shape), weight.dtype, weight.device, self._states[name].dim0_onehot.shape[1])
+            by_shape.setdefault(key, []).append(name)
+        batches = []
+        for names in by_shape.values():
+            size = max(1, self.stack_elements // self._pending[names[0]].numel())
+            batches += [tuple(names[start:start + size]) for start in range(0, len(names), size)]
+        return batches
+
     def _onehots_of(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
-        """The group's one-hots stacked `[G, dim0, k]`, `[G, dim1, k]`, kept until a partition changes."""
+        """The batch's one-hots stacked `[G, dim0, k]`, `[G, dim1, k]`, kept until a partition changes."""
         if names not in self._stacked_onehots:
             states = [self._states[name] for name in names]
             self._stacked_onehots[names] = (torch.stack([state.dim0_onehot for state in states]),

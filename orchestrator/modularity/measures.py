@@ -39,11 +39,13 @@ def clusterability_parts(weight: Tensor, row_onehot: Tensor, col_onehot: Tensor)
     `[..., n_in, k]`: scalars for one matrix, `[G]` for a stack of G. The regulariser stacks same-shape matrices to
     compute C of all of them in a handful of batched operators rather than ~7 per matrix (forward, and backward)."""
     squared = weight.to(compute_dtype(weight.dtype)).square()  # [..., n_out, n_in]
-    # trace(R.T W² C) without the off-diagonal blocks: row-wise mass per column cluster, kept where clusters match.
-    per_column_cluster = squared @ col_onehot.to(squared.dtype)  # [..., n_out, k]
-    inside = (per_column_cluster * row_onehot.to(squared.dtype)).sum(dim=(-2, -1))
-    # Every column has one cluster, so the [n_out, k] sums add up to the total: one pass over W fewer.
-    return inside, per_column_cluster.sum(dim=(-2, -1))
+    # trace(R.T W² C) without the off-diagonal blocks: column-wise mass per row cluster, kept where clusters match.
+    # R.T @ W² rather than W² @ C: with k as the product's short side first, a CPU BLAS runs it 2.5-3.5x faster
+    # (measured: [2, 64, 256] 26 -> 7 us, [12, 768, 3072] 25 -> 10 ms).
+    per_row_cluster = row_onehot.to(squared.dtype).transpose(-2, -1) @ squared  # [..., k, n_in]
+    inside = (per_row_cluster * col_onehot.to(squared.dtype).transpose(-2, -1)).sum(dim=(-2, -1))
+    # Every row has one cluster, so the [k, n_in] sums add up to the total: one pass over W fewer.
+    return inside, per_row_cluster.sum(dim=(-2, -1))
 
 
 class StackedClusterability(torch.autograd.Function):
@@ -54,7 +56,8 @@ class StackedClusterability(torch.autograd.Function):
     (the squaring's input) from the forward to the backward, which under ZeRO-3 materialises every regularised
     matrix at once on every rank (222 MiB for GPT-2 124M, ~7 GiB for Gemma-2B's MLPs). Saved here: the weights
     themselves (under ZeRO-3 the parameters, gathered again for their module's backward) and the one-hots. The
-    price is a Python backward: ~70 us more per call than autograd's on a CPU (measured on tiny matrices).
+    price is a Python backward: ~12 us more per call than autograd's on a CPU (one [64, 256] matrix, forward and
+    backward: 71 us against 59).
     ``apply(row_onehots [G, n_out, k], col_onehots [G, n_in, k], *weights)``; the total is not differentiable.
     """
 
@@ -69,10 +72,11 @@ class StackedClusterability(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_value: Tensor, _grad_total: Tensor) -> tuple[Tensor | None, ...]:
         row_onehots, col_onehots, value, total, *weights = ctx.saved_tensors
-        stacked = _stacked(weights).to(value.dtype)  # [G, n_out, n_in]
-        same_cluster = row_onehots.to(value.dtype) @ col_onehots.to(value.dtype).transpose(-2, -1)  # [G, n_out, n_in]
-        scale = (2 * grad_value / total)[:, None, None]  # [G, 1, 1]
-        grads = same_cluster.sub_(value[:, None, None]).mul_(scale).mul_(stacked).to(weights[0].dtype)
+        scale = (2 * grad_value / total).view(-1, 1, 1)  # [G, 1, 1]
+        # scale (M - C) as one product, M = R Cᵀ, with -scale C as the product's starting value: [G, n_out, n_in]
+        coefficient = torch.baddbmm(-value.view(-1, 1, 1) * scale, row_onehots.to(value.dtype) * scale,
+                                    col_onehots.to(value.dtype).transpose(-2, -1))
+        grads = coefficient.mul_(_stacked(weights)).to(weights[0].dtype)
         return None, None, *grads.unbind()
 
 

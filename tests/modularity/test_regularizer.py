@@ -142,6 +142,48 @@ def test_batched_regularizer_matches_the_per_matrix_hooks_in_value_mass_and_grad
     quiet.remove()
 
 
+def _nodes_named(tensor: torch.Tensor, name: str) -> int:
+    """How many nodes of `tensor`'s autograd graph are called `name`."""
+    seen, stack, count = set(), [tensor.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += type(node).__name__ == name
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return count
+
+
+def test_the_batched_path_bounds_its_stacks_without_changing_values_or_gradients(tiny_gpt2):
+    """``stack_elements`` bounds how many weights C's batched path stacks at once (its float32 copies, on a large
+    model), which changes the number of stacks and nothing that C computes: tiny GPT-2's four MLP matrices come in
+    two stored shapes, so two stacks unbounded or at two matrices' worth, four (one matrix each) below that."""
+    groups = find_matrix_groups(tiny_gpt2)
+    partitions = {g.name: partition_group([m.weight() for m in g.inputs], [m.weight() for m in g.outputs], 4)
+                  for g in groups}
+    matrices = [matrix for group in groups for matrix in group.matrices]
+    size = matrices[0].module.weight.numel()
+    inputs = torch.randint(0, 64, (2, 16))
+    recorded = {}
+    for stack_elements, stacks in ((1 << 25, 2), (2 * size, 2), (size * 3 // 2, 4), (1, 4)):
+        regularizer = ClusterabilityRegularizer(weights_persist=True, stack_elements=stack_elements)
+        regularize_groups(regularizer, groups, partitions)
+        tiny_gpt2.zero_grad()
+        tiny_gpt2(inputs)
+        penalty = regularizer.penalty(20.0)
+        assert _nodes_named(penalty, "StackedClusterabilityBackward") == stacks, stack_elements
+        penalty.backward()
+        recorded[stack_elements] = (penalty.detach(), regularizer.masses(),
+                                    [matrix.module.weight.grad.clone() for matrix in matrices])
+        regularizer.remove()
+    (penalty, masses, grads), *bounded = recorded.values()
+    for bounded_penalty, bounded_masses, bounded_grads in bounded:
+        assert torch.allclose(bounded_penalty, penalty, atol=1e-6)
+        assert all(torch.allclose(bounded_masses[name], mass, rtol=1e-6) for name, mass in masses.items())
+        assert all(torch.allclose(bounded, grad, atol=1e-6) for bounded, grad in zip(bounded_grads, grads))
+
+
 @pytest.mark.parametrize("weights_persist", [False, True])
 def test_clear_set_partition_and_remove(weights_persist):
     """clear() empties values, set_partition() changes what the hook measures, remove() stops recording."""
