@@ -23,6 +23,12 @@ def _conv1d_and_linear(tiny_gpt2):
     return conv, linear
 
 
+def _partitions(groups) -> dict:
+    """Each matrix group's spectral partition into k = 4 clusters (computed in float32, whatever the weights')."""
+    return {g.name: partition_group([m.weight().float() for m in g.inputs], [m.weight().float() for m in g.outputs], 4)
+            for g in groups}
+
+
 def test_conv1d_and_equivalent_linear_give_same_clusterability(tiny_gpt2):
     """A Conv1D and an nn.Linear with the transposed weight measure the same C, via hooks and directly."""
     conv, linear = _conv1d_and_linear(tiny_gpt2)
@@ -42,8 +48,7 @@ def test_conv1d_and_equivalent_linear_give_same_clusterability(tiny_gpt2):
 def test_model_forward_records_every_group_matrix(tiny_gpt2):
     """One GPT-2 forward records C of every MLP matrix, equal to C computed directly on its [n_out, n_in] weight."""
     groups = find_matrix_groups(tiny_gpt2)
-    partitions = {g.name: partition_group([m.weight() for m in g.inputs], [m.weight() for m in g.outputs], 4)
-                  for g in groups}
+    partitions = _partitions(groups)
     regularizer = ClusterabilityRegularizer()
     regularize_groups(regularizer, groups, partitions)
     with torch.no_grad():
@@ -59,8 +64,7 @@ def test_model_forward_records_every_group_matrix(tiny_gpt2):
 def test_non_differentiable_regularizer_reports_the_same_values_without_a_graph(tiny_gpt2):
     """For a lambda-0 run: the same C as the differentiable hooks, while the task loss keeps its own graph."""
     groups = find_matrix_groups(tiny_gpt2)
-    partitions = {g.name: partition_group([m.weight() for m in g.inputs], [m.weight() for m in g.outputs], 4)
-                  for g in groups}
+    partitions = _partitions(groups)
     inputs = torch.randint(0, 64, (2, 16))
     recorded = {}
     for differentiable in (True, False):
@@ -101,8 +105,7 @@ def test_batched_regularizer_matches_the_per_matrix_hooks_in_value_mass_and_grad
     forward after C was taken (an activation-checkpoint recompute) changes nothing; with recording off, nothing is
     recorded; non-differentiable, no graph."""
     groups = find_matrix_groups(tiny_gpt2)
-    partitions = {g.name: partition_group([m.weight() for m in g.inputs], [m.weight() for m in g.outputs], 4)
-                  for g in groups}
+    partitions = _partitions(groups)
     inputs = torch.randint(0, 64, (2, 16))
     matrices = [matrix for group in groups for matrix in group.matrices]
     recorded = {}
@@ -160,8 +163,7 @@ def test_the_batched_path_bounds_its_stacks_without_changing_values_or_gradients
     model), which changes the number of stacks and nothing that C computes: tiny GPT-2's four MLP matrices come in
     two stored shapes, so two stacks unbounded or at two matrices' worth, four (one matrix each) below that."""
     groups = find_matrix_groups(tiny_gpt2)
-    partitions = {g.name: partition_group([m.weight() for m in g.inputs], [m.weight() for m in g.outputs], 4)
-                  for g in groups}
+    partitions = _partitions(groups)
     matrices = [matrix for group in groups for matrix in group.matrices]
     size = matrices[0].module.weight.numel()
     inputs = torch.randint(0, 64, (2, 16))
@@ -233,8 +235,7 @@ def test_the_loss_keeps_no_copy_of_a_bf16_matrix_for_backward(tiny_gpt2, weights
     regularised matrix at once on every rank)."""
     model = tiny_gpt2.to(torch.bfloat16)
     groups = find_matrix_groups(model)
-    partitions = {g.name: partition_group([m.weight().float() for m in g.inputs],
-                                          [m.weight().float() for m in g.outputs], 4) for g in groups}
+    partitions = _partitions(groups)
     regularizer = ClusterabilityRegularizer(weights_persist=weights_persist)
     regularize_groups(regularizer, groups, partitions)
     parameters = {parameter.data_ptr() for parameter in model.parameters()}
