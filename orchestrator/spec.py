@@ -3,12 +3,16 @@
 A job file (``jobs/*.yaml``) is a serialised :class:`JobSpec`. Loading it checks every key at once and
 raises :class:`SpecError` listing all problems, each with the file, line, key and a fix, before anything
 starts. Components receive the section they need (``spec.training``, ``spec.modularity``...), never a dict.
+
+A job file is hostile input (it may come from a checkpoint or a colleague): its size, nesting depth and the
+number of values its YAML aliases expand to are bounded before anything is built from it, and duplicate keys,
+bytes that are not UTF-8, an empty file and non-finite numbers are errors rather than silent guesses.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -16,12 +20,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 DEFAULT_JOB = Path("jobs/tiny.yaml")
 RUNS_DIRECTORY = "xcm-runs"
 TEXT_SOURCES = ("synthetic", "hub", "files")  # the others are classification data: images, modular addition
+# Bounds on a job file (and on a --set value). The shipped jobs are under 2 KB, nest 4 deep and hold ~100 values:
+# the bounds leave room for long file lists while a 1 KB alias bomb (10^9 values once expanded) stops at once.
+MAX_JOB_BYTES = 1 << 20
+MAX_NESTING = 32
+MAX_VALUES = 100_000
+INVALID_JOB_EXIT_CODE = 2  # `xcm run`, `check`, `submit` and `resume` exit with it for a job that does not load
+_SHOWN_CHARACTERS = 120  # of a value quoted in an error line
 
 
 class Section(BaseModel):
-    """A spec section: unknown keys are errors (a typo must never be silently ignored)."""
+    """A spec section: unknown keys are errors (a typo must never be silently ignored), and so are inf and nan
+    (an infinite lr or lambda would train nothing but NaNs)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True, allow_inf_nan=False)
 
 
 class ModelSpec(Section):
@@ -89,6 +101,9 @@ class EvaluationSpec(Section):
     per_task: bool = Field(True, description="also log eval/loss/<task> for the synthetic corpus's tasks")
 
 
+Beta = Annotated[float, Field(ge=0, lt=1)]  # AdamW divides by 1 - beta**t: beta 1 divides by zero
+
+
 class TrainingSpec(Section):
     steps: int = Field(50, gt=0)
     micro_batch_size: int = Field(8, gt=0, description="sequences per worker per micro-batch")
@@ -107,7 +122,7 @@ class TrainingSpec(Section):
     report_every: int = Field(25, gt=0, description="steps between Ray Train reports (a report waits only when the "
                                                     "previous one is still queued: reports under ~0.5 s apart cost "
                                                     "~1-2 s each, wider ones nothing measurable)")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's (beta1, beta2)")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW's (beta1, beta2), each in [0, 1)")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="after warm-up: constant, or cosine decay to min_lr_ratio * lr at the last step")
     warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up from lr/warmup_steps to lr")
@@ -243,40 +258,39 @@ class SpecProblem(BaseModel):
 
 
 class SpecError(ValueError):
-    """Every problem of a job file, reported at once."""
+    """Every problem of a job file, reported at once: one line each, ``file:line: key: problem. Fix: fix``."""
 
     def __init__(self, source: str, problems: list[SpecProblem]):
         self.source = source
         self.problems = problems
-        lines = [f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''} in the job spec"]
-        for problem in problems:
-            where = f"line {problem.line}, " if problem.line else ""
-            lines.append(f"  - {where}{problem.key}: {problem.message}. Fix: {problem.fix}")
-        super().__init__("\n".join(lines))
+        super().__init__("\n".join(_problem_line(source, problem) for problem in problems))
 
 
-def load_spec(path: str | Path | None = None, overrides: list[str] = ()) -> JobSpec:
-    """Read, override (``section.key=value``) and validate a job file; raise SpecError listing every problem."""
+def _problem_line(source: str, problem: SpecProblem) -> str:
+    where = f"{source}:{problem.line}" if problem.line else source
+    return _printable(f"{where}: {problem.key}: {problem.message}. Fix: {problem.fix}")
+
+
+def _printable(text: str) -> str:
+    """One terminal line whatever a hostile file holds: control characters (a newline in a key could forge
+    another error line, an escape sequence rewrite the terminal) are shown escaped."""
+    return "".join(character if character.isprintable() else repr(character)[1:-1] for character in text)
+
+
+def _shown(value: Any) -> str:
+    """A value as an error line quotes it: its repr, cut short (a 100 000-item list must not fill the screen)."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARACTERS else text[:_SHOWN_CHARACTERS] + "...(cut)"
+
+
+def load_spec(path: str | Path | None = None, overrides: list[str] = (), files_from: Path | None = None) -> JobSpec:
+    """Read, override (``section.key=value``) and validate a job file; raise SpecError listing every problem.
+
+    ``files_from``: also require the job's data files to exist, relative to that directory, as ``xcm run``
+    does before it starts (``xcm check`` passes it too, so both report a missing file alike)."""
     path = Path(path) if path is not None else DEFAULT_JOB
     source = str(path)
-    if not path.is_file():
-        raise SpecError(source, [SpecProblem(
-            key="(file)", message=f"no job file at {path.resolve()}",
-            fix="pass the path of a YAML job file, e.g. jobs/tiny.yaml")])
-    text = path.read_text()
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        raise SpecError(source, [SpecProblem(
-            key="(file)", message=f"not valid YAML ({getattr(error, 'problem', error)})",
-            fix="correct the YAML syntax", line=mark.line + 1 if mark else None)]) from None
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise SpecError(source, [SpecProblem(
-            key="(file)", message=f"the top level is a {type(raw).__name__}, not a mapping",
-            fix="write the job as 'section: {key: value}' mappings, as in jobs/tiny.yaml")])
-    lines = _key_lines(text)
+    raw, lines = read_job(path)
     problems = _apply_overrides(raw, overrides)
     spec = None
     try:
@@ -284,10 +298,132 @@ def load_spec(path: str | Path | None = None, overrides: list[str] = ()) -> JobS
     except ValidationError as error:
         problems += [_problem_from_pydantic(item, lines) for item in error.errors()]
     if spec is not None:
-        problems += [p.model_copy(update={"line": lines.get(p.key)}) for p in consistency_problems(spec)]
+        found = consistency_problems(spec)
+        if files_from is not None and not found:
+            from orchestrator.data.preflight import missing_file_problems
+
+            found = missing_file_problems(spec.resolved(files_from))
+        problems += [p.model_copy(update={"line": lines.get(p.key)}) for p in found]
     if problems:
         raise SpecError(source, problems)
     return spec
+
+
+def read_job(path: Path) -> tuple[dict, dict[str, int]]:
+    """A job file's top-level mapping and the 1-based line of each dotted key, within the bounds above; raises
+    SpecError for a missing, oversized, non-UTF-8, empty, malformed or bomb-shaped file or a duplicate key."""
+    source = str(path)
+    if not path.is_file():
+        raise SpecError(source, [SpecProblem(
+            key="(file)", message=f"no job file at {path.resolve()}",
+            fix="pass the path of a YAML job file, e.g. jobs/tiny.yaml")])
+    with path.open("rb") as file:
+        data = file.read(MAX_JOB_BYTES + 1)
+    if len(data) > MAX_JOB_BYTES:
+        raise SpecError(source, [SpecProblem(
+            key="(file)", message=f"larger than {MAX_JOB_BYTES // 1024} KiB (job files are a few KB)",
+            fix="pass a job file, not a data file; list data files in data.files")])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SpecError(source, [SpecProblem(
+            key="(file)", message=f"not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start})",
+            fix="save the job file as UTF-8", line=data[:error.start].count(b"\n") + 1)]) from None
+    try:
+        raw, lines, duplicates = _parse_yaml(text)
+    except YamlProblem as problem:
+        raise SpecError(source, [problem.as_problem("(file)")]) from None
+    if raw is None:
+        raise SpecError(source, [SpecProblem(
+            key="(file)", message="the job file is empty",
+            fix="write the job's sections as in jobs/tiny.yaml (`xcm run` with no file runs the default job)")])
+    if not isinstance(raw, dict):
+        raise SpecError(source, [SpecProblem(
+            key="(file)", message=f"the top level is a {type(raw).__name__}, not a mapping",
+            fix="write the job as 'section: {key: value}' mappings, as in jobs/tiny.yaml")])
+    if duplicates:
+        raise SpecError(source, duplicates)
+    return raw, lines
+
+
+class YamlProblem(Exception):
+    """YAML that cannot be loaded, or that exceeds the bounds: the message and the 1-based line."""
+
+    def __init__(self, message: str, fix: str, line: int | None):
+        super().__init__(message)
+        self.message, self.fix, self.line = message, fix, line
+
+    def as_problem(self, key: str) -> SpecProblem:
+        return SpecProblem(key=key, message=self.message, fix=self.fix, line=self.line)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, bounded while it composes: at most MAX_NESTING levels deep (its composer recurses
+    once per level: 20 000 ``[`` would end in RecursionError) and MAX_VALUES nodes once aliases are expanded
+    (nine nested aliases of nine make 10^9 values out of 1 KB; PyYAML builds them shared, but everything that
+    walks the result, from pydantic to the params logged to MLflow, would expand them).
+
+    Each node's expanded size and depth are computed as its composition ends, from its children's, which have
+    ended before it (an alias names a node composed earlier): linear in the file, whatever the aliases."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._open_nodes = 0
+        self._extent: dict[int, tuple[int, int]] = {}  # id(node) -> (values once expanded, depth once expanded)
+
+    def compose_node(self, parent, index):
+        mark = self.peek_event().start_mark
+        if self.check_event(yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            if id(node) not in self._extent:  # a node still being composed: the alias is inside its anchor
+                raise YamlProblem("an alias refers to a node that contains it", "remove the recursive alias",
+                                  mark.line + 1)
+            return node
+        self._open_nodes += 1
+        if self._open_nodes > MAX_NESTING:
+            raise YamlProblem(f"nested more than {MAX_NESTING} deep", "flatten the structure; a job nests 4 deep",
+                              mark.line + 1)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._open_nodes -= 1
+        self._measure(node, mark)
+        return node
+
+    def _measure(self, node: yaml.Node, mark) -> None:
+        if isinstance(node, yaml.ScalarNode):
+            self._extent[id(node)] = (1, 1)
+            return
+        children = ([child for pair in node.value for child in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value)
+        extents = [self._extent[id(child)] for child in children]
+        values = 1 + sum(size for size, _ in extents)
+        depth = 1 + max((child_depth for _, child_depth in extents), default=0)
+        if values > MAX_VALUES:
+            raise YamlProblem(f"its aliases expand to more than {MAX_VALUES} values",
+                              "write the values out instead of nesting aliases", mark.line + 1)
+        if depth > MAX_NESTING:
+            raise YamlProblem(f"its aliases expand to more than {MAX_NESTING} levels of nesting",
+                              "flatten the structure; a job nests 4 deep", mark.line + 1)
+        self._extent[id(node)] = (values, depth)
+
+
+def _parse_yaml(text: str) -> tuple[Any, dict[str, int], list[SpecProblem]]:
+    """The value the YAML text holds, within the loader's bounds, with its keys' lines and duplicates (read
+    before the value is built: building merges ``<<`` keys into their mappings)."""
+    loader = _BoundedLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, {}, []
+        lines, duplicates = _key_lines(root)
+        return loader.construct_document(root), lines, duplicates
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        raise YamlProblem(f"not valid YAML ({getattr(error, 'problem', None) or error})", "correct the YAML syntax",
+                          mark.line + 1 if mark else None) from None
+    finally:
+        loader.dispose()
 
 
 def consistency_problems(spec: JobSpec) -> list[SpecProblem]:
@@ -311,6 +447,8 @@ def consistency_problems(spec: JobSpec) -> list[SpecProblem]:
     from orchestrator.train.preflight import training_spec_problems
 
     problems += training_spec_problems(spec)
+    if any(problem.key.startswith("model.config.") for problem in problems):
+        return problems  # the model cannot be configured to read its sizes
     if model.init == "pretrained" and not (model.pretrained and Path(model.pretrained).is_dir()):
         return problems  # a hub model's sizes are known only once it is fetched, at build time
     try:
@@ -360,6 +498,7 @@ def _adoption_problems(modularity: ModularitySpec, partitioner: PartitionerSpec)
 
 
 def _apply_overrides(raw: dict, overrides: list[str]) -> list[SpecProblem]:
+    """Set each ``section.key=value`` in ``raw``; the value is YAML, held to a job file's bounds."""
     problems = []
     for override in overrides:
         key, sep, value = override.partition("=")
@@ -367,8 +506,21 @@ def _apply_overrides(raw: dict, overrides: list[str]) -> list[SpecProblem]:
             problems.append(SpecProblem(key=override, message="an override must read section.key=value",
                                         fix="write e.g. --set training.lr=3e-4"))
             continue
-        target = raw
         *parents, leaf = key.split(".")
+        if len(parents) >= MAX_NESTING or len(value) > MAX_JOB_BYTES:
+            problems.append(SpecProblem(key=key[:_SHOWN_CHARACTERS], message="the override is too long",
+                                        fix="override one key of a section, e.g. training.lr=3e-4"))
+            continue
+        try:
+            parsed, _, duplicates = _parse_yaml(value)
+        except YamlProblem as problem:
+            problems.append(problem.as_problem(key).model_copy(update={"line": None}))
+            continue
+        if duplicates:
+            problems += [problem.model_copy(update={"key": f"{key}.{problem.key}", "line": None})
+                         for problem in duplicates]
+            continue
+        target = raw
         for parent in parents:
             target = target.setdefault(parent, {})
             if not isinstance(target, dict):
@@ -376,7 +528,7 @@ def _apply_overrides(raw: dict, overrides: list[str]) -> list[SpecProblem]:
                                             fix="override a key inside a section, e.g. training.lr"))
                 break
         else:
-            target[leaf] = yaml.safe_load(value)
+            target[leaf] = parsed
     return problems
 
 
@@ -389,7 +541,7 @@ def _problem_from_pydantic(item: dict, lines: dict[str, int]) -> SpecProblem:
         message, fix = "required key is missing", "add it"
     else:
         message = item["msg"][0].lower() + item["msg"][1:]
-        fix = f"got {item.get('input')!r}; {_field_hint(item['loc'])}"
+        fix = f"got {_shown(item.get('input'))}; {_field_hint(item['loc'])}"
     return SpecProblem(key=key, message=message, fix=fix, line=lines.get(key))
 
 
@@ -421,21 +573,30 @@ def _field_hint(loc: tuple) -> str:
     return "see jobs/tiny.yaml for a valid value"
 
 
-def _key_lines(text: str) -> dict[str, int]:
-    """Map each dotted key of the YAML text to its 1-based line, so errors can point into the file."""
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return {}
+def _key_lines(root: yaml.Node) -> tuple[dict[str, int], list[SpecProblem]]:
+    """Each dotted key of the composed file with its 1-based line, so errors can point into the file; and a
+    problem for each key written twice in one mapping (YAML would silently keep the last)."""
     lines: dict[str, int] = {}
+    duplicates: list[SpecProblem] = []
+    checked: set[int] = set()  # mappings reached again through an alias report their duplicates once
 
     def walk(node: yaml.Node, prefix: str) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-                lines[key] = key_node.start_mark.line + 1
-                walk(value_node, key)
+        if not isinstance(node, yaml.MappingNode):
+            return
+        first_lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: keys written beside it override the merged ones, by design
+            name = str(key_node.value)
+            key, line = f"{prefix}.{name}" if prefix else name, key_node.start_mark.line + 1
+            if name in first_lines and id(node) not in checked:
+                duplicates.append(SpecProblem(
+                    key=key, message=f"written twice, on lines {first_lines[name]} and {line}",
+                    fix="keep one of them", line=line))
+            first_lines.setdefault(name, line)
+            lines[key] = line
+            walk(value_node, key)
+        checked.add(id(node))
 
-    if root is not None:
-        walk(root, "")
-    return lines
+    walk(root, "")
+    return lines, duplicates

@@ -52,7 +52,7 @@ def check_data(spec: JobSpec) -> TrainingData:
     """Build the job's data once on the driver; raise SpecError listing every problem found, each with its fix."""
     from orchestrator.spec import SpecError, SpecProblem
 
-    problems = [*_missing_file_problems(spec), *_tokenizer_problems(spec)]
+    problems = [*missing_file_problems(spec), *_tokenizer_problems(spec)]
     data = None
     if not problems:
         from orchestrator.data.sources import build_training_data
@@ -91,7 +91,9 @@ def _validation_fix(spec: JobSpec) -> str:
             }.get(spec.data.source, "set data.validation_fraction > 0 (the share of examples held out)")
 
 
-def _missing_file_problems(spec: JobSpec) -> list[SpecProblem]:
+def missing_file_problems(spec: JobSpec) -> list[SpecProblem]:
+    """The data files (and glob patterns) of a resolved spec that match nothing: `xcm check` reports them as
+    `xcm run` does."""
     from orchestrator.data.text_sources import missing_patterns
     from orchestrator.spec import SpecProblem
 

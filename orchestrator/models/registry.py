@@ -6,6 +6,7 @@ train on CPU; ``small`` is the family's smallest published size (GPT-2 124M, Pyt
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,9 @@ if TYPE_CHECKING:
 
     from orchestrator.spec import ModelSpec
 
+# Each family's transformers config classes: the first builds a random model; a pretrained one may be any of them.
+CONFIG_CLASSES = {"gpt2": ("GPT2Config",), "gpt_neox": ("GPTNeoXConfig",),
+                  "gemma": ("GemmaConfig", "Gemma2Config", "Gemma3TextConfig")}
 # Zero dropout everywhere: modularity measurements and resume-equality checks need deterministic forwards.
 PRESETS: dict[str, dict[str, dict]] = {
     "gpt2": {
@@ -60,18 +64,30 @@ def model_config(spec: ModelSpec, vocab_size: int | None = None) -> PretrainedCo
         for key, value in spec.config.items():
             setattr(config, key, value)
         return config
-    config_class = {"gpt2": transformers.GPT2Config, "gpt_neox": transformers.GPTNeoXConfig,
-                    "gemma": transformers.GemmaConfig}[spec.family]
+    config_class = getattr(transformers, CONFIG_CLASSES[spec.family][0])
     values = dict(PRESETS[spec.family][spec.size])
     if vocab_size is not None and "vocab_size" not in values:
         # Sized to xcm's own tokenizer: the family's special-token ids would fall outside that vocabulary.
         values.update(vocab_size=vocab_size, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     values.update(spec.config)
-    config = config_class(**values)
-    unknown = sorted(set(spec.config) - set(config.to_dict()))
+    unknown = sorted(set(spec.config) - config_keys(config_class))
     if unknown:
         raise ValueError(f"{config_class.__name__} has no key(s) {', '.join(unknown)}")
-    return config
+    return config_class(**values)
+
+
+@functools.cache
+def config_keys(config_class: type[PretrainedConfig]) -> frozenset[str]:
+    """The keys a transformers config class reads: its constructor's parameters, the attributes a default
+    instance holds (PretrainedConfig's common ones among them) and the class's aliases (GPT-2's hidden_size for
+    n_embd). Built from the class alone, offline. The constructor itself takes any key silently: a typo such as
+    n_embed would train the preset's width."""
+    import inspect
+
+    parameters = inspect.signature(config_class.__init__).parameters.values()
+    named = {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {"self"}
+    keys = named | set(config_class().to_dict()) | set(config_class.attribute_map)
+    return frozenset(key for key in keys if not key.startswith("_"))
 
 
 def model_dimensions(spec: ModelSpec) -> ModelDimensions:

@@ -8,6 +8,7 @@ fp16 on CPU workers (DeepSpeed allows it only on CPUs with native fp16) is check
 """
 from __future__ import annotations
 
+import difflib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -23,8 +24,9 @@ DIGITS_EXAMPLES = 1797
 
 def training_spec_problems(spec: JobSpec) -> list[SpecProblem]:
     """Every training-side problem of ``spec`` (an empty list when it can run)."""
-    return [*_model_data_problems(spec), *_pretrained_problems(spec), *_zero_problems(spec),
-            *_schedule_problems(spec), *_batch_split_problems(spec), *_precision_problems(spec)]
+    return [*_model_data_problems(spec), *_pretrained_problems(spec), *model_config_problems(spec),
+            *_zero_problems(spec), *_schedule_problems(spec), *_batch_split_problems(spec),
+            *_precision_problems(spec)]
 
 
 def _problem(key: str, message: str, fix: str) -> SpecProblem:
@@ -90,6 +92,67 @@ def _pretrained_config_problems(spec: JobSpec) -> list[SpecProblem]:
         return []
     return [_problem("model.family", f"{spec.model.pretrained} is a {model_type!r} model, not {spec.model.family}",
                      f"set model.family to the model's family, or name a {spec.model.family} model")]
+
+
+def model_config_problems(spec: JobSpec) -> list[SpecProblem]:
+    """Each ``model.config`` key must be one the model reads, with a finite value: a transformers config takes any
+    key silently, so a typo would train the preset's size, and xcm's own models would fail only in the workers."""
+    import math
+
+    known = _known_config_keys(spec)
+    if known is None:
+        return []
+    owner, keys = known
+    problems = []
+    for key, value in spec.model.config.items():
+        if key not in keys:
+            close = difflib.get_close_matches(key, sorted(keys), n=3, cutoff=0.6)
+            problems.append(_problem(
+                f"model.config.{key}", f"{owner} has no key {key!r}" + (
+                    f" (close matches: {', '.join(close)})" if close else ""),
+                f"use {close[0]}" if close else f"remove it, or use a key of {owner} "
+                                                "(its transformers documentation lists them)"))
+        elif any(isinstance(item, float) and not math.isfinite(item) for item in _leaves(value)):
+            problems.append(_problem(f"model.config.{key}", "not a finite number", "give a finite value"))
+    return problems
+
+
+def _known_config_keys(spec: JobSpec) -> tuple[str, frozenset[str]] | None:
+    """Who reads ``model.config`` and its keys: the family's transformers config class (for a pretrained model,
+    the class of its own config, or of any of the family's classes while it is not downloaded), or the keys of
+    one of xcm's own models. None when the pretrained model's config cannot be read (reported elsewhere)."""
+    from pathlib import Path
+
+    import transformers
+
+    from orchestrator.models.classifiers import DEFAULTS
+    from orchestrator.models.registry import CONFIG_CLASSES, config_keys
+
+    model = spec.model
+    if model.family not in TRANSFORMER_FAMILIES:
+        return f"xcm's {model.family} model", frozenset(DEFAULTS[model.family])
+    if model.init == "random" or not model.pretrained:
+        names = CONFIG_CLASSES[model.family][:1]
+    elif Path(model.pretrained).expanduser().is_dir():
+        try:
+            names = (type(transformers.AutoConfig.from_pretrained(model.pretrained)).__name__,)
+        except (OSError, ValueError):
+            return None
+    else:
+        names = CONFIG_CLASSES[model.family]
+    keys = frozenset().union(*(config_keys(getattr(transformers, name)) for name in names))
+    return " / ".join(names), keys
+
+
+def _leaves(value):
+    """The scalars of a ``model.config`` value (rope_parameters and the like are mappings)."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            yield from _leaves(item)
+    else:
+        yield value
 
 
 def _zero_problems(spec: JobSpec) -> list[SpecProblem]:
