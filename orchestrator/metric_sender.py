@@ -92,6 +92,9 @@ def run(sender: MetricSender, interval_s: float, stop: StopRequest) -> None:
     if sender.spool.pending():
         logger.warning("MLflow logger closed with unsent metrics; they stay in %s and are sent when the run "
                        "is resumed", sender.spool.path)
+    if sender.spool.skipped_lines:
+        logger.warning("skipped %d lines of %s that were not metric records (torn or corrupt)",
+                       sender.spool.skipped_lines, sender.spool.path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -180,10 +180,25 @@ class MetricLogger:
             logger.warning("the metric sender did not finish within %s s; unsent metrics stay in %s and are sent "
                            "when the run is resumed", timeout_s, self._spool.path)
         self._thread.join(timeout_s + self._interval_s + 5)
+        self._log_unspooled_drops()
         self._spool.close()
         unsent_artifacts = len(self._pending_artifacts) + self._artifacts.qsize()
         if unsent_artifacts:
             logger.warning("MLflow logger closed with %d unsent artifact uploads", unsent_artifacts)
+
+    def _log_unspooled_drops(self) -> None:
+        """A spool that could not write until the end (a disk that stayed full) could not record how many metrics it
+        dropped: send that count straight to MLflow, so the run shows its gap."""
+        from orchestrator.metric_spool import DROPPED_METRICS
+
+        drops = self._spool.unlogged_drops()
+        if drops is None:
+            return
+        count, step = drops
+        try:
+            self._client.log_metric(self._run_id, DROPPED_METRICS, count, step=step)
+        except Exception as error:
+            logger.warning("could not log %s=%d to MLflow run %s: %s", DROPPED_METRICS, count, self._run_id, error)
 
     def _start_sender(self) -> subprocess.Popen:
         """The sender process, with this interpreter, the package's import path and this environment."""

@@ -1,10 +1,15 @@
 """The on-disk metric spool and the logger that sends it: nothing lost, nothing logged twice."""
 
+import json
+import os
+import threading
 import time
+from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
-from orchestrator.metric_spool import MetricSpool
+from orchestrator.metric_spool import MetricSpool, SpoolInUse
 from orchestrator.tracking import MetricLogger
 
 
@@ -15,7 +20,8 @@ def test_unsent_metrics_survive_a_dead_process(tmp_path):
     first.append({"loss": 1.5}, step=1, timestamp_ms=2)
     records, offset = first.unsent(max_metrics=1)
     assert [record["step"] for record in records] == [0]
-    first.mark_sent(offset)  # step 0 reached MLflow, then the process died without closing
+    first.mark_sent(offset)  # step 0 reached MLflow, then the process died (the kernel closes its files)
+    first.close()
     second = MetricSpool(tmp_path / "spool.jsonl")
     records, offset = second.unsent(max_metrics=1000)
     assert records == [{"step": 1, "timestamp": 2, "metrics": {"loss": 1.5}}]
@@ -134,3 +140,190 @@ def test_sender_process_delivers_every_step_once_while_the_writer_compacts(tmp_p
     history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
     assert history == [(step, float(step)) for step in range(steps)]
     assert not MetricSpool(spool_path, writer=False).pending()
+
+
+FULL_DISK_RUN = r"""
+import resource, signal, sys, time
+from pathlib import Path
+from orchestrator.tracking import MetricLogger
+
+uri, run_id, spool_path, recover = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4] == "recover"
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+logger = MetricLogger(uri, run_id, spool_path, interval_s=0.1)  # its sender process keeps the unlimited size
+for step in range(10):
+    logger.log({"loss": float(step)}, step)
+limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+# The disk fills up half-way through the next record: the write tears, then fails.
+resource.setrlimit(resource.RLIMIT_FSIZE, (spool_path.stat().st_size + 20, limit[1]))
+for step in range(10, 20):
+    logger.log({"loss": float(step), "lr": 0.1}, step)
+if recover:
+    resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    for step in range(20, 30):
+        logger.log({"loss": float(step)}, step)
+resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+logger.close()
+print("trained to the end")
+"""
+
+
+def run_with_a_full_disk(tmp_path, recover: bool) -> tuple[MlflowClient, str, Path]:
+    """A rank 0 logger in its own process whose spool hits a real file-size limit (RLIMIT_FSIZE) at step 10."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("full")).info.run_id
+    spool_path = tmp_path / "spool.jsonl"
+    done = subprocess.run([sys.executable, "-c", FULL_DISK_RUN, uri, run_id, str(spool_path),
+                           "recover" if recover else "stay-full"], capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0 and "trained to the end" in done.stdout, done.stderr[-3000:]
+    assert "cannot take metrics (OSError: [Errno 27] File too large)" in done.stderr
+    return client, run_id, spool_path
+
+
+def test_a_full_disk_drops_metrics_counts_them_and_training_goes_on(tmp_path):
+    """Appends that the disk refuses are dropped and counted, the logger keeps going, later appends succeed, and
+    the count reaches MLflow as spool/dropped_metrics; the torn write left no fragment."""
+    client, run_id, spool_path = run_with_a_full_disk(tmp_path, recover=True)
+    losses = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+    assert losses == list(range(10)) + list(range(20, 30))
+    dropped = client.get_metric_history(run_id, "spool/dropped_metrics")
+    assert [(m.step, m.value) for m in dropped] == [(20, 20.0)]  # steps 10-19: loss and lr
+    assert all(json.loads(line) for line in spool_path.read_bytes().splitlines())
+
+
+def test_a_disk_full_to_the_end_still_reports_the_dropped_count(tmp_path):
+    """When the spool never writes again, closing the logger sends the dropped count to MLflow directly."""
+    client, run_id, _ = run_with_a_full_disk(tmp_path, recover=False)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(10))
+    dropped = client.get_metric_history(run_id, "spool/dropped_metrics")
+    assert [(m.step, m.value) for m in dropped] == [(19, 20.0)]
+
+
+CORRUPT_LINES = [
+    b'{"step": 2, "timestamp": 2, "metr\n',  # torn, then written over by the next record
+    b'\xff\xfe not utf-8\n',
+    b'[' * 100_000 + b'\n',  # deeper than Python's recursion limit
+    b'{"step": "3", "timestamp": 3, "metrics": {"loss": 3.0}}\n',  # wrong type
+    b'{"step": 3, "timestamp": 3, "metrics": {"loss": "3.0"}}\n',
+    b'{"step": 3, "timestamp": 3, "metrics": {"../../loss": 3.0}}\n',  # a name MLflow refuses, failing the batch
+    b'{"last_steps": {"loss": 99}}\n',  # the memory line without its generation
+]
+
+
+def spool_with_corrupt_lines(path: Path) -> None:
+    """Steps 0-5 of `loss`, with every kind of bad line between steps 1 and 4 and a bad line and a torn one last."""
+    writer = MetricSpool(path)
+    for step in (0, 1):
+        writer.append({"loss": float(step)}, step, timestamp_ms=step)
+    writer.close()
+    with path.open("ab") as stream:
+        stream.write(b"".join(CORRUPT_LINES))
+    writer = MetricSpool(path)
+    for step in (4, 5):
+        writer.append({"loss": float(step)}, step, timestamp_ms=step)
+    writer.close()
+    with path.open("ab") as stream:
+        stream.write(b'{"step": 6, "timestamp": 6, "metrics": 6}\n{"step": 7, "timest')
+
+
+def test_corrupt_lines_are_skipped_and_counted_by_the_writer_and_the_reader(tmp_path):
+    """Bad lines in the middle and at the end neither stop a writer from starting nor the reader from reading
+    past them: each is skipped once, counted, and every whole record is read."""
+    path = tmp_path / "spool.jsonl"
+    spool_with_corrupt_lines(path)
+    writer = MetricSpool(path)  # a restarted rank 0: reads its memory past the bad lines, cuts the torn tail
+    assert writer.last_steps == {"loss": 5} and writer.skipped_lines == len(CORRUPT_LINES) + 1
+    writer.append({"loss": 6.0}, 6, timestamp_ms=6)
+    reader = MetricSpool(path, writer=False)
+    records, marker = reader.unsent(max_metrics=1000)
+    records_again, _ = reader.unsent(max_metrics=1000)  # a send failed: the same batch is read again
+    assert records == records_again
+    assert [record["step"] for record in records] == [0, 1, 4, 5, 6]
+    assert reader.skipped_lines == len(CORRUPT_LINES) + 1
+    reader.mark_sent(marker)
+    assert not reader.pending()
+
+
+def test_a_fragment_left_mid_run_costs_one_line_not_the_next_record(tmp_path):
+    """A write whose fragment could not be cut stays a torn tail the reader waits at; the writer's next record
+    starts on its own line, so only the fragment is skipped."""
+    path = tmp_path / "spool.jsonl"
+    writer = MetricSpool(path)
+    reader = MetricSpool(path, writer=False)
+    writer.append({"loss": 0.0}, 0, timestamp_ms=0)
+    with path.open("ab") as stream:
+        stream.write(b'{"step": 1, "timestamp": 1, "met')
+    records, marker = reader.unsent(max_metrics=1000)
+    assert [record["step"] for record in records] == [0]
+    reader.mark_sent(marker)
+    assert not reader.pending()  # the torn tail is not a record yet: no busy loop on it
+    writer.append({"loss": 2.0}, 2, timestamp_ms=2)
+    records, _ = reader.unsent(max_metrics=1000)
+    assert [record["step"] for record in records] == [2] and reader.skipped_lines == 1
+
+
+def test_the_sender_process_sends_every_whole_record_past_corrupt_lines(tmp_path):
+    """The sender skips the bad lines and exits 0 with every valid step in MLflow, instead of crash-looping on
+    the first bad line or retrying a batch MLflow refuses forever."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("corrupt")).info.run_id
+    path = tmp_path / "spool.jsonl"
+    spool_with_corrupt_lines(path)
+    sender = subprocess.run([sys.executable, "-m", "orchestrator.metric_sender", uri, run_id, str(path),
+                             "--interval", "0.05", "--drain-timeout", "5"],
+                            input=b"", capture_output=True, timeout=120, check=False)
+    assert sender.returncode == 0, sender.stderr.decode()[-3000:]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [0, 1, 4, 5]
+    assert b"skipped 8 lines" in sender.stderr and b"unsent metrics" not in sender.stderr
+
+
+def test_a_second_writer_is_refused_while_the_first_lives(tmp_path):
+    """Two writers on one spool are impossible: the second gets SpoolInUse naming the holder, the first keeps
+    writing, and the file holds each step once."""
+    path = tmp_path / "spool.jsonl"
+    first = MetricSpool(path)
+    first.append({"loss": 0.0}, 0, timestamp_ms=0)
+    with pytest.raises(SpoolInUse, match=rf"written by another process \(pid {os.getpid()} on "):
+        MetricSpool(path, writer_wait_s=0.5)
+    for step in range(1, 8):
+        first.append({"loss": float(step)}, step, timestamp_ms=step)
+    steps = [record["step"] for record in MetricSpool(path, writer=False).unsent(max_metrics=1000)[0]]
+    assert steps == list(range(8))
+
+
+def test_a_writer_takes_over_from_one_that_exits_during_its_wait(tmp_path):
+    """A restarted rank 0 that starts while its predecessor is still exiting waits and then takes the spool."""
+    path = tmp_path / "spool.jsonl"
+    first = MetricSpool(path)
+    threading.Timer(0.5, first.close).start()
+    second = MetricSpool(path, writer_wait_s=30)
+    second.append({"loss": 1.0}, 1, timestamp_ms=1)
+    assert second.last_steps == {"loss": 1}
+
+
+def test_the_lock_of_a_killed_writer_is_free_at_once(tmp_path):
+    """A writer killed with SIGKILL (no cleanup) leaves no stale lock: the next writer starts without waiting."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "spool.jsonl"
+    hold = ("import sys, time; from orchestrator.metric_spool import MetricSpool; "
+            "spool = MetricSpool(sys.argv[1]); print('locked', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(SpoolInUse):
+            MetricSpool(path, writer_wait_s=0.2)
+    finally:
+        holder.kill()
+        holder.wait()
+    started = time.monotonic()
+    MetricSpool(path, writer_wait_s=0).close()
+    assert time.monotonic() - started < 1
