@@ -8,7 +8,7 @@ from pathlib import Path
 
 from orchestrator import cluster_jobs
 from orchestrator.cluster_jobs import ClusterError
-from orchestrator.spec import DEFAULT_JOB, SpecError, load_spec
+from orchestrator.spec import DEFAULT_JOB, INVALID_JOB_EXIT_CODE, SpecError, load_spec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except SpecError as error:
         print(error, file=sys.stderr)
-        return 2
+        return INVALID_JOB_EXIT_CODE
     except ClusterError as error:
         print(f"xcm: {error}", file=sys.stderr)
         return 1
@@ -45,9 +45,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from orchestrator import tracking
-    from orchestrator.train.launch import run_job
+    from orchestrator.train.launch import fail_submitted_run, run_job
 
-    spec = load_spec(args.job, args.overrides)
+    try:
+        spec = load_spec(args.job, args.overrides, files_from=Path.cwd())
+    except SpecError as error:
+        fail_submitted_run(args.job, error)
+        raise
     try:
         result = run_job(spec, Path.cwd())
     except tracking.TrackingUnavailable as error:
@@ -71,15 +75,16 @@ def _print_result(result) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
+    """Each job as `xcm run` would load it here (its data files included), with `xcm run`'s exit code."""
     failed = 0
     for job in args.jobs:
         try:
-            load_spec(job)
+            load_spec(job, files_from=Path.cwd())
             print(f"{job}: ok")
         except SpecError as error:
             print(error, file=sys.stderr)
             failed += 1
-    return 1 if failed else 0
+    return INVALID_JOB_EXIT_CODE if failed else 0
 
 
 def _add_checkpoint_verbs(verbs) -> None:

@@ -26,6 +26,7 @@ from orchestrator.spec import JobSpec, SpecError, SpecProblem, load_spec
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 SUBMITTED_JOB_FILE = "job.yaml"
+SUBMISSION_TAG = "xcm.submission"  # on the MLflow run: the Ray job that works on it now
 # Ray's job supervisor SIGKILLs the entrypoint this long after SIGTERM; the driver needs a moment to mark
 # the MLflow run KILLED and let Ray Train stop its workers.
 _STOP_GRACE_SECONDS = "30"
@@ -59,8 +60,8 @@ def submit(job_file: str, overrides: list[str], address: str, workdir: Path) -> 
             return _submit_job(client, address, job_id, run_id, spec.tracking.uri,
                                entrypoint=f"python -m orchestrator.cli run {SUBMITTED_JOB_FILE}",
                                runtime_env=_runtime_env(staging), metadata={"xcm.job": spec.name})
-        except ClusterError:
-            tracking.end_run(spec.tracking.uri, run_id, "FAILED")
+        except ClusterError as error:
+            tracking.fail_run(spec.tracking.uri, run_id, str(error))
             raise
 
 
@@ -90,7 +91,13 @@ def submit_resume(target: str, overrides: list[str], tracking_uri: str | None, a
 
 def _submit_job(client, address: str, job_id: str, run_id: str, tracking_uri: str, entrypoint: str,
                 runtime_env: dict, metadata: dict) -> Submission:
-    """Submit one xcm job for the MLflow run ``run_id``, tagged with the run so `xcm status` can name it."""
+    """Submit one xcm job for the MLflow run ``run_id``, tagged with the run so `xcm status` can name it, and the
+    run with the job (SUBMISSION_TAG), so `xcm status` can end the run should the job die before its driver can."""
+    try:
+        tracking.client(tracking_uri).set_tag(run_id, SUBMISSION_TAG, job_id)
+    except Exception as error:
+        raise ClusterError(f"MLflow run {run_id} in {tracking_uri} cannot be tagged with its job ({error}); "
+                           "check that the tracking store is reachable from here") from error
     try:
         _submit_when_agent_ready(client, entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env,
                                  metadata={**metadata, "xcm.run_id": run_id, "xcm.tracking_uri": tracking_uri})
@@ -191,11 +198,31 @@ def _explain(error: Exception, address: str) -> str:
 
 
 def status(address: str, job_id: str) -> dict:
-    """The job's Ray status and message, with its MLflow run id."""
+    """The job's Ray status and message, with its MLflow run id (ended, if the job died without ending it)."""
     info = _job_info(address, job_id)
-    return {"job_id": job_id, "status": str(info.status), "message": info.message or "",
-            "run_id": (info.metadata or {}).get("xcm.run_id", ""),
-            "tracking_uri": (info.metadata or {}).get("xcm.tracking_uri", "")}
+    found = {"job_id": job_id, "status": str(info.status), "message": info.message or "",
+             "run_id": (info.metadata or {}).get("xcm.run_id", ""),
+             "tracking_uri": (info.metadata or {}).get("xcm.tracking_uri", "")}
+    end_run_of_ended_job(job_id, found["status"], found["message"], found["run_id"], found["tracking_uri"])
+    return found
+
+
+def end_run_of_ended_job(job_id: str, job_status: str, message: str, run_id: str, tracking_uri: str) -> None:
+    """A job that ended without its driver ending its MLflow run (its runtime environment never set up, its
+    driver killed, or stopped before it attached the run) left the run RUNNING: end it FAILED (KILLED when
+    stopped) with the job's message as the failure tag. Only the run's latest job may (SUBMISSION_TAG): a
+    resumed run's earlier jobs ended long ago."""
+    if job_status not in ("FAILED", "STOPPED") or not run_id or not tracking_uri:
+        return
+    try:
+        run = tracking.client(tracking_uri).get_run(run_id)
+    except Exception:  # the store is not reachable from here: the run stays as it is
+        return
+    if run.info.status != "RUNNING" or run.data.tags.get(SUBMISSION_TAG) != job_id:
+        return
+    tracking.fail_run(tracking_uri, run_id, f"Ray job {job_id} ended {job_status} before its driver ended the run: "
+                                            f"{message or 'no message'}",
+                      status="KILLED" if job_status == "STOPPED" else "FAILED")
 
 
 def logs(address: str, job_id: str) -> str:

@@ -299,10 +299,10 @@ def load_spec(path: str | Path | None = None, overrides: list[str] = (), files_f
         problems += [_problem_from_pydantic(item, lines) for item in error.errors()]
     if spec is not None:
         found = consistency_problems(spec)
-        if files_from is not None and not found:
+        if files_from is not None:
             from orchestrator.data.preflight import missing_file_problems
 
-            found = missing_file_problems(spec.resolved(files_from))
+            found += missing_file_problems(spec.resolved(files_from))
         problems += [p.model_copy(update={"line": lines.get(p.key)}) for p in found]
     if problems:
         raise SpecError(source, problems)

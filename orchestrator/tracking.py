@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 # MLflow retries a dead server for ~4 minutes by default; xcm would rather report it at once.
 _CLIENT_ENVIRONMENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+# Why a run ended FAILED (or KILLED) before or while training: the error, set by fail_run.
+FAILURE_TAG = "xcm.failure"
+_MAX_TAG_CHARACTERS = 5000  # the smallest limit of MLflow's stores
 # A metric sender that died is restarted by the next log call, at most this often (the spool holds the metrics).
 _SENDER_RESTART_S = 30.0
 
@@ -73,8 +76,13 @@ def start_run(tracking: TrackingSpec, run_name: str, params: dict[str, str]) -> 
     from mlflow.entities import Param
 
     items = [Param(key, value[:6000]) for key, value in params.items()]
-    for start in range(0, len(items), 100):
-        mlflow.log_batch(run.info.run_id, params=items[start:start + 100])
+    try:
+        for start in range(0, len(items), 100):
+            mlflow.log_batch(run.info.run_id, params=items[start:start + 100])
+    except Exception as error:  # the run exists now: it must not stay RUNNING
+        fail_run(tracking.uri, run.info.run_id, f"params not logged: {type(error).__name__}: {error}")
+        raise TrackingUnavailable(f"MLflow run {run.info.run_id} in {tracking.uri} refused the job's params "
+                                  f"({type(error).__name__}: {error}); the run is marked FAILED") from error
     return run.info.run_id
 
 
@@ -104,6 +112,16 @@ def end_run(uri: str, run_id: str, status: str) -> None:
         client(uri).set_terminated(run_id, status=status)
     except Exception as error:
         logger.warning("could not mark MLflow run %s %s: %s", run_id, status, error)
+
+
+def fail_run(uri: str, run_id: str, reason: str, status: str = "FAILED") -> None:
+    """End the run FAILED (or KILLED) with ``reason`` as its FAILURE_TAG, so a run that never trained says why;
+    a store that is gone by now is logged, not raised."""
+    try:
+        client(uri).set_tag(run_id, FAILURE_TAG, reason[:_MAX_TAG_CHARACTERS])
+    except Exception as error:
+        logger.warning("could not tag MLflow run %s with its failure: %s", run_id, error)
+    end_run(uri, run_id, status)
 
 
 def ui_command(uri: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -137,17 +138,41 @@ def ensure_ray(spec: JobSpec) -> None:
     runtime_env["env_vars"]["RAY_ADDRESS"] = f"127.0.0.1:{os.environ['RAY_GCS_SERVER_PORT']}"
     try:
         # address="local": a new instance even when a `ray start` cluster runs here (plain init would join it).
-        ray.init(address="local",
-                 num_cpus=max(os.cpu_count() or 1, int(resources.num_workers * resources.cpus_per_worker)),
-                 include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=True,
-                 _system_config={"worker_niceness": priority.WORKER_NICENESS})
+        with loopback_only_ray():
+            ray.init(address="local",
+                     num_cpus=max(os.cpu_count() or 1, int(resources.num_workers * resources.cpus_per_worker)),
+                     include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env,
+                     log_to_driver=True, _system_config={"worker_niceness": priority.WORKER_NICENESS})
     finally:
         if chosen_here:
             del os.environ["RAY_GCS_SERVER_PORT"]
 
 
+@contextlib.contextmanager
+def loopback_only_ray():
+    """Start Ray in its local-only mode (its default on macOS and Windows): the node's address is 127.0.0.1, so the
+    GCS, raylet, object manager, dashboard and agents all listen on the loopback interface. Otherwise Ray takes
+    this machine's network address and its GCS and raylet listen on every interface, open to anyone who can reach
+    the machine. Ray reads the switch when it is imported (hence also the variable, for the processes it starts)
+    and this process may have imported Ray already (hence its constant, restored afterwards)."""
+    from ray._private import ray_constants
+
+    variable = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    previous = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(variable)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ[variable] = "0"
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous[0]
+        if previous[1] is None:
+            del os.environ[variable]
+        else:
+            os.environ[variable] = previous[1]
+
+
 def free_port() -> int:
-    """A port nothing listens on now (the GCS binds it moments later, on every interface)."""
+    """A port nothing listens on now (the GCS binds it moments later)."""
     with socket.socket() as probe:
         probe.bind(("", 0))
         return probe.getsockname()[1]

@@ -48,9 +48,27 @@ def test_check_validates_shipped_jobs(tmp_path):
     jobs = sorted((ROOT / "jobs").glob("*.yaml"))
     hub_models = {job: yaml.safe_load(job.read_text())["model"].get("pretrained") for job in jobs}
     result = xcm("check", *map(str, jobs), cwd=tmp_path, timeout=120)
-    assert result.returncode == (1 if any(hub_models.values()) else 0), result.stderr
+    assert result.returncode == (2 if any(hub_models.values()) else 0), result.stderr
     for job, model in hub_models.items():
         if model:
             assert f"hub model {model!r} is not in the local cache" in result.stderr
         else:
             assert f"{job}: ok" in result.stdout
+
+
+@pytest.mark.parametrize("job_text, problem", [
+    ("data:\n  source: files\n  files: [corpus/*.txt]\n  validation_fraction: 0.1\n", "data.files: no file matches"),
+    ("training:\n  lr: .inf\n", "training.lr: input should be a finite number"),
+    ("model:\n  config:\n    n_embed: 32\n", "model.config.n_embed: GPT2Config has no key 'n_embed'"),
+    ("", "the job file is empty"),
+], ids=["absent data file", "infinite lr", "unknown config key", "empty file"])
+def test_check_and_run_refuse_an_invalid_job_alike(tmp_path, job_text, problem):
+    """`xcm check` and `xcm run` give the same line and the same exit code (2) for the same invalid job, absent
+    data files included, and `run` creates nothing."""
+    job = tmp_path / "job.yaml"
+    job.write_text(job_text)
+    checked, ran = (xcm(verb, str(job), cwd=tmp_path, timeout=120) for verb in ("check", "run"))
+    assert checked.returncode == ran.returncode == 2, (checked.stderr, ran.stderr)
+    assert checked.stderr == ran.stderr and problem in ran.stderr
+    assert len(ran.stderr.splitlines()) == 1 and ran.stderr.startswith(f"{job}:")
+    assert not (tmp_path / "xcm-runs").exists()

@@ -6,6 +6,7 @@ import pytest
 from mlflow import MlflowClient
 
 from orchestrator.spec import load_spec
+from orchestrator.tracking import FAILURE_TAG
 from orchestrator.train.launch import run_job
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,9 +71,11 @@ def test_run_is_tracked_completely(paired_runs):
 
 @pytest.mark.slow
 def test_worker_error_marks_run_failed(tmp_path, local_ray):
-    """An error inside the workers ends the MLflow run FAILED and reaches the caller."""
+    """An error inside the workers ends the MLflow run FAILED with the error as its xcm.failure tag, and reaches
+    the caller."""
     with pytest.raises(Exception):
         tiny_run(tmp_path, "name=broken", "data.num_examples=20", "training.micro_batch_size=64")
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'xcm-runs' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("xcm-tiny").experiment_id])
     assert [run.info.status for run in runs] == ["FAILED"]
+    assert runs[0].data.tags[FAILURE_TAG].startswith("TrainingFailedError: ")

@@ -37,6 +37,18 @@ def found_by_a_ray_process():
 def thread_niceness(_actor=None):
     return sorted({os.getpriority(os.PRIO_PROCESS, int(thread)) for thread in os.listdir("/proc/self/task")})
 
+def listening_sockets():  # (process, address, port) of this driver's and its Ray processes' listening sockets
+    import psutil
+
+    sockets = set()
+    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            sockets |= {(process.name(), connection.laddr.ip, connection.laddr.port)
+                        for connection in process.net_connections("inet") if connection.status == psutil.CONN_LISTEN}
+        except psutil.Error:  # a worker that exited meanwhile
+            pass
+    return sorted(sockets)
+
 spec = load_spec(sys.argv[1])
 ensure_ray(spec)
 try:
@@ -45,7 +57,8 @@ try:
         "own": ray.get_runtime_context().gcs_address,
         "found": ray.get(found_by_a_ray_process.remote(), timeout=60), "dead": dead,
         "worker": ray.get(ray.remote(num_cpus=0)(thread_niceness).remote(), timeout=60),
-        "progress board": ray.get(board.__ray_call__.remote(thread_niceness), timeout=60)}))
+        "progress board": ray.get(board.__ray_call__.remote(thread_niceness), timeout=60),
+        "dashboard": ray._private.worker.get_dashboard_url(), "listening": listening_sockets()}))
 finally:
     ray.shutdown()
 """
@@ -75,3 +88,16 @@ def test_workers_run_at_the_driver_priority_and_the_progress_board_below_it(prob
     its daemons; the progress board, which rank 0 posts to at every step, has every thread at 15 or more."""
     assert probed["worker"] == [priority.WORKER_NICENESS] == [os.getpriority(os.PRIO_PROCESS, 0)]
     assert min(probed["progress board"]) >= priority.HELPER_NICENESS, probed["progress board"]
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def test_local_ray_listens_on_the_loopback_interface_only(probed):
+    """Every socket the local Ray listens on (GCS, raylet, object manager, dashboard and Jobs API, agents, workers)
+    is bound to the loopback interface, none to 0.0.0.0, :: or the machine's address: no one on the network can
+    reach it."""
+    ports = {port for _, _, port in probed["listening"]}
+    gcs_port, dashboard_port = (int(address.rsplit(":", 1)[1]) for address in (probed["own"], probed["dashboard"]))
+    assert {gcs_port, dashboard_port} <= ports
+    assert [socket for socket in probed["listening"] if socket[1] not in LOOPBACK] == []
