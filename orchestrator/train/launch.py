@@ -32,36 +32,68 @@ class RunResult:
 def run_job(spec: JobSpec, workdir: Path | None = None, resume_from: str | None = None) -> RunResult:
     """Train the job on Ray (local, or the cluster at RAY_ADDRESS) and track it in one MLflow run.
 
-    The run is created before any worker starts, so whatever fails later is recorded as FAILED against it.
+    The run is created (or, for ``xcm submit``'s and ``xcm resume``'s, attached) before anything else can fail,
+    so whatever fails later ends it FAILED with the reason as its ``xcm.failure`` tag; a run never stays RUNNING.
     ``resume_from`` (a checkpoint, from ``xcm resume``) is where the workers start when Ray Train has no
     checkpoint of its own for the run.
     """
     from orchestrator.data.preflight import check_data
 
     spec = spec.resolved(workdir or Path.cwd())
-    # Bad data input (missing files, an unreachable dataset, a tokenizer too big for the model) stops here, before
-    # the MLflow run and any worker; a text source's tokens are cached now, and the workers read the cache.
-    check_data(spec)
-    if spec.tracking.run_id:
-        run_id = tracking.attach_run(spec.tracking.uri, spec.tracking.run_id)
-    else:
-        run_id = tracking.start_run(spec.tracking, spec.name, spec.flat_params())
-    tracking.log_resolved_spec(spec.tracking.uri, run_id, spec.to_yaml())
-    status = "FAILED"
-    try:
+    uri, existing_run = spec.tracking.uri, spec.tracking.run_id
+    if not existing_run:
+        # Bad data input (missing files, an unreachable dataset, a tokenizer too big for the model) stops a new run
+        # here, before it exists; a text source's tokens are cached now, and the workers read the cache.
+        check_data(spec)
+    run_id = tracking.attach_run(uri, existing_run) if existing_run else tracking.start_run(
+        spec.tracking, spec.name, spec.flat_params())
+    with ending_run(uri, run_id):
+        if existing_run:
+            check_data(spec)  # on the cluster, for a submitted run: its files and caches are the cluster's
+        tracking.log_resolved_spec(uri, run_id, spec.to_yaml())
         result = _fit(spec, run_id, resume_from)
-        status = "FINISHED"
-    except (KeyboardInterrupt, SystemExit):
-        # Ctrl-C, or SIGTERM from `xcm stop` / `ray job stop` (Ray's driver handler turns it into SystemExit):
-        # a deliberate stop, so KILLED rather than FAILED; the last checkpoint stays for `xcm resume`.
-        status = "KILLED"
-        raise
-    finally:
-        tracking.end_run(spec.tracking.uri, run_id, status)
-    experiment_id = tracking.client(spec.tracking.uri).get_run(run_id).info.experiment_id
-    return RunResult(run_id=run_id, experiment_id=experiment_id, tracking_uri=spec.tracking.uri,
+    experiment_id = tracking.client(uri).get_run(run_id).info.experiment_id
+    return RunResult(run_id=run_id, experiment_id=experiment_id, tracking_uri=uri,
                      checkpoint_path=result.checkpoint.path if result.checkpoint else None,
                      metrics=dict(result.metrics or {}))
+
+
+@contextlib.contextmanager
+def ending_run(uri: str, run_id: str):
+    """End the MLflow run when the block ends: FINISHED; KILLED on Ctrl-C or SIGTERM from `xcm stop` / `ray job
+    stop` (Ray's driver handler turns it into SystemExit): a deliberate stop, whose last checkpoint stays for
+    `xcm resume`; FAILED on any error, with the error as the run's ``xcm.failure`` tag."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        tracking.end_run(uri, run_id, "KILLED")
+        raise
+    except BaseException as error:
+        tracking.fail_run(uri, run_id, failure_reason(error))
+        raise
+    tracking.end_run(uri, run_id, "FINISHED")
+
+
+def failure_reason(error: BaseException) -> str:
+    """What a FAILED run's tag says: the error's type and message (Ray Train's carries the worker's traceback)."""
+    return f"{type(error).__name__}: {error}"
+
+
+def fail_submitted_run(job_file: str, error: Exception) -> None:
+    """A job file that names its MLflow run (``xcm submit`` writes one, creating the run RUNNING) but does not load
+    on the cluster, whose files, caches and hardware differ from the submitter's: end that run FAILED with the
+    problems, since no driver will attach it. Any other job file names no run, and nothing happens."""
+    from pydantic import ValidationError
+
+    from orchestrator.spec import SpecError, TrackingSpec, read_job
+
+    try:
+        raw, _ = read_job(Path(job_file))
+        section = TrackingSpec.model_validate(raw.get("tracking") or {})
+    except (SpecError, ValidationError, AttributeError):
+        return
+    if section.run_id and section.uri:
+        tracking.fail_run(section.uri, section.run_id, failure_reason(error))
 
 
 def _fit(spec: JobSpec, run_id: str, resume_from: str | None = None):
