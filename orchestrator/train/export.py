@@ -71,13 +71,13 @@ def _consolidated_model(checkpoint: Path, state: store.CheckpointState) -> torch
 
 def _write_partition(model: torch.nn.Module, checkpoint: Path, partition_state: dict, path: Path) -> None:
     import pyarrow.parquet as pq
-    import yaml
 
     from orchestrator.modularity import GroupPartition, find_matrix_groups
-    from orchestrator.spec import JobSpec
+    from orchestrator.spec import JobSpec, read_job
     from orchestrator.train.partitioning import partition_table
 
-    spec = JobSpec.model_validate(yaml.safe_load((checkpoint / store.JOB).read_text()))
+    raw, _ = read_job(checkpoint / store.JOB)  # a job file's bounds (size, aliases, nesting) hold for a checkpoint's
+    spec = JobSpec.model_validate(raw)
     groups = find_matrix_groups(model, spec.modularity.matrices)
     partitions = {name: GroupPartition.from_dict(data) for name, data in partition_state["partitions"].items()}
     pq.write_table(partition_table(groups, partitions), path)
