@@ -92,7 +92,8 @@ def _add_checkpoint_verbs(verbs) -> None:
     target_help = ("a run directory (xcm-runs/checkpoints/<job>-<run id>), one of its step-* checkpoints, "
                    "or an MLflow run id")
     store_help = "MLflow store to look a run id up in (default: ./xcm-runs/mlflow.db)"
-    resume = verbs.add_parser("resume", help="continue a run from its newest intact checkpoint, same MLflow run")
+    resume = verbs.add_parser("resume", help="continue a run from a checkpoint (a run's newest intact one, or "
+                                             "exactly the step-* named), same MLflow run")
     resume.add_argument("target", help=target_help)
     resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the run's spec, e.g. --set training.steps=200 (repeatable)")
@@ -106,11 +107,14 @@ def _add_checkpoint_verbs(verbs) -> None:
     export.add_argument("--to", choices=["hf"], required=True, help="format: hf (transformers save_pretrained)")
     export.add_argument("directory", help="output directory")
     export.add_argument("--tracking-uri", default=None, help=store_help)
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace DIR if it is not empty (only once the new export is complete)")
     export.set_defaults(handler=_export)
 
 
 def _resume(args: argparse.Namespace) -> int:
     from orchestrator import tracking
+    from orchestrator.train.checkpoint_store import CheckpointKeyError
     from orchestrator.train.checkpointing import ResumeMismatch
     from orchestrator.train.resume import ResumeError, resume_job
 
@@ -119,7 +123,7 @@ def _resume(args: argparse.Namespace) -> int:
                                                             args.address))
     try:
         result = resume_job(args.target, Path.cwd(), args.overrides, args.tracking_uri)
-    except (ResumeError, ResumeMismatch, tracking.TrackingUnavailable) as error:
+    except (ResumeError, ResumeMismatch, tracking.TrackingUnavailable, CheckpointKeyError) as error:
         print(f"xcm: {error}", file=sys.stderr)
         return 1
     _print_result(result)
@@ -133,7 +137,7 @@ def _export(args: argparse.Namespace) -> int:
 
     uri = args.tracking_uri or JobSpec().resolved(Path.cwd()).tracking.uri
     try:
-        directory = export_hf(args.target, Path(args.directory), uri)
+        directory = export_hf(args.target, Path(args.directory), uri, overwrite=args.overwrite)
     except (ResumeError, ExportError) as error:
         print(f"xcm: {error}", file=sys.stderr)
         return 1
@@ -268,6 +272,7 @@ def _add_measure_verb(verbs) -> None:
 def _measure(args: argparse.Namespace) -> int:
     from orchestrator import measure, tracking
     from orchestrator.spec import JobSpec
+    from orchestrator.train.export import ExportError
     from orchestrator.train.resume import ResumeError
 
     try:
@@ -278,7 +283,7 @@ def _measure(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or JobSpec().resolved(Path.cwd()).tracking.uri
     try:
         model = measure.load_model(args.model, uri)
-    except (OSError, ResumeError) as error:
+    except (OSError, ResumeError, ExportError) as error:
         print(f"xcm: cannot load {args.model!r}: {error}", file=sys.stderr)
         return 1
     measurements = measure.measure_model(model, k_values, args.matrices, args.seed)

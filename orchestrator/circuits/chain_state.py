@@ -1,5 +1,6 @@
-"""A linear chain evaluated in float64 on one task's data, with every layer's input and pre-activation cached,
-so that removing one weight is judged by recomputing only what lies downstream of the unit it feeds."""
+"""A linear chain evaluated in float64 on one task's data, with every layer's input and pre-activation and
+every example's loss cached, so that removing one weight is judged by recomputing only what it changes: the
+pre-activation column of the unit it feeds, and the later layers on the examples whose activation moved."""
 
 from __future__ import annotations
 
@@ -15,20 +16,24 @@ from orchestrator.circuits.chain import LinearChain
 
 @dataclass
 class Removal:
-    """A trial removal of `weights[layer][unit, source]`: the new pre-activation column of `unit`, and the
-    recomputed arrays of every later layer (`None` when the removal changes nothing downstream)."""
+    """A trial removal of `weights[layer][unit, source]`: the new pre-activation of `unit` on the examples `rows`
+    it changes, and the later layers recomputed on the examples whose activation moved (`moved`)."""
 
     layer: int
     unit: int
     source: int
-    column: np.ndarray  # [N]: new pre-activation of `unit`
-    downstream: list[tuple[np.ndarray, np.ndarray]] | None  # per later layer: (its input [N, n_in], pre [N, n_out])
-    loss: float
-    accuracy: float
+    rows: np.ndarray  # [r] examples whose pre-activation of `unit` changes
+    column: np.ndarray  # [r] their new pre-activation
+    moved: np.ndarray  # [m] examples whose output changes
+    downstream: list[tuple[np.ndarray, np.ndarray]]  # per later layer: (its input [m, n_in], pre [m, n_out])
+    example_loss: np.ndarray  # [m]
+    example_correct: np.ndarray  # [m]
+    loss_change: float  # new mean loss − current mean loss, computed on the moved examples only
 
 
 class ChainState:
-    """Weights `[n_out, n_in]`, biases, cached inputs `[N, n_in]` and pre-activations `[N, n_out]` per layer."""
+    """Weights `[n_out, n_in]`, biases, cached inputs `[N, n_in]`, pre-activations `[N, n_out]` per layer, and
+    per-example cross-entropy and correctness."""
 
     def __init__(self, chain: LinearChain, features: np.ndarray, targets: np.ndarray):
         self.activations = chain.activations
@@ -42,7 +47,15 @@ class ChainState:
             self.inputs.append(values)
             self.pre.append(self._linear(layer, values))
             values = self.activations[layer](self.pre[layer])
-        self.loss, self.accuracy = self.score(self.pre[-1])
+        self.example_loss, self.example_correct = self.score(self.pre[-1], targets)
+
+    @property
+    def loss(self) -> float:
+        return float(self.example_loss.mean())
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.example_correct.mean())
 
     @classmethod
     def from_model(cls, model: nn.Module, chain: LinearChain, inputs: Tensor, targets: Tensor) -> ChainState:
@@ -71,43 +84,61 @@ class ChainState:
         pre = values @ self.weights[layer].T
         return pre if self.biases[layer] is None else pre + self.biases[layer]
 
-    def score(self, logits: np.ndarray) -> tuple[float, float]:
-        """Mean cross-entropy and accuracy of `logits` `[N, classes]` on the task's targets, in float64."""
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        log_norm = np.log(np.exp(shifted).sum(axis=1))
-        rows = np.arange(len(self.targets))
-        loss = float(np.mean(log_norm - shifted[rows, self.targets]))
-        return loss, float(np.mean(logits.argmax(axis=1) == self.targets))
+    @staticmethod
+    def score(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-example cross-entropy `[n]` and correctness of `logits` `[n, classes]`, in float64.
+
+        As log Σ_c exp(z_c − z_target) with the largest term factored out and log1p where the target leads, a
+        confident example's loss stays resolved (down to ~1e-300) instead of rounding to 0, so removals that
+        change it keep being judged."""
+        rows = np.arange(len(targets))
+        rivals = logits - logits[rows, targets][:, None]  # [n, classes]: margins of the rivals over the target
+        rivals[rows, targets] = -np.inf
+        top = np.maximum(rivals.max(axis=1), 0.0)  # [n]: the largest term, the target's 0 included
+        rest = np.exp(rivals - top[:, None]).sum(axis=1)  # Σ over rivals, scaled by e^-top
+        leads = top == 0
+        loss = np.where(leads, np.log1p(np.where(leads, rest, 0.0)), top + np.log(np.exp(-top) + rest))
+        return loss, logits.argmax(axis=1) == targets
 
     def try_removal(self, layer: int, unit: int, source: int) -> Removal:
-        """Removing `weights[layer][unit, source]` shifts pre-activation `unit` by -w·a_source; only that column
-        and the layers after it are recomputed. A removal that changes no activation keeps the loss exactly."""
-        weight = self.weights[layer][unit, source]
-        column = self.pre[layer][:, unit] - weight * self.inputs[layer][:, source]
+        """Removing `weights[layer][unit, source]` shifts pre-activation `unit` by −w·a_source on the examples
+        where a_source ≠ 0; the later layers are recomputed on the examples whose activation of `unit` moved."""
+        rows = np.flatnonzero(self.inputs[layer][:, source])
+        column = self.pre[layer][rows, unit] - self.weights[layer][unit, source] * self.inputs[layer][rows, source]
         last = len(self.weights) - 1
         if layer == last:
-            logits = self.pre[last].copy()
+            logits = self.pre[last][rows].copy()
             logits[:, unit] = column
-            return Removal(layer, unit, source, column, [], *self.score(logits))
+            return self._judged(layer, unit, source, rows, column, rows, [], logits)
         activation = self.activations[layer](column)
-        change = activation - self.inputs[layer + 1][:, unit]
-        if not change.any():
-            return Removal(layer, unit, source, column, None, self.loss, self.accuracy)
-        following = self.inputs[layer + 1].copy()
-        following[:, unit] = activation
-        pre = self.pre[layer + 1] + np.outer(change, self.weights[layer + 1][:, unit])
+        changed = activation != self.inputs[layer + 1][rows, unit]
+        moved = rows[changed]
+        following = self.inputs[layer + 1][moved].copy()
+        following[:, unit] = activation[changed]
+        pre = self.pre[layer + 1][moved] + np.outer(following[:, unit] - self.inputs[layer + 1][moved, unit],
+                                                    self.weights[layer + 1][:, unit])
         downstream = [(following, pre)]
         for later in range(layer + 2, last + 1):
             values = self.activations[later - 1](pre)
             pre = self._linear(later, values)
             downstream.append((values, pre))
-        return Removal(layer, unit, source, column, downstream, *self.score(pre))
+        return self._judged(layer, unit, source, rows, column, moved, downstream, pre)
+
+    def _judged(self, layer, unit, source, rows, column, moved, downstream, logits) -> Removal:
+        loss, correct = self.score(logits, self.targets[moved])
+        change = float((loss - self.example_loss[moved]).sum() / len(self.targets))
+        return Removal(layer, unit, source, rows, column, moved, downstream, loss, correct, change)
+
+    def accuracy_after(self, removal: Removal) -> float:
+        gained = int(removal.example_correct.sum()) - int(self.example_correct[removal.moved].sum())
+        return float((self.example_correct.sum() + gained) / len(self.targets))
 
     def commit(self, removal: Removal) -> None:
         """Make a trial removal the current state."""
         self.weights[removal.layer][removal.unit, removal.source] = 0.0
-        self.pre[removal.layer][:, removal.unit] = removal.column
-        for offset, (values, pre) in enumerate(removal.downstream or []):
-            self.inputs[removal.layer + 1 + offset] = values
-            self.pre[removal.layer + 1 + offset] = pre
-        self.loss, self.accuracy = removal.loss, removal.accuracy
+        self.pre[removal.layer][removal.rows, removal.unit] = removal.column
+        for offset, (values, pre) in enumerate(removal.downstream):
+            self.inputs[removal.layer + 1 + offset][removal.moved] = values
+            self.pre[removal.layer + 1 + offset][removal.moved] = pre
+        self.example_loss[removal.moved] = removal.example_loss
+        self.example_correct[removal.moved] = removal.example_correct

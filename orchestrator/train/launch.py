@@ -34,11 +34,15 @@ def run_job(spec: JobSpec, workdir: Path | None = None, resume_from: str | None 
 
     The run is created (or, for ``xcm submit``'s and ``xcm resume``'s, attached) before anything else can fail,
     so whatever fails later ends it FAILED with the reason as its ``xcm.failure`` tag; a run never stays RUNNING.
-    ``resume_from`` (a checkpoint, from ``xcm resume``) is where the workers start when Ray Train has no
-    checkpoint of its own for the run.
+    ``resume_from`` (a checkpoint, from ``xcm resume``) is exactly where the workers start; after a worker-group
+    restart they continue from this launch's newest checkpoint instead.
     """
     from orchestrator.data.preflight import check_data
+    from orchestrator.train.checkpoint_store import checkpoint_key, key_id
 
+    # Made here when missing (a local run's workers share this machine's key file); a key that cannot be used
+    # stops the run before it exists, not at its first checkpoint.
+    checkpoint_key_id = key_id(checkpoint_key(create=True))
     spec = spec.resolved(workdir or Path.cwd())
     uri, existing_run = spec.tracking.uri, spec.tracking.run_id
     if not existing_run:
@@ -51,7 +55,7 @@ def run_job(spec: JobSpec, workdir: Path | None = None, resume_from: str | None 
         if existing_run:
             check_data(spec)  # on the cluster, for a submitted run: its files and caches are the cluster's
         tracking.log_resolved_spec(uri, run_id, spec.to_yaml())
-        result = _fit(spec, run_id, resume_from)
+        result = _fit(spec, run_id, checkpoint_key_id, resume_from)
     experiment_id = tracking.client(uri).get_run(run_id).info.experiment_id
     return RunResult(run_id=run_id, experiment_id=experiment_id, tracking_uri=uri,
                      checkpoint_path=result.checkpoint.path if result.checkpoint else None,
@@ -96,7 +100,7 @@ def fail_submitted_run(job_file: str, error: Exception) -> None:
         tracking.fail_run(section.uri, section.run_id, failure_reason(error))
 
 
-def _fit(spec: JobSpec, run_id: str, resume_from: str | None = None):
+def _fit(spec: JobSpec, run_id: str, checkpoint_key_id: str, resume_from: str | None = None):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -114,7 +118,10 @@ def _fit(spec: JobSpec, run_id: str, resume_from: str | None = None):
         train_worker,
         train_loop_config={"spec": spec.model_dump(mode="json", by_alias=True), "run_id": run_id,
                            "progress_actor": board_name, "partitioners": list(partitioners),
-                           "resume_from": resume_from},
+                           "resume_from": resume_from, "checkpoint_key_id": checkpoint_key_id,
+                           # names this launch in its checkpoints: a worker-group restart continues from this
+                           # launch's own, not from a later branch of the run that `xcm resume` rolled back
+                           "session": uuid.uuid4().hex},
         **worker_group(spec),
         # The same name on every start of the run: Ray Train then restores its checkpoints on `xcm resume`.
         run_config=RunConfig(

@@ -172,3 +172,16 @@ def test_locality_takes_training_group_partitions():
     expected = (int(inside.sum()) + int(inside_out.sum())) / _kept(circuit)
     assert circuit.locality.share == pytest.approx(expected)
     assert sum(float(b.sum()) for b in circuit.locality.blocks.values()) == _kept(circuit)
+
+
+def test_confident_model_keeps_its_circuit_where_a_plain_loss_rounds_to_zero():
+    """With logit margins near 75 nats (planted logit weights x100) the plain float64 cross-entropy is exactly 0,
+    yet every label's circuit is still its 6 planted weights: the finder resolves losses down to ~1e-300."""
+    model = planted_classifier(out_scale=100)
+    for label in LABELS:
+        inputs, targets = planted_examples(label)
+        with torch.no_grad():
+            assert float(nn.functional.cross_entropy(model(inputs), targets)) == 0.0
+        circuit = greedy_weight_circuit(model, inputs, targets)
+        assert _kept(circuit) == _kept_of_planted(circuit, label) == 6
+        assert 0 < circuit.task.loss < circuit.full.loss
