@@ -31,3 +31,79 @@ def tiny_gpt2():
     config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=64, n_positions=64,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config).eval()
+
+
+class _Payload:
+    """Unpickling it creates ``marker``: proof that a checkpoint file was unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+class CheckpointFiles:
+    """Checkpoints as xcm's ranks leave them, and as an attacker who can write the store but does not hold the
+    cluster's key leaves them."""
+
+    ATTACKER_KEY = b"the attacker's own key, not the cluster's: 0123456789"
+
+    @staticmethod
+    def write(run, step: int, manifest: bool = True, tag: str | None = None, zero_stage: int = 2,
+              session: str = "first-launch", transformers_model: bool = False):
+        """DeepSpeed-like shards, xcm's JSON files, then the manifest signed with this machine's key."""
+        import json
+
+        from orchestrator.train import checkpoint_store as store
+
+        directory = run / store.checkpoint_name(step)
+        shards = directory / "deepspeed" / f"step-{step}"
+        shards.mkdir(parents=True)
+        for rank in range(2):
+            (shards / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(bytes([rank, step]) * 1000)
+        (shards / "mp_rank_00_model_states.pt").write_bytes(b"model" * 100)
+        (directory / "xcm").mkdir()
+        state = store.CheckpointState(step=step, data_position=step, world_size=2, zero_stage=zero_stage,
+                                      run_id="0123456789abcdef0123456789abcdef",
+                                      deepspeed_tag=tag or f"step-{step}", session=session)
+        (directory / store.STATE).write_text(state.to_json())
+        (directory / store.PARTITION).write_text("null")
+        if transformers_model:
+            (directory / store.MODEL_CONFIG).write_text(json.dumps(
+                {"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 16, "n_positions": 8}))
+        if manifest:
+            store.write_manifest(directory, store.file_records(directory))
+        return directory
+
+    @staticmethod
+    def plant_payload(path, marker) -> None:
+        """Replace a file with a torch file whose loading (weights_only=False) runs code."""
+        torch.save({"module": _Payload(marker)}, path)
+
+    @staticmethod
+    def recompute_manifest(directory, key: bytes | None = None) -> None:
+        """The attacker's manifest: every size and sha256 recomputed, signed with ``key`` when given (the
+        attacker's own key), else with the old signature kept."""
+        import json
+
+        from orchestrator.train import checkpoint_store as store
+
+        manifest = json.loads((directory / store.MANIFEST).read_text())
+        manifest["files"] = {name: record for name, record in store.file_records(directory).items()
+                             if name != store.MANIFEST}
+        if key is not None:
+            manifest["key_id"] = store.key_id(key)
+            manifest["hmac"] = store._signature(manifest, key)
+        (directory / store.MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def checkpoint_files():
+    return CheckpointFiles
+
+
+@pytest.fixture
+def marker(tmp_path):
+    """Where a planted payload would leave its mark; asserted absent."""
+    return tmp_path / "payload-ran"

@@ -3,18 +3,23 @@
 Saving goes through Ray Train's mechanism: every rank writes its part into a local directory (DeepSpeed's
 ``save_checkpoint`` is a collective), the ranks agree on the manifest, and every rank calls
 ``ray.train.report(..., checkpoint=...)``; Ray merges the directories into the run's storage and keeps the
-last ``keep_last``. Restoring takes Ray's latest checkpoint (after a worker-group restart, or a rerun of the
-same run) or, when newer, the one the driver passes (``xcm resume``); rank 0 verifies it, falls back to an
-older intact one when needed, and broadcasts the choice, so every rank loads the same checkpoint. The layout
-and the verification live in ``checkpoint_store``.
+last ``keep_last``. Restoring takes the checkpoint the driver passes (``xcm resume``: exactly that one), or
+Ray's latest when this launch wrote it (a worker-group restart) or when the driver passes none; rank 0
+verifies it, falls back from Ray's latest to an older intact one when needed, and broadcasts the choice, so
+every rank loads the same checkpoint. Every rank then verifies the local directory it reads (Ray downloads a
+remote one) before DeepSpeed unpickles its shards. xcm's own files are JSON. The layout and the verification
+live in ``checkpoint_store``.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import random
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,10 @@ class ResumeMismatch(RuntimeError):
     """A checkpoint that this run's shape cannot load (raised on every rank, before any state is touched)."""
 
 
+class CheckpointRefused(RuntimeError):
+    """The checkpoint to resume from does not verify (raised on every rank, before any of it is opened)."""
+
+
 @dataclass(frozen=True)
 class Restored:
     """What the loop needs from a restored checkpoint, besides the engine state loaded in place."""
@@ -44,10 +53,22 @@ class Restored:
 
 
 class CheckpointManager:
-    """Saves (``due``/``save``) and restores (``restore``) one rank's full training state."""
+    """Saves (``due``/``save``) and restores (``restore``) one rank's full training state.
 
-    def __init__(self, spec: JobSpec, rank: int, world_size: int, run_id: str):
+    ``session`` names this launch (``xcm run`` or ``xcm resume``): it is written into every checkpoint, so a
+    restart tells this launch's checkpoints from those of the run's earlier launches. ``key_id`` is the
+    driver's checkpoint key (``checkpoint_store.key_id``): a worker whose key differs (a cluster node without
+    the key secret) stops at once instead of writing checkpoints no other node can verify.
+    """
+
+    def __init__(self, spec: JobSpec, rank: int, world_size: int, run_id: str, session: str,
+                 key_id: str | None = None):
         self.spec, self.rank, self.world_size, self.run_id = spec, rank, world_size, run_id
+        self.session = session or uuid.uuid4().hex  # a caller without one is a launch of its own
+        if key_id is not None and store.key_id(store.checkpoint_key()) != key_id:
+            raise store.CheckpointKeyError(
+                f"this worker's checkpoint key differs from the driver's: set {store.KEY_ENV} to the same key on "
+                "every node (on a cluster, the Kubernetes secret every Ray pod gets)")
 
     def due(self, step: int) -> bool:
         """A checkpoint after step index ``step``: every ``every_steps`` steps and after the last one."""
@@ -64,15 +85,16 @@ class CheckpointManager:
         directory = Path(tempfile.mkdtemp(prefix="xcm-checkpoint-"))
         try:
             engine.save_checkpoint(str(directory / store.DEEPSPEED), tag=tag)
-            _save(capture_rng_state(), directory / store.rng_file(self.rank))
+            _write_json(capture_rng_state(), directory / store.rng_file(self.rank))
             if self.rank == 0:
                 state = store.CheckpointState(
                     step=completed, data_position=data_position, world_size=self.world_size,
-                    zero_stage=self.spec.deepspeed.zero_stage, run_id=self.run_id, deepspeed_tag=tag)
+                    zero_stage=self.spec.deepspeed.zero_stage, run_id=self.run_id, deepspeed_tag=tag,
+                    session=self.session)
                 (directory / store.STATE).write_text(state.to_json())
                 (directory / store.JOB).write_text(yaml.safe_dump(
                     self.spec.model_dump(mode="json", by_alias=True), sort_keys=False))
-                _save(partition_state, directory / store.PARTITION)
+                _write_json(partition_state, directory / store.PARTITION)
                 if isinstance(engine.module, transformers.PreTrainedModel):  # xcm's own models have no HF config
                     engine.module.config.to_json_file(directory / store.MODEL_CONFIG)
             records = _all_ranks(store.file_records(directory))
@@ -85,36 +107,70 @@ class CheckpointManager:
             shutil.rmtree(directory, ignore_errors=True)
 
     def restore(self, engine, resume_from: str | None) -> Restored | None:
-        """Every rank: load the newest intact checkpoint of this run into ``engine``; None for a fresh start."""
+        """Every rank: load the checkpoint to continue from into ``engine``; None for a fresh start."""
         import ray.train
 
-        located = None
+        choice = None
         if self.rank == 0:
-            checkpoint = ray.train.get_checkpoint()
-            # Ray Train lists a checkpoint only after the workers have moved past it, so a run that died just after
-            # an upload left a newer intact checkpoint than Ray's latest; `xcm resume` passes that one (names sort
-            # by step). A restart later in the resumed run has a newer checkpoint of Ray's own.
-            if resume_from and (checkpoint is None or Path(resume_from).name > Path(checkpoint.path).name):
-                located = store.newest_intact(*store.resolve(resume_from))
-            elif checkpoint is not None:
-                located = store.newest_intact(checkpoint.filesystem, checkpoint.path)
-            if (checkpoint is not None or resume_from) and located is None:
-                logger.warning("no intact checkpoint to resume from (see the warnings above): starting at step 0")
-        located = _from_rank_zero(located)
+            try:
+                choice = self._choose(resume_from)
+            except store.CheckpointKeyError as error:  # every rank must hear of it, or the others wait forever
+                choice = str(error)
+        choice = _from_rank_zero(choice)
+        if isinstance(choice, str):
+            raise CheckpointRefused(choice)
+        located = choice
         if located is None:
             return None
         check_resumable(located.state, self.world_size, located.uri)
         checkpoint = ray.train.Checkpoint(located.path, filesystem=located.filesystem)
         with checkpoint.as_directory() as directory:
             directory = Path(directory)
+            _verify_on_every_rank(directory, located)
             load_path, _ = engine.load_checkpoint(str(directory / store.DEEPSPEED), tag=located.state.deepspeed_tag)
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load {directory / store.DEEPSPEED}")
-            restore_rng_state(_load(directory / store.rng_file(self.rank)))
-            partition_state = _load(directory / store.PARTITION)
+            restore_rng_state(_read_json(directory / store.rng_file(self.rank)))
+            partition_state = _read_json(directory / store.PARTITION)
         if self.rank == 0:
             logger.info("resumed from %s at step %d", located.uri, located.state.step)
         return Restored(located.state.step, located.state.data_position, partition_state)
+
+    def _choose(self, resume_from: str | None) -> store.Located | str | None:
+        """Rank 0: the verified checkpoint to continue from, None for a fresh start, or why it must not start.
+
+        Ray's latest checkpoint, when this launch wrote it, is a restart within this launch; Ray also restores
+        the list of a run's earlier launches, whose latest may be newer than the checkpoint ``xcm resume``
+        names (a rollback past a divergence): that one is resumed from exactly, or refused.
+        """
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        rays = None if checkpoint is None else store.newest_intact(checkpoint.filesystem, checkpoint.path)
+        if rays is not None and (resume_from is None or rays.state.session == self.session):
+            return rays
+        if resume_from:
+            try:
+                return store.verified(*store.resolve(resume_from))
+            except store.NotIntact as error:
+                return f"the checkpoint to resume from does not verify, so nothing of it is loaded: {error}"
+        if checkpoint is not None:
+            logger.warning("no intact checkpoint to resume from (see the warnings above): starting at step 0")
+        return None
+
+
+def _verify_on_every_rank(directory: Path, located: store.Located) -> None:
+    """Each rank verifies the local directory it is about to read (a collective): any rank's failure stops
+    every rank, before DeepSpeed unpickles a shard."""
+    try:
+        store.verify_local(directory, located.state)
+        reason = None
+    except store.NotIntact as error:
+        reason = str(error)
+    reasons = [reason for reason in _all_ranks(reason) if reason is not None]
+    if reasons:
+        raise CheckpointRefused(f"checkpoint {located.uri} as read on this node does not verify, so nothing of "
+                                f"it is loaded: {reasons[0]}")
 
 
 def check_resumable(state: store.CheckpointState, world_size: int, where: str) -> None:
@@ -129,29 +185,44 @@ def check_resumable(state: store.CheckpointState, world_size: int, where: str) -
 
 
 def capture_rng_state() -> dict:
-    """Python, numpy and torch (and CUDA, when present) random states of this process."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy and torch (and CUDA, when present) random states of this process, as JSON values."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+             "numpy": {"name": name, "keys": keys.tolist(), "position": int(position), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached_gaussian)},
+             "torch": _bytes_text(torch.get_rng_state())}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [_bytes_text(device_state) for device_state in torch.cuda.get_rng_state_all()]
     return state
 
 
 def restore_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    python, numpy_state = state["python"], state["numpy"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss_next"]))
+    np.random.set_state((numpy_state["name"], np.asarray(numpy_state["keys"], dtype=np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(_bytes_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_bytes_tensor(text) for text in state["cuda"]])
 
 
-def _save(value: Any, path: Path) -> None:
+def _bytes_text(tensor: torch.Tensor) -> str:
+    """A uint8 RNG state tensor as base64 text."""
+    return base64.b64encode(tensor.cpu().numpy().tobytes()).decode()
+
+
+def _bytes_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def _write_json(value: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(value, path)
+    path.write_text(json.dumps(value))
 
 
-def _load(path: Path) -> Any:
-    # xcm's own files (RNG tuples, numpy label arrays): not plain tensors, so not loadable weights-only.
-    return torch.load(path, weights_only=False)
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
 
 
 def _all_ranks(value: Any) -> list:

@@ -1,22 +1,27 @@
-"""``xcm resume``: continue a run from its newest intact checkpoint, in the same MLflow run.
+"""``xcm resume``: continue a run from a checkpoint, in the same MLflow run.
 
 The checkpoint carries the resolved job spec and the MLflow run id, so a run directory (or a checkpoint, or
-the run id) is all a user gives. The driver reattaches the MLflow run (RUNNING again) and starts Ray Train
-under the run's own name and storage path, so Ray restores its checkpoint list too; the workers load the
-newest intact checkpoint and continue at its step, data position and partition. Steps that the interrupted
-run had logged after that checkpoint are recomputed but not logged twice (``metric_spool``).
+the run id) is all a user gives: a ``step-N`` checkpoint is resumed from exactly (to roll back past a
+divergence), a run directory or run id from its newest intact checkpoint. Checkpoints after the one resumed
+from are moved aside (``checkpoint_store.set_aside_newer``). The driver reattaches the MLflow run (RUNNING
+again) and starts Ray Train under the run's own name and storage path; the workers load that checkpoint and
+continue at its step, data position and partition. Steps that the interrupted run had logged after that
+checkpoint are recomputed but not logged twice (``metric_spool``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
 
 from orchestrator.spec import JobSpec, load_spec
 from orchestrator.train import checkpoint_store as store
+
+logger = logging.getLogger(__name__)
 
 
 class ResumeError(RuntimeError):
@@ -24,17 +29,34 @@ class ResumeError(RuntimeError):
 
 
 def locate(target: str, tracking_uri: str) -> store.Located:
-    """The newest intact checkpoint of ``target``: a checkpoint, a run directory, or an MLflow run id."""
+    """The checkpoint ``target`` names: a ``step-N`` checkpoint exactly, else the newest intact checkpoint of
+    a run directory or an MLflow run id. ResumeError, naming each checkpoint's problem, when there is none."""
     if "://" in target or os.path.exists(target):
-        filesystem, path = store.resolve(target)
+        place = store.resolve(target)
     else:
-        filesystem, path = store.resolve(_run_directory_of(target, tracking_uri))
-    located = store.newest_intact(filesystem, path)
+        place = store.resolve(_run_directory_of(target, tracking_uri))
+    try:
+        if store.is_checkpoint_path(place.path):
+            return store.verified(*place)
+        located, skipped = store.search(*place)
+    except store.CheckpointKeyError as error:
+        raise ResumeError(str(error)) from None
+    except store.NotIntact as error:
+        raise ResumeError(f"checkpoint {error.path} cannot be used: {error.reason}. Name another step-* "
+                          "checkpoint, or the run directory for its newest intact one") from None
     if located is None:
-        raise ResumeError(f"no intact checkpoint in {path} (see the warnings above). Pass a run directory "
-                          "(xcm-runs/checkpoints/<job>-<run id>), one of its step-* checkpoints, or an MLflow "
-                          "run id whose run wrote a checkpoint (checkpointing.every_steps sets how often).")
+        raise ResumeError(_nothing_to_resume(place.path, skipped))
     return located
+
+
+def _nothing_to_resume(path: str, skipped: list[store.NotIntact]) -> str:
+    if not skipped:
+        return (f"no checkpoint in {path}. Pass a run directory (xcm-runs/checkpoints/<job>-<run id>), one of its "
+                "step-* checkpoints, or an MLflow run id whose run wrote a checkpoint (checkpointing.every_steps "
+                "sets how often).")
+    reasons = "; ".join(f"{PurePosixPath(error.path).name}: {error.reason}" for error in skipped[:3])
+    return (f"no intact, authentic checkpoint in {path} ({reasons}). Checkpoints are signed with the key in "
+            f"{store.KEY_ENV} (else {store.key_file()}): use the key the run was trained with.")
 
 
 def resume_spec(located: store.Located, overrides: list[str] = ()) -> JobSpec:
@@ -51,7 +73,7 @@ def resume_spec(located: store.Located, overrides: list[str] = ()) -> JobSpec:
 
 
 def resume_job(target: str, workdir: Path, overrides: list[str] = (), tracking_uri: str | None = None):
-    """Continue ``target``'s run where its newest intact checkpoint left it; the run's ``RunResult``."""
+    """Continue ``target``'s run where the checkpoint ``locate`` finds left it; the run's ``RunResult``."""
     from orchestrator.train.checkpointing import check_resumable
     from orchestrator.train.launch import run_job
 
@@ -62,6 +84,10 @@ def resume_job(target: str, workdir: Path, overrides: list[str] = (), tracking_u
                           f"(checkpoint {located.uri}); to train on, pass --set training.steps=N with N > "
                           f"{located.state.step}")
     check_resumable(located.state, spec.resources.num_workers, located.uri)
+    superseded = store.set_aside_newer(located)
+    if superseded is not None:
+        logger.warning("resuming %s from step %d: its later checkpoints are moved to %s", located.state.run_id,
+                       located.state.step, superseded)
     return run_job(spec, workdir, resume_from=located.uri)
 
 

@@ -38,7 +38,8 @@ def train_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     session = TrainingSession(spec, rank, world_size, config["run_id"], config.get("progress_actor"),
-                              config.get("resume_from"), config.get("partitioners", ()))
+                              config.get("resume_from"), config.get("partitioners", ()), config["session"],
+                              config.get("checkpoint_key_id"))
     try:
         session.run()
     finally:
@@ -49,7 +50,8 @@ class TrainingSession:
     """One rank's engine, data stream, regulariser and (on rank 0) logger, stepped from ``run``."""
 
     def __init__(self, spec: JobSpec, rank: int, world_size: int, run_id: str, progress_actor: str | None,
-                 resume_from: str | None = None, partitioners: Sequence[str] = ()):
+                 resume_from: str | None = None, partitioners: Sequence[str] = (), launch_session: str = "",
+                 checkpoint_key_id: str | None = None):
         from orchestrator.data import build_training_data
         from orchestrator.models import build_model
         from orchestrator.modularity import ClusterabilityRegularizer, find_matrix_groups
@@ -84,7 +86,7 @@ class TrainingSession:
                 self.progress = ray_actor(progress_actor)
         self.partition_schedule = PartitionSchedule(self.groups, self.regularizer, spec.modularity, spec.partitioner,
                                                     rank, self.engine.device, partitioners, self.logger)
-        self.checkpoints = CheckpointManager(spec, rank, world_size, run_id)
+        self.checkpoints = CheckpointManager(spec, rank, world_size, run_id, launch_session, checkpoint_key_id)
         restored = self.checkpoints.restore(self.engine, resume_from)
         self.start_step = restored.step if restored else 0
         if restored is not None:

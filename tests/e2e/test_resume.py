@@ -1,8 +1,10 @@
-"""Checkpoints end to end: a resumed run equals an uninterrupted one, `kill -9` recovery, export to Hugging Face."""
+"""Checkpoints end to end: a resumed run equals an uninterrupted one, `kill -9` recovery, a rollback to an older
+checkpoint, export to Hugging Face, and a tampered checkpoint that runs no code."""
 
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,9 +16,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from orchestrator import metric_names
+from orchestrator import measure, metric_names
 from orchestrator.spec import load_spec
 from orchestrator.train import checkpoint_store as store
+from orchestrator.train import export
 from orchestrator.train.checkpointing import ResumeMismatch
 from orchestrator.train.export import PARTITION_FILE, consolidated_state_dict, export_hf
 from orchestrator.train.launch import run_job
@@ -196,7 +199,7 @@ def test_export_loads_with_from_pretrained_and_matches_the_trained_model(tmp_pat
     trained = transformers.AutoModelForCausalLM.from_config(
         transformers.AutoConfig.from_pretrained(checkpoint / "xcm")).eval()
     module = torch.load(checkpoint / "deepspeed" / f"step-{STEPS}" / "mp_rank_00_model_states.pt",
-                        weights_only=False)["module"]
+                        weights_only=True)["module"]
     trained.load_state_dict(module)
     tokens = torch.randint(0, exported.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -229,3 +232,72 @@ def test_resume_refuses_what_it_cannot_do(workdir, uninterrupted):
     command = subprocess.run([sys.executable, "-m", "orchestrator.cli", "resume", run_directory], cwd=workdir,
                              capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert command.returncode == 1 and "already trained all 20 steps" in command.stderr
+
+
+@pytest.mark.slow
+def test_resuming_an_older_checkpoint_continues_exactly_there(workdir, client, uninterrupted):
+    """`xcm resume RUN/step-00000010` of a run that reached step 20 continues at step 10 (Ray's list names step
+    20), ends with the uninterrupted run's weights, and leaves the abandoned steps 15 and 20 whole, aside."""
+    first = run_job(tiny("name=rollback", "checkpointing.every_steps=5", "checkpointing.keep_last=4"), workdir)
+    run_directory = Path(first.checkpoint_path).parent
+    abandoned = store.verified(*store.resolve(first.checkpoint_path))
+    resumed = resume_job(str(run_directory / "step-00000010"), workdir)
+    assert resumed.run_id == first.run_id
+    assert [(m.step, m.value) for m in client.get_metric_history(resumed.run_id, metric_names.RESUMED_FROM_STEP)] \
+        == [(10, 10.0)]
+    reference, weights = final_weights(uninterrupted.checkpoint_path), final_weights(resumed.checkpoint_path)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-6, msg=name)
+    superseded = next(run_directory.glob(f"{store.SUPERSEDED_PREFIX}*"))
+    assert sorted(p.name for p in superseded.iterdir() if p.name.startswith("step-")) == ["step-00000015",
+                                                                                         "step-00000020"]
+    aside = store.verified(*store.resolve(str(superseded / "step-00000020")))
+    assert aside.state == abandoned.state
+    assert store.verified(*store.resolve(resumed.checkpoint_path)).state.session != abandoned.state.session
+
+
+@pytest.mark.slow
+def test_tampered_checkpoint_runs_no_code_anywhere(tmp_path, workdir, uninterrupted, checkpoint_files, marker):
+    """A pickle payload planted over a rank's optimizer shard of a real checkpoint, with every sha256 of the
+    manifest recomputed, is refused by export, measure, and the workers themselves when handed it directly
+    (as if the driver's check were bypassed): the payload never runs."""
+    tampered = tmp_path / "run" / "step-00000020"
+    shutil.copytree(uninterrupted.checkpoint_path, tampered)
+    checkpoint_files.plant_payload(tampered / "deepspeed" / "step-20" / "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                                   marker)
+    checkpoint_files.recompute_manifest(tampered)
+    with pytest.raises(ResumeError, match="signature does not verify"):
+        export_hf(str(tampered), tmp_path / "hf", "unused")
+    with pytest.raises(ResumeError, match="signature does not verify"):
+        measure.load_model(str(tampered), "unused")
+    with pytest.raises(Exception) as refused:
+        run_job(tiny("name=tampered", "training.steps=30", "checkpointing.max_failures=0"), workdir,
+                resume_from=str(tampered))
+    assert "does not verify" in str(refused.value) or "does not verify" in repr(refused.value.__cause__)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_export_replaces_a_directory_only_when_told_and_only_when_complete(tmp_path, uninterrupted, monkeypatch):
+    """`xcm export` refuses a non-empty directory (exit 1, its file kept); with --overwrite an export that
+    fails midway leaves the previous content, and one that completes replaces it, leaving no staging behind."""
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "notes.txt").write_text("another model's file")
+    command = subprocess.run([sys.executable, "-m", "orchestrator.cli", "export", uninterrupted.checkpoint_path,
+                              "--to", "hf", str(target)], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert command.returncode == 1 and "--overwrite" in command.stderr
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]
+
+    def fail_after_the_weights(*args):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "_write_partition", fail_after_the_weights)
+        with pytest.raises(OSError, match="disk full"):
+            export_hf(uninterrupted.checkpoint_path, target, "unused", overwrite=True)
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]
+    export_hf(uninterrupted.checkpoint_path, target, "unused", overwrite=True)
+    assert not (target / "notes.txt").exists() and (target / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

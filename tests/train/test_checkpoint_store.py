@@ -1,39 +1,30 @@
-"""Checkpoint completeness: the manifest, what counts as intact, and the fallback to the previous checkpoint."""
+"""Checkpoint completeness: the manifest, what counts as intact, the fallback to the previous checkpoint, which
+checkpoint a target names, and the checkpoints a rollback sets aside."""
 
+import json
 import logging
-from pathlib import Path
+import random
 
+import numpy as np
 import pyarrow.fs as pafs
 import pytest
+import torch
 
+from orchestrator.spec import JobSpec
 from orchestrator.train import checkpoint_store as store
+from orchestrator.train.checkpointing import capture_rng_state, restore_rng_state
+from orchestrator.train.resume import ResumeError, locate
 
 LOCAL = pafs.LocalFileSystem()
 
 
-def write_checkpoint(run: Path, step: int, manifest: bool = True) -> Path:
-    """A checkpoint as the ranks leave it: DeepSpeed-like shards, the state file, then the manifest."""
-    directory = run / store.checkpoint_name(step)
-    (directory / "deepspeed" / f"step-{step}").mkdir(parents=True)
-    for rank in range(2):
-        (directory / "deepspeed" / f"step-{step}" / f"zero_pp_rank_{rank}_optim_states.pt").write_bytes(
-            bytes([rank, step]) * 1000)
-    (directory / "xcm").mkdir()
-    state = store.CheckpointState(step=step, data_position=step, world_size=2, zero_stage=2, run_id="abc",
-                                  deepspeed_tag=f"step-{step}")
-    (directory / store.STATE).write_text(state.to_json())
-    if manifest:
-        store.write_manifest(directory, store.file_records(directory))
-    return directory
-
-
-def test_complete_checkpoint_is_intact_and_newest(tmp_path):
+def test_complete_checkpoint_is_intact_and_newest(tmp_path, checkpoint_files):
     """A run directory resolves to its newest checkpoint whose manifest matches every file."""
-    write_checkpoint(tmp_path, 10)
-    write_checkpoint(tmp_path, 20)
+    checkpoint_files.write(tmp_path, 10)
+    checkpoint_files.write(tmp_path, 20)
     located = store.newest_intact(LOCAL, str(tmp_path))
     assert located.path == str(tmp_path / "step-00000020")
-    assert located.state.step == 20 and located.state.run_id == "abc"
+    assert located.state.step == 20 and located.state.run_id == "0123456789abcdef0123456789abcdef"
 
 
 @pytest.mark.parametrize("damage, reason", [
@@ -41,11 +32,11 @@ def test_complete_checkpoint_is_intact_and_newest(tmp_path):
     (lambda shard: shard.write_bytes(b"\xff" + shard.read_bytes()[1:]), "sha256"),  # same size, corrupted
     (lambda shard: shard.unlink(), "missing"),  # a rank's file never arrived
 ])
-def test_damaged_checkpoint_is_skipped_for_the_previous(tmp_path, caplog, damage, reason):
+def test_damaged_checkpoint_is_skipped_for_the_previous(tmp_path, caplog, checkpoint_files, damage, reason):
     """A truncated, corrupted or incomplete newest checkpoint is skipped, with a warning, for the one before."""
-    write_checkpoint(tmp_path, 10)
-    newest = write_checkpoint(tmp_path, 20)
-    damage(newest / "deepspeed" / "step-20" / "zero_pp_rank_1_optim_states.pt")
+    checkpoint_files.write(tmp_path, 10)
+    newest = checkpoint_files.write(tmp_path, 20)
+    damage(newest / "deepspeed" / "step-20" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     assert reason in store.problem(LOCAL, str(newest))
     with caplog.at_level(logging.WARNING):
         located = store.newest_intact(LOCAL, str(newest))
@@ -53,25 +44,79 @@ def test_damaged_checkpoint_is_skipped_for_the_previous(tmp_path, caplog, damage
     assert "skipping checkpoint" in caplog.text and "step-00000020" in caplog.text
 
 
-def test_checkpoint_without_manifest_does_not_count(tmp_path):
+def test_checkpoint_without_manifest_does_not_count(tmp_path, checkpoint_files):
     """A checkpoint whose manifest was never written (a crash while saving) is not used."""
-    write_checkpoint(tmp_path, 10)
-    write_checkpoint(tmp_path, 20, manifest=False)
+    checkpoint_files.write(tmp_path, 10)
+    checkpoint_files.write(tmp_path, 20, manifest=False)
     assert "no manifest" in store.problem(LOCAL, str(tmp_path / "step-00000020"))
     assert store.newest_intact(LOCAL, str(tmp_path)).state.step == 10
 
 
-def test_fallback_never_goes_to_a_newer_checkpoint(tmp_path):
+def test_fallback_never_goes_to_a_newer_checkpoint(tmp_path, checkpoint_files):
     """Given a checkpoint, only it and older ones are candidates; with none intact there is nothing to resume."""
-    write_checkpoint(tmp_path, 10, manifest=False)
-    write_checkpoint(tmp_path, 20)
+    checkpoint_files.write(tmp_path, 10, manifest=False)
+    checkpoint_files.write(tmp_path, 20)
     assert store.newest_intact(LOCAL, str(tmp_path / "step-00000010")) is None
 
 
-def test_relative_paths_resolve_to_the_local_filesystem(tmp_path, monkeypatch):
+def test_relative_paths_resolve_to_the_local_filesystem(tmp_path, monkeypatch, checkpoint_files):
     """A relative run directory, as a user types it, is found on the local filesystem."""
-    write_checkpoint(tmp_path / "run", 5)
+    checkpoint_files.write(tmp_path / "run", 5)
     monkeypatch.chdir(tmp_path)
-    filesystem, path = store.resolve("run")
+    filesystem, path, _ = store.resolve("run")
     assert isinstance(filesystem, pafs.LocalFileSystem)
     assert store.newest_intact(filesystem, path).uri == str(tmp_path / "run" / "step-00000005")
+
+
+def test_a_named_checkpoint_is_located_exactly(tmp_path, checkpoint_files):
+    """`RUN/step-N` names step N even when newer ones exist, and a damaged step N is refused, not replaced by
+    another; the run directory names its newest intact checkpoint."""
+    for step in (10, 20, 30):
+        checkpoint_files.write(tmp_path, step)
+    assert locate(str(tmp_path / "step-00000010"), "unused").state.step == 10
+    damaged = tmp_path / "step-00000020" / "deepspeed" / "step-20" / "mp_rank_00_model_states.pt"
+    damaged.write_bytes(b"x" + damaged.read_bytes()[1:])
+    with pytest.raises(ResumeError, match="step-00000020 cannot be used: .*sha256"):
+        locate(str(tmp_path / "step-00000020"), "unused")
+    assert locate(str(tmp_path), "unused").state.step == 30
+
+
+def test_a_run_without_any_intact_checkpoint_is_refused_with_each_reason(tmp_path, checkpoint_files):
+    """Nothing intact in a run directory: one message naming every checkpoint's problem and the key variable."""
+    checkpoint_files.write(tmp_path, 10, manifest=False)
+    with pytest.raises(ResumeError, match="step-00000010: no manifest.*XCM_CHECKPOINT_KEY"):
+        locate(str(tmp_path), "unused")
+
+
+def test_rollback_sets_the_later_checkpoints_aside_whole(tmp_path, checkpoint_files):
+    """Resuming from step 10 of a run that reached 30 moves steps 20 and 30 and Ray's checkpoint list into
+    superseded-*, where they still verify; step 10 and older stay."""
+    for step in (5, 10, 20, 30):
+        checkpoint_files.write(tmp_path, step)
+    (tmp_path / store.RAY_SNAPSHOT).write_text("{}")
+    moved = store.set_aside_newer(store.verified(LOCAL, str(tmp_path / "step-00000010")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["step-00000005", "step-00000010", moved.rsplit("/", 1)[1]])
+    assert sorted(p.name for p in (tmp_path / moved).iterdir()) == [store.RAY_SNAPSHOT, "step-00000020",
+                                                                   "step-00000030"]
+    assert store.problem(LOCAL, f"{moved}/step-00000030") is None
+    assert store.set_aside_newer(store.verified(LOCAL, str(tmp_path / "step-00000010"))) is None
+
+
+def test_storage_query_stays_after_the_run_directory():
+    """A storage path with a query (MinIO's endpoint) gets the run directory before the query, not inside it."""
+    spec = JobSpec.model_validate({"name": "job", "checkpointing": {
+        "storage_path": "s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http"}})
+    assert store.run_directory(spec, "0123456789abcdef") == \
+        "s3://bucket/runs/job-01234567?endpoint_override=127.0.0.1:9000&scheme=http"
+
+
+def test_rng_states_round_trip_through_json():
+    """Python, numpy and torch RNG states saved as JSON text restore the exact same draws."""
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1)  # leaves a cached gaussian in Python's state
+    saved = json.loads(json.dumps(capture_rng_state()))
+    expected = (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), torch.rand(3).tolist())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    restore_rng_state(saved)
+    assert (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), torch.rand(3).tolist()) == expected
