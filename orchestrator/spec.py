@@ -11,6 +11,8 @@ bytes that are not UTF-8, an empty file and non-finite numbers are errors rather
 
 from __future__ import annotations
 
+import posixpath
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,6 +29,8 @@ MAX_NESTING = 32
 MAX_VALUES = 100_000
 INVALID_JOB_EXIT_CODE = 2  # `xcm run`, `check`, `submit` and `resume` exit with it for a job that does not load
 _SHOWN_CHARACTERS = 120  # of a value quoted in an error line
+# MLflow's rule for param names (each key of the spec becomes one): these characters, at most 250 of them.
+_MLFLOW_PARAM_NAME = re.compile(r"[/\w.\- :]{1,250}")
 
 
 class Section(BaseModel):
@@ -441,6 +445,7 @@ def consistency_problems(spec: JobSpec) -> list[SpecProblem]:
             message=f"{modularity.partition_at_step} is not before the last step ({training.steps})",
             fix=f"choose a step below training.steps={training.steps}"))
     problems += _adoption_problems(modularity, spec.partitioner)
+    problems += _param_name_problems(spec)
     from orchestrator.data.preflight import data_spec_problems
 
     problems += data_spec_problems(spec)
@@ -475,6 +480,16 @@ def consistency_problems(spec: JobSpec) -> list[SpecProblem]:
             message=f"{spec.partitioner.actors} actors for {dimensions.layers} MLP layers would leave some idle",
             fix=f"set partitioner.actors <= {dimensions.layers}"))
     return problems
+
+
+def _param_name_problems(spec: JobSpec) -> list[SpecProblem]:
+    """Every key of the spec becomes an MLflow param (``flat_params``), so a key MLflow cannot name (one nested
+    in model.config) would fail the run only once it exists: MLflow takes letters, digits, ``_ - . / :`` and
+    spaces, at most 250 of them, and no name that path normalisation changes (``a//b``, ``..``)."""
+    return [SpecProblem(key=key, message="MLflow cannot take this key as a param name",
+                        fix="use letters, digits, _ - . / : and spaces, at most 250 characters, no empty or '..' part")
+            for key in spec.flat_params()
+            if not _MLFLOW_PARAM_NAME.fullmatch(key) or posixpath.normpath(key) != key]
 
 
 def _adoption_problems(modularity: ModularitySpec, partitioner: PartitionerSpec) -> list[SpecProblem]:

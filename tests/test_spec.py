@@ -135,3 +135,13 @@ def test_pretrained_model_config_keys_follow_its_own_config(tmp_path):
     with pytest.raises(SpecError) as caught:
         load_spec(path)
     assert [problem.key for problem in caught.value.problems] == ["model.config.n_embed"]
+
+
+def test_keys_mlflow_cannot_name_are_refused_before_a_run_exists(tmp_path):
+    """A key nested in model.config becomes an MLflow param: one MLflow would refuse (here with a '|', and one that
+    path normalisation changes) is a spec problem, not a run that fails after it was created."""
+    path = write(tmp_path, "model:\n  config:\n    id2label:\n      'a|b': x\n      'c//d': y\n      ok: z\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    problems = {problem.key: problem.line for problem in caught.value.problems}
+    assert problems == {"model.config.id2label.a|b": 4, "model.config.id2label.c//d": 5}
