@@ -48,7 +48,8 @@ def test_params_the_store_refuses_end_the_new_run_failed(tmp_path):
 
 
 def test_data_check_failure_ends_an_attached_run_failed(tmp_path):
-    """A submitted (attached) run whose data check fails on the cluster ends FAILED, naming the missing file."""
+    """A run attached rather than created (a submitted job's, or a resumed one's) whose data check fails where
+    the driver runs ends FAILED, naming the missing file."""
     run_id = created_run(tmp_path)
     spec = load_spec(ROOT / "jobs" / "tiny.yaml", [
         "data.source=files", "data.files=[absent/*.txt]", "evaluation.every_steps=0",

@@ -72,3 +72,16 @@ def test_check_and_run_refuse_an_invalid_job_alike(tmp_path, job_text, problem):
     assert checked.stderr == ran.stderr and problem in ran.stderr
     assert len(ran.stderr.splitlines()) == 1 and ran.stderr.startswith(f"{job}:")
     assert not (tmp_path / "xcm-runs").exists()
+
+
+def test_ray_that_cannot_start_ends_the_run_failed(tmp_path):
+    """When Ray cannot be joined (here a RAY_ADDRESS with no port), the run created a moment before ends FAILED
+    with Ray's error in its xcm.failure tag instead of staying RUNNING."""
+    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(ROOT / "jobs" / "tiny.yaml")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "127.0.0.1:noport"})
+    assert result.returncode != 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'xcm-runs' / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("xcm-tiny").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "Unable to parse port number from noport" in run.data.tags["xcm.failure"]
