@@ -272,7 +272,8 @@ class SpecError(ValueError):
 
 def _problem_line(source: str, problem: SpecProblem) -> str:
     where = f"{source}:{problem.line}" if problem.line else source
-    return _printable(f"{where}: {problem.key}: {problem.message}. Fix: {problem.fix}")
+    key = problem.key if len(problem.key) <= _SHOWN_CHARACTERS else problem.key[:_SHOWN_CHARACTERS] + "...(cut)"
+    return _printable(f"{where}: {key}: {problem.message}. Fix: {problem.fix}")
 
 
 def _printable(text: str) -> str:

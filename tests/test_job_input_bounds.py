@@ -133,6 +133,13 @@ def test_control_characters_in_keys_cannot_forge_error_lines(tmp_path):
     assert "lr\\nxcm: run finished" in line
 
 
+def test_a_huge_key_is_cut_in_its_error_line(tmp_path):
+    """A 100 KB key (an explicit YAML key: plain ones stop at 1024 characters) is named by its start, so the error
+    stays a readable line."""
+    line = single_problem(write(tmp_path, "training:\n  ? " + "k" * 100_000 + "\n  : 1\n"))
+    assert "...(cut): unknown key" in line and len(line) < 1000
+
+
 def test_checkpoint_job_file_goes_through_the_same_bounds(tmp_path):
     """A checkpoint's job.yaml is loaded by load_spec on resume: an alias bomb in it is refused the same way."""
     import pyarrow.fs as pafs
