@@ -51,13 +51,14 @@ def parse_k(text: str) -> list[int]:
 
 def load_model(source: str, tracking_uri: str) -> nn.Module:
     """A causal LM from a ``save_pretrained`` directory, an xcm checkpoint (a run directory, one of its
-    ``step-*`` checkpoints, or the MLflow run id that wrote it), or a hub name (needs the hub or its cache)."""
+    ``step-*`` checkpoints, either local or a storage URI such as ``s3://``, or the MLflow run id that wrote
+    it), or a hub name (needs the hub or its cache)."""
     import transformers
 
     path = Path(source)
     if (path / "config.json").is_file():
         return transformers.AutoModelForCausalLM.from_pretrained(path)
-    if path.exists() or _RUN_ID.fullmatch(source):
+    if "://" in source or path.exists() or _RUN_ID.fullmatch(source):  # verified, then exported (export_hf)
         from orchestrator.train.export import export_hf
 
         with tempfile.TemporaryDirectory(prefix="xcm-measure-") as directory:
