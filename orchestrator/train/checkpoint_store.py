@@ -132,6 +132,7 @@ def checkpoint_key(create: bool = False) -> bytes:
     The driver and workers of a local run share the machine, hence the file."""
     value = os.environ.get(KEY_ENV)
     if value is not None:
+        value = value.strip()  # a secret read from a file often ends in a newline that a shell's $(...) drops
         if len(value.encode()) < MIN_KEY_BYTES:
             raise CheckpointKeyError(f"{KEY_ENV} holds {len(value.encode())} bytes; a checkpoint key needs at "
                                      f"least {MIN_KEY_BYTES}: set it to e.g. the output of `openssl rand -hex 32`")
@@ -301,10 +302,13 @@ def verified(filesystem: pafs.FileSystem, path: str, query: str = "", key: bytes
     look newer is not one); a download to a temporary directory has no such name.
     """
     key = checkpoint_key() if key is None else key
+    kind = _file_kind(filesystem, f"{path}/{MANIFEST}")
+    if kind is None:
+        raise NotIntact(path, "no manifest (the save or upload did not finish)")
+    if not kind:
+        raise NotIntact(path, f"its {MANIFEST} is not a plain file")
     try:
         manifest = json.loads(_read(filesystem, f"{path}/{MANIFEST}", _MAX_MANIFEST_BYTES))
-    except FileNotFoundError:
-        raise NotIntact(path, "no manifest (the save or upload did not finish)") from None
     except (ValueError, RecursionError) as error:
         raise NotIntact(path, f"unreadable manifest ({type(error).__name__})") from None
     files = _check_manifest(path, manifest, key)
@@ -365,6 +369,18 @@ def _check_manifest(path: str, manifest, key: bytes) -> dict[str, dict]:
     if STATE not in files:
         raise NotIntact(path, f"the manifest lists no {STATE}")
     return files
+
+
+def _file_kind(filesystem: pafs.FileSystem, path: str) -> bool | None:
+    """None when nothing is at ``path``; else whether it is a plain file (not a directory, and on a local disk
+    not a symlink or a FIFO, which would block the read)."""
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        try:
+            return stat.S_ISREG(os.lstat(path).st_mode)
+        except FileNotFoundError:
+            return None
+    kind = filesystem.get_file_info(path).type
+    return None if kind == pafs.FileType.NotFound else kind == pafs.FileType.File
 
 
 def _record_shape_ok(record) -> bool:

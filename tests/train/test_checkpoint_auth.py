@@ -81,6 +81,23 @@ def test_manifest_of_the_wrong_shape_falls_back_to_the_previous(tmp_path, checkp
     assert store.newest_intact(LOCAL, str(tmp_path)).state.step == 10
 
 
+@pytest.mark.parametrize("kind", ["directory", "fifo", "symlink"])
+def test_manifest_that_is_not_a_plain_file_falls_back_to_the_previous(tmp_path, checkpoint_files, kind):
+    """A manifest that is a directory, a FIFO (whose read would block forever) or a symlink is a bad checkpoint."""
+    checkpoint_files.write(tmp_path, 10)
+    newest = checkpoint_files.write(tmp_path, 20)
+    manifest = newest / store.MANIFEST
+    manifest.unlink()
+    if kind == "directory":
+        manifest.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(manifest)
+    else:
+        manifest.symlink_to(tmp_path / "step-00000010" / store.MANIFEST)
+    assert "not a plain file" in store.problem(LOCAL, str(newest))
+    assert store.newest_intact(LOCAL, str(tmp_path)).state.step == 10
+
+
 def sign(directory: Path, files: dict) -> None:
     """A manifest signed with this machine's key: only the names check can stop it."""
     key = store.checkpoint_key()
@@ -212,3 +229,24 @@ def test_key_file_mode_check_is_not_defeated_by_umask(home, checkpoint_files):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((home / ".config" / "xcm" / "checkpoint.key").stat().st_mode) == 0o600
+
+
+def test_key_from_a_secret_file_matches_the_same_key_typed_in_a_shell(monkeypatch, tmp_path, checkpoint_files):
+    """A key with the trailing newline of the file it was mounted from verifies what the same key without it
+    signed (a shell's `$(...)` drops the newline)."""
+    monkeypatch.setenv(store.KEY_ENV, "k" * 40 + "\n")
+    directory = checkpoint_files.write(tmp_path, 10)
+    monkeypatch.setenv(store.KEY_ENV, "k" * 40)
+    assert store.problem(LOCAL, str(directory)) is None
+
+
+def test_a_worker_whose_key_differs_from_the_drivers_stops_at_once():
+    """A worker on a node without the key secret (its key is not the driver's) refuses to start, naming the fix."""
+    from orchestrator.spec import JobSpec
+    from orchestrator.train.checkpointing import CheckpointManager
+
+    driver_key_id = store.key_id(b"the driver's key, which this worker does not hold")
+    with pytest.raises(store.CheckpointKeyError, match="differs from the driver's: set XCM_CHECKPOINT_KEY"):
+        CheckpointManager(JobSpec(), rank=1, world_size=2, run_id="r" * 32, session="s", key_id=driver_key_id)
+    CheckpointManager(JobSpec(), rank=1, world_size=2, run_id="r" * 32, session="s",
+                      key_id=store.key_id(store.checkpoint_key()))
