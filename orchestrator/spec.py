@@ -416,7 +416,11 @@ class _BoundedLoader(yaml.SafeLoader):
 def _parse_yaml(text: str) -> tuple[Any, dict[str, int], list[SpecProblem]]:
     """The value the YAML text holds, within the loader's bounds, with its keys' lines and duplicates (read
     before the value is built: building merges ``<<`` keys into their mappings)."""
-    loader = _BoundedLoader(text)
+    try:
+        loader = _BoundedLoader(text)  # its reader refuses control characters in the whole text at once
+    except yaml.reader.ReaderError as error:
+        raise YamlProblem(f"not valid YAML (the character {chr(error.character)!r} is not allowed)",
+                          "remove it; a job file is plain text", text[:error.position].count("\n") + 1) from None
     try:
         root = loader.get_single_node()
         if root is None:

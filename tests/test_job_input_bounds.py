@@ -78,6 +78,12 @@ def test_non_utf8_bytes_name_their_line(tmp_path):
     assert "not UTF-8" in line and "0xff" in line and ":3:" in line
 
 
+def test_control_characters_in_the_file_name_their_line(tmp_path):
+    """A NUL or other control byte (valid UTF-8, not valid YAML) is one line naming the character and its line."""
+    line = single_problem(write(tmp_path, "name: ok\ntraining:\n  lr: 0.1\x00\n"))
+    assert "the character '\\x00' is not allowed" in line and ":3:" in line
+
+
 def test_duplicate_key_names_both_lines(tmp_path):
     """A key written twice in one section is an error naming both lines, not a silent last-wins."""
     line = single_problem(write(tmp_path, "training:\n  lr: 0.1\n  steps: 3\n  lr: 0.2\n"))

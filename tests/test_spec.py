@@ -145,3 +145,26 @@ def test_keys_mlflow_cannot_name_are_refused_before_a_run_exists(tmp_path):
         load_spec(path)
     problems = {problem.key: problem.line for problem in caught.value.problems}
     assert problems == {"model.config.id2label.a|b": 4, "model.config.id2label.c//d": 5}
+
+
+@pytest.mark.parametrize("config, key, expected", [
+    ("{n_layer: [1, 2]}", "model.config.n_layer", "expected int, got list"),
+    ("{activation_function: 5}", "model.config.activation_function", "expected str, got int"),
+])
+def test_model_config_values_of_the_wrong_type_are_refused(tmp_path, config, key, expected):
+    """A value the family's config class refuses when built (transformers' strict dataclass fields) is a spec
+    problem naming the key, not a traceback."""
+    with pytest.raises(SpecError) as caught:
+        load_spec(write(tmp_path, f"model:\n  config: {config}\n"))
+    [problem] = caught.value.problems
+    assert problem.key == key and expected in problem.message
+
+
+def test_own_model_config_values_must_be_positive_sizes_and_switches(tmp_path):
+    """xcm's own models take positive integer sizes and true/false switches in model.config."""
+    path = write(tmp_path, "model:\n  family: modular_addition\n  config: {regularise_attention: 1, d_mlp: 0, "
+                           "d_model: '64'}\ndata:\n  source: modular_addition\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert {problem.key for problem in caught.value.problems} == {
+        "model.config.regularise_attention", "model.config.d_mlp", "model.config.d_model"}

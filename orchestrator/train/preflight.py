@@ -95,16 +95,15 @@ def _pretrained_config_problems(spec: JobSpec) -> list[SpecProblem]:
 
 
 def model_config_problems(spec: JobSpec) -> list[SpecProblem]:
-    """Each ``model.config`` key must be one the model reads, with a finite value: a transformers config takes any
-    key silently, so a typo would train the preset's size, and xcm's own models would fail only in the workers."""
-    import math
-
+    """Each ``model.config`` key must be one the model reads, with a value it takes: a transformers config takes
+    any key silently, so a typo would train the preset's size, and a value of the wrong type, like any value
+    that xcm's own models cannot take, would fail only in the workers."""
     known = _known_config_keys(spec)
     if known is None:
         return []
     owner, keys = known
     problems = []
-    for key, value in spec.model.config.items():
+    for key in spec.model.config:
         if key not in keys:
             close = difflib.get_close_matches(key, sorted(keys), n=3, cutoff=0.6)
             problems.append(_problem(
@@ -112,9 +111,62 @@ def model_config_problems(spec: JobSpec) -> list[SpecProblem]:
                     f" (close matches: {', '.join(close)})" if close else ""),
                 f"use {close[0]}" if close else f"remove it, or use a key of {owner} "
                                                 "(its transformers documentation lists them)"))
-        elif any(isinstance(item, float) and not math.isfinite(item) for item in _leaves(value)):
-            problems.append(_problem(f"model.config.{key}", "not a finite number", "give a finite value"))
-    return problems
+    return problems or _config_value_problems(spec, owner)
+
+
+def _config_value_problems(spec: JobSpec, owner: str) -> list[SpecProblem]:
+    """Values that are not finite, not of the type the model's config declares, or (xcm's own models: sizes and
+    switches) not a positive integer or a boolean."""
+    import math
+
+    from orchestrator.models.classifiers import DEFAULTS
+
+    model = spec.model
+    non_finite = [_problem(f"model.config.{key}", "not a finite number", "give a finite value")
+                  for key, value in model.config.items()
+                  if any(isinstance(item, float) and not math.isfinite(item) for item in _leaves(value))]
+    if non_finite:
+        return non_finite
+    if model.family not in TRANSFORMER_FAMILIES:
+        return [_problem(f"model.config.{key}", f"{owner} takes {_kind(DEFAULTS[model.family][key])} here, not "
+                                                f"{value!r}"[:200], f"give {_kind(DEFAULTS[model.family][key])}")
+                for key, value in model.config.items() if not _fits(value, DEFAULTS[model.family][key])]
+    return _transformers_value_problems(spec, owner)
+
+
+def _kind(default) -> str:
+    return "true or false" if isinstance(default, bool) else "a positive integer"
+
+
+def _fits(value, default) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _transformers_value_problems(spec: JobSpec, owner: str) -> list[SpecProblem]:
+    """The config class validates each field's type when it is built (a strict dataclass): build it here, where
+    it needs no download (a random model, or a pretrained one in a local directory)."""
+    import re
+    from pathlib import Path
+
+    from huggingface_hub.errors import StrictDataclassError
+
+    from orchestrator.models.registry import model_config
+
+    model = spec.model
+    if model.init == "pretrained" and not (model.pretrained and Path(model.pretrained).expanduser().is_dir()):
+        return []
+    try:
+        model_config(model)
+    except StrictDataclassError as error:
+        first, _, cause = str(error).partition("\n")
+        field = re.search(r"field '(\w+)'", first)
+        key = f"model.config.{field[1]}" if field and field[1] in model.config else "model.config"
+        return [_problem(key, f"{owner} refuses it ({cause.strip()[:200]})", "give a value of the type named")]
+    except (OSError, ValueError):
+        return []  # the other model checks report a config that cannot be read
+    return []
 
 
 def _known_config_keys(spec: JobSpec) -> tuple[str, frozenset[str]] | None:
