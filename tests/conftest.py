@@ -22,6 +22,72 @@ def local_ray():
     ray.shutdown()
 
 
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 over a SQLite store, that can be stopped and started again."""
+
+    def __init__(self, directory, arguments=(), environment=None):
+        import sys
+        from pathlib import Path
+
+        from orchestrator.train.launch import free_port
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._command = [str(Path(sys.executable).with_name("mlflow")), "server", *arguments, "--host", "127.0.0.1",
+                         "--port", str(self.port), "--workers", "1",
+                         "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
+                         "--artifacts-destination", str(directory / "artifacts")]
+        self._environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(environment or {})}
+        self._log = directory / "server.log"
+        self._process = None
+
+    def start(self, timeout_s: float = 180) -> None:
+        import subprocess
+        import time
+        import urllib.request
+
+        with self._log.open("a") as log:
+            self._process = subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT, cwd=self.directory,
+                                             start_new_session=True, env=self._environment)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self._process.poll() is None, self._log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError(f"mlflow server on {self.uri} did not answer in {timeout_s} s")
+
+    def stop(self) -> None:
+        """Kill the server and its uvicorn worker (its own process group), as a crash would."""
+        import signal
+
+        if self._process is not None and self._process.poll() is None:
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """Makes started `mlflow server`s (``mlflow_server(name, arguments, environment)``) in the test's directory,
+    run there (a relative path in their configuration lands in it); all killed at the end."""
+    servers = []
+
+    def start(name: str = "server", arguments=(), environment=None) -> MlflowServer:
+        server = MlflowServer(tmp_path / name, arguments, environment)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
 @pytest.fixture(scope="module")
 def tiny_gpt2():
     """GPT-2 with Conv1D MLP weights stored [n_in, n_out]: c_fc [64, 256], c_proj [256, 64]."""

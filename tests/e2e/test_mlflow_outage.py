@@ -1,12 +1,7 @@
 """MLflow may fail: a tracking server that goes down mid-run delays the run's metrics and loses none."""
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,49 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 40
 
 
-class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 over a SQLite store, that can be stopped and started again."""
-
-    def __init__(self, directory: Path):
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self._command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
-                         "--port", str(self.port), "--workers", "1",
-                         "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
-                         "--artifacts-destination", str(directory / "artifacts")]
-        self._log = directory / "server.log"
-        self._process: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 180) -> None:
-        with self._log.open("a") as log:
-            self._process = subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT,
-                                             start_new_session=True,
-                                             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self._process.poll() is None, self._log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        raise TimeoutError(f"mlflow server on {self.uri} did not answer in {timeout_s} s")
-
-    def stop(self) -> None:
-        """Kill the server and its uvicorn worker (its own process group), as a crash would."""
-        if self._process is not None and self._process.poll() is None:
-            os.killpg(self._process.pid, signal.SIGKILL)
-            self._process.wait()
-
-
 @pytest.fixture
-def server(tmp_path):
-    server = MlflowServer(tmp_path / "server")
-    (tmp_path / "server").mkdir()
-    server.start()
-    yield server
-    server.stop()
+def server(mlflow_server):
+    return mlflow_server()
 
 
 @pytest.mark.slow

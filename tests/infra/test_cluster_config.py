@@ -131,3 +131,16 @@ def test_cluster_runs_the_same_image_as_kuberay(prepared):
     assert image.endswith(f":{version}")
     head_container = RAYCLUSTER["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head_container["image"] == image
+
+
+def test_every_node_gets_your_checkpoint_key_and_mlflow_credentials(prepared):
+    """Your checkpoint key file and MLflow credentials file are mounted into the container's home where xcm and
+    MLflow look for them, so every node signs with one key and signs in to the MLflow server."""
+    from mlflow.utils.credentials import _get_credentials_path
+
+    from orchestrator.train.checkpoint_store import key_file
+
+    home, mounts = Path.home(), prepared["file_mounts"]
+    for looked_up in (key_file(), Path(_get_credentials_path())):
+        directory = looked_up.parent.relative_to(home).as_posix()
+        assert mounts[f"/home/ray/{directory}"] == f"~/{directory}"

@@ -33,7 +33,7 @@ def pinned_requirements() -> dict[str, Requirement]:
 
 def test_base_image_is_a_cuda_devel_image_with_python_311():
     """The image starts from NVIDIA's CUDA *devel* image (nvcc for DeepSpeed's ops) and installs Python 3.11."""
-    image, _, tag = DOCKERFILE.baseimage.partition(":")
+    image, _, tag = DOCKERFILE.baseimage.partition("@")[0].partition(":")
     assert image == "nvidia/cuda" and re.fullmatch(r"\d+\.\d+\.\d+(-cudnn)?-devel-ubuntu\d+\.\d+", tag)
     run = " ".join(instructions("RUN"))
     assert "python3.11-venv" in run and "python3.11 -m venv" in run
