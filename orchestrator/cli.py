@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from orchestrator import cluster_jobs
+from orchestrator import cluster_jobs, credentials
 from orchestrator.cluster_jobs import ClusterError
+from orchestrator.credentials import redact
 from orchestrator.spec import DEFAULT_JOB, INVALID_JOB_EXIT_CODE, SpecError, load_spec
 
 
@@ -34,13 +35,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb is None:
         args = parser.parse_args(["run", *(argv or [])])
     try:
+        _take_credentials(args)
         return args.handler(args)
     except SpecError as error:
-        print(error, file=sys.stderr)
+        print(redact(str(error)), file=sys.stderr)
         return INVALID_JOB_EXIT_CODE
     except ClusterError as error:
-        print(f"xcm: {error}", file=sys.stderr)
+        print(f"xcm: {redact(str(error))}", file=sys.stderr)
         return 1
+
+
+def _take_credentials(args: argparse.Namespace) -> None:
+    """Credentials in a URI on the command line go into this process's environment, and the URI on without
+    them (``orchestrator.credentials``)."""
+    for name in ("target", "tracking_uri", "model"):
+        if isinstance(getattr(args, name, None), str):
+            setattr(args, name, credentials.take(getattr(args, name)))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -55,7 +65,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         result = run_job(spec, Path.cwd())
     except tracking.TrackingUnavailable as error:
-        print(f"xcm: {error}", file=sys.stderr)
+        print(f"xcm: {redact(str(error))}", file=sys.stderr)
         return 1
     _print_result(result)
     return 0
@@ -124,7 +134,7 @@ def _resume(args: argparse.Namespace) -> int:
     try:
         result = resume_job(args.target, Path.cwd(), args.overrides, args.tracking_uri)
     except (ResumeError, ResumeMismatch, tracking.TrackingUnavailable, CheckpointKeyError) as error:
-        print(f"xcm: {error}", file=sys.stderr)
+        print(f"xcm: {redact(str(error))}", file=sys.stderr)
         return 1
     _print_result(result)
     return 0
@@ -139,7 +149,7 @@ def _export(args: argparse.Namespace) -> int:
     try:
         directory = export_hf(args.target, Path(args.directory), uri, overwrite=args.overwrite)
     except (ResumeError, ExportError) as error:
-        print(f"xcm: {error}", file=sys.stderr)
+        print(f"xcm: {redact(str(error))}", file=sys.stderr)
         return 1
     print(f"xcm: exported to {directory} (load it with AutoModelForCausalLM.from_pretrained)")
     return 0
@@ -189,9 +199,10 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _print_submission(submission) -> int:
-    print(f"xcm: submitted job {submission.job_id} to {submission.address}")
+    address = redact(submission.address)
+    print(f"xcm: submitted job {submission.job_id} to {address}")
     print(f"  MLflow run: {submission.run_link}")
-    print(f"  follow it:  xcm logs {submission.job_id} --follow --address {submission.address}")
+    print(f"  follow it:  xcm logs {submission.job_id} --follow --address {address}")
     return 0
 
 
@@ -204,9 +215,9 @@ def _status(args: argparse.Namespace) -> int:
             return 0
         job_id = jobs[-1]["job_id"]
     info = cluster_jobs.status(_address(args), job_id)
-    print(f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
+    print(redact(f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else "")))
     if info["run_id"]:
-        print(f"  MLflow run {info['run_id']} in {info['tracking_uri']}")
+        print(f"  MLflow run {info['run_id']} in {redact(info['tracking_uri'])}")
     return 0
 
 
@@ -246,7 +257,7 @@ def _ui(args: argparse.Namespace) -> int:
     spec = load_spec(args.job).resolved(Path.cwd())
     uri = spec.tracking.uri
     if uri.startswith(("http://", "https://")):
-        print(f"xcm: {uri} is a tracking server: open it in a browser")
+        print(f"xcm: {credentials.strip(uri)} is a tracking server: open it in a browser")
         return 0
     print(f"xcm: MLflow UI for {uri} on http://127.0.0.1:{args.port}", flush=True)
     tracking.prepare_local_store(uri)
@@ -284,14 +295,14 @@ def _measure(args: argparse.Namespace) -> int:
     try:
         model = measure.load_model(args.model, uri)
     except (OSError, ResumeError, ExportError) as error:
-        print(f"xcm: cannot load {args.model!r}: {error}", file=sys.stderr)
+        print(redact(f"xcm: cannot load {args.model!r}: {error}"), file=sys.stderr)
         return 1
     measurements = measure.measure_model(model, k_values, args.matrices, args.seed)
     print(measure.format_table(measurements))
     try:
         run_id = measure.log_measurements(measurements, args.model, uri, args.experiment, Path.cwd())
     except tracking.TrackingUnavailable as error:
-        print(f"xcm: {error}", file=sys.stderr)
+        print(f"xcm: {redact(str(error))}", file=sys.stderr)
         return 1
     print(f"\nxcm: logged to MLflow run {run_id} (experiment {args.experiment}) in {uri}")
     return 0

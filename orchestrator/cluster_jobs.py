@@ -2,29 +2,29 @@
 
 The same job file runs on a laptop and on a cluster: ``submit`` validates it here, resolves it (overrides,
 tracking URI, storage path) into one YAML that travels in the job's runtime environment with xcm's code, and
-creates the MLflow run here, so the link can be printed before the cluster starts working. Paths that only
-exist on this machine are refused for a remote cluster, before anything is sent.
+creates the MLflow run here, so the link can be printed before the cluster starts working. The cluster is
+asked whether it runs on this machine (``cluster_locality``); when it does not, the job's paths that only this
+machine has are refused before anything is sent. Credentials in the job's URIs stay in this process's
+environment (``credentials``): the job on the cluster reads them from its nodes' environment.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import sys
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
-
-import yaml
 
 import orchestrator
-from orchestrator import tracking
-from orchestrator.spec import JobSpec, SpecError, SpecProblem, load_spec
+from orchestrator import credentials, tracking
+from orchestrator.credentials import redact
+from orchestrator.spec import JobSpec, SpecError, load_spec
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 SUBMITTED_JOB_FILE = "job.yaml"
 SUBMISSION_TAG = "xcm.submission"  # on the MLflow run: the Ray job that works on it now
 # Ray's job supervisor SIGKILLs the entrypoint this long after SIGTERM; the driver needs a moment to mark
@@ -46,16 +46,20 @@ class Submission:
 
 def submit(job_file: str, overrides: list[str], address: str, workdir: Path) -> Submission:
     """Validate, resolve and submit a job; the MLflow run exists (RUNNING) when this returns."""
-    spec = load_spec(job_file, overrides)
-    remote = not is_local_address(address)
-    _check_reachable_from_cluster(spec, job_file, remote)
-    spec = spec.resolved(workdir)
+    from orchestrator.cluster_locality import unreachable_path_problems
+
+    spec, moved = credentials.take_from_spec(load_spec(job_file, overrides))
+    local = cluster_is_local(address)
+    if not local and (problems := unreachable_path_problems(spec, workdir)):
+        raise SpecError(job_file, problems)
+    spec = _resolved_for_cluster(spec, workdir, local)
+    _tell_where_credentials_come_from(moved)
     client = connect(address)
     run_id = tracking.start_run(spec.tracking, spec.name, spec.flat_params())
     spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"run_id": run_id})})
     job_id = f"xcm-{spec.name}-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="xcm-submit-") as staging:
-        Path(staging, SUBMITTED_JOB_FILE).write_text(yaml.safe_dump(spec.model_dump(mode="json", by_alias=True)))
+        Path(staging, SUBMITTED_JOB_FILE).write_text(spec.to_yaml())
         try:
             return _submit_job(client, address, job_id, run_id, spec.tracking.uri,
                                entrypoint=f"python -m orchestrator.cli run {SUBMITTED_JOB_FILE}",
@@ -69,15 +73,21 @@ def submit_resume(target: str, overrides: list[str], tracking_uri: str | None, a
     """Submit `xcm resume TARGET` as a job: the run continues on the cluster, in the same MLflow run.
 
     The newest intact checkpoint is located here first, so a typo or a run without checkpoints fails at once
-    instead of in the job's logs; the cluster then finds the same checkpoint through the same store."""
-    from orchestrator.train.resume import ResumeError, locate
+    instead of in the job's logs; the cluster then finds the same checkpoint through the same store, and a remote
+    one must be able to read everything the checkpoint's job names."""
+    from orchestrator.cluster_locality import is_local_store, unreachable_path_problems
+    from orchestrator.train.resume import ResumeError, locate, resume_spec
 
-    uri = tracking_uri or JobSpec().resolved(Path.cwd()).tracking.uri
-    if not is_local_address(address) and _is_local_store(uri):
-        raise ClusterError(f"the cluster at {address} cannot read the local MLflow store {uri}: pass "
+    target = credentials.take(target)
+    uri = credentials.take(tracking_uri) or JobSpec().resolved(Path.cwd()).tracking.uri
+    local = cluster_is_local(address)
+    if not local and is_local_store(uri):
+        raise ClusterError(f"the cluster at {redact(address)} cannot read the local MLflow store {uri}: pass "
                            "--tracking-uri http://<host>:5000 (the server in infra/mlflow) that the run was logged to")
     try:
         located = locate(target, uri)
+        if not local and (problems := unreachable_path_problems(resume_spec(located, overrides), Path.cwd())):
+            raise SpecError(f"checkpoint {located.uri}", problems)
     except ResumeError as error:
         raise ClusterError(str(error)) from None
     run_id = located.state.run_id
@@ -132,38 +142,38 @@ def _submit_when_agent_ready(client, timeout_s: float = 60.0, **job) -> None:
             time.sleep(2)
 
 
-def is_local_address(address: str) -> bool:
-    return (urlparse(address).hostname or address) in LOCAL_HOSTS
+def cluster_is_local(address: str) -> bool:
+    """Whether every alive node of the cluster at ``address`` is this machine (``cluster_locality``); a cluster
+    that cannot be asked is taken as remote, with a warning line."""
+    from orchestrator.cluster_locality import alive_nodes, is_local_cluster, this_machine
+
+    try:
+        nodes = alive_nodes(connect(address))
+        if not nodes:
+            raise ClusterError("it lists no alive node")
+    except Exception as error:
+        print(f"xcm: warning: cannot ask the cluster at {redact(address)} which machines it runs on "
+              f"({redact(str(error).splitlines()[0])}); taking it as remote, which cannot read this machine's files",
+              file=sys.stderr)
+        return False
+    return is_local_cluster(nodes, this_machine())
 
 
-def _check_reachable_from_cluster(spec: JobSpec, job_file: str, remote: bool) -> None:
-    """A remote cluster cannot see this machine's files: a SQLite store or a local checkpoint directory."""
-    if not remote:
-        return
-    problems = []
-    uri = spec.tracking.uri
-    if _is_local_store(uri):
-        problems.append(SpecProblem(
-            key="tracking.uri", message=f"{uri or 'the default local SQLite store'} lives on this machine, "
-                                        "and a local store does not work across nodes",
-            fix="run the MLflow server in infra/mlflow and set tracking.uri: http://<host>:5000"))
-    storage = spec.checkpointing.storage_path
-    if storage is None or "://" not in storage:
-        problems.append(SpecProblem(
-            key="checkpointing.storage_path",
-            message=f"{storage or 'the default ./xcm-runs/checkpoints'} is a path on this machine",
-            fix="set it to storage every node reaches, e.g. s3://bucket/xcm or a shared mount (see infra/README.md)"))
-    if spec.model.init == "pretrained" and spec.model.pretrained and Path(spec.model.pretrained).exists():
-        problems.append(SpecProblem(
-            key="model.pretrained", message=f"{spec.model.pretrained} is a local path",
-            fix="use a hub name, or a path that exists on the cluster's nodes"))
-    if problems:
-        raise SpecError(job_file, problems)
+def _resolved_for_cluster(spec: JobSpec, workdir: Path, local: bool) -> JobSpec:
+    """The spec resolved here; for a remote cluster the default token cache is left for the job to place where
+    it runs (this machine's path would not exist there, and a cache need not be shared: a node without it
+    tokenizes again)."""
+    resolved = spec.resolved(workdir)
+    if local:
+        return resolved
+    return resolved.model_copy(update={"data": resolved.data.model_copy(update={"cache_dir": spec.data.cache_dir})})
 
 
-def _is_local_store(tracking_uri: str | None) -> bool:
-    """A store on this machine's disk (the default SQLite file, or a file: path) that other nodes cannot read."""
-    return tracking_uri is None or tracking_uri.startswith(("sqlite:", "file:", "/", "."))
+def _tell_where_credentials_come_from(moved: list[str]) -> None:
+    """Credentials moved out of the job's URIs stay here: the job reads them from the cluster's environment."""
+    if moved:
+        print(f"xcm: the credentials in the job's URIs are not sent with it: the cluster's nodes must have "
+              f"{', '.join(moved)} in their environment (infra/README.md)", file=sys.stderr)
 
 
 def connect(address: str):
@@ -186,7 +196,7 @@ def _use_token_when_available() -> None:
 
 
 def _explain(error: Exception, address: str) -> str:
-    text = f"{type(error).__name__}: {error}"
+    text, address = redact(f"{type(error).__name__}: {error}"), redact(address)
     if "uthenticat" in text or "token" in text.lower():
         return (f"the Ray cluster at {address} wants its authentication token (Ray 2.60 enables token auth by "
                 "default): copy the head's ~/.ray/auth_token to this machine (or set RAY_AUTH_TOKEN) and set "
@@ -245,7 +255,7 @@ def stop(address: str, job_id: str) -> bool:
 def list_jobs(address: str) -> list[dict]:
     jobs = connect(address).list_jobs()
     return [{"job_id": job.submission_id or job.job_id, "status": str(job.status),
-             "run_id": (job.metadata or {}).get("xcm.run_id", ""), "entrypoint": job.entrypoint}
+             "run_id": (job.metadata or {}).get("xcm.run_id", ""), "entrypoint": redact(job.entrypoint)}
             for job in sorted(jobs, key=lambda job: job.start_time or 0)]
 
 

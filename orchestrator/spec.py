@@ -236,8 +236,15 @@ class JobSpec(Section):
                                        "data": self.data.resolved(workdir, runs)})
 
     def to_yaml(self) -> str:
-        """The spec as a job file: what a run logs as ``spec.yaml``, loadable again with ``load_spec``."""
-        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
+        """The spec as a job file: what a run logs as ``spec.yaml`` and a checkpoint keeps as ``job.yaml``,
+        loadable again with ``load_spec``; without the credentials of any URI (they come from the environment)."""
+        return yaml.safe_dump(self.public_dump(), sort_keys=False)
+
+    def public_dump(self) -> dict:
+        """The spec as plain values, as it may be stored or shown: no URI keeps its credentials."""
+        from orchestrator.credentials import strip_all
+
+        return strip_all(self.model_dump(mode="json", by_alias=True))
 
     def flat_params(self) -> dict[str, str]:
         """The spec as ``section.key -> value`` strings, the shape MLflow params take."""
@@ -250,7 +257,7 @@ class JobSpec(Section):
             else:
                 flat[prefix] = str(value)
 
-        walk("", self.model_dump(mode="json", by_alias=True))
+        walk("", self.public_dump())
         return flat
 
 

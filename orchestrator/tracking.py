@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from orchestrator import credentials
+from orchestrator.credentials import redact
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -69,9 +72,9 @@ def start_run(tracking: TrackingSpec, run_name: str, params: dict[str, str]) -> 
                          mlflow.create_experiment(tracking.experiment, artifact_location=tracking.artifact_location))
         run = mlflow.create_run(experiment_id, run_name=run_name, tags={"xcm.job": run_name})
     except Exception as error:  # mlflow raises several types for an unreachable or broken store
-        raise TrackingUnavailable(
+        raise TrackingUnavailable(redact(
             f"MLflow tracking store {tracking.uri} cannot be used ({type(error).__name__}: {error}). "
-            "Start the tracking server, or set tracking.uri in the job file (omit it for a local SQLite store)."
+            "Start the tracking server, or set tracking.uri in the job file (omit it for a local SQLite store).")
         ) from error
     from mlflow.entities import Param
 
@@ -92,9 +95,9 @@ def attach_run(uri: str, run_id: str) -> str:
     try:
         mlflow.update_run(run_id, status="RUNNING")
     except Exception as error:
-        raise TrackingUnavailable(
+        raise TrackingUnavailable(redact(
             f"MLflow run {run_id} cannot be used in {uri} ({type(error).__name__}: {error}). "
-            "Check tracking.run_id and tracking.uri, or omit tracking.run_id to start a new run.") from error
+            "Check tracking.run_id and tracking.uri, or omit tracking.run_id to start a new run.")) from error
     return run_id
 
 
@@ -125,13 +128,16 @@ def fail_run(uri: str, run_id: str, reason: str, status: str = "FAILED") -> None
 
 
 def ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on this store (a server URI is already a UI)."""
+    """The command that opens the MLflow UI on this store (a server URI is already a UI); never its credentials
+    (the browser asks for them)."""
+    uri = credentials.strip(uri)
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 
 def run_link(uri: str, experiment_id: str, run_id: str) -> str:
+    uri = credentials.strip(uri)
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
@@ -219,14 +225,16 @@ class MetricLogger:
             logger.warning("could not log %s=%d to MLflow run %s: %s", DROPPED_METRICS, count, self._run_id, error)
 
     def _start_sender(self) -> subprocess.Popen:
-        """The sender process, with this interpreter, the package's import path and this environment."""
+        """The sender process, with this interpreter, the package's import path and this environment; credentials
+        of the URI go in its environment, never on its command line (which ``ps`` shows to every user)."""
         import orchestrator
 
         package_root = str(Path(orchestrator.__file__).resolve().parents[1])
-        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        uri, carried = credentials.environment_for(self._uri)
+        environment = {**os.environ, **carried, "PYTHONPATH": os.pathsep.join(
             filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         return subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.metric_sender", self._uri, self._run_id, str(self._spool.path),
+            [sys.executable, "-m", "orchestrator.metric_sender", uri, self._run_id, str(self._spool.path),
              "--interval", str(self._interval_s)], stdin=subprocess.PIPE, env=environment)
 
     def _send_artifacts_forever(self) -> None:

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 
 from orchestrator.spec import JobSpec
 from orchestrator.train import checkpoint_store as store
@@ -92,8 +91,7 @@ class CheckpointManager:
                     zero_stage=self.spec.deepspeed.zero_stage, run_id=self.run_id, deepspeed_tag=tag,
                     session=self.session)
                 (directory / store.STATE).write_text(state.to_json())
-                (directory / store.JOB).write_text(yaml.safe_dump(
-                    self.spec.model_dump(mode="json", by_alias=True), sort_keys=False))
+                (directory / store.JOB).write_text(self.spec.to_yaml())
                 _write_json(partition_state, directory / store.PARTITION)
                 if isinstance(engine.module, transformers.PreTrainedModel):  # xcm's own models have no HF config
                     engine.module.config.to_json_file(directory / store.MODEL_CONFIG)

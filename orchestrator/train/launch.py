@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator import priority, tracking
+from orchestrator import credentials, priority, tracking
 from orchestrator.spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,9 @@ def run_job(spec: JobSpec, workdir: Path | None = None, resume_from: str | None 
     # Made here when missing (a local run's workers share this machine's key file); a key that cannot be used
     # stops the run before it exists, not at its first checkpoint.
     checkpoint_key_id = key_id(checkpoint_key(create=True))
+    # Credentials in the job's URIs move into this process's environment, which the Ray started here and the
+    # metric sender inherit; from here on no URI carries them (``orchestrator.credentials``).
+    spec, _ = credentials.take_from_spec(spec)
     spec = spec.resolved(workdir or Path.cwd())
     uri, existing_run = spec.tracking.uri, spec.tracking.run_id
     if not existing_run:
