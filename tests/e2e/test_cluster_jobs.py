@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from orchestrator import cluster_jobs
 from orchestrator.metric_names import RESUMED_FROM_STEP, TASK_LOSS
 from orchestrator.train.launch import free_port
 from orchestrator.train.resume import locate
@@ -24,19 +25,19 @@ def xcm(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProces
                           text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """`ray start --head --block` on 127.0.0.1 with the dashboard; stopped by signalling that process alone
-    (`ray stop` would kill every Ray on the machine). Its own temporary directory: the head's address file
+def started_head(log_directory: Path, wrapper: list[str] = ()):
+    """`ray start --head --block` on 127.0.0.1 with the dashboard (under ``wrapper``, a command that runs it);
+    yields its dashboard address once `xcm list` answers. Stopped by signalling that process alone (`ray stop`
+    would kill every Ray on the machine). Its own temporary directory: the head's address file
     (`ray_current_cluster`) would otherwise outlive it in /tmp/ray."""
     dashboard_port = free_port()
     # Short: Ray's socket paths under it must stay within the 107 characters of a Unix socket name.
     ray_tmpdir = tempfile.mkdtemp(prefix="xcm-head-", dir="/tmp")
-    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address",
+    command = [*wrapper, str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address",
                "127.0.0.1", "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port",
                str(dashboard_port), "--dashboard-agent-listen-port", str(free_port()), "--num-cpus", "2",
                "--disable-usage-stats", "--temp-dir", ray_tmpdir]
-    log = tmp_path_factory.mktemp("ray-head") / "head.log"
+    log = log_directory / "head.log"
     with open(log, "w") as output:
         # As a user would: the head runs in the environment where xcm is installed, so `python` finds it.
         environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -44,9 +45,8 @@ def ray_head(tmp_path_factory):
                                 env=environment)
     address = f"http://127.0.0.1:{dashboard_port}"
     deadline = time.monotonic() + 90
-    workdir = tmp_path_factory.mktemp("cluster-client")
     try:
-        while xcm("list", "--address", address, cwd=workdir).returncode != 0:
+        while xcm("list", "--address", address, cwd=log_directory).returncode != 0:
             assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(2)
         yield address
@@ -58,6 +58,23 @@ def ray_head(tmp_path_factory):
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(30)
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head on this machine."""
+    yield from started_head(tmp_path_factory.mktemp("ray-head"))
+
+
+@pytest.fixture(scope="module")
+def ray_head_elsewhere(tmp_path_factory):
+    """A real Ray head that is another machine to xcm, reached at 127.0.0.1 as through a tunnel: it runs in a UTS
+    namespace of its own, under another hostname (root, or unprivileged user namespaces, needed)."""
+    wrapper = ["unshare", "--uts", *([] if os.geteuid() == 0 else ["--map-root-user"]), "sh", "-c",
+               'hostname xcm-remote-head && exec "$0" "$@"']
+    if subprocess.run([*wrapper, "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --uts is not permitted here")
+    yield from started_head(tmp_path_factory.mktemp("ray-head-elsewhere"), wrapper)
 
 
 def wait_for_status(address: str, job_id: str, wanted: set[str], workdir: Path, timeout: float) -> str:
@@ -141,19 +158,39 @@ def test_unreachable_address_is_one_clear_line(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_remote_cluster_refuses_local_paths(tmp_path):
-    """Submitting to a remote cluster with a local SQLite store and checkpoint path fails before contacting it."""
+def test_local_head_is_recognised_as_local(ray_head):
+    """A head started on this machine, asked through its dashboard, reports only this machine's node."""
+    assert cluster_jobs.cluster_is_local(ray_head)
+
+
+def test_head_elsewhere_behind_localhost_is_refused_local_paths(ray_head_elsewhere, tmp_path):
+    """Submitting through 127.0.0.1 to a head that runs on another machine (its node has another hostname)
+    refuses the local SQLite store and checkpoint path, and creates nothing here."""
+    result = xcm("submit", str(ROOT / "jobs" / "tiny.yaml"), "--address", ray_head_elsewhere, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "tracking.uri" in result.stderr and "checkpointing.storage_path" in result.stderr
+    assert "warning" not in result.stderr  # the cluster answered: it was asked, not guessed
+    assert not (tmp_path / "xcm-runs").exists()
+
+
+def test_cluster_that_cannot_be_asked_is_taken_as_remote(tmp_path):
+    """A cluster that does not answer is taken as remote, with one warning line: the local SQLite store and
+    checkpoint path are refused before anything is created."""
     result = xcm("submit", str(ROOT / "jobs" / "tiny.yaml"), "--address", "http://ray-head.invalid:8265", cwd=tmp_path)
     assert result.returncode == 2
     assert "tracking.uri" in result.stderr and "checkpointing.storage_path" in result.stderr
+    assert [line for line in result.stderr.splitlines() if "warning" in line][0].startswith(
+        "xcm: warning: cannot ask the cluster at http://ray-head.invalid:8265")
     assert not (tmp_path / "xcm-runs").exists()
 
 
 def test_remote_resume_refuses_a_local_store(tmp_path):
-    """Resuming on a remote cluster from this machine's SQLite store fails in one line naming --tracking-uri."""
+    """Resuming on a remote cluster from this machine's SQLite store fails in one line naming --tracking-uri
+    (after the warning that the cluster could not be asked)."""
     result = xcm("resume", "0123abcd", "--address", "http://ray-head.invalid:8265", cwd=tmp_path)
     assert result.returncode == 1 and "--tracking-uri http://" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    warning, error = result.stderr.strip().splitlines()
+    assert warning.startswith("xcm: warning:") and error.startswith("xcm: the cluster at")
 
 
 def test_invalid_job_file_is_refused_before_submission(tmp_path):
