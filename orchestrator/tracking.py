@@ -118,10 +118,10 @@ def end_run(uri: str, run_id: str, status: str) -> None:
 
 
 def fail_run(uri: str, run_id: str, reason: str, status: str = "FAILED") -> None:
-    """End the run FAILED (or KILLED) with ``reason`` as its FAILURE_TAG, so a run that never trained says why;
-    a store that is gone by now is logged, not raised."""
+    """End the run FAILED (or KILLED) with ``reason`` as its FAILURE_TAG, so a run that never trained says why
+    (an error can quote a URI: its credentials are masked); a store that is gone by now is logged, not raised."""
     try:
-        client(uri).set_tag(run_id, FAILURE_TAG, reason[:_MAX_TAG_CHARACTERS])
+        client(uri).set_tag(run_id, FAILURE_TAG, redact(reason)[:_MAX_TAG_CHARACTERS])
     except Exception as error:
         logger.warning("could not tag MLflow run %s with its failure: %s", run_id, error)
     end_run(uri, run_id, status)

@@ -97,3 +97,11 @@ def test_a_finished_job_leaves_its_run_alone(tmp_path):
     for job_status in ("SUCCEEDED", "RUNNING", "PENDING"):
         end_run_of_ended_job("xcm-a", job_status, "", run_id, store_uri(tmp_path))
     assert only_run(tmp_path).info.status == "RUNNING"
+
+
+def test_failure_tag_masks_credentials(tmp_path):
+    """An error that quotes a URI with a password leaves the password out of the run's failure tag."""
+    run_id = created_run(tmp_path)
+    tracking.fail_run(store_uri(tmp_path), run_id, "cannot reach s3://key:secret-word@bucket/xcm")
+    tag = only_run(tmp_path).data.tags[tracking.FAILURE_TAG]
+    assert "secret-word" not in tag and "s3://key:***@bucket/xcm" in tag
