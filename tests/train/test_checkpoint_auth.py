@@ -32,7 +32,8 @@ def forged(tmp_path, checkpoint_files, marker):
 
 def test_forged_checkpoint_runs_no_code_on_resume_export_or_measure(tmp_path, forged, marker):
     """A payload planted with a recomputed manifest is refused by resume, export and measure, and never runs."""
-    for attempt in (lambda: resume_job(str(forged), tmp_path), lambda: export_hf(str(forged), tmp_path / "hf", "unused"),
+    for attempt in (lambda: resume_job(str(forged), tmp_path),
+                    lambda: export_hf(str(forged), tmp_path / "hf", "unused"),
                     lambda: measure.load_model(str(forged), "unused")):
         with pytest.raises(ResumeError, match="signature does not verify"):
             attempt()
