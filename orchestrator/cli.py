@@ -34,13 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.verb is None:
         args = parser.parse_args(["run", *(argv or [])])
+    from orchestrator.train.checkpoint_store import CheckpointKeyError
+
     try:
         _take_credentials(args)
         return args.handler(args)
     except SpecError as error:
         print(redact(str(error)), file=sys.stderr)
         return INVALID_JOB_EXIT_CODE
-    except ClusterError as error:
+    except (ClusterError, CheckpointKeyError) as error:  # the key: run, resume, export and measure need it
         print(f"xcm: {redact(str(error))}", file=sys.stderr)
         return 1
 
@@ -124,7 +126,6 @@ def _add_checkpoint_verbs(verbs) -> None:
 
 def _resume(args: argparse.Namespace) -> int:
     from orchestrator import tracking
-    from orchestrator.train.checkpoint_store import CheckpointKeyError
     from orchestrator.train.checkpointing import ResumeMismatch
     from orchestrator.train.resume import ResumeError, resume_job
 
@@ -133,7 +134,7 @@ def _resume(args: argparse.Namespace) -> int:
                                                             args.address))
     try:
         result = resume_job(args.target, Path.cwd(), args.overrides, args.tracking_uri)
-    except (ResumeError, ResumeMismatch, tracking.TrackingUnavailable, CheckpointKeyError) as error:
+    except (ResumeError, ResumeMismatch, tracking.TrackingUnavailable) as error:
         print(f"xcm: {redact(str(error))}", file=sys.stderr)
         return 1
     _print_result(result)

@@ -251,3 +251,20 @@ def test_a_worker_whose_key_differs_from_the_drivers_stops_at_once():
         CheckpointManager(JobSpec(), rank=1, world_size=2, run_id="r" * 32, session="s", key_id=driver_key_id)
     CheckpointManager(JobSpec(), rank=1, world_size=2, run_id="r" * 32, session="s",
                       key_id=store.key_id(store.checkpoint_key()))
+
+
+def test_xcm_run_with_a_key_file_open_to_others_stops_before_the_run(home):
+    """`xcm run` with a world-readable key file exits 1 with the chmod fix, before any MLflow run or worker."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    key_file = home / ".config" / "xcm" / "checkpoint.key"
+    key_file.parent.mkdir(parents=True)
+    key_file.write_bytes(os.urandom(32))
+    key_file.chmod(0o644)
+    command = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(root / "jobs" / "tiny.yaml")],
+                             cwd=home, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(root)})
+    assert command.returncode == 1 and f"chmod 600 {key_file}" in command.stderr
+    assert "Traceback" not in command.stderr and not (home / "xcm-runs").exists()
