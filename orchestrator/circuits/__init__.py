@@ -4,7 +4,14 @@ attribution-ranked pruning for language models), cluster ablation and the specia
 Imports nothing from Ray, DeepSpeed or MLflow, so it can be tested in a second and used from any layer.
 """
 
-from orchestrator.circuits.ablation import HiddenLayer, TaskAblation, ablate_tasks, classifier_examples, hidden_layers
+from orchestrator.circuits.ablation import (
+    HiddenLayer,
+    TaskAblation,
+    ablate_tasks,
+    classifier_examples,
+    hidden_layers,
+    paper_module_labels,
+)
 from orchestrator.circuits.attribution import (
     AttributionCircuit,
     attribution_weight_circuit,
@@ -54,6 +61,7 @@ __all__ = [
     "integrated_gradient_scores",
     "masked_metric",
     "matrix_labels",
+    "paper_module_labels",
     "specialization_index",
     "top_mask",
 ]

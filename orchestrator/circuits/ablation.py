@@ -65,6 +65,16 @@ def hidden_layers(model: nn.Module, partitions: Mapping[str, GroupPartition]) ->
     return layers
 
 
+def paper_module_labels(d_hidden: int, width: int = 256, modules: int = 4) -> Tensor:
+    """The papers' GPT-2/Pythia modules, for reproducing their figure only: `width`-wide slices from unit 0, the
+    last module taking every unit after `(modules − 1)·width` (768:3072 on GPT-2). They are not the trained
+    clusters (GPT-2's are 768 wide), so they are never the default."""
+    if d_hidden <= (modules - 1) * width:
+        raise ValueError(f"paper_module_labels: {modules} modules of width {width} need more than "
+                         f"{(modules - 1) * width} hidden units, got {d_hidden}")
+    return (torch.arange(d_hidden) // width).clamp(max=modules - 1)
+
+
 @contextmanager
 def ablated(model: nn.Module, layers: Sequence[HiddenLayer], kept: Sequence[Tensor],
             fills: Sequence[Tensor]) -> Iterator[None]:

@@ -42,20 +42,25 @@ def ablation_specialization(model: nn.Module, layers: Sequence[HiddenLayer],
     with accuracy all logits tie once every cluster is off) and correctness. `mode`: ablate to zero, or to the
     mean over `mean_inputs` (default: every task's inputs)."""
     _check_options(layers, mode, scope)
+    was_training = model.training
     model.eval()
-    inputs = mean_inputs if mean_inputs is not None else [x for x, _ in tasks.values()]
-    fills = (mean_activations(model, layers, inputs, batch_size) if mode == "mean"
-             else [torch.zeros(len(layer.labels)) for layer in layers])
-    units = [[index] for index in range(len(layers))] if scope == "layer" else [list(range(len(layers)))]
-    results = {}
-    for chosen in units:
-        subset, subset_fills = [layers[i] for i in chosen], [fills[i] for i in chosen]
-        k = int(max(int(layer.labels.max()) for layer in subset)) + 1
-        ablation = ablate_tasks(model, subset, tasks, k, subset_fills, evaluate, batch_size)
-        rng = np.random.default_rng(seed)
-        null = _null(model, subset, tasks, k, subset_fills, evaluate, batch_size, ablation, null_draws, rng)
-        results[subset[0].module if scope == "layer" else "module"] = _specialization(ablation, null, bootstraps, rng)
-    return results
+    try:
+        inputs = mean_inputs if mean_inputs is not None else [x for x, _ in tasks.values()]
+        fills = (mean_activations(model, layers, inputs, batch_size) if mode == "mean"
+                 else [torch.zeros(len(layer.labels)) for layer in layers])
+        units = [[index] for index in range(len(layers))] if scope == "layer" else [list(range(len(layers)))]
+        results = {}
+        for chosen in units:
+            subset, subset_fills = [layers[i] for i in chosen], [fills[i] for i in chosen]
+            k = int(max(int(layer.labels.max()) for layer in subset)) + 1
+            ablation = ablate_tasks(model, subset, tasks, k, subset_fills, evaluate, batch_size)
+            rng = np.random.default_rng(seed)
+            null = _null(model, subset, tasks, k, subset_fills, evaluate, batch_size, ablation, null_draws, rng)
+            key = subset[0].module if scope == "layer" else "module"
+            results[key] = _specialization(ablation, null, bootstraps, rng)
+        return results
+    finally:
+        model.train(was_training)
 
 
 def _check_options(layers: Sequence[HiddenLayer], mode: str, scope: str) -> None:
@@ -114,7 +119,7 @@ def _specialization(ablation: Mapping[str, TaskAblation], null: NullModel | None
     null = None if null is None else _with_z(null, point.index)
     interval = _bootstrap_interval(ablation, point.used, bootstraps, rng) if bootstraps else None
     return Specialization(point.tasks, damage, point.index, point.concentration, point.used, sufficiency,
-                          point.sufficiency_index, interval, null, dependence(ablation, bootstraps or 1000, rng))
+                          point.sufficiency_index, interval, null, dependence(ablation, bootstraps, rng))
 
 
 def _bootstrap_interval(ablation: Mapping[str, TaskAblation], used: np.ndarray, bootstraps: int,
@@ -160,10 +165,11 @@ def dependence(ablation: Mapping[str, TaskAblation], bootstraps: int = 1000,
     histogram, per_cluster = _dependence_shares(broken)
     rng = rng or np.random.default_rng(0)
     resamples = [_dependence_shares(broken[:, rng.integers(0, broken.shape[1], broken.shape[1])])
-                 for _ in range(bootstraps)] if broken.shape[1] else [(np.zeros(k), np.zeros(k))]
+                 for _ in range(bootstraps if broken.shape[1] else 0)]
+    errors = ((np.std([h for h, _ in resamples], axis=0), np.std([c for _, c in resamples], axis=0)) if resamples
+              else (np.full(k, np.nan), np.full(k, np.nan)))
     affected = int((broken.sum(axis=0) > 0).sum())
-    return Dependence(int(full_correct.sum()), affected / max(broken.shape[1], 1), histogram, per_cluster,
-                      np.std([h for h, _ in resamples], axis=0), np.std([c for _, c in resamples], axis=0))
+    return Dependence(int(full_correct.sum()), affected / max(broken.shape[1], 1), histogram, per_cluster, *errors)
 
 
 def _dependence_shares(broken: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,7 @@ from orchestrator.circuits import (
     ablation_specialization,
     cluster_specialization,
     hidden_layers,
+    paper_module_labels,
 )
 from orchestrator.circuits.planted import planted_classifier, planted_examples
 from orchestrator.modularity import partition_group
@@ -147,3 +148,12 @@ def test_hooks_reach_a_transformers_mlp_through_its_out_projection(tiny_gpt2):
         mlp.c_proj.weight.copy_(saved)
     assert np.allclose(ablation["t"].none, expected, atol=1e-5)
     assert not np.allclose(ablation["t"].full, expected, atol=1e-3)
+
+
+def test_paper_modules_are_256_wide_slices_with_the_rest_in_the_last():
+    """The papers' GPT-2 modules: 0:256, 256:512, 512:768 and 768:3072 (not the trained 768-wide clusters)."""
+    labels = paper_module_labels(3072)
+    assert torch.bincount(labels).tolist() == [256, 256, 256, 2304]
+    assert labels[767] == 2 and labels[768] == 3
+    with pytest.raises(ValueError, match="more than 768"):
+        paper_module_labels(512)
