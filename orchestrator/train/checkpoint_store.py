@@ -302,6 +302,7 @@ def verified(filesystem: pafs.FileSystem, path: str, query: str = "", key: bytes
     look newer is not one); a download to a temporary directory has no such name.
     """
     key = checkpoint_key() if key is None else key
+    path = path.rstrip("/")
     kind = _file_kind(filesystem, f"{path}/{MANIFEST}")
     if kind is None:
         raise NotIntact(path, "no manifest (the save or upload did not finish)")
@@ -403,7 +404,7 @@ def _check_listing(filesystem: pafs.FileSystem, path: str, files: dict[str, dict
     """Every listed file present with its size, and nothing else: DeepSpeed loads every shard it finds by
     name pattern, listed or not. On a local disk, no symlink anywhere below the checkpoint directory."""
     present = _local_files(path) if isinstance(filesystem, pafs.LocalFileSystem) else {
-        info.path[len(path.rstrip("/")) + 1:]: info.size
+        info.path[len(path) + 1:]: info.size
         for info in filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
         if info.type == pafs.FileType.File}
     for name, record in files.items():
