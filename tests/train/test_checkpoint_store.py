@@ -4,6 +4,7 @@ checkpoint a target names, and the checkpoints a rollback sets aside."""
 import json
 import logging
 import random
+from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -120,3 +121,13 @@ def test_rng_states_round_trip_through_json():
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     restore_rng_state(saved)
     assert (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), torch.rand(3).tolist()) == expected
+
+
+def test_the_local_copy_must_be_the_checkpoint_chosen(tmp_path, checkpoint_files):
+    """What a rank is about to read must hold the state rank 0 chose (the same checkpoint, not one swapped in
+    since), besides verifying on its own."""
+    chosen = store.verified(LOCAL, str(checkpoint_files.write(tmp_path / "a", 10)))
+    store.verify_local(Path(chosen.path), chosen.state)
+    other = checkpoint_files.write(tmp_path / "b", 10, session="another-launch")
+    with pytest.raises(store.NotIntact, match="not the checkpoint that was verified"):
+        store.verify_local(other, chosen.state)
