@@ -51,13 +51,17 @@ def find_linear_chain(model: nn.Module) -> LinearChain:
     output = next(node for node in graph.nodes if node.op == "output")
     node, pending, chain = _only_input(output), [], LinearChain([], [], [])
     while True:
+        activation = _elementwise(node, modules)
         if node.op == "call_module" and isinstance(modules[node.target], nn.Linear):
+            if pending and not chain.layers:
+                raise ValueError(f"{UNSUPPORTED}: {type(model).__name__} applies {node.next.name} to its logits; "
+                                 "the finder scores the last linear layer's output as logits")
             chain.names.insert(0, node.target)
             chain.layers.insert(0, modules[node.target])
             chain.activations.insert(0, _compose(pending))
             pending = []
-        elif _elementwise(node, modules) is not None:
-            pending.insert(0, _elementwise(node, modules))
+        elif activation is not None:
+            pending.insert(0, activation)
         else:
             break
         node = _only_input(node)

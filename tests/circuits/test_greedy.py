@@ -124,7 +124,8 @@ def test_finder_reads_the_vision_models_fc_chain_and_leaves_the_model_unchanged(
 
 
 def test_unsupported_structures_are_refused_with_the_alternative_named():
-    """A residual connection or an untraceable transformer gives one clear error naming the attribution finder."""
+    """A residual connection, an activation on the logits or an untraceable transformer gives one clear error
+    naming the attribution finder."""
     class Residual(nn.Module):
         def __init__(self):
             super().__init__()
@@ -136,6 +137,8 @@ def test_unsupported_structures_are_refused_with_the_alternative_named():
     inputs, targets = torch.randn(8, 4), torch.zeros(8, dtype=torch.long)
     with pytest.raises(ValueError, match="inner.weight"):
         greedy_weight_circuit(Residual(), inputs, targets)
+    with pytest.raises(ValueError, match="to its logits"):
+        greedy_weight_circuit(nn.Sequential(nn.Linear(4, 3), nn.Tanh()), inputs, targets)
     from transformers import GPT2Config, GPT2LMHeadModel
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8))
     with pytest.raises(ValueError, match="use attribution_weight_circuit"):
