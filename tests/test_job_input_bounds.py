@@ -1,5 +1,6 @@
 """Job files as hostile input: every bound and malformation fails fast with one clear line naming the fix."""
 
+import itertools
 import time
 import tracemalloc
 
@@ -32,7 +33,7 @@ def alias_bomb(levels: int = 9) -> str:
     """A billion laughs under data.files: 9 levels of 9 aliases, 9^9 (~3.9e8) strings once expanded, < 1 KB."""
     lines = ['  a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     names = "abcdefghij"
-    for previous, name in zip(names, names[1:levels]):
+    for previous, name in itertools.pairwise(names[:levels]):
         lines.append(f"  {name}: &{name} [" + ", ".join([f"*{previous}"] * 9) + "]")
     return "anchors:\n" + "\n".join(lines) + f"\ndata:\n  source: files\n  files: *{names[levels - 1]}\n"
 
