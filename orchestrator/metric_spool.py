@@ -83,6 +83,8 @@ class MetricSpool:
                  writer: bool = True, writer_wait_s: float = WRITER_WAIT_S):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer_lock = (_hold_writer_lock(self.path.with_name(self.path.name + ".writer"), writer_wait_s)
+                             if writer else None)
         self._sent_path = self.path.with_name(self.path.name + ".sent")
         self._lock_file = self.path.with_name(self.path.name + ".lock").open("a")  # held open: locked every step
         self._max_unsent_bytes = max_unsent_bytes
@@ -96,10 +98,8 @@ class MetricSpool:
         self._last_step = -1  # the latest step appended or dropped
         self.last_steps: dict[str, int] = {}
         self._file = None
-        self._writer_lock = None
         if not writer:
             return
-        self._writer_lock = _hold_writer_lock(self.path.with_name(self.path.name + ".writer"), writer_wait_s)
         with self._locked():
             _drop_torn_tail(self.path)
             for record in self._records():
