@@ -199,3 +199,59 @@ def test_invalid_job_file_is_refused_before_submission(tmp_path):
     job.write_text("training:\n  steps: many\n")
     result = xcm("submit", str(job), "--address", f"http://127.0.0.1:{free_port()}", cwd=tmp_path)
     assert result.returncode == 2 and "training.steps" in result.stderr
+
+
+PASSWORD = "xcm-e2e-Secret-4d2a"  # MLflow wants 12 characters or more for its admin's password
+
+
+@pytest.fixture
+def auth_mlflow(mlflow_server, tmp_path):
+    """A real MLflow server running its basic-auth app: a request without the admin's password gets 401."""
+    config = tmp_path / "basic_auth.ini"
+    config.write_text("[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///basic_auth.db\n"
+                      "admin_username = admin\n"
+                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    return mlflow_server("auth-server", ["--app-name", "basic-auth"], {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only"})
+
+
+@pytest.mark.slow
+def test_credentials_in_uris_are_neither_stored_nor_shown(ray_head, auth_mlflow, tmp_path, monkeypatch):
+    """A run logged to a password-protected MLflow as http://admin:PASSWORD@host trains and logs every step (the
+    password reached the driver, the workers and the metric sender through the environment), and the password is
+    in none of its params, its spec.yaml, its checkpoint's job.yaml or what xcm printed; nor in the entrypoint,
+    metadata or runtime environment of the Ray jobs that `xcm resume --address` and `xcm submit` send, in
+    `xcm status`, `xcm list` or the jobs' logs. The submitted job, whose cluster has no password, fails with 401."""
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    uri = auth_mlflow.uri.replace("http://", f"http://admin:{PASSWORD}@")
+    ran = xcm("run", str(ROOT / "jobs" / "tiny.yaml"), "--set", "training.steps=3", "--set", "training.report_every=3",
+              "--set", "evaluation.every_steps=0", "--set", f"tracking.uri={uri}", cwd=tmp_path, timeout=400)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    run_id = next(line.split()[2] for line in ran.stdout.splitlines() if line.startswith("xcm: run "))
+    resumed = xcm("resume", run_id, "--set", "training.steps=6", "--tracking-uri", uri, "--address", ray_head,
+                  cwd=tmp_path)
+    submitted = xcm("submit", str(ROOT / "jobs" / "tiny.yaml"), "--set", f"tracking.uri={uri}", "--address", ray_head,
+                    cwd=tmp_path)
+    assert resumed.returncode == 0 and submitted.returncode == 0, resumed.stderr[-2000:] + submitted.stderr[-2000:]
+    assert "the cluster's nodes must have MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_USERNAME" in submitted.stderr
+    job_ids = [submitted_ids(resumed.stdout)[0], submitted_ids(submitted.stdout)[0]]
+    xcm("stop", job_ids[0], "--address", ray_head, cwd=tmp_path)
+    assert wait_for_status(ray_head, job_ids[1], {"FAILED", "SUCCEEDED"}, tmp_path, 300) == "FAILED"
+    jobs = cluster_jobs.connect(ray_head)
+    shown = [ran.stdout, ran.stderr, resumed.stdout, resumed.stderr, submitted.stdout, submitted.stderr,
+             *(repr(jobs.get_job_info(job_id)) for job_id in job_ids),
+             *(xcm("status", job_id, "--address", ray_head, cwd=tmp_path).stdout for job_id in job_ids),
+             xcm("list", "--address", ray_head, cwd=tmp_path).stdout, jobs.get_job_logs(job_ids[1])]
+    assert "401" in shown[-1] or "nauthorized" in shown[-1], shown[-1][-3000:]
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    client = MlflowClient(tracking_uri=auth_mlflow.uri)
+    assert client.get_run(run_id).data.params["tracking.uri"] == auth_mlflow.uri
+    assert [m.step for m in client.get_metric_history(run_id, TASK_LOSS)] == [0, 1, 2]
+    job_files = list((tmp_path / "xcm-runs" / "checkpoints").rglob("job.yaml"))
+    assert job_files
+    stored = [*client.get_run(run_id).data.params.values(), *(path.read_text() for path in job_files),
+              Path(client.download_artifacts(run_id, "spec.yaml", str(tmp_path))).read_text()]
+    assert [text for text in stored + shown if PASSWORD in text] == []
