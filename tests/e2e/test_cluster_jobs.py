@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 
 from orchestrator import cluster_jobs
 from orchestrator.metric_names import RESUMED_FROM_STEP, TASK_LOSS
+from orchestrator.train.checkpoint_store import run_directory_name
 from orchestrator.train.launch import free_port
 from orchestrator.train.resume import locate
 
@@ -202,6 +203,8 @@ def test_invalid_job_file_is_refused_before_submission(tmp_path):
 
 
 PASSWORD = "xcm-e2e-Secret-4d2a"  # MLflow wants 12 characters or more for its admin's password
+ACCESS_KEY = "AKIAXCME2ETEST"
+BUCKET = "xcm-e2e"
 
 
 @pytest.fixture
@@ -216,22 +219,57 @@ def auth_mlflow(mlflow_server, tmp_path):
         "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only"})
 
 
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    """A local S3-compatible server (moto) with one bucket: its pyarrow filesystem and its storage URI's query.
+    This process starts with no AWS credentials of its own."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    filesystem = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1",
+                                   access_key=ACCESS_KEY, secret_key=PASSWORD, allow_bucket_creation=True)
+    filesystem.create_dir(BUCKET)
+    yield filesystem, f"endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    server.stop()
+
+
+def stored_objects(filesystem, prefix: str) -> dict[str, bytes]:
+    """Every object under ``prefix`` of an S3 filesystem, by path."""
+    import pyarrow.fs as pafs
+
+    infos = filesystem.get_file_info(pafs.FileSelector(prefix, recursive=True))
+    return {info.path: filesystem.open_input_stream(info.path).read() for info in infos
+            if info.type == pafs.FileType.File}
+
+
 @pytest.mark.slow
-def test_credentials_in_uris_are_neither_stored_nor_shown(ray_head, auth_mlflow, tmp_path, monkeypatch):
-    """A run logged to a password-protected MLflow as http://admin:PASSWORD@host trains and logs every step (the
-    password reached the driver, the workers and the metric sender through the environment), and the password is
-    in none of its params, its spec.yaml, its checkpoint's job.yaml or what xcm printed; nor in the entrypoint,
-    metadata or runtime environment of the Ray jobs that `xcm resume --address` and `xcm submit` send, in
-    `xcm status`, `xcm list` or the jobs' logs. The submitted job, whose cluster has no password, fails with 401."""
+def test_credentials_in_uris_are_neither_stored_nor_shown(ray_head, auth_mlflow, s3_bucket, tmp_path, monkeypatch):
+    """A run logged to a password-protected MLflow as http://admin:PASSWORD@host, with checkpoints on S3 as
+    s3://KEY:PASSWORD@bucket/..., trains and logs every step (the password reached the driver, the workers and the
+    metric sender through the environment), and the password is in none of its params, its spec.yaml, any object
+    the run stored on S3 (its checkpoint's job.yaml, Ray Train's own state) or what xcm printed; nor in the
+    entrypoint, metadata or runtime environment of the Ray jobs that `xcm resume --address` and `xcm submit` send,
+    in `xcm status`, `xcm list` or the jobs' logs. The submitted job, whose cluster has no password, fails with
+    401."""
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.delenv(name, raising=False)
+    filesystem, query = s3_bucket
     uri = auth_mlflow.uri.replace("http://", f"http://admin:{PASSWORD}@")
+    storage = f"s3://{ACCESS_KEY}:{PASSWORD}@{BUCKET}/runs?{query}"
     ran = xcm("run", str(ROOT / "jobs" / "tiny.yaml"), "--set", "training.steps=3", "--set", "training.report_every=3",
-              "--set", "evaluation.every_steps=0", "--set", f"tracking.uri={uri}", cwd=tmp_path, timeout=400)
+              "--set", "evaluation.every_steps=0", "--set", f"tracking.uri={uri}",
+              "--set", f"checkpointing.storage_path={storage}", cwd=tmp_path, timeout=400)
     assert ran.returncode == 0, ran.stderr[-3000:]
     run_id = next(line.split()[2] for line in ran.stdout.splitlines() if line.startswith("xcm: run "))
-    resumed = xcm("resume", run_id, "--set", "training.steps=6", "--tracking-uri", uri, "--address", ray_head,
-                  cwd=tmp_path)
+    run_directory = f"s3://{ACCESS_KEY}:{PASSWORD}@{BUCKET}/runs/{run_directory_name('tiny', run_id)}?{query}"
+    resumed = xcm("resume", run_directory, "--set", "training.steps=6", "--tracking-uri", uri,
+                  "--address", ray_head, cwd=tmp_path)
     submitted = xcm("submit", str(ROOT / "jobs" / "tiny.yaml"), "--set", f"tracking.uri={uri}", "--address", ray_head,
                     cwd=tmp_path)
     assert resumed.returncode == 0 and submitted.returncode == 0, resumed.stderr[-2000:] + submitted.stderr[-2000:]
@@ -248,10 +286,12 @@ def test_credentials_in_uris_are_neither_stored_nor_shown(ray_head, auth_mlflow,
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
     client = MlflowClient(tracking_uri=auth_mlflow.uri)
-    assert client.get_run(run_id).data.params["tracking.uri"] == auth_mlflow.uri
+    params = client.get_run(run_id).data.params
+    assert params["tracking.uri"] == auth_mlflow.uri and params["checkpointing.storage_path"] == storage.replace(
+        f"{ACCESS_KEY}:{PASSWORD}@", "")
     assert [m.step for m in client.get_metric_history(run_id, TASK_LOSS)] == [0, 1, 2]
-    job_files = list((tmp_path / "xcm-runs" / "checkpoints").rglob("job.yaml"))
-    assert job_files
-    stored = [*client.get_run(run_id).data.params.values(), *(path.read_text() for path in job_files),
-              Path(client.download_artifacts(run_id, "spec.yaml", str(tmp_path))).read_text()]
-    assert [text for text in stored + shown if PASSWORD in text] == []
+    objects = stored_objects(filesystem, f"{BUCKET}/runs")
+    assert [path for path in objects if path.endswith("/xcm/job.yaml")]
+    stored = [*params.values(), Path(client.download_artifacts(run_id, "spec.yaml", str(tmp_path))).read_text()]
+    assert [text for text in stored + shown if PASSWORD in text or ACCESS_KEY in text] == []
+    assert [path for path, data in objects.items() if PASSWORD.encode() in data or ACCESS_KEY.encode() in data] == []
