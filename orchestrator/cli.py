@@ -8,7 +8,7 @@ from pathlib import Path
 
 from orchestrator import cluster_jobs, credentials
 from orchestrator.cluster_jobs import ClusterError
-from orchestrator.credentials import redact
+from orchestrator.credentials import CredentialError, redact
 from orchestrator.spec import DEFAULT_JOB, INVALID_JOB_EXIT_CODE, SpecError, load_spec
 
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as error:
         print(redact(str(error)), file=sys.stderr)
         return INVALID_JOB_EXIT_CODE
-    except (ClusterError, CheckpointKeyError) as error:  # the key: run, resume, export and measure need it
+    except (ClusterError, CheckpointKeyError, CredentialError) as error:  # the key: run, resume, export, measure
         print(f"xcm: {redact(str(error))}", file=sys.stderr)
         return 1
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import credentials
+from orchestrator import cli, credentials
 from orchestrator.spec import SpecError, load_spec
 from orchestrator.tracking import MetricLogger
 from orchestrator.train.launch import free_port
@@ -86,3 +86,11 @@ def test_metric_sender_gets_credentials_in_its_environment_not_its_command_line(
     assert "orchestrator.metric_sender" in argv and "http://127.0.0.1:" in " ".join(argv)
     assert not [argument for argument in argv if SECRET in argument]
     assert f"MLFLOW_TRACKING_PASSWORD={SECRET}" in environment
+
+
+def test_command_line_credentials_xcm_cannot_pass_on_are_one_line(tmp_path, capsys, clean_environment):
+    """A URI argument with credentials for a scheme without known variables exits 1 with one redacted line."""
+    assert cli.main(["export", f"gs://bob:{SECRET}@bucket/run", "--to", "hf", str(tmp_path / "model")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("xcm: gs://bob:***@bucket/run carries credentials") and len(error.splitlines()) == 1
+    assert SECRET not in error
