@@ -14,7 +14,8 @@ from mlflow import MlflowClient
 
 from orchestrator import cluster_jobs
 from orchestrator.metric_names import RESUMED_FROM_STEP, TASK_LOSS
-from orchestrator.train.checkpoint_store import run_directory_name
+from orchestrator.spec import load_spec
+from orchestrator.train import checkpoint_store as store
 from orchestrator.train.launch import free_port
 from orchestrator.train.resume import locate
 
@@ -174,6 +175,21 @@ def test_head_elsewhere_behind_localhost_is_refused_local_paths(ray_head_elsewhe
     assert not (tmp_path / "xcm-runs").exists()
 
 
+def test_resume_on_a_head_elsewhere_refuses_a_checkpoint_on_this_machine(ray_head_elsewhere, tmp_path,
+                                                                         checkpoint_files):
+    """`xcm resume --address` through 127.0.0.1 to a head on another machine refuses a checkpoint whose job keeps
+    its checkpoints and token cache on this machine, naming each key."""
+    run = tmp_path / "xcm-runs" / "checkpoints" / "tiny-01234567"
+    checkpoint = checkpoint_files.write(run, 10, manifest=False)
+    spec = load_spec(ROOT / "jobs" / "tiny.yaml", ["tracking.uri=http://mlflow-host:5000"]).resolved(tmp_path)
+    (checkpoint / store.JOB).write_text(spec.to_yaml())
+    store.write_manifest(checkpoint, store.file_records(checkpoint))
+    result = xcm("resume", str(run), "--set", "training.steps=20", "--tracking-uri", "http://mlflow-host:5000",
+                 "--address", ray_head_elsewhere, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "checkpointing.storage_path" in result.stderr and "data.cache_dir" in result.stderr
+
+
 def test_cluster_that_cannot_be_asked_is_taken_as_remote(tmp_path):
     """A cluster that does not answer is taken as remote, with one warning line: the local SQLite store and
     checkpoint path are refused before anything is created."""
@@ -267,7 +283,7 @@ def test_credentials_in_uris_are_neither_stored_nor_shown(ray_head, auth_mlflow,
               "--set", f"checkpointing.storage_path={storage}", cwd=tmp_path, timeout=400)
     assert ran.returncode == 0, ran.stderr[-3000:]
     run_id = next(line.split()[2] for line in ran.stdout.splitlines() if line.startswith("xcm: run "))
-    run_directory = f"s3://{ACCESS_KEY}:{PASSWORD}@{BUCKET}/runs/{run_directory_name('tiny', run_id)}?{query}"
+    run_directory = f"s3://{ACCESS_KEY}:{PASSWORD}@{BUCKET}/runs/{store.run_directory_name('tiny', run_id)}?{query}"
     resumed = xcm("resume", run_directory, "--set", "training.steps=6", "--tracking-uri", uri,
                   "--address", ray_head, cwd=tmp_path)
     submitted = xcm("submit", str(ROOT / "jobs" / "tiny.yaml"), "--set", f"tracking.uri={uri}", "--address", ray_head,
