@@ -63,6 +63,7 @@ def is_local_cluster(nodes: list[Node], here: Machine) -> bool:
 
 
 def this_machine() -> Machine:
+    """This machine's hostname, as Ray reports a node's, and the addresses of all its interfaces."""
     import psutil
 
     addresses = {address.address.split("%")[0] for entries in psutil.net_if_addrs().values() for address in entries
@@ -85,7 +86,9 @@ def alive_nodes(client) -> list[Node]:
 
 
 def unreachable_path_problems(spec: JobSpec, workdir: Path, mounts: list[Mount] | None = None) -> list[SpecProblem]:
-    """Every key of ``spec`` (as loaded, before ``resolved``) that names a place a remote cluster cannot see."""
+    """Every key of ``spec`` that names a place a remote cluster cannot see. A key left unset names this machine's
+    default (the SQLite store, ``./xcm-runs/checkpoints``) except ``data.cache_dir``: an unset cache is made where
+    the job runs."""
     from orchestrator.spec import SpecProblem
 
     mounts = this_machines_mounts() if mounts is None else mounts
@@ -139,6 +142,7 @@ def _add_data_problems(spec: JobSpec, mine: _OnThisMachine, add) -> None:
 
 
 def this_machines_mounts() -> list[Mount]:
+    """Every mounted filesystem here, with its type."""
     import psutil
 
     return [Mount(partition.mountpoint, partition.fstype) for partition in psutil.disk_partitions(all=True)]
