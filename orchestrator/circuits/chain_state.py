@@ -38,6 +38,7 @@ class ChainState:
     def __init__(self, chain: LinearChain, features: np.ndarray, targets: np.ndarray):
         self.activations = chain.activations
         self.weights = [layer.weight.detach().double().cpu().numpy().copy() for layer in chain.layers]
+        self.transposed = [weight.T.copy() for weight in self.weights]  # [n_in, n_out], contiguous for the products
         self.biases = [None if layer.bias is None else layer.bias.detach().double().cpu().numpy()
                        for layer in chain.layers]
         self.targets = targets
@@ -81,7 +82,7 @@ class ChainState:
         return state
 
     def _linear(self, layer: int, values: np.ndarray) -> np.ndarray:
-        pre = values @ self.weights[layer].T
+        pre = values @ self.transposed[layer]
         return pre if self.biases[layer] is None else pre + self.biases[layer]
 
     @staticmethod
@@ -116,7 +117,7 @@ class ChainState:
         following = self.inputs[layer + 1][moved].copy()
         following[:, unit] = activation[changed]
         pre = self.pre[layer + 1][moved] + np.outer(following[:, unit] - self.inputs[layer + 1][moved, unit],
-                                                    self.weights[layer + 1][:, unit])
+                                                    self.transposed[layer + 1][unit])
         downstream = [(following, pre)]
         for later in range(layer + 2, last + 1):
             values = self.activations[later - 1](pre)
@@ -136,6 +137,7 @@ class ChainState:
     def commit(self, removal: Removal) -> None:
         """Make a trial removal the current state."""
         self.weights[removal.layer][removal.unit, removal.source] = 0.0
+        self.transposed[removal.layer][removal.source, removal.unit] = 0.0
         self.pre[removal.layer][removal.rows, removal.unit] = removal.column
         for offset, (values, pre) in enumerate(removal.downstream):
             self.inputs[removal.layer + 1 + offset][removal.moved] = values
