@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from orchestrator.circuits.locality import Locality, circuit_locality, resolve_partition
-from orchestrator.circuits.masks import default_scope
+from orchestrator.circuits.masks import regularised_scope
 
 GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 BISECTION_STEPS = 6
@@ -48,8 +48,9 @@ def attribution_weight_circuit(model: nn.Module, batches: Sequence, metric: Metr
                                eval_batches: Sequence | None = None,
                                partition: Mapping | None = None) -> AttributionCircuit:
     """Circuits of one task for every τ: scores on `batches`, faithfulness on `eval_batches` (default the same
-    batches, as the papers judge circuits on the data that chose them). `params` default: every nn.Linear
-    weight; pass a language model's MLP matrices (never its embeddings or unembedding). The model is restored."""
+    batches, as the papers judge circuits on the data that chose them). `params` default: the regularised
+    matrices (a transformer's MLP in/out projections; never embeddings, unembedding or norms), or every
+    nn.Linear weight of a model without MLP groups. The model is restored."""
     taus = tuple(sorted(taus))
     if ig_steps < 1 or not taus or not all(0 < tau <= 1 for tau in taus):
         raise ValueError(f"attribution_weight_circuit: need ig_steps >= 1 and taus in (0, 1], got {ig_steps}, {taus}")
@@ -75,7 +76,7 @@ def attribution_weight_circuit(model: nn.Module, batches: Sequence, metric: Metr
 
 def _scoped_parameters(model: nn.Module, params: Sequence[str] | None) -> dict[str, nn.Parameter]:
     available = dict(model.named_parameters())
-    names = list(default_scope(model) if params is None else params)
+    names = list(regularised_scope(model) if params is None else params)
     missing = [name for name in names if name not in available]
     if missing or not names:
         raise ValueError(f"attribution_weight_circuit: no parameter(s) {missing or 'given'} in "

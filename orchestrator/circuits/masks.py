@@ -15,6 +15,18 @@ def default_scope(model: nn.Module) -> list[str]:
     return [f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
+def regularised_scope(model: nn.Module) -> list[str]:
+    """The weights the clusterability loss regularises (a transformer's MLP in/out projections, or the groups a
+    model declares), by parameter name; every nn.Linear weight for a model with neither."""
+    from orchestrator.modularity.weight_graphs import find_matrix_groups
+
+    try:
+        groups = find_matrix_groups(model)
+    except ValueError:
+        return default_scope(model)
+    return [f"{matrix.name}.weight" for group in groups for matrix in group.matrices]
+
+
 def apply_mask(model: nn.Module, mask: Mapping[str, Tensor]) -> nn.Module:
     """A float64 copy of the model in eval mode with every masked-out weight set to zero."""
     pruned = copy.deepcopy(model).double().eval()

@@ -122,3 +122,28 @@ def test_invalid_options_are_refused():
                              ({"params": ["missing.weight"]}, "missing.weight")]:
         with pytest.raises(ValueError, match=message):
             attribution_weight_circuit(model, [batch], cross_entropy, **options)
+
+
+def test_language_model_scope_defaults_to_its_mlp_matrices_with_conv1d_orientation(tiny_gpt2):
+    """On GPT-2 the default scope is the 4 MLP matrices (c_fc, c_proj of 2 layers; no attention, embeddings or
+    unembedding), and locality reads Conv1D masks stored [n_in, n_out] in [n_out, n_in] orientation."""
+    from orchestrator.modularity import partition_group
+
+    mlp = tiny_gpt2.transformer.h[0].mlp
+    partition = partition_group([mlp.c_fc.weight.T], [mlp.c_proj.weight.T], 2, method="contiguous")
+    tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = tiny_gpt2(tokens).logits.log_softmax(-1)
+
+    def divergence(model, batch):  # KL from the full model's next-token distribution: 0 for the full model
+        logits = model(batch).logits.log_softmax(-1).flatten(0, 1)
+        return nn.functional.kl_div(logits, reference.flatten(0, 1), log_target=True, reduction="batchmean")
+    circuit = attribution_weight_circuit(tiny_gpt2, [tokens], divergence, ig_steps=2, taus=(0.9,),
+                                         partition={"transformer.h.0.mlp": partition})
+    assert sorted(circuit.scores) == sorted(f"transformer.h.{i}.mlp.{m}.weight" for i in range(2)
+                                            for m in ("c_fc", "c_proj"))
+    mask = circuit.masks[0.9]["transformer.h.0.mlp.c_fc.weight"]  # [64, 256] = [n_in, n_out]
+    hidden, inputs = partition.hidden, partition.inputs[0]
+    inside = int((mask & (inputs[:, None] == hidden[None, :])).sum())
+    blocks = circuit.locality[0.9].blocks["transformer.h.0.mlp.c_fc.weight"]  # [k, k] rows = hidden clusters
+    assert float(torch.diagonal(blocks).sum()) == inside and float(blocks.sum()) == int(mask.sum()) > 0
