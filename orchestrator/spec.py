@@ -156,7 +156,7 @@ class ModularitySpec(Section):
 
 
 class PartitionerSpec(Section):
-    """The Ray actors that compute partitions off the training path (``orchestrator.partitioner``)."""
+    """The Ray actors that compute partitions off the training path (``orchestrator.partitioning``)."""
 
     actors: int = Field(1, ge=1, description="partitioner actors; each takes a share of the MLP groups")
     cpus: float = Field(0, ge=0, description="CPUs reserved per actor; 0 shares the trainers' (small machines)")

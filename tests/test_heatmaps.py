@@ -4,7 +4,7 @@ import io
 
 import matplotlib.image
 
-from orchestrator.heatmaps import block_heatmap
+from orchestrator.partitioning.heatmaps import block_heatmap
 from orchestrator.modularity import planted_blocks
 
 

@@ -46,14 +46,15 @@ class GroupPartition:
         return self.permuted(permutation)
 
     def to_dict(self) -> dict:
-        """Plain numpy form, for checkpoints and for sending between processes."""
-        return {"k": self.k, "hidden": self.hidden.cpu().numpy(),
-                "inputs": [labels.cpu().numpy() for labels in self.inputs],
-                "outputs": [labels.cpu().numpy() for labels in self.outputs]}
+        """Plain ints and lists, the one dict form of a partition: what actors return, checkpoints keep as JSON
+        and processes send each other."""
+        return {"k": self.k, "hidden": self.hidden.tolist(),
+                "inputs": [labels.tolist() for labels in self.inputs],
+                "outputs": [labels.tolist() for labels in self.outputs]}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> GroupPartition:
-        """Inverse of `to_dict`; label arrays may also be plain lists."""
+        """Inverse of `to_dict`; the labels may also be numpy arrays."""
         def labels(values) -> Tensor:
             return torch.as_tensor(np.asarray(values), dtype=torch.long)
         return cls(int(data["k"]), labels(data["hidden"]), tuple(labels(v) for v in data["inputs"]),

@@ -23,14 +23,14 @@ import ray
 import torch
 
 from orchestrator.spec import JobSpec, ModularitySpec
-from orchestrator.train.partitioning import GroupSnapshot, plain_partition
+from orchestrator.train.gather import GroupSnapshot
 
 
 @dataclass(frozen=True)
 class PartitionShare:
     """One actor's part of a version: its groups' partitions and what the MLflow view shows about them."""
 
-    partitions: dict[str, dict]  # group name -> plain_partition(GroupPartition)
+    partitions: dict[str, dict]  # group name -> GroupPartition.to_dict()
     agreement: dict[str, float]  # group name -> adjusted Rand index with the previous labels (none at first)
     seconds: float  # time to co-cluster and align, the delay excluded
 
@@ -70,7 +70,7 @@ class Partitioner:
                 before = GroupPartition.from_dict(previous[name])
                 partition = partition.aligned_to(before)
                 agreement[name] = float(adjusted_rand_score(_all_labels(before), _all_labels(partition)))
-            partitions[name] = plain_partition(partition)
+            partitions[name] = partition.to_dict()
         return PartitionShare(partitions, agreement, time.perf_counter() - started)
 
     def draw(self, snapshot: dict[str, GroupSnapshot], share: PartitionShare) -> dict[str, bytes]:
@@ -80,7 +80,7 @@ class Partitioner:
 
 def draw_heatmaps(snapshot: dict[str, GroupSnapshot], partitions: dict[str, dict]) -> dict[str, bytes]:
     """A PNG heatmap of every matrix of `snapshot` under its group's partition, by matrix name."""
-    from orchestrator.heatmaps import block_heatmap
+    from orchestrator.partitioning.heatmaps import block_heatmap
     from orchestrator.modularity import GroupPartition
 
     pictures = {}

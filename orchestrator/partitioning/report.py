@@ -14,9 +14,10 @@ import torch
 
 from orchestrator import metric_names
 from orchestrator.modularity import GroupPartition, MatrixGroup
-from orchestrator.partitioner import PartitionerPool, PartitionRequest, PartitionShare, draw_heatmaps
+from orchestrator.partitioning.actor import PartitionerPool, PartitionRequest, PartitionShare, draw_heatmaps
+from orchestrator.partitioning.table import partition_table
 from orchestrator.tracking import MetricLogger
-from orchestrator.train.partitioning import GroupSnapshot, partition_table
+from orchestrator.train.gather import GroupSnapshot
 
 PARTITIONS_DIRECTORY = "partitions"  # partitions/partition-step<adoption step>.parquet, one per version
 HEATMAPS_DIRECTORY = "heatmaps"  # heatmaps/version-<n>/<matrix>.png and heatmaps/final/<matrix>.png

@@ -34,11 +34,11 @@ from orchestrator.modularity import (
     baseline,
     regularize_groups,
 )
-from orchestrator.partitioner import PartitionerPool, PartitionRequest, PartitionShare
+from orchestrator.partitioning.actor import PartitionerPool, PartitionRequest, PartitionShare
+from orchestrator.partitioning.report import PartitionReport
 from orchestrator.spec import ModularitySpec, PartitionerSpec
 from orchestrator.tracking import MetricLogger
-from orchestrator.train.partition_report import PartitionReport
-from orchestrator.train.partitioning import gather_snapshot, plain_partition
+from orchestrator.train.gather import gather_groups
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class PartitionSchedule:
             self._request.decision.value()
         if self.partitions is None:
             return
-        snapshot = gather_snapshot(self._groups, self._rank)
+        snapshot = gather_groups(self._groups, self._rank)
         if self._report is not None:
             self._report.final(snapshot, self.partitions)
 
@@ -112,7 +112,7 @@ class PartitionSchedule:
         """What a checkpoint keeps, as plain ints and lists: the current version, its labels, every adoption,
         and the version awaiting its adoption step. Rank 0's is the one kept: only it has the actors' answers."""
         partitions = None if self.partitions is None else {
-            name: plain_partition(partition) for name, partition in self.partitions.items()}
+            name: partition.to_dict() for name, partition in self.partitions.items()}
         return {"version": self.version, "last_request": self._last_request, "partitions": partitions,
                 "adoptions": [dict(adoption) for adoption in self.adoptions], "pending": self._pending_state()}
 
@@ -136,13 +136,13 @@ class PartitionSchedule:
 
     def _send(self, step: int) -> None:
         """Gather the matrices (every rank) and, on rank 0, send them to the actors without waiting."""
-        snapshot = gather_snapshot(self._groups, self._rank)
+        snapshot = gather_groups(self._groups, self._rank)
         lag = self._partitioner.adopt_after_steps
         adopt_at = step if self.partitions is None else step + lag if lag > 0 else None
         self._request, self._last_request = _Request(step, adopt_at), step
         if self._pool is not None:
             previous = None if self.partitions is None else {
-                name: plain_partition(partition) for name, partition in self.partitions.items()}
+                name: partition.to_dict() for name, partition in self.partitions.items()}
             draw = self.version % self._partitioner.heatmap_every == 0  # versions 1, 1 + N, 1 + 2N...
             self._request.sent = self._pool.request(snapshot, previous, draw)
 

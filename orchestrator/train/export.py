@@ -121,7 +121,7 @@ def _write_partition(model: torch.nn.Module, checkpoint: Path, partition_state: 
 
     from orchestrator.modularity import GroupPartition, find_matrix_groups
     from orchestrator.spec import JobSpec, read_job
-    from orchestrator.train.partitioning import partition_table
+    from orchestrator.partitioning.table import partition_table
 
     raw, _ = read_job(checkpoint / store.JOB)  # a job file's bounds (size, aliases, nesting) hold for a checkpoint's
     spec = JobSpec.model_validate(raw)

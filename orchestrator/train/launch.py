@@ -108,7 +108,7 @@ def _fit(spec: JobSpec, run_id: str, checkpoint_key_id: str, resume_from: str | 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.partitioner import start_partitioners
+    from orchestrator.partitioning.actor import start_partitioners
     from orchestrator.train.checkpoint_store import run_directory_name
     from orchestrator.train.progress import ProgressBoard, ProgressLine
     from orchestrator.train.worker import train_worker

@@ -4,7 +4,7 @@ Runbook: the driver (``orchestrator.train.launch``) starts N workers with the re
 same random model and its own shard of the data, wraps the model in a DeepSpeed engine at the spec's ZeRO
 stage, and trains with ``task_loss - lambda * mean C``. The partitioner actors compute the partition from
 matrices rank 0 gathers (a collective under ZeRO-3), and every rank adopts each version at the same step
-(``orchestrator.train.partition_schedule``); rank 0 alone logs to MLflow and posts progress. Every rank
+(``orchestrator.partitioning.schedule``); rank 0 alone logs to MLflow and posts progress. Every rank
 calls ``ray.train.report`` at the same steps: it is a barrier. A session that starts from a checkpoint (a
 restart after a failure, or ``xcm resume``) continues at its step, data position and partition
 (``orchestrator.train.checkpointing``).
@@ -58,7 +58,7 @@ class TrainingSession:
         from orchestrator.train.checkpointing import CheckpointManager
         from orchestrator.train.engine import build_engine
         from orchestrator.train.objectives import objective_for
-        from orchestrator.train.partition_schedule import PartitionSchedule
+        from orchestrator.partitioning.schedule import PartitionSchedule
         from orchestrator.train.throughput import throughput_meter
         from orchestrator.train.evaluation import Evaluator, evaluation_sets
 

@@ -13,11 +13,10 @@ from orchestrator.modularity import (
     find_matrix_groups,
     partition_group,
 )
-from orchestrator.partitioner import PartitionShare
+from orchestrator.partitioning import schedule as partition_schedule
+from orchestrator.partitioning.actor import PartitionShare
+from orchestrator.partitioning.schedule import PartitionSchedule
 from orchestrator.spec import ModularitySpec, PartitionerSpec
-from orchestrator.train import partition_schedule
-from orchestrator.train.partition_schedule import PartitionSchedule
-from orchestrator.train.partitioning import plain_partition
 
 
 def tiny_gpt2():
@@ -39,8 +38,8 @@ def schedule_for(model, regularizer=None, **modularity) -> PartitionSchedule:
 
 
 def saved_state(model) -> dict:
-    partitions = {group.name: plain_partition(partition_group([m.weight() for m in group.inputs],
-                                                              [m.weight() for m in group.outputs], 4, seed=1))
+    partitions = {group.name: partition_group([m.weight() for m in group.inputs],
+                                                  [m.weight() for m in group.outputs], 4, seed=1).to_dict()
                   for group in find_matrix_groups(model)}
     return {"version": 3, "last_request": 20, "partitions": partitions,
             "adoptions": [{"version": 1, "requested_at": 0, "adopted_at": 0},
@@ -107,7 +106,7 @@ class LocalPool:
             partition = partition_group(*group.tensors(), 4, seed=0)
             if previous is not None:
                 partition = partition.aligned_to(GroupPartition.from_dict(previous[name]))
-            partitions[name] = plain_partition(partition)
+            partitions[name] = partition.to_dict()
         return [PartitionShare(partitions, {}, 0.0)]
 
 
