@@ -49,8 +49,7 @@ def trained(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, steps
     return model.eval()
 
 
-def naive_greedy(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, name: str,
-                 limit: int) -> torch.Tensor:
+def naive_greedy(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, name: str, limit: int) -> torch.Tensor:
     """The definition, run as written on the first `limit` weights of `name` (row-major): zero each in turn,
     one full float64 forward of the model each, and keep it zeroed unless the loss rises above the current
     loss. Returns the flat keep mask of those weights."""
@@ -61,6 +60,7 @@ def naive_greedy(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     def loss() -> float:
         with torch.no_grad():
             return float(ChainState.score(model(inputs).numpy(), target_array)[0].mean())
+
     current = loss()
     for unit, source in list(np.ndindex(*weight.shape))[:limit]:
         value = float(weight[unit, source])
@@ -85,10 +85,20 @@ def side_by_side(rows: list, model: nn.Module, copy: nn.Module, task, layer: str
     limit = min(limit, size)
     same = int((fast.mask[name].reshape(-1)[:limit] == naive).sum())
     fast_per, naive_per = fast_seconds / size * 1e6, naive_seconds / limit * 1e6
-    rows.append((f"greedy, {layer} only ({size:,} weights): incremental", f"{fast_seconds:.2f} s",
-                 f"{fast_per:.0f} us a weight"))
-    rows.append((f"greedy, {layer}: naive full forward per weight, first {limit:,}", f"{naive_seconds:.2f} s",
-                 f"{naive_per:.0f} us a weight: ratio {naive_per / fast_per:.1f}x; same decision on {same}/{limit}"))
+    rows.append(
+        (
+            f"greedy, {layer} only ({size:,} weights): incremental",
+            f"{fast_seconds:.2f} s",
+            f"{fast_per:.0f} us a weight",
+        )
+    )
+    rows.append(
+        (
+            f"greedy, {layer}: naive full forward per weight, first {limit:,}",
+            f"{naive_seconds:.2f} s",
+            f"{naive_per:.0f} us a weight: ratio {naive_per / fast_per:.1f}x; same decision on {same}/{limit}",
+        )
+    )
 
 
 def greedy_part(rows: list) -> None:
@@ -99,8 +109,13 @@ def greedy_part(rows: list) -> None:
     task = (inputs[targets == LABEL], targets[targets == LABEL])
     rows.append(("MNIST MLP: training on digits (300 full-batch steps)", f"{seconds:.1f} s", ""))
     circuit, seconds = timed(lambda: greedy_weight_circuit(model, *task))
-    rows.append((f"greedy, whole model (59,008 weights), label {LABEL}, {len(task[1])} examples",
-                 f"{seconds:.1f} s", f"size {circuit.size:.4f}"))
+    rows.append(
+        (
+            f"greedy, whole model (59,008 weights), label {LABEL}, {len(task[1])} examples",
+            f"{seconds:.1f} s",
+            f"size {circuit.size:.4f}",
+        )
+    )
     paper, seconds = timed(lambda: greedy_weight_circuit(model, *task, reference="original"))
     rows.append(("greedy, whole model, paper mode", f"{seconds:.1f} s", f"size {paper.size:.4f}"))
     for layer, limit in (("fc2", 4096), ("fc1", 8192)):
@@ -138,25 +153,43 @@ def attribution_part(rows: list, steps: int, batch: int, length: int) -> None:
     def loss(model, batch):
         inputs, targets = batch
         return nn.functional.cross_entropy(model(inputs).logits.flatten(0, 1), targets.flatten())
+
     params = [f"transformer.h.{i}.mlp.{m}.weight" for i in range(12) for m in ("c_fc", "c_proj")]
-    circuit, seconds = timed(lambda: attribution_weight_circuit(model, [(tokens, answers)], loss, params=params,
-                                                                ig_steps=steps))
+    circuit, seconds = timed(
+        lambda: attribution_weight_circuit(model, [(tokens, answers)], loss, params=params, ig_steps=steps)
+    )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    rows.append((f"attribution, GPT-2 124M MLPs (56.6 M weights), K={steps}, {batch}x{length} tokens",
-                 f"{seconds:.0f} s", f"{len(circuit.curve)} circuits judged; peak RSS {peak:.1f} GiB"))
-    rows.append(("  its size at tau 0.8 / 0.9 / 0.95 / 1.0 (random model, timing only)", "",
-                 " / ".join(f"{circuit.size_at[tau]:.4f}" for tau in (0.8, 0.9, 0.95, 1.0))))
+    rows.append(
+        (
+            f"attribution, GPT-2 124M MLPs (56.6 M weights), K={steps}, {batch}x{length} tokens",
+            f"{seconds:.0f} s",
+            f"{len(circuit.curve)} circuits judged; peak RSS {peak:.1f} GiB",
+        )
+    )
+    rows.append(
+        (
+            "  its size at tau 0.8 / 0.9 / 0.95 / 1.0 (random model, timing only)",
+            "",
+            " / ".join(f"{circuit.size_at[tau]:.4f}" for tau in (0.8, 0.9, 0.95, 1.0)),
+        )
+    )
 
 
 def agreement_part(rows: list) -> None:
     data = digits()
     inputs, targets = data.inputs.flatten(1).double(), data.labels
     torch.manual_seed(0)
-    model = trained(nn.Sequential(nn.Linear(64, 32, bias=False), nn.ReLU(),
-                                  nn.Linear(32, 10, bias=False)).double(), inputs, targets, 150, 1e-2)
+    model = trained(
+        nn.Sequential(nn.Linear(64, 32, bias=False), nn.ReLU(), nn.Linear(32, 10, bias=False)).double(),
+        inputs,
+        targets,
+        150,
+        1e-2,
+    )
 
     def loss(model, batch):
         return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
     for label in range(4):
         task = (inputs[targets == label], targets[targets == label])
         attribution = attribution_weight_circuit(model, [task], loss).masks[1.0]
@@ -164,8 +197,13 @@ def agreement_part(rows: list) -> None:
             greedy = greedy_weight_circuit(model, *task, reference=reference).mask
             both = sum(int((greedy[n] & attribution[n]).sum()) for n in greedy)
             either = sum(int((greedy[n] | attribution[n]).sum()) for n in greedy)
-            rows.append((f"digits MLP 64-32-10, label {label}: greedy ({reference}) vs attribution tau 1.0", "",
-                         f"sizes {_share(greedy):.4f} vs {_share(attribution):.4f}, Jaccard {both / either:.2f}"))
+            rows.append(
+                (
+                    f"digits MLP 64-32-10, label {label}: greedy ({reference}) vs attribution tau 1.0",
+                    "",
+                    f"sizes {_share(greedy):.4f} vs {_share(attribution):.4f}, Jaccard {both / either:.2f}",
+                )
+            )
 
 
 def _share(mask: dict) -> float:

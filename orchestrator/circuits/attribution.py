@@ -43,10 +43,17 @@ class AttributionCircuit:
     curve: dict[int, float]  # every evaluated kept count -> f
 
 
-def attribution_weight_circuit(model: nn.Module, batches: Sequence, metric: Metric, params: Sequence[str] | None = None,
-                               ig_steps: int = 8, taus: Iterable[float] = (0.8, 0.9, 0.95, 1.0), signed: bool = True,
-                               eval_batches: Sequence | None = None,
-                               partition: Mapping | None = None) -> AttributionCircuit:
+def attribution_weight_circuit(
+    model: nn.Module,
+    batches: Sequence,
+    metric: Metric,
+    params: Sequence[str] | None = None,
+    ig_steps: int = 8,
+    taus: Iterable[float] = (0.8, 0.9, 0.95, 1.0),
+    signed: bool = True,
+    eval_batches: Sequence | None = None,
+    partition: Mapping | None = None,
+) -> AttributionCircuit:
     """Circuits of one task for every τ: scores on `batches`, faithfulness on `eval_batches` (default the same
     batches, as the papers judge circuits on the data that chose them). `params` default: the regularised
     matrices (a transformer's MLP in/out projections; never embeddings, unembedding or norms), or every
@@ -64,14 +71,21 @@ def attribution_weight_circuit(model: nn.Module, batches: Sequence, metric: Metr
     data = "the same data" if eval_batches is None else f"{len(eval_batches)} held-out batches"
     return AttributionCircuit(
         method=f"attribution-ranked weight pruning: integrated gradients, K={ig_steps} steps, "
-               f"{'signed' if signed else 'absolute'} scores, τ {taus}, {len(parameters)} matrices, "
-               f"scored on {len(batches)} batches, judged on {data}",
-        scores=scores, full=judge.full, none=judge.none, grid=GRID, faithfulness=faithfulness,
-        size_at={tau: count / judge.size for tau, count in counts.items()}, masks=masks,
+        f"{'signed' if signed else 'absolute'} scores, τ {taus}, {len(parameters)} matrices, "
+        f"scored on {len(batches)} batches, judged on {data}",
+        scores=scores,
+        full=judge.full,
+        none=judge.none,
+        grid=GRID,
+        faithfulness=faithfulness,
+        size_at={tau: count / judge.size for tau, count in counts.items()},
+        masks=masks,
         sizes_at={tau: {name: float(m.double().mean()) for name, m in mask.items()} for tau, mask in masks.items()},
         locality=None if labels is None else {tau: circuit_locality(mask, labels) for tau, mask in masks.items()},
-        cpr=float(np.trapezoid(faithfulness, GRID)), cmd=float(np.trapezoid(np.abs(1 - faithfulness), GRID)),
-        curve=dict(sorted(judge.cache.items())))
+        cpr=float(np.trapezoid(faithfulness, GRID)),
+        cmd=float(np.trapezoid(np.abs(1 - faithfulness), GRID)),
+        curve=dict(sorted(judge.cache.items())),
+    )
 
 
 def _scoped_parameters(model: nn.Module, params: Sequence[str] | None) -> dict[str, nn.Parameter]:
@@ -79,18 +93,24 @@ def _scoped_parameters(model: nn.Module, params: Sequence[str] | None) -> dict[s
     names = list(regularised_scope(model) if params is None else params)
     missing = [name for name in names if name not in available]
     if missing or not names:
-        raise ValueError(f"attribution_weight_circuit: no parameter(s) {missing or 'given'} in "
-                         f"{type(model).__name__}")
+        raise ValueError(f"attribution_weight_circuit: no parameter(s) {missing or 'given'} in {type(model).__name__}")
     return {name: available[name] for name in names}
 
 
-def integrated_gradient_scores(model: nn.Module, parameters: Mapping[str, nn.Parameter], batches: Sequence,
-                               metric: Metric, steps: int, signed: bool = True) -> dict[str, Tensor]:
+def integrated_gradient_scores(
+    model: nn.Module,
+    parameters: Mapping[str, nn.Parameter],
+    batches: Sequence,
+    metric: Metric,
+    steps: int,
+    signed: bool = True,
+) -> dict[str, Tensor]:
     """`I_w = −w · ḡ_w` per scoped weight (float32 or wider), ḡ the gradient averaged over `steps` scalings of
     the scope, each over all `batches`; `|I_w|` when not `signed`. Other parameters get no gradient."""
     originals = {name: p.detach().clone() for name, p in parameters.items()}
-    grads = {name: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
-             for name, p in parameters.items()}
+    grads = {
+        name: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for name, p in parameters.items()
+    }
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     try:
@@ -139,8 +159,14 @@ def top_mask(scores: Mapping[str, Tensor], count: int, threshold: float | None =
     return masks
 
 
-def masked_metric(model: nn.Module, parameters: Mapping[str, nn.Parameter], mask: Mapping[str, Tensor],
-                  batches: Sequence, metric: Metric, originals: Mapping[str, Tensor] | None = None) -> float:
+def masked_metric(
+    model: nn.Module,
+    parameters: Mapping[str, nn.Parameter],
+    mask: Mapping[str, Tensor],
+    batches: Sequence,
+    metric: Metric,
+    originals: Mapping[str, Tensor] | None = None,
+) -> float:
     """Mean metric over `batches` with the scope's unkept weights zeroed; the weights are restored after, from
     `originals` when the caller keeps a copy (saves one copy of the scope per call)."""
     originals = originals or {name: p.detach().clone() for name, p in parameters.items()}
@@ -165,14 +191,22 @@ class _Faithfulness:
         self.full = self._metric(self.size)
         self.none = self._metric(0)
         if not self.none > self.full:
-            raise ValueError(f"attribution_weight_circuit: zeroing the scope does not hurt the task (metric "
-                             f"{self.none:.4g} without it, {self.full:.4g} with it); faithfulness is undefined")
+            raise ValueError(
+                f"attribution_weight_circuit: zeroing the scope does not hurt the task (metric "
+                f"{self.none:.4g} without it, {self.full:.4g} with it); faithfulness is undefined"
+            )
         self.cache: dict[int, float] = {0: 0.0, self.size: 1.0}
 
     def _metric(self, count: int) -> float:
         threshold = float(self.ascending[self.size - count]) if count else math.inf
-        return masked_metric(self.model, self.parameters, top_mask(self.scores, count, threshold), self.batches,
-                             self.metric, self.originals)
+        return masked_metric(
+            self.model,
+            self.parameters,
+            top_mask(self.scores, count, threshold),
+            self.batches,
+            self.metric,
+            self.originals,
+        )
 
     def count(self, share: float) -> int:
         return min(self.size, math.ceil(share * self.size - 1e-9))

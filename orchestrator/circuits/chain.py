@@ -18,15 +18,25 @@ import numpy as np
 import torch
 from torch import Tensor, fx, nn
 
-ELEMENTWISE_MODULES = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Identity,
-                       nn.Dropout)
-ELEMENTWISE_FUNCTIONS = {torch.relu, torch.tanh, torch.sigmoid, nn.functional.relu, nn.functional.gelu,
-                         nn.functional.silu, nn.functional.leaky_relu, nn.functional.elu, nn.functional.tanh,
-                         nn.functional.sigmoid}
+ELEMENTWISE_MODULES = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Identity, nn.Dropout)
+ELEMENTWISE_FUNCTIONS = {
+    torch.relu,
+    torch.tanh,
+    torch.sigmoid,
+    nn.functional.relu,
+    nn.functional.gelu,
+    nn.functional.silu,
+    nn.functional.leaky_relu,
+    nn.functional.elu,
+    nn.functional.tanh,
+    nn.functional.sigmoid,
+}
 ELEMENTWISE_METHODS = {"relu", "tanh", "sigmoid"}
-UNSUPPORTED = ("greedy_weight_circuit supports models that end in a chain of nn.Linear layers with elementwise "
-               "activations between them (nn.Sequential MLPs, xcm's mnist_mlp and cifar_cnn head); "
-               "use attribution_weight_circuit for other models")
+UNSUPPORTED = (
+    "greedy_weight_circuit supports models that end in a chain of nn.Linear layers with elementwise "
+    "activations between them (nn.Sequential MLPs, xcm's mnist_mlp and cifar_cnn head); "
+    "use attribution_weight_circuit for other models"
+)
 
 Activation = Callable[[np.ndarray], np.ndarray]
 
@@ -54,8 +64,10 @@ def find_linear_chain(model: nn.Module) -> LinearChain:
         activation = _elementwise(node, modules)
         if node.op == "call_module" and isinstance(modules[node.target], nn.Linear):
             if pending and not chain.layers:
-                raise ValueError(f"{UNSUPPORTED}: {type(model).__name__} applies {node.next.name} to its logits; "
-                                 "the finder scores the last linear layer's output as logits")
+                raise ValueError(
+                    f"{UNSUPPORTED}: {type(model).__name__} applies {node.next.name} to its logits; "
+                    "the finder scores the last linear layer's output as logits"
+                )
             chain.names.insert(0, node.target)
             chain.layers.insert(0, modules[node.target])
             chain.activations.insert(0, _compose(pending))
@@ -116,4 +128,5 @@ def _compose(activations: list[Activation]) -> Activation:
         for activation in activations:
             values = activation(values)
         return values
+
     return composed

@@ -39,8 +39,9 @@ class ChainState:
         self.activations = chain.activations
         self.weights = [layer.weight.detach().double().cpu().numpy().copy() for layer in chain.layers]
         self.transposed = [weight.T.copy() for weight in self.weights]  # [n_in, n_out], contiguous for the products
-        self.biases = [None if layer.bias is None else layer.bias.detach().double().cpu().numpy()
-                       for layer in chain.layers]
+        self.biases = [
+            None if layer.bias is None else layer.bias.detach().double().cpu().numpy() for layer in chain.layers
+        ]
         self.targets = targets
         self.inputs, self.pre = [], []
         values = features
@@ -72,13 +73,17 @@ class ChainState:
         finally:
             handle.remove()
         if output.dim() != 2 or captured["x"].dim() != 2:
-            raise ValueError(f"greedy_weight_circuit needs a classifier: features [N, n_in] into {chain.names[0]} "
-                             f"and logits [N, classes]; got {tuple(captured['x'].shape)} and {tuple(output.shape)}")
+            raise ValueError(
+                f"greedy_weight_circuit needs a classifier: features [N, n_in] into {chain.names[0]} "
+                f"and logits [N, classes]; got {tuple(captured['x'].shape)} and {tuple(output.shape)}"
+            )
         state = cls(chain, captured["x"].numpy(), targets.long().cpu().numpy())
         if not np.allclose(state.pre[-1], output.numpy(), rtol=1e-9, atol=1e-9):
-            raise ValueError(f"the chain {chain.names} does not reproduce the output of {type(model).__name__}; "
-                             "it has structure between its linear layers that greedy_weight_circuit does not "
-                             "model: use attribution_weight_circuit")
+            raise ValueError(
+                f"the chain {chain.names} does not reproduce the output of {type(model).__name__}; "
+                "it has structure between its linear layers that greedy_weight_circuit does not "
+                "model: use attribution_weight_circuit"
+            )
         return state
 
     def _linear(self, layer: int, values: np.ndarray) -> np.ndarray:
@@ -116,8 +121,9 @@ class ChainState:
         moved = rows[changed]
         following = self.inputs[layer + 1][moved].copy()
         following[:, unit] = activation[changed]
-        pre = self.pre[layer + 1][moved] + np.outer(following[:, unit] - self.inputs[layer + 1][moved, unit],
-                                                    self.transposed[layer + 1][unit])
+        pre = self.pre[layer + 1][moved] + np.outer(
+            following[:, unit] - self.inputs[layer + 1][moved, unit], self.transposed[layer + 1][unit]
+        )
         downstream = [(following, pre)]
         for later in range(layer + 2, last + 1):
             values = self.activations[later - 1](pre)

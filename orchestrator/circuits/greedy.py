@@ -49,10 +49,19 @@ class Circuit:
     method: str
 
 
-def greedy_weight_circuit(model: nn.Module, inputs: Tensor, targets: Tensor, params: Sequence[str] | None = None,
-                          reference: str = "current", order: str = "paper", eps: float = 0.0,
-                          also_accuracy: bool = False, partition: Mapping | None = None, seed: int = 0,
-                          other: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> Circuit:
+def greedy_weight_circuit(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    params: Sequence[str] | None = None,
+    reference: str = "current",
+    order: str = "paper",
+    eps: float = 0.0,
+    also_accuracy: bool = False,
+    partition: Mapping | None = None,
+    seed: int = 0,
+    other: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+) -> Circuit:
     """The circuit of one task (`inputs`, `targets`: e.g. the test examples of one label).
 
     `params`: weight names to prune (default every nn.Linear weight: biases, convolutions and embeddings stay);
@@ -74,13 +83,18 @@ def greedy_weight_circuit(model: nn.Module, inputs: Tensor, targets: Tensor, par
     labels = resolve_partition(model, partition)
     pruned = apply_mask(model, mask) if other else None
     return Circuit(
-        mask=mask, size=_kept_share(mask.values()), sizes={name: _kept_share([m]) for name, m in mask.items()},
-        zero_before=zero_before, full=full, task=TaskScore(state.loss, state.accuracy),
+        mask=mask,
+        size=_kept_share(mask.values()),
+        sizes={name: _kept_share([m]) for name, m in mask.items()},
+        zero_before=zero_before,
+        full=full,
+        task=TaskScore(state.loss, state.accuracy),
         other={name: TaskScore(*classifier_score(pruned, x, y)) for name, (x, y) in (other or {}).items()},
         locality=None if labels is None else circuit_locality(mask, labels),
         method=f"greedy per-weight pruning: reference={reference}, order={order}"
-               f"{f'(seed={seed})' if order == 'random' else ''}, eps={eps}, "
-               f"{'loss and accuracy' if also_accuracy else 'loss only'}, float64, {len(targets)} examples")
+        f"{f'(seed={seed})' if order == 'random' else ''}, eps={eps}, "
+        f"{'loss and accuracy' if also_accuracy else 'loss only'}, float64, {len(targets)} examples",
+    )
 
 
 def _check_options(reference: str, order: str, eps: float) -> None:
@@ -98,15 +112,18 @@ def _scoped_layers(model: nn.Module, chain: LinearChain, params: Sequence[str] |
     positions = {f"{name}.weight": layer for layer, name in enumerate(chain.names)}
     outside = [name for name in names if name not in positions]
     if outside or not names:
-        raise ValueError(f"greedy_weight_circuit prunes weights of the linear chain {list(positions)} only; "
-                         f"not in it: {outside or 'no parameters were given'}")
+        raise ValueError(
+            f"greedy_weight_circuit prunes weights of the linear chain {list(positions)} only; "
+            f"not in it: {outside or 'no parameters were given'}"
+        )
     return sorted(positions[name] for name in names)
 
 
 def _visit_order(state: ChainState, scoped: list[int], order: str, seed: int) -> list[tuple[int, int, int]]:
     """(layer, unit, source) of every scoped weight; "paper" is the last layer first, rows then columns."""
-    visits = [(layer, unit, source) for layer in reversed(scoped)
-              for unit, source in np.ndindex(*state.weights[layer].shape)]
+    visits = [
+        (layer, unit, source) for layer in reversed(scoped) for unit, source in np.ndindex(*state.weights[layer].shape)
+    ]
     if order == "random":
         permutation = np.random.default_rng(seed).permutation(len(visits))
         return [visits[index] for index in permutation]
@@ -116,8 +133,16 @@ def _visit_order(state: ChainState, scoped: list[int], order: str, seed: int) ->
     return visits
 
 
-def _try_pruning(state: ChainState, layer: int, unit: int, source: int, full: TaskScore, reference: str,
-                 eps: float, also_accuracy: bool) -> None:
+def _try_pruning(
+    state: ChainState,
+    layer: int,
+    unit: int,
+    source: int,
+    full: TaskScore,
+    reference: str,
+    eps: float,
+    also_accuracy: bool,
+) -> None:
     """Zero the weight unless that makes the loss worse than the reference by more than eps·|L0| (or, with
     `also_accuracy`, the accuracy worse than the unpruned model's). The change is judged on the examples it
     moves, so it is exact even where the mean loss is far larger than the change."""

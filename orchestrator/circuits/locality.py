@@ -34,12 +34,13 @@ def matrix_labels(model: nn.Module, partitions: Mapping[str, GroupPartition]) ->
     groups = {group.name: group for group in find_matrix_groups(model)}
     unknown = sorted(set(partitions) - set(groups))
     if unknown:
-        raise ValueError(f"partition names groups {unknown} that {type(model).__name__} does not have "
-                         f"(its groups: {sorted(groups)})")
+        raise ValueError(
+            f"partition names groups {unknown} that {type(model).__name__} does not have (its groups: {sorted(groups)})"
+        )
     labels = {}
     for name, partition in partitions.items():
         group = groups[name]
-        matrices = group.inputs[:len(partition.inputs)] + group.outputs[:len(partition.outputs)]
+        matrices = group.inputs[: len(partition.inputs)] + group.outputs[: len(partition.outputs)]
         for matrix, (rows, cols) in zip(matrices, partition.matrix_labels(), strict=True):
             labels[f"{matrix.name}.weight"] = MatrixLabels(rows.cpu(), cols.cpu(), partition.k, matrix.transposed)
     return labels

@@ -13,8 +13,9 @@ from orchestrator.circuits.ablation import HiddenLayer
 from orchestrator.circuits.attribution import Metric
 
 
-def cluster_node_attribution(model: nn.Module, layer: HiddenLayer, batches: Sequence, metric: Metric,
-                             steps: int = 8) -> Tensor:
+def cluster_node_attribution(
+    model: nn.Module, layer: HiddenLayer, batches: Sequence, metric: Metric, steps: int = 8
+) -> Tensor:
     """`[k]` score per cluster of `layer`: Σ over its neurons of −h·mean_α ∂m/∂(α·h), α = (s − 0.5)/steps."""
     per_neuron = torch.zeros(len(layer.labels), dtype=torch.float64)
     for step in range(1, steps + 1):
@@ -26,8 +27,9 @@ def cluster_node_attribution(model: nn.Module, layer: HiddenLayer, batches: Sequ
     return torch.zeros(k, dtype=torch.float64).index_add_(0, layer.labels.long(), per_neuron)
 
 
-def _scaled_gradient(model: nn.Module, layer: HiddenLayer, batch, metric: Metric,
-                     alpha: float) -> tuple[Tensor, Tensor]:
+def _scaled_gradient(
+    model: nn.Module, layer: HiddenLayer, batch, metric: Metric, alpha: float
+) -> tuple[Tensor, Tensor]:
     """The layer's activations h and ∂m/∂(α·h) on one batch, in float64, with the layer scaled by α."""
     captured = {}
 
@@ -35,9 +37,13 @@ def _scaled_gradient(model: nn.Module, layer: HiddenLayer, batch, metric: Metric
         captured["hidden"] = hidden.detach()
         captured["scaled"] = (hidden.detach() * alpha).requires_grad_(True)  # a leaf: only its gradient is needed
         return captured["scaled"]
+
     module = model.get_submodule(layer.module)
-    handle = (module.register_forward_pre_hook(lambda _m, args: (scale(args[0]), *args[1:]))
-              if layer.at == "input" else module.register_forward_hook(lambda _m, _args, output: scale(output)))
+    handle = (
+        module.register_forward_pre_hook(lambda _m, args: (scale(args[0]), *args[1:]))
+        if layer.at == "input"
+        else module.register_forward_hook(lambda _m, _args, output: scale(output))
+    )
     try:
         with torch.enable_grad():
             gradient = torch.autograd.grad(metric(model, batch), captured["scaled"])[0]

@@ -13,8 +13,14 @@ import torch
 from torch import Tensor, nn
 
 
-def planted_classifier(classes: int = 4, inputs_per_class: int = 2, hidden_per_class: int = 2,
-                       distractor: float = 0.1, out_scale: float = 1.0, seed: int = 0) -> nn.Sequential:
+def planted_classifier(
+    classes: int = 4,
+    inputs_per_class: int = 2,
+    hidden_per_class: int = 2,
+    distractor: float = 0.1,
+    out_scale: float = 1.0,
+    seed: int = 0,
+) -> nn.Sequential:
     """`nn.Sequential(Linear, ReLU, Linear)` in float64 with the planted blocks (see the module docstring)."""
     generator = torch.Generator().manual_seed(seed)
     n_in, n_hidden = classes * inputs_per_class, classes * hidden_per_class
@@ -25,16 +31,18 @@ def planted_classifier(classes: int = 4, inputs_per_class: int = 2, hidden_per_c
     own = torch.arange(classes)[:, None] == hidden_class[None, :]  # [classes, n_hidden]
     planted = (0.5 + 0.5 * torch.rand(classes, n_hidden, generator=generator, dtype=torch.float64)) * out_scale
     second = torch.where(own, planted, torch.full_like(planted, distractor))
-    model = nn.Sequential(nn.Linear(n_in, n_hidden, bias=False), nn.ReLU(),
-                          nn.Linear(n_hidden, classes, bias=False)).double()
+    model = nn.Sequential(
+        nn.Linear(n_in, n_hidden, bias=False), nn.ReLU(), nn.Linear(n_hidden, classes, bias=False)
+    ).double()
     with torch.no_grad():
         model[0].weight.copy_(first)
         model[2].weight.copy_(second)
     return model
 
 
-def planted_examples(label: int, classes: int = 4, inputs_per_class: int = 2, count: int = 200,
-                     seed: int = 0) -> tuple[Tensor, Tensor]:
+def planted_examples(
+    label: int, classes: int = 4, inputs_per_class: int = 2, count: int = 200, seed: int = 0
+) -> tuple[Tensor, Tensor]:
     """`count` inputs of class `label` (its block `U(0.5, 1.5)`, zeros elsewhere) `[count, n_in]`, and labels."""
     generator = torch.Generator().manual_seed(seed * 1000 + label)
     inputs = torch.zeros(count, classes * inputs_per_class, dtype=torch.float64)
@@ -43,8 +51,9 @@ def planted_examples(label: int, classes: int = 4, inputs_per_class: int = 2, co
     return inputs, torch.full((count,), label, dtype=torch.long)
 
 
-def planted_mask(label: int, classes: int = 4, inputs_per_class: int = 2,
-                 hidden_per_class: int = 2) -> dict[str, Tensor]:
+def planted_mask(
+    label: int, classes: int = 4, inputs_per_class: int = 2, hidden_per_class: int = 2
+) -> dict[str, Tensor]:
     """The true circuit of `label`: its input→hidden block and its hidden units' weights to its logit."""
     hidden_class = torch.arange(classes * hidden_per_class) // hidden_per_class
     input_class = torch.arange(classes * inputs_per_class) // inputs_per_class

@@ -77,14 +77,19 @@ def concentration(damage: np.ndarray) -> np.ndarray:
     return 1.0 - entropy(given_task, axis=0) / np.log(damage.shape[0])
 
 
-def cluster_specialization(damage: np.ndarray, tasks: tuple[str, ...] | None = None,
-                           sufficiency: np.ndarray | None = None, used: np.ndarray | None = None) -> Specialization:
+def cluster_specialization(
+    damage: np.ndarray,
+    tasks: tuple[str, ...] | None = None,
+    sufficiency: np.ndarray | None = None,
+    used: np.ndarray | None = None,
+) -> Specialization:
     """SI, per-task concentration and (given the sufficiency matrix) its SI, from a `[k, T]` damage matrix.
     Tasks with no damage from any cluster, or excluded by `used`, stay out of the index (concentration NaN)."""
     damage = np.asarray(damage, dtype=np.float64)
     if damage.ndim != 2 or (damage < 0).any():
-        raise ValueError(f"cluster_specialization: damage must be a non-negative [k, T] matrix, got shape "
-                         f"{damage.shape}")
+        raise ValueError(
+            f"cluster_specialization: damage must be a non-negative [k, T] matrix, got shape {damage.shape}"
+        )
     tasks = tuple(tasks) if tasks is not None else tuple(f"task {t}" for t in range(damage.shape[1]))
     used = (np.ones(damage.shape[1], bool) if used is None else np.asarray(used, bool)) & (damage.sum(axis=0) > 0)
     conc = np.full(damage.shape[1], np.nan)

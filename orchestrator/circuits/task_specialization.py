@@ -30,11 +30,19 @@ from orchestrator.circuits.specialization import (
 SCOPES = ("layer", "module")
 
 
-def ablation_specialization(model: nn.Module, layers: Sequence[HiddenLayer],
-                            tasks: Mapping[str, tuple[Tensor, Tensor]], mode: str = "zero", scope: str = "layer",
-                            evaluate: Evaluate = classifier_examples, null_draws: int = 20, bootstraps: int = 1000,
-                            seed: int = 0, mean_inputs: Sequence[Tensor] | None = None,
-                            batch_size: int = 1024) -> dict[str, Specialization]:
+def ablation_specialization(
+    model: nn.Module,
+    layers: Sequence[HiddenLayer],
+    tasks: Mapping[str, tuple[Tensor, Tensor]],
+    mode: str = "zero",
+    scope: str = "layer",
+    evaluate: Evaluate = classifier_examples,
+    null_draws: int = 20,
+    bootstraps: int = 1000,
+    seed: int = 0,
+    mean_inputs: Sequence[Tensor] | None = None,
+    batch_size: int = 1024,
+) -> dict[str, Specialization]:
     """Specialization of the clusters of each hidden layer (`scope="layer"`, keyed by module) or of "module i" =
     cluster i in every layer at once (`scope="module"`, key "module"), on held-out task data.
 
@@ -46,8 +54,11 @@ def ablation_specialization(model: nn.Module, layers: Sequence[HiddenLayer],
     model.eval()
     try:
         inputs = mean_inputs if mean_inputs is not None else [x for x, _ in tasks.values()]
-        fills = (mean_activations(model, layers, inputs, batch_size) if mode == "mean"
-                 else [torch.zeros(len(layer.labels)) for layer in layers])
+        fills = (
+            mean_activations(model, layers, inputs, batch_size)
+            if mode == "mean"
+            else [torch.zeros(len(layer.labels)) for layer in layers]
+        )
         units = [[index] for index in range(len(layers))] if scope == "layer" else [list(range(len(layers)))]
         results = {}
         for chosen in units:
@@ -72,8 +83,10 @@ def _check_options(layers: Sequence[HiddenLayer], mode: str, scope: str) -> None
         raise ValueError("ablation_specialization: no hidden layers to ablate")
     ks = {int(layer.labels.max()) + 1 for layer in layers}
     if scope == "module" and len(ks) > 1:
-        raise ValueError(f"ablation_specialization: scope 'module' pairs cluster i across layers, but the layers "
-                         f"have {sorted(ks)} clusters; use scope 'layer'")
+        raise ValueError(
+            f"ablation_specialization: scope 'module' pairs cluster i across layers, but the layers "
+            f"have {sorted(ks)} clusters; use scope 'layer'"
+        )
 
 
 def damage_matrices(ablation: Mapping[str, TaskAblation]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -88,8 +101,12 @@ def damage_matrices(ablation: Mapping[str, TaskAblation]) -> tuple[np.ndarray, n
 
 def _means(task: TaskAblation, rows: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, ...]:
     """full, none `[...]` and off, on `[..., k]` means over the examples `rows` (`[B, n]` for B resamples)."""
-    return (task.full[rows].mean(axis=-1), task.none[rows].mean(axis=-1),
-            np.moveaxis(task.off[:, rows].mean(axis=-1), 0, -1), np.moveaxis(task.on[:, rows].mean(axis=-1), 0, -1))
+    return (
+        task.full[rows].mean(axis=-1),
+        task.none[rows].mean(axis=-1),
+        np.moveaxis(task.off[:, rows].mean(axis=-1), 0, -1),
+        np.moveaxis(task.on[:, rows].mean(axis=-1), 0, -1),
+    )
 
 
 def _damage(full, none, off, _on) -> np.ndarray:
@@ -112,24 +129,37 @@ def _gap_is_real(task: TaskAblation) -> bool:
     return bool(difference.mean() > 0 and difference.mean() >= 2 * error)
 
 
-def _specialization(ablation: Mapping[str, TaskAblation], null: NullModel | None, bootstraps: int,
-                    rng: np.random.Generator) -> Specialization:
+def _specialization(
+    ablation: Mapping[str, TaskAblation], null: NullModel | None, bootstraps: int, rng: np.random.Generator
+) -> Specialization:
     damage, sufficiency, used = damage_matrices(ablation)
     point = cluster_specialization(damage, tuple(ablation), sufficiency, used)
     null = None if null is None else _with_z(null, point.index)
     interval = _bootstrap_interval(ablation, point.used, bootstraps, rng) if bootstraps else None
-    return Specialization(point.tasks, damage, point.index, point.concentration, point.used, sufficiency,
-                          point.sufficiency_index, interval, null, dependence(ablation, bootstraps, rng))
+    return Specialization(
+        point.tasks,
+        damage,
+        point.index,
+        point.concentration,
+        point.used,
+        sufficiency,
+        point.sufficiency_index,
+        interval,
+        null,
+        dependence(ablation, bootstraps, rng),
+    )
 
 
-def _bootstrap_interval(ablation: Mapping[str, TaskAblation], used: np.ndarray, bootstraps: int,
-                        rng: np.random.Generator) -> tuple[float, float] | None:
+def _bootstrap_interval(
+    ablation: Mapping[str, TaskAblation], used: np.ndarray, bootstraps: int, rng: np.random.Generator
+) -> tuple[float, float] | None:
     """95 % interval of SI over resamples of each task's examples (the tasks in the index stay fixed)."""
     tasks = [task for task, keep in zip(ablation.values(), used, strict=True) if keep]
     if not tasks:
         return None
-    columns = [_damage(*_means(task, rng.integers(0, len(task.full), (bootstraps, len(task.full)))))
-               for task in tasks]  # each [B, k]
+    columns = [
+        _damage(*_means(task, rng.integers(0, len(task.full), (bootstraps, len(task.full))))) for task in tasks
+    ]  # each [B, k]
     values = specialization_index(np.stack(columns, axis=-1))  # [B]
     low, high = np.nanpercentile(values, [2.5, 97.5])
     return float(low), float(high)
@@ -142,8 +172,10 @@ def _null(model, layers, tasks, k, fills, evaluate, batch_size, ablation, draws,
     _, _, used = damage_matrices(ablation)
     values = []
     for _ in range(draws):
-        shuffled = [HiddenLayer(layer.module, layer.labels[torch.from_numpy(rng.permutation(len(layer.labels)))],
-                                layer.at) for layer in layers]
+        shuffled = [
+            HiddenLayer(layer.module, layer.labels[torch.from_numpy(rng.permutation(len(layer.labels)))], layer.at)
+            for layer in layers
+        ]
         damage, _, _ = damage_matrices(ablate_tasks(model, shuffled, tasks, k, fills, evaluate, batch_size))
         values.append(cluster_specialization(damage, used=used).index)
     values = np.array(values)
@@ -154,8 +186,9 @@ def _with_z(null: NullModel, index: float) -> NullModel:
     return NullModel(null.values, null.mean, null.sd, (index - null.mean) / null.sd if null.sd > 0 else float("inf"))
 
 
-def dependence(ablation: Mapping[str, TaskAblation], bootstraps: int = 1000,
-               rng: np.random.Generator | None = None) -> Dependence:
+def dependence(
+    ablation: Mapping[str, TaskAblation], bootstraps: int = 1000, rng: np.random.Generator | None = None
+) -> Dependence:
     """N(x) histogram and per-cluster break frequencies over every task's examples that the full model gets
     right, with bootstrap standard errors over those examples."""
     full_correct = np.concatenate([task.full_correct for task in ablation.values()])
@@ -164,10 +197,15 @@ def dependence(ablation: Mapping[str, TaskAblation], bootstraps: int = 1000,
     k = broken.shape[0]
     histogram, per_cluster = _dependence_shares(broken)
     rng = rng or np.random.default_rng(0)
-    resamples = [_dependence_shares(broken[:, rng.integers(0, broken.shape[1], broken.shape[1])])
-                 for _ in range(bootstraps if broken.shape[1] else 0)]
-    errors = ((np.std([h for h, _ in resamples], axis=0), np.std([c for _, c in resamples], axis=0)) if resamples
-              else (np.full(k, np.nan), np.full(k, np.nan)))
+    resamples = [
+        _dependence_shares(broken[:, rng.integers(0, broken.shape[1], broken.shape[1])])
+        for _ in range(bootstraps if broken.shape[1] else 0)
+    ]
+    errors = (
+        (np.std([h for h, _ in resamples], axis=0), np.std([c for _, c in resamples], axis=0))
+        if resamples
+        else (np.full(k, np.nan), np.full(k, np.nan))
+    )
     affected = int((broken.sum(axis=0) > 0).sum())
     return Dependence(int(full_correct.sum()), affected / max(broken.shape[1], 1), histogram, per_cluster, *errors)
 

@@ -46,8 +46,9 @@ def test_faithfulness_curve_and_areas_follow_their_definitions():
     circuit = attribution_weight_circuit(model, [batch], cross_entropy, ig_steps=4)
     parameters = dict(model.named_parameters())
     for share, value in zip(GRID, circuit.faithfulness, strict=True):
-        kept = masked_metric(model, parameters, top_mask(circuit.scores, int(np.ceil(share * 96 - 1e-9))),
-                             [batch], cross_entropy)
+        kept = masked_metric(
+            model, parameters, top_mask(circuit.scores, int(np.ceil(share * 96 - 1e-9))), [batch], cross_entropy
+        )
         assert value == pytest.approx((circuit.none - kept) / (circuit.none - circuit.full), abs=1e-12)
     assert circuit.faithfulness[-1] == 1.0
     assert circuit.cpr == pytest.approx(np.trapezoid(circuit.faithfulness, GRID))
@@ -62,8 +63,13 @@ def test_scores_are_complete():
     batch = planted_examples(2)
     parameters = dict(model.named_parameters())
     scores = integrated_gradient_scores(model, parameters, [batch], cross_entropy, steps=64)
-    zeroed = masked_metric(model, parameters, {n: torch.zeros_like(p, dtype=torch.bool) for n, p in
-                                               parameters.items()}, [batch], cross_entropy)
+    zeroed = masked_metric(
+        model,
+        parameters,
+        {n: torch.zeros_like(p, dtype=torch.bool) for n, p in parameters.items()},
+        [batch],
+        cross_entropy,
+    )
     with torch.no_grad():
         full = float(cross_entropy(model, batch))
     assert float(sum(score.sum() for score in scores.values())) == pytest.approx(zeroed - full, rel=1e-3)
@@ -74,8 +80,13 @@ def _toy_language_model() -> nn.Sequential:
     (token x in 0-3 -> 8 + x) runs through cluster 0 only (units 2x, 2x+1), task B (4 + x -> 12 + x) through
     cluster 1; clusters 2-3 read tokens 8-15, which no task's input contains, and write everywhere."""
     generator = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Embedding(16, 16), nn.Linear(16, 32, bias=False), nn.ReLU(),
-                          nn.Linear(32, 16, bias=False), nn.Linear(16, 16, bias=False)).double()
+    model = nn.Sequential(
+        nn.Embedding(16, 16),
+        nn.Linear(16, 32, bias=False),
+        nn.ReLU(),
+        nn.Linear(32, 16, bias=False),
+        nn.Linear(16, 16, bias=False),
+    ).double()
     w_in, w_out = torch.zeros(32, 16, dtype=torch.float64), torch.zeros(16, 32, dtype=torch.float64)
     for task in range(2):
         for x in range(4):
@@ -105,8 +116,9 @@ def test_toy_language_model_circuit_stays_in_its_cluster():
     residual = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1])
     labels = {"1.weight": MatrixLabels(hidden, residual, 4), "3.weight": MatrixLabels(residual, hidden, 4)}
     for task in range(2):
-        circuit = attribution_weight_circuit(model, [_toy_task(task)], cross_entropy, params=["1.weight", "3.weight"],
-                                             partition=labels)
+        circuit = attribution_weight_circuit(
+            model, [_toy_task(task)], cross_entropy, params=["1.weight", "3.weight"], partition=labels
+        )
         blocks = circuit.locality[0.9].blocks
         kept = sum(float(block.sum()) for block in blocks.values())
         assert sum(float(block[task, task]) for block in blocks.values()) / kept >= 0.95
@@ -118,8 +130,11 @@ def test_toy_language_model_circuit_stays_in_its_cluster():
 def test_invalid_options_are_refused():
     """τ outside (0, 1], no IG steps, or a scope naming no parameter give one clear error each."""
     model, batch = planted_classifier(), planted_examples(0)
-    for options, message in [({"taus": (1.5,)}, "taus"), ({"ig_steps": 0}, "ig_steps"),
-                             ({"params": ["missing.weight"]}, "missing.weight")]:
+    for options, message in [
+        ({"taus": (1.5,)}, "taus"),
+        ({"ig_steps": 0}, "ig_steps"),
+        ({"params": ["missing.weight"]}, "missing.weight"),
+    ]:
         with pytest.raises(ValueError, match=message):
             attribution_weight_circuit(model, [batch], cross_entropy, **options)
 
@@ -138,10 +153,13 @@ def test_language_model_scope_defaults_to_its_mlp_matrices_with_conv1d_orientati
     def divergence(model, batch):  # KL from the full model's next-token distribution: 0 for the full model
         logits = model(batch).logits.log_softmax(-1).flatten(0, 1)
         return nn.functional.kl_div(logits, reference.flatten(0, 1), log_target=True, reduction="batchmean")
-    circuit = attribution_weight_circuit(tiny_gpt2, [tokens], divergence, ig_steps=2, taus=(0.9,),
-                                         partition={"transformer.h.0.mlp": partition})
-    assert sorted(circuit.scores) == sorted(f"transformer.h.{i}.mlp.{m}.weight" for i in range(2)
-                                            for m in ("c_fc", "c_proj"))
+
+    circuit = attribution_weight_circuit(
+        tiny_gpt2, [tokens], divergence, ig_steps=2, taus=(0.9,), partition={"transformer.h.0.mlp": partition}
+    )
+    assert sorted(circuit.scores) == sorted(
+        f"transformer.h.{i}.mlp.{m}.weight" for i in range(2) for m in ("c_fc", "c_proj")
+    )
     mask = circuit.masks[0.9]["transformer.h.0.mlp.c_fc.weight"]  # [64, 256] = [n_in, n_out]
     hidden, inputs = partition.hidden, partition.inputs[0]
     inside = int((mask & (inputs[:, None] == hidden[None, :])).sum())

@@ -26,14 +26,15 @@ def _kept_of_planted(circuit, label: int) -> int:
     return sum(int((circuit.mask[name] & truth[name]).sum()) for name in truth)
 
 
-@pytest.mark.parametrize("order,seed", [("paper", 0), ("ascending", 0), ("random", 0), ("random", 1)])
+@pytest.mark.parametrize(("order", "seed"), [("paper", 0), ("ascending", 0), ("random", 0), ("random", 1)])
 def test_circuit_is_exactly_the_planted_weights_in_any_order(order, seed):
     """Every label's circuit is its 6 planted weights (size 6/96) whatever the order, and beats the full model."""
     model = planted_classifier()
     for label in LABELS:
         circuit = greedy_weight_circuit(model, *planted_examples(label), order=order, seed=seed)
-        assert {name: mask.tolist() for name, mask in circuit.mask.items()} == \
-            {name: mask.tolist() for name, mask in planted_mask(label).items()}
+        assert {name: mask.tolist() for name, mask in circuit.mask.items()} == {
+            name: mask.tolist() for name, mask in planted_mask(label).items()
+        }
         assert circuit.size == 6 / 96
         assert circuit.task.loss < circuit.full.loss
 
@@ -76,6 +77,7 @@ def _naive_greedy(model: nn.Module, inputs, targets, order: list, reference: str
     def loss() -> float:
         with torch.no_grad():
             return float(nn.functional.cross_entropy(model(inputs), targets))
+
     full = current = loss()
     for name, unit, source in order:
         weight = parameters[name]
@@ -102,8 +104,11 @@ def test_incremental_evaluation_equals_full_forward_per_weight(reference):
     inputs, targets = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
     circuit = greedy_weight_circuit(model, inputs, targets, reference=reference, order="random", seed=3)
     shapes = {"0.weight": (5, 6), "2.weight": (5, 5), "4.weight": (3, 5)}
-    visits = [(name, unit, source) for name in ("4.weight", "2.weight", "0.weight")
-              for unit, source in np.ndindex(*shapes[name])]
+    visits = [
+        (name, unit, source)
+        for name in ("4.weight", "2.weight", "0.weight")
+        for unit, source in np.ndindex(*shapes[name])
+    ]
     order = [visits[i] for i in np.random.default_rng(3).permutation(len(visits))]
     expected = _naive_greedy(model, inputs, targets, order, reference)
     assert 0 < _kept(circuit) < 85
@@ -126,6 +131,7 @@ def test_finder_reads_the_vision_models_fc_chain_and_leaves_the_model_unchanged(
 def test_unsupported_structures_are_refused_with_the_alternative_named():
     """A residual connection, an activation on the logits or an untraceable transformer gives one clear error
     naming the attribution finder."""
+
     class Residual(nn.Module):
         def __init__(self):
             super().__init__()
@@ -135,11 +141,12 @@ def test_unsupported_structures_are_refused_with_the_alternative_named():
             return self.head(torch.relu(self.inner(inputs)) + inputs)
 
     inputs, targets = torch.randn(8, 4), torch.zeros(8, dtype=torch.long)
-    with pytest.raises(ValueError, match="inner.weight"):
+    with pytest.raises(ValueError, match=r"inner\.weight"):
         greedy_weight_circuit(Residual(), inputs, targets)
     with pytest.raises(ValueError, match="to its logits"):
         greedy_weight_circuit(nn.Sequential(nn.Linear(4, 3), nn.Tanh()), inputs, targets)
     from transformers import GPT2Config, GPT2LMHeadModel
+
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8))
     with pytest.raises(ValueError, match="use attribution_weight_circuit"):
         greedy_weight_circuit(gpt2, torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, dtype=torch.long))
@@ -150,8 +157,9 @@ def test_planted_circuit_lies_inside_its_cluster_and_is_scored_on_other_labels()
     examples at the uniform loss log 4."""
     classes = torch.arange(4).repeat_interleave(2)
     labels = {"0.weight": MatrixLabels(classes, classes, 4), "2.weight": MatrixLabels(torch.arange(4), classes, 4)}
-    circuit = greedy_weight_circuit(planted_classifier(), *planted_examples(0), partition=labels,
-                                    other={"label 1": planted_examples(1)})
+    circuit = greedy_weight_circuit(
+        planted_classifier(), *planted_examples(0), partition=labels, other={"label 1": planted_examples(1)}
+    )
     assert circuit.locality.share == 1.0
     blocks = circuit.locality.blocks
     assert float(blocks["0.weight"][0, 0]) == 4 and float(blocks["2.weight"][0, 0]) == 2
@@ -166,8 +174,9 @@ def test_locality_takes_training_group_partitions():
     fc = model.classifier
     partitions = {"classifier.hidden3": partition_group([fc.fc3.weight], [fc.fc4.weight], 2, method="contiguous")}
     inputs, targets = torch.randn(30, 1, 28, 28), torch.zeros(30, dtype=torch.long)
-    circuit = greedy_weight_circuit(model, inputs, targets, params=["classifier.fc4.weight", "classifier.fc3.weight"],
-                                    partition=partitions)
+    circuit = greedy_weight_circuit(
+        model, inputs, targets, params=["classifier.fc4.weight", "classifier.fc3.weight"], partition=partitions
+    )
     partition = partitions["classifier.hidden3"]
     rows = partition.hidden
     inside = circuit.mask["classifier.fc3.weight"] & (rows[:, None] == partition.inputs[0][None, :])

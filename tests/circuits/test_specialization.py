@@ -25,9 +25,15 @@ def _noisy_diagonal() -> np.ndarray:
     return np.full((4, 4), 0.05) + np.eye(4) * 0.9
 
 
-@pytest.mark.parametrize("damage,expected", [
-    (np.eye(4), 1.0), (np.ones((4, 4)), 0.0), (np.tile([[0.9], [0.3], [0.2], [0.1]], (1, 4)), 0.0),
-    (_noisy_diagonal(), 0.605)])
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (np.eye(4), 1.0),
+        (np.ones((4, 4)), 0.0),
+        (np.tile([[0.9], [0.3], [0.2], [0.1]], (1, 4)), 0.0),
+        (_noisy_diagonal(), 0.605),
+    ],
+)
 def test_index_formula_on_known_damage_matrices(damage, expected):
     """Diagonal -> 1, uniform -> 0, one shared profile -> 0, 0.95/0.05 noisy diagonal -> 0.605."""
     assert cluster_specialization(damage).index == pytest.approx(expected, abs=5e-4)
@@ -108,7 +114,7 @@ def test_every_affected_example_depends_on_one_cluster():
 
 
 def test_module_scope_switches_a_cluster_in_every_layer():
-    """"Module i" = cluster i in both hidden layers of a deeper block network: still SI = 1; mean ablation of
+    """Module i = cluster i in both hidden layers of a deeper block network: still SI = 1; mean ablation of
     clusters whose units are constant changes nothing, so no task enters the index."""
     single = planted_classifier()
     blocks = (CLASS_CLUSTERS[:, None] == CLASS_CLUSTERS[None, :]).double()
@@ -121,8 +127,9 @@ def test_module_scope_switches_a_cluster_in_every_layer():
     constant = nn.Sequential(nn.Linear(8, 8).double(), nn.ReLU(), nn.Linear(8, 4).double())
     with torch.no_grad():
         constant[0].weight.zero_()
-    mean = ablation_specialization(constant, [HiddenLayer("2", CLASS_CLUSTERS)], TASKS, mode="mean",
-                                   null_draws=0, bootstraps=0)["2"]
+    mean = ablation_specialization(
+        constant, [HiddenLayer("2", CLASS_CLUSTERS)], TASKS, mode="mean", null_draws=0, bootstraps=0
+    )["2"]
     assert not mean.used.any() and np.isnan(mean.index)
 
 
@@ -139,7 +146,9 @@ def test_hooks_reach_a_transformers_mlp_through_its_out_projection(tiny_gpt2):
     def last_token(model, inputs, answers):
         logits = model(inputs).logits[:, -1]
         return -nn.functional.cross_entropy(logits, answers, reduction="none"), logits.argmax(-1) == answers
+
     from orchestrator.circuits.ablation import ablate_tasks
+
     ablation = ablate_tasks(tiny_gpt2, [layer], {"t": (tokens, targets)}, 4, [torch.zeros(256)], last_token)
     saved = mlp.c_proj.weight.detach().clone()
     with torch.no_grad():
