@@ -42,6 +42,13 @@ class AttributionCircuit:
     cmd: float  # ∫ |1 − f| dq over the grid (lower is better)
     curve: dict[int, float]  # every evaluated kept count -> f
 
+    def metrics(self) -> dict[str, float]:
+        """Flat scalars for a tracker, keyed under the task: size and locality per τ, CPR, CMD, the metric of
+        the full model and of the zeroed scope."""
+        values = {"cpr": self.cpr, "cmd": self.cmd, "metric_full": self.full, "metric_none": self.none}
+        values |= {f"size/tau_{tau:g}": size for tau, size in self.size_at.items()}
+        return values | {f"locality/tau_{tau:g}": local.share for tau, local in (self.locality or {}).items()}
+
 
 def attribution_weight_circuit(
     model: nn.Module,

@@ -48,6 +48,23 @@ class Circuit:
     locality: Locality | None
     method: str
 
+    def metrics(self) -> dict[str, float]:
+        """Flat scalars for a tracker, keyed by name under the task (a caller prefixes them, e.g. with
+        `circuits/<task>/`): size, per-matrix size, the circuit's and the full model's loss and accuracy,
+        locality, and the circuit's score on each other data set."""
+        values = {
+            "size": self.size,
+            "zero_before": float(self.zero_before),
+            "loss": self.task.loss,
+            "accuracy": self.task.accuracy,
+            "full_loss": self.full.loss,
+            "full_accuracy": self.full.accuracy,
+        }
+        values |= {f"size/{name}": size for name, size in self.sizes.items()}
+        values |= {f"other/{name}/loss": score.loss for name, score in self.other.items()}
+        values |= {f"other/{name}/accuracy": score.accuracy for name, score in self.other.items()}
+        return values | ({"locality": self.locality.share} if self.locality else {})
+
 
 def greedy_weight_circuit(
     model: nn.Module,

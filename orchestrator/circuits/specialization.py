@@ -53,6 +53,23 @@ class Specialization:
     null: NullModel | None = None
     dependence: Dependence | None = None
 
+    def metrics(self) -> dict[str, float]:
+        """Flat scalars for a tracker: the index with its interval and null, sufficiency, concentration per task,
+        and the dependence histogram (share of affected examples that N = n clusters break)."""
+        values = {"index": self.index} | {
+            f"concentration/{task}": float(conc) for task, conc in zip(self.tasks, self.concentration, strict=True)
+        }
+        if self.sufficiency_index is not None:
+            values["sufficiency_index"] = self.sufficiency_index
+        if self.interval is not None:
+            values["index_ci_low"], values["index_ci_high"] = self.interval
+        if self.null is not None:
+            values |= {"index_null_mean": self.null.mean, "index_null_sd": self.null.sd, "index_z": self.null.z}
+        if self.dependence is not None:
+            values["affected_share"] = self.dependence.affected_share
+            values |= {f"depends_on/{n}": float(share) for n, share in enumerate(self.dependence.histogram, 1)}
+        return values
+
 
 def entropy(probabilities: np.ndarray, axis: int = -2) -> np.ndarray:
     """Shannon entropy in nats along `axis` (0 log 0 = 0)."""

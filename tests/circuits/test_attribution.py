@@ -34,6 +34,7 @@ def test_scores_rank_the_planted_weights_first_and_size_matches(steps):
         assert all(torch.equal(top[name], truth) for name, truth in planted_mask(label).items())
         assert circuit.curve[6] >= 1.0 and all(circuit.curve[count] < 1.0 for count in circuit.curve if count < 6)
         assert circuit.size_at[1.0] == 6 / 96 and circuit.size_at[0.9] == 5 / 96
+        assert circuit.metrics()["size/tau_1"] == 6 / 96
         assert circuit.masks[1.0]["2.weight"].sum() == 2 and circuit.sizes_at[1.0]["0.weight"] == 4 / 64
 
 

@@ -197,3 +197,16 @@ def test_confident_model_keeps_its_circuit_where_a_plain_loss_rounds_to_zero():
         circuit = greedy_weight_circuit(model, inputs, targets)
         assert _kept(circuit) == _kept_of_planted(circuit, label) == 6
         assert 0 < circuit.task.loss < circuit.full.loss
+
+
+def test_circuit_metrics_are_flat_scalars_of_its_fields():
+    """metrics() gives a tracker the circuit's size, scores and locality as plain floats."""
+    classes = torch.arange(4).repeat_interleave(2)
+    labels = {"0.weight": MatrixLabels(classes, classes, 4), "2.weight": MatrixLabels(torch.arange(4), classes, 4)}
+    circuit = greedy_weight_circuit(
+        planted_classifier(), *planted_examples(0), partition=labels, other={"label 1": planted_examples(1)}
+    )
+    metrics = circuit.metrics()
+    assert metrics["size"] == 6 / 96 and metrics["size/0.weight"] == 4 / 64 and metrics["locality"] == 1.0
+    assert metrics["loss"] == circuit.task.loss and metrics["other/label 1/accuracy"] == 0.0
+    assert all(isinstance(value, float) for value in metrics.values())

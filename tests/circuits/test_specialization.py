@@ -166,3 +166,12 @@ def test_paper_modules_are_256_wide_slices_with_the_rest_in_the_last():
     assert labels[767] == 2 and labels[768] == 3
     with pytest.raises(ValueError, match="more than 768"):
         paper_module_labels(512)
+
+
+def test_specialization_metrics_are_flat_scalars():
+    """metrics() gives a tracker the index, its interval, sufficiency, concentration per task and the histogram."""
+    metrics = _specialization(planted_classifier(), CLASS_CLUSTERS).metrics()
+    assert metrics["index"] == pytest.approx(1.0) and metrics["concentration/class 2"] == pytest.approx(1.0)
+    assert metrics["depends_on/1"] == 1.0 and metrics["affected_share"] == pytest.approx(0.75)
+    assert {"sufficiency_index", "index_ci_low", "index_ci_high"} <= set(metrics)
+    assert all(isinstance(value, float) for value in metrics.values())
