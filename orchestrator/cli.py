@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_cluster_verbs(verbs)
     _add_checkpoint_verbs(verbs)
     _add_measure_verb(verbs)
+    _add_experiment_verbs(verbs)
 
     args = parser.parse_args(argv)
     if args.verb is None:
@@ -306,6 +307,87 @@ def _measure(args: argparse.Namespace) -> int:
         print(f"xcm: {redact(str(error))}", file=sys.stderr)
         return 1
     print(f"\nxcm: logged to MLflow run {run_id} (experiment {args.experiment}) in {uri}")
+    return 0
+
+
+def _add_experiment_verbs(verbs) -> None:
+    """experiment / sweep: variants × seeds as Ray Tune trials, compared against a control in one MLflow run."""
+    experiment = verbs.add_parser("experiment", help="run an experiment file's variants × seeds as Ray Tune trials "
+                                                     "and write the comparison into one parent MLflow run")
+    experiment.add_argument("file", nargs="?", help="experiment file (jobs/experiments/*.yaml)")
+    experiment.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a key of every trial's job, e.g. --set training.steps=100 (repeatable)")
+    experiment.add_argument("--report", metavar="PARENT_RUN_ID", default=None,
+                            help="rebuild the comparison of a finished experiment from MLflow alone")
+    experiment.add_argument("--tracking-uri", default=None,
+                            help="MLflow store of the parent run, for --report (default: ./xcm-runs/mlflow.db)")
+    experiment.set_defaults(handler=_experiment)
+    sweep = verbs.add_parser("sweep", help="run a grid of job keys × seeds as Ray Tune trials, compared against "
+                                           "the grid's modularity.lambda=0 points")
+    sweep.add_argument("job", help="job file")
+    sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
+                       help="a job key and its values, e.g. --grid modularity.lambda=0,5,20 (repeatable)")
+    sweep.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per grid point (default 3)")
+    sweep.add_argument("--max-failures", type=int, default=1, help="Ray Tune's retries of a failed trial")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a key of every trial's job (repeatable)")
+    sweep.set_defaults(handler=_sweep)
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from orchestrator.experiments.plan import load_experiment
+
+    if args.report is not None:
+        return _rebuild_report(args.report, args.tracking_uri)
+    if args.file is None:
+        print("xcm: name an experiment file (jobs/experiments/*.yaml), or --report PARENT_RUN_ID", file=sys.stderr)
+        return INVALID_JOB_EXIT_CODE
+    return _run_experiment(load_experiment(args.file, args.overrides))
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from orchestrator.experiments.plan import build_sweep
+
+    plan = build_sweep(args.job, args.grid, args.seeds, args.overrides, args.max_failures)
+    if not any(plan.controls.values()):
+        print("xcm: the grid has no modularity.lambda=0 point: no control, the report is unpaired", file=sys.stderr)
+    return _run_experiment(plan)
+
+
+def _run_experiment(plan) -> int:
+    from orchestrator import tracking
+    from orchestrator.experiments.tuning import run_experiment
+
+    try:
+        result = run_experiment(plan, Path.cwd())
+    except tracking.TrackingUnavailable as error:
+        print(f"xcm: {redact(str(error))}", file=sys.stderr)
+        return 1
+    print(result.report.markdown)
+    print(f"xcm: experiment run {result.parent_run_id}: {len(plan.trials) - len(result.failed_trials)} of "
+          f"{len(plan.trials)} trials finished; the comparison is in its artifacts under comparison/")
+    print(f"  then the run:        "
+          f"{tracking.run_link(result.tracking_uri, result.experiment_id, result.parent_run_id)}")
+    if result.failed_trials:
+        print(f"xcm: failed after their retries: {', '.join(result.failed_trials)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _rebuild_report(parent_run_id: str, tracking_uri: str | None) -> int:
+    from orchestrator import tracking
+    from orchestrator.experiments.report import write_report
+    from orchestrator.spec import JobSpec
+
+    uri = tracking_uri or JobSpec().resolved(Path.cwd()).tracking.uri
+    try:
+        report = write_report(tracking.client(uri), parent_run_id)
+    except Exception as error:  # mlflow raises several types for a missing run or artifact
+        print(redact(f"xcm: cannot rebuild the report of run {parent_run_id} from {uri}: "
+                     f"{type(error).__name__}: {error}. Pass the experiment's parent run id, and --tracking-uri "
+                     "for the store it is in"), file=sys.stderr)
+        return 1
+    print(report.markdown)
     return 0
 
 

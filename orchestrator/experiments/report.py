@@ -1,0 +1,211 @@
+"""The comparison report, built from MLflow alone: the parent run's plan and its child runs' final metrics.
+
+``xcm experiment`` writes it when its trials end, and ``xcm experiment --report PARENT_RUN_ID`` writes it again
+from the store, so both read the same things: the plan the parent run logged (``experiment/plan.json``: the
+variants in order, each one's control, the seeds, the metrics asked for) and each child run (tag
+``mlflow.parentRunId``) with its variant and seed tags and its metrics' last values. Into the parent run go
+``comparison/comparison.md``, one Parquet table per metric under ``comparison/tables/``, every trial's values
+in ``comparison/trials.parquet``, and PNG plots: task metric against clusterability (one point per seed per
+variant: the trade-off curve of a λ sweep) and, when runs log ``circuits/size/<task>``, circuit size per task.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator import metric_names
+from orchestrator.experiments.statistics import comparison_rows
+
+PLAN_ARTIFACT = "experiment/plan.json"
+REPORT_DIRECTORY = "comparison"
+VARIANT_TAG, SEED_TAG, PARENT_TAG = "xcm.variant", "xcm.seed", "mlflow.parentRunId"
+EXPERIMENT_TAG = "xcm.experiment"  # on the parent run: the experiment's name
+DEFAULT_METRICS = (metric_names.CLUSTERABILITY, metric_names.TASK_LOSS, metric_names.EVAL_LOSS,
+                   metric_names.EVAL_ACCURACY, metric_names.EVAL_PERPLEXITY, metric_names.TOKENS_PER_SECOND,
+                   metric_names.SAMPLES_PER_SECOND)
+# Every metric under these is compared too, when a run has it: per-task eval losses, and the circuits side
+# job's circuit sizes and specialization index (``circuits/size/<task>``, ``specialization/index``, ...).
+DEFAULT_PREFIXES = (metric_names.EVAL_TASK_LOSS_PREFIX, "circuits/", "specialization/")
+CIRCUIT_SIZE_PREFIX = "circuits/size/"
+# The task metric of the trade-off plot: the first of these a run has.
+TASK_METRICS = (metric_names.EVAL_ACCURACY, metric_names.EVAL_PERPLEXITY, metric_names.EVAL_LOSS,
+                metric_names.TASK_LOSS)
+
+
+@dataclass(frozen=True)
+class TrialRun:
+    variant: str
+    seed: int
+    run_id: str
+    status: str
+    metrics: dict[str, float]  # each metric's last logged value
+
+
+@dataclass(frozen=True)
+class Report:
+    markdown: str
+    tables: dict[str, list[dict]]  # metric -> comparison rows
+    trials: list[TrialRun]
+
+
+def plan_record(variants: list[str], controls: dict[str, str | None], seeds: tuple[int, ...],
+                metrics: tuple[str, ...] | None) -> str:
+    """What the parent run keeps of the plan, for the report to be rebuilt from MLflow alone."""
+    return json.dumps({"variants": variants, "controls": controls, "seeds": list(seeds),
+                       "metrics": list(metrics) if metrics else None}, indent=1)
+
+
+def read_trials(client, parent_run_id: str) -> list[TrialRun]:
+    """The parent run's child runs, ordered by variant and seed."""
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                              max_results=5000)
+    trials = [TrialRun(variant=run.data.tags.get(VARIANT_TAG, "?"), seed=int(run.data.tags.get(SEED_TAG, -1)),
+                       run_id=run.info.run_id, status=run.info.status, metrics=dict(run.data.metrics))
+              for run in runs]
+    return sorted(trials, key=lambda trial: (trial.variant, trial.seed))
+
+
+def read_plan(client, parent_run_id: str) -> dict:
+    with tempfile.TemporaryDirectory(prefix="xcm-report-") as directory:
+        path = client.download_artifacts(parent_run_id, PLAN_ARTIFACT, directory)
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def chosen_metrics(asked: list[str] | None, trials: list[TrialRun]) -> list[str]:
+    """The metrics asked for, else the defaults that some finished run logged, then every key under the
+    default prefixes that one did."""
+    if asked:
+        return list(asked)
+    present = {key for trial in trials if trial.status == "FINISHED" for key in trial.metrics}
+    return ([key for key in DEFAULT_METRICS if key in present]
+            + sorted(key for key in present if key.startswith(DEFAULT_PREFIXES)))
+
+
+def build_report(client, parent_run_id: str) -> Report:
+    plan = read_plan(client, parent_run_id)
+    trials = read_trials(client, parent_run_id)
+    finished = [trial for trial in trials if trial.status == "FINISHED"]
+    controls = {variant: plan["controls"].get(variant) for variant in plan["variants"]}
+    tables = {}
+    for metric in chosen_metrics(plan.get("metrics"), trials):
+        values: dict[str, dict[int, float]] = {}
+        for trial in finished:
+            if metric in trial.metrics:
+                values.setdefault(trial.variant, {})[trial.seed] = trial.metrics[metric]
+        tables[metric] = comparison_rows(metric, values, controls)
+    return Report(markdown=_markdown(parent_run_id, plan, trials, tables), tables=tables, trials=trials)
+
+
+def write_report(client, parent_run_id: str) -> Report:
+    """Build the report and log it into the parent run under ``comparison/``."""
+    report = build_report(client, parent_run_id)
+    with tempfile.TemporaryDirectory(prefix="xcm-report-") as directory:
+        root = Path(directory)
+        (root / "comparison.md").write_text(report.markdown, encoding="utf-8")
+        _write_tables(root, report)
+        _plot_tradeoff(root, report.trials)
+        _plot_circuit_sizes(root, report)
+        client.log_artifacts(parent_run_id, directory, REPORT_DIRECTORY)
+    return report
+
+
+def _write_tables(root: Path, report: Report) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "tables").mkdir()
+    for metric, rows in report.tables.items():
+        pq.write_table(pa.Table.from_pylist(rows), root / "tables" / f"{slug(metric)}.parquet")
+    long = [{"variant": t.variant, "seed": t.seed, "run_id": t.run_id, "status": t.status, "metric": key,
+             "value": value} for t in report.trials for key, value in sorted(t.metrics.items())]
+    schema = pa.schema([("variant", pa.string()), ("seed", pa.int64()), ("run_id", pa.string()),
+                        ("status", pa.string()), ("metric", pa.string()), ("value", pa.float64())])
+    pq.write_table(pa.Table.from_pylist(long, schema=schema), root / "trials.parquet")
+
+
+def slug(metric: str) -> str:
+    """A metric name as a file name: ``eval/loss/add`` -> ``eval__loss__add``."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", metric.replace("/", "__"))
+
+
+def _number(value: float) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:.4g}"
+
+
+def _mean_sd(mean: float, sd: float) -> str:
+    return _number(mean) + ("" if not math.isfinite(sd) else f" ± {_number(sd)}")
+
+
+def _markdown(parent_run_id: str, plan: dict, trials: list[TrialRun], tables: dict[str, list[dict]]) -> str:
+    lines = [f"# Comparison of experiment run {parent_run_id}", "",
+             f"Seeds: {plan['seeds']}. Mean ± sd over the finished seeds; Δ is the variant minus its control, "
+             "paired by seed, with its 95 % t-interval.", ""]
+    if not any(plan["controls"].values()):
+        lines += ["No variant has a control (no λ = 0 in the grid): the rows are unpaired.", ""]
+    unfinished = [t for t in trials if t.status != "FINISHED"]
+    if unfinished:
+        lines += ["Not counted (did not finish): "
+                  + ", ".join(f"{t.variant} seed {t.seed} ({t.status}, run {t.run_id})" for t in unfinished), ""]
+    for metric, rows in tables.items():
+        lines += [f"## {metric}", "", "| variant | n | mean ± sd | control | control mean ± sd | Δ | 95 % interval |"
+                  " pairs |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['n']} | {_mean_sd(r['mean'], r['sd'])} | {r['control'] or '–'} | "
+                  f"{_mean_sd(r['control_mean'], r['control_sd']) if r['control'] else '–'} | "
+                  f"{_number(r['difference'])} | [{_number(r['difference_low'])}, {_number(r['difference_high'])}]"
+                  f" | {r['pairs']} |" for r in rows]
+        lines.append("")
+    lines += ["## Trials", "", "| variant | seed | status | run |", "|---|---|---|---|"]
+    lines += [f"| {t.variant} | {t.seed} | {t.status} | {t.run_id} |" for t in trials]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_tradeoff(root: Path, trials: list[TrialRun]) -> None:
+    """Task metric against clusterability, one point per finished trial, one colour per variant."""
+    finished = [t for t in trials if t.status == "FINISHED" and metric_names.CLUSTERABILITY in t.metrics]
+    task_metric = next((m for m in TASK_METRICS if any(m in t.metrics for t in finished)), None)
+    if task_metric is None:
+        return
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4.5))
+    axes = figure.subplots()
+    for variant in dict.fromkeys(t.variant for t in finished):
+        points = [(t.metrics[metric_names.CLUSTERABILITY], t.metrics[task_metric])
+                  for t in finished if t.variant == variant and task_metric in t.metrics]
+        axes.scatter([x for x, _ in points], [y for _, y in points], label=variant)
+    axes.set_xlabel("final clusterability")
+    axes.set_ylabel(f"final {task_metric}")
+    axes.set_title("task metric against clusterability (one point per seed)")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(root / f"tradeoff-{slug(task_metric)}.png", dpi=120)
+
+
+def _plot_circuit_sizes(root: Path, report: Report) -> None:
+    """Mean circuit size per task (± sd over seeds), one bar per variant, when the runs logged circuit sizes."""
+    metrics = [m for m in report.tables if m.startswith(CIRCUIT_SIZE_PREFIX)]
+    if not metrics:
+        return
+    from matplotlib.figure import Figure
+
+    variants = [row["variant"] for row in report.tables[metrics[0]]]
+    width = 0.8 / max(len(variants), 1)
+    figure = Figure(figsize=(max(6, 1.2 * len(metrics)), 4.5))
+    axes = figure.subplots()
+    for index, variant in enumerate(variants):
+        rows = [next(r for r in report.tables[m] if r["variant"] == variant) for m in metrics]
+        axes.bar([i + index * width for i in range(len(metrics))], [r["mean"] for r in rows], width,
+                 yerr=[0 if not math.isfinite(r["sd"]) else r["sd"] for r in rows], label=variant)
+    axes.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(metrics))],
+                    [m.removeprefix(CIRCUIT_SIZE_PREFIX) for m in metrics], rotation=30)
+    axes.set_ylabel("circuit size")
+    axes.set_title("circuit size per task, each variant against the control")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(root / "circuit-size.png", dpi=120)
