@@ -173,8 +173,7 @@ def _trials(base: Path, base_overrides: list[str], variants: dict[str, list[str]
             problems += [p.model_copy(update={"key": f"variants.{name}: {p.key}", "line": None})
                          for p in error.problems]
             continue
-        for seed in seeds:
-            trials.append(Trial(name, seed, _seeded(spec, name, seed)))
+        trials.extend(Trial(name, seed, _seeded(spec, name, seed)) for seed in seeds)
     if not problems and len(trials) > MAX_TRIALS:
         problems.append(SpecProblem(key="variants", message=f"{len(trials)} trials (variants × seeds)",
                                     fix=f"keep them at {MAX_TRIALS} or fewer"))

@@ -134,8 +134,12 @@ def slug(metric: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", metric.replace("/", "__"))
 
 
+NO_VALUE = "-"
+TABLE_HEADER = "| variant | n | mean ± sd | control | control mean ± sd | Δ | 95 % interval | pairs |"
+
+
 def _number(value: float) -> str:
-    return "–" if value is None or not math.isfinite(value) else f"{value:.4g}"
+    return NO_VALUE if value is None or not math.isfinite(value) else f"{value:.4g}"
 
 
 def _mean_sd(mean: float, sd: float) -> str:
@@ -144,8 +148,8 @@ def _mean_sd(mean: float, sd: float) -> str:
 
 def _markdown(parent_run_id: str, plan: dict, trials: list[TrialRun], tables: dict[str, list[dict]]) -> str:
     lines = [f"# Comparison of experiment run {parent_run_id}", "",
-             f"Seeds: {plan['seeds']}. Mean ± sd over the finished seeds; Δ is the variant minus its control, "
-             "paired by seed, with its 95 % t-interval.", ""]
+             (f"Seeds: {plan['seeds']}. Mean ± sd over the finished seeds; Δ is the variant minus its control, "
+              "paired by seed, with its 95 % t-interval."), ""]
     if not any(plan["controls"].values()):
         lines += ["No variant has a control (no λ = 0 in the grid): the rows are unpaired.", ""]
     unfinished = [t for t in trials if t.status != "FINISHED"]
@@ -153,10 +157,9 @@ def _markdown(parent_run_id: str, plan: dict, trials: list[TrialRun], tables: di
         lines += ["Not counted (did not finish): "
                   + ", ".join(f"{t.variant} seed {t.seed} ({t.status}, run {t.run_id})" for t in unfinished), ""]
     for metric, rows in tables.items():
-        lines += [f"## {metric}", "", "| variant | n | mean ± sd | control | control mean ± sd | Δ | 95 % interval |"
-                  " pairs |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['variant']} | {r['n']} | {_mean_sd(r['mean'], r['sd'])} | {r['control'] or '–'} | "
-                  f"{_mean_sd(r['control_mean'], r['control_sd']) if r['control'] else '–'} | "
+        lines += [f"## {metric}", "", TABLE_HEADER, "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['n']} | {_mean_sd(r['mean'], r['sd'])} | {r['control'] or NO_VALUE} | "
+                  f"{_mean_sd(r['control_mean'], r['control_sd']) if r['control'] else NO_VALUE} | "
                   f"{_number(r['difference'])} | [{_number(r['difference_low'])}, {_number(r['difference_high'])}]"
                   f" | {r['pairs']} |" for r in rows]
         lines.append("")
