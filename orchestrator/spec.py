@@ -172,6 +172,33 @@ class PartitionerSpec(Section):
                              "run repeats the same sequence; at most modularity.partition_every")
 
 
+Tau = Annotated[float, Field(gt=0, le=1)]
+
+
+class CircuitsSpec(Section):
+    """Circuits and cluster specialization of the model being trained (``orchestrator.circuit_report``)."""
+
+    method: Literal["greedy", "attribution", "specialization", "all"] = Field(
+        "all", description="greedy: exact per-weight pruning (the small classifiers only); attribution: "
+                           "integrated-gradient-ranked pruning (any model); specialization: cluster ablation; "
+                           "all: every one the model supports")
+    tasks: list[str] = Field(default_factory=list, description="task specs (labels, labels:0+1,2+3, synthetic, "
+                             "synthetic:copy,add, jsonl:FILE, text:FILE); the model's own tasks when empty")
+    every_steps: int = Field(0, ge=0, description="steps between circuit measurements while training; 0 = off")
+    taus: list[Tau] = Field([0.8, 0.9, 0.95, 1.0], min_length=1, description="attribution's faithfulness levels")
+    ig_steps: int = Field(8, ge=1, le=256, description="attribution's integrated-gradient steps")
+    ablation: Literal["zero", "mean"] = Field("zero", description="a cluster's hidden units set to zero or to "
+                                                                 "their mean over the tasks' inputs")
+    null_draws: int = Field(20, ge=0, le=1000, description="random partitions of the same sizes for the "
+                                                           "specialization index's null (0 = none)")
+    eval_on_find_data: bool = Field(False, description="judge circuits on the examples that found them, as the "
+                                                       "papers do, instead of the held-out half")
+    max_examples: int = Field(2000, ge=2, le=100_000, description="examples per task, before the find/judge split")
+    seed: int = 0
+    cpus: float = Field(0, ge=0, description="CPUs reserved for the circuits actor; 0 shares the trainers'")
+    gpus: float = Field(0, ge=0, description="GPUs for the circuits actor")
+
+
 class TrackingSpec(Section):
     uri: str | None = Field(None, description="MLflow tracking URI; a SQLite file under xcm-runs/ when omitted")
     experiment: str = "xcm"
@@ -214,6 +241,7 @@ class JobSpec(Section):
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     modularity: ModularitySpec = Field(default_factory=ModularitySpec)
     partitioner: PartitionerSpec = Field(default_factory=PartitionerSpec)
+    circuits: CircuitsSpec = Field(default_factory=CircuitsSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     checkpointing: CheckpointSpec = Field(default_factory=CheckpointSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
