@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_cluster_verbs(verbs)
     _add_checkpoint_verbs(verbs)
     _add_measure_verb(verbs)
+    _add_circuits_verb(verbs)
     _add_experiment_verbs(verbs)
 
     args = parser.parse_args(argv)
@@ -308,6 +309,55 @@ def _measure(args: argparse.Namespace) -> int:
         return 1
     print(f"\nxcm: logged to MLflow run {run_id} (experiment {args.experiment}) in {uri}")
     return 0
+
+
+def _add_circuits_verb(verbs) -> None:
+    circuits = verbs.add_parser("circuits", help="circuit sizes and locality per task, and how task-specialised the "
+                                                 "clusters are, for a checkpoint, run id or model directory")
+    circuits.add_argument("model", help="a save_pretrained directory, an xcm checkpoint (run directory, step-* "
+                                        "checkpoint or MLflow run id), or a Hugging Face hub name")
+    circuits.add_argument("--tasks", nargs="+", default=[], metavar="SPEC",
+                          help="labels, labels:0+1,2+3, synthetic, synthetic:copy,add, jsonl:FILE, text:FILE "
+                               "(files under the current directory); default: the model's own tasks")
+    circuits.add_argument("--method", choices=["greedy", "attribution", "specialization", "all"], default="all",
+                          help="greedy (small classifiers), attribution, specialization, or all the model supports")
+    circuits.add_argument("--k", type=int, default=4,
+                          help="clusters of the fresh spectral partition, for a model without a partition of its own")
+    circuits.add_argument("--taus", default="0.8,0.9,0.95,1.0", help="attribution's faithfulness levels")
+    circuits.add_argument("--ig-steps", type=int, default=8, help="attribution's integrated-gradient steps")
+    circuits.add_argument("--ablation", choices=["zero", "mean"], default="zero", help="cluster ablation to zero "
+                                                                                       "or to the mean")
+    circuits.add_argument("--null-draws", type=int, default=20, help="random partitions for the index's null")
+    circuits.add_argument("--max-examples", type=int, default=2000, help="examples per task before the split")
+    circuits.add_argument("--eval-on-find-data", action="store_true",
+                          help="judge circuits on the examples that found them, as the papers do")
+    circuits.add_argument("--seed", type=int, default=0, help="seed of the find/judge split and the null")
+    circuits.add_argument("--tracking-uri", default=None,
+                          help="MLflow store for the results and for run-id lookups (default ./xcm-runs/mlflow.db)")
+    circuits.add_argument("--experiment", default="xcm-circuits", help="MLflow experiment (default xcm-circuits)")
+    circuits.set_defaults(handler=_circuits)
+
+
+def _circuits(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from orchestrator.circuit_report import run_circuits_command
+    from orchestrator.spec import CircuitsSpec, JobSpec
+
+    try:
+        options = CircuitsSpec.model_validate({
+            "method": args.method, "taus": [part for part in args.taus.split(",") if part.strip()],
+            "ig_steps": args.ig_steps, "ablation": args.ablation, "null_draws": args.null_draws,
+            "max_examples": args.max_examples, "eval_on_find_data": args.eval_on_find_data, "seed": args.seed})
+    except ValidationError as error:
+        problem = error.errors()[0]
+        print(f"xcm: --{str(problem['loc'][0]).replace('_', '-')}: {problem['msg']}", file=sys.stderr)
+        return 2
+    if args.k < 2:
+        print(f"xcm: --k {args.k}: give at least 2 clusters", file=sys.stderr)
+        return 2
+    uri = args.tracking_uri or JobSpec().resolved(Path.cwd()).tracking.uri
+    return run_circuits_command(args.model, args.tasks, options, args.k, uri, args.experiment)
 
 
 def _add_experiment_verbs(verbs) -> None:

@@ -67,3 +67,24 @@ def eval_metric(set_name: str, metric: str) -> str:
 def measured_clusterability(variant: str, matrix_name: str | None = None) -> str:
     """``xcm measure``'s C under one partition variant, for one matrix or (no name) the model mean; step = k."""
     return f"measure/{variant}" + (f"/{matrix_name}" if matrix_name else "")
+
+
+SPECIALIZATION_INDEX = "specialization/index"  # xcm circuits: normalised mutual information of clusters and tasks
+SPECIALIZATION_INDEX_NULL_MEAN = "specialization/index_null_mean"  # its mean under random same-size partitions
+SPECIALIZATION_INDEX_Z = "specialization/index_z"  # (index − null mean) / null sd
+
+
+def circuit_size(task: str, tau: float | None = None) -> str:
+    """A task's circuit size (kept share of the scoped weights), e.g. ``circuits/size/add``; attribution's at
+    one faithfulness level, e.g. ``circuits/size/add/tau0.9``."""
+    return f"circuits/size/{task}" + (f"/tau{tau:g}" if tau is not None else "")
+
+
+def circuit_locality(task: str) -> str:
+    """Share of a task's circuit inside the partition's diagonal blocks, e.g. ``circuits/locality/add``."""
+    return f"circuits/locality/{task}"
+
+
+def specialization_concentration(task: str) -> str:
+    """How much a task relies on one cluster, e.g. ``specialization/concentration/add``."""
+    return f"specialization/concentration/{task}"

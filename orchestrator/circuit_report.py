@@ -1,0 +1,681 @@
+"""``xcm circuits``: what a model's clusters buy. Per task, the circuit the exact greedy finder or attribution-ranked
+pruning keeps (its size and how much of it lies inside the clusters), and how task-specialised the clusters are
+(the specialization index against its null, each task's concentration), printed and logged to one MLflow run.
+
+The model is loaded as ``xcm measure`` loads it: a ``save_pretrained`` directory (with the ``partition.parquet``
+``xcm export`` writes beside it, when there), a hub name, or an xcm checkpoint (a run directory, a ``step-*``
+checkpoint or the MLflow run id), which is located and verified against its signed manifest before any of its
+files is read. The partition is the checkpoint's (or the export's) when it has one, else a fresh spectral one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from orchestrator import metric_names
+from orchestrator.circuit_tasks import (
+    TaskContext,
+    TaskData,
+    TaskSet,
+    build_task_set,
+    classifier_metric,
+    language_examples,
+    language_metric,
+)
+
+if TYPE_CHECKING:
+    from orchestrator.circuits import AttributionCircuit, Circuit, Specialization
+    from orchestrator.data.examples import LabelledExamples
+    from orchestrator.data.tokenizer import TextTokenizer
+    from orchestrator.modularity import GroupPartition
+    from orchestrator.spec import CircuitsSpec, JobSpec
+
+METHODS = ("greedy", "attribution", "specialization")
+EXPERIMENT = "xcm-circuits"
+BATCH_SIZE = 64
+BOOTSTRAPS = 200
+HEADLINE_TAU = 0.9  # attribution's size and locality under the bare names, when 0.9 is among the taus
+MAX_PARTITION_BYTES = 64 << 20
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+Progress = Callable[[str], None]
+
+
+class CircuitsError(ValueError):
+    """A request xcm circuits cannot serve: the message is one line naming the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for circuits, with what its tasks and partition come from."""
+
+    model: nn.Module
+    kind: str  # "classifier" or "language"
+    partitions: dict[str, GroupPartition] | None  # the checkpoint's or the export's
+    matrices: tuple[str, ...] = ("mlp_in", "mlp_out")
+    tokenizer: TextTokenizer | None = None
+    labelled: LabelledExamples | None = None
+    label_prefix: str = "label"
+    max_positions: int = 1024
+    default_tasks: tuple[str, ...] = ()
+    step: int = 0
+    provenance: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class CircuitsResult:
+    tasks: tuple[str, ...]
+    partition: str  # where the partition came from
+    k: int
+    greedy: dict[str, Circuit] = field(default_factory=dict)
+    attribution: dict[str, AttributionCircuit] = field(default_factory=dict)
+    specialization: Specialization | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # "method task" -> why
+
+
+# ---- the methods a model gets -----------------------------------------------------------------------------------
+
+
+def methods_for(method: str, kind: str, fix: str = "--method attribution") -> list[str]:
+    """The methods to run: one, or with "all" every one the model supports (greedy for classifiers only).
+    Greedy asked for a language model is refused, naming `fix`."""
+    if method == "greedy" and kind == "language":
+        raise CircuitsError(
+            "the greedy finder prunes one weight at a time with exact loss recomputation, which is for xcm's small "
+            f"classifiers (MNIST MLP, CIFAR CNN, modular addition), not a language model; use {fix}"
+        )
+    if method == "all":
+        return [m for m in METHODS if m != "greedy" or kind == "classifier"]
+    return [method]
+
+
+def job_problems(spec: JobSpec) -> list[str]:
+    """The circuits section's problems for a job that trains `spec.model`: greedy for a transformers family."""
+    from orchestrator.models.classifiers import CLASSIFIER_FAMILIES
+
+    kind = "classifier" if spec.model.family in CLASSIFIER_FAMILIES else "language"
+    try:
+        methods_for(spec.circuits.method, kind, fix="circuits.method: attribution")
+    except CircuitsError as error:
+        return [str(error)]
+    return []
+
+
+# ---- loading ----------------------------------------------------------------------------------------------------
+
+
+def load_for_circuits(source: str, tracking_uri: str) -> LoadedModel:
+    """The model `source` names, the way ``xcm measure`` takes it, with its partition, tokenizer and data."""
+    from orchestrator import measure
+
+    path = Path(source)
+    if (path / "config.json").is_file():
+        return _from_directory(path, measure.load_model(source, tracking_uri))
+    if "://" in source or path.exists() or _RUN_ID.fullmatch(source):
+        return _from_checkpoint(source, tracking_uri)
+    return _language_model(measure.load_model(source, tracking_uri), None, None, {"source": source})
+
+
+def _from_directory(path: Path, model: nn.Module) -> LoadedModel:
+    from orchestrator.train.export import PARTITION_FILE
+
+    partition_file = path / PARTITION_FILE
+    partitions = read_partition_table(partition_file, model) if partition_file.is_file() else None
+    return _language_model(model, partitions, _directory_tokenizer(path, model), {"source": str(path)})
+
+
+def _directory_tokenizer(path: Path, model: nn.Module) -> TextTokenizer | None:
+    """The directory's own tokenizer, else xcm's byte tokenizer for a model with exactly its vocabulary."""
+    from orchestrator.data.tokenizer import ByteTokenizer, PretrainedTokenizer
+
+    if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return PretrainedTokenizer(str(path))
+    return ByteTokenizer() if model.config.vocab_size == ByteTokenizer.vocab_size else None
+
+
+def _language_model(model, partitions, tokenizer, provenance, matrices=("mlp_in", "mlp_out"), step=0, tasks=()):
+    config = model.config
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
+    return LoadedModel(
+        model.eval(),
+        "language",
+        partitions,
+        tuple(matrices),
+        tokenizer,
+        max_positions=int(positions),
+        default_tasks=tuple(tasks),
+        step=step,
+        provenance=provenance,
+    )
+
+
+def _from_checkpoint(source: str, tracking_uri: str) -> LoadedModel:
+    """Located and verified (signature, then every file's hash) before anything in it is read, as export does."""
+    from orchestrator.train import checkpoint_store as store
+    from orchestrator.train.export import _local_copy
+    from orchestrator.train.resume import locate
+
+    located = locate(source, tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="xcm-circuits-") as scratch:
+        local = _local_copy(located, Path(scratch))
+        spec = _checkpoint_spec(local / store.JOB)
+        model = _checkpoint_model(local, located.state, spec)
+        partition_file = local / store.PARTITION
+        state = json.loads(partition_file.read_text()) if partition_file.is_file() else None
+    partitions = _partitions_from_state(state)
+    provenance = {"source": source, "checkpoint": located.uri, "trained_run_id": located.state.run_id}
+    from orchestrator.models.classifiers import CLASSIFIER_FAMILIES
+
+    matrices = tuple(spec.modularity.matrices)
+    step = located.state.step
+    if spec.model.family not in CLASSIFIER_FAMILIES:
+        from orchestrator.data.tokenizer import load_tokenizer
+
+        tasks = ("synthetic" + (f":{','.join(spec.data.tasks)}" if spec.data.tasks else ""),)
+        tasks = tasks if spec.data.source == "synthetic" else ()
+        tokenizer = load_tokenizer(spec.data, spec.model)
+        return _language_model(model, partitions, tokenizer, provenance, matrices, step, tasks)
+    return LoadedModel(
+        model.eval(),
+        "classifier",
+        partitions,
+        matrices,
+        labelled=_classifier_examples(spec),
+        label_prefix="answer" if spec.data.source == "modular_addition" else "label",
+        default_tasks=("labels",),
+        step=step,
+        provenance=provenance,
+    )
+
+
+def _checkpoint_spec(path: Path) -> JobSpec:
+    from orchestrator.spec import JobSpec, read_job
+
+    raw, _ = read_job(path)  # a job file's bounds (size, aliases, nesting) hold for a checkpoint's
+    return JobSpec.model_validate(raw)
+
+
+def _checkpoint_model(local: Path, state, spec: JobSpec) -> nn.Module:
+    from orchestrator.train import checkpoint_store as store
+    from orchestrator.train.export import _consolidated_model, consolidated_state_dict
+
+    if (local / store.MODEL_CONFIG).is_file():
+        return _consolidated_model(local, state)
+    from orchestrator.models.registry import build_model
+
+    vocab_size = spec.data.modulus + 1 if spec.model.family == "modular_addition" else None
+    model = build_model(spec.model, vocab_size, seed=0)
+    model.load_state_dict(consolidated_state_dict(local, state), strict=True)
+    return model
+
+
+def _classifier_examples(spec: JobSpec) -> LabelledExamples:
+    """The job's own examples at the model's input shape: the held-out ones when it holds some out."""
+    from orchestrator.data.sources import BUILDERS
+
+    data = BUILDERS[spec.data.source](spec.data, spec.model)
+    return data.validation if data.validation is not None and len(data.validation) else data.train
+
+
+def _partitions_from_state(state) -> dict[str, GroupPartition] | None:
+    from orchestrator.modularity import GroupPartition
+
+    if state is None or state.get("partitions") is None:
+        return None
+    return {name: GroupPartition.from_dict(data) for name, data in state["partitions"].items()}
+
+
+def read_partition_table(path: Path, model: nn.Module) -> dict[str, GroupPartition]:
+    """The group partitions of an export's ``partition.parquet`` (group, matrix, side, unit, cluster), each
+    checked against the model's matrices: a table that does not fit the model is refused, not guessed at."""
+    import pyarrow.parquet as pq
+
+    from orchestrator.modularity import find_matrix_groups
+
+    if path.stat().st_size > MAX_PARTITION_BYTES:
+        raise CircuitsError(f"{path} is over {MAX_PARTITION_BYTES} bytes; it is not a partition xcm export wrote")
+    try:
+        table = pq.read_table(path, columns=["group", "matrix", "side", "unit", "cluster"]).to_pydict()
+    except Exception as error:  # pyarrow raises several types for a file that is not the expected Parquet
+        raise CircuitsError(f"{path} is not a partition table ({type(error).__name__}: {error})") from None
+    groups = {group.name: group for group in find_matrix_groups(model)}
+    labels: dict[tuple[str, str, str], list[tuple[int, int]]] = {}
+    for group, matrix, side, unit, cluster in zip(*table.values(), strict=True):
+        labels.setdefault((group, matrix, side), []).append((unit, cluster))
+    partitions = {}
+    for name in sorted({group for group, _, _ in labels}):
+        if name not in groups:
+            raise CircuitsError(f"{path} partitions a group {name!r} the model does not have; re-export the model")
+        partitions[name] = _group_partition(path, groups[name], labels)
+    return partitions
+
+
+def _group_partition(path, group, labels) -> GroupPartition:
+    from orchestrator.modularity import GroupPartition
+
+    def column(matrix: str, side: str, size: int) -> torch.Tensor:
+        rows = sorted(labels.get((group.name, matrix, side), []))
+        values = torch.tensor([cluster for _, cluster in rows], dtype=torch.long)
+        if [unit for unit, _ in rows] != list(range(size)) or (values < 0).any():
+            raise CircuitsError(
+                f"{path}: {group.name} {side} {matrix} does not label units 0..{size - 1} with "
+                "clusters >= 0; re-export the model"
+            )
+        return values
+
+    d_hidden = group.matrices[0].shape[0] if group.inputs else group.matrices[0].shape[1]
+    hidden = column("", "hidden", d_hidden)
+    inputs = tuple(column(m.name, "input", m.shape[1]) for m in group.inputs)
+    outputs = tuple(column(m.name, "output", m.shape[0]) for m in group.outputs)
+    k = int(torch.cat([hidden, *inputs, *outputs]).max()) + 1
+    return GroupPartition(k, hidden, inputs, outputs)
+
+
+def fresh_partitions(model: nn.Module, k: int, matrices: Sequence[str]) -> dict[str, GroupPartition]:
+    """A spectral partition of every group into `k` clusters, as training computes one."""
+    from orchestrator.modularity import find_matrix_groups, partition_group
+
+    partitions = {}
+    with torch.no_grad():
+        for group in find_matrix_groups(model, matrices):
+            hidden = group.matrices[0].shape[0] if group.inputs else group.matrices[0].shape[1]
+            if k > hidden:
+                raise CircuitsError(f"--k {k} is more clusters than {group.name}'s {hidden} hidden units; lower --k")
+            inputs = [m.weight().detach().float() for m in group.inputs]
+            outputs = [m.weight().detach().float() for m in group.outputs]
+            partitions[group.name] = partition_group(inputs, outputs, k)
+    return partitions
+
+
+# ---- computing --------------------------------------------------------------------------------------------------
+
+
+def task_set_for(loaded: LoadedModel, specs: Sequence[str], options: CircuitsSpec, base_dir: Path) -> TaskSet:
+    specs = list(specs) or list(loaded.default_tasks)
+    if not specs:
+        raise CircuitsError(
+            "this model has no tasks of its own here (it was not trained on the synthetic corpus); "
+            "pass --tasks jsonl:FILE or text:FILE"
+        )
+    context = TaskContext(
+        loaded.kind,
+        base_dir=base_dir,
+        labelled=loaded.labelled,
+        label_prefix=loaded.label_prefix,
+        tokenizer=loaded.tokenizer,
+        max_positions=loaded.max_positions,
+        seed=options.seed,
+        eval_on_find_data=options.eval_on_find_data,
+        max_examples=options.max_examples,
+    )
+    return build_task_set(specs, context)
+
+
+def find_circuits(
+    loaded: LoadedModel,
+    task_set: TaskSet,
+    partitions: Mapping[str, GroupPartition],
+    partition_source: str,
+    methods: Sequence[str],
+    options: CircuitsSpec,
+    progress: Progress,
+) -> CircuitsResult:
+    """Every requested method on every task: circuits on each task's finding half, judged on the other."""
+    k = max(partition.k for partition in partitions.values())
+    result = CircuitsResult(tuple(task_set.names()), partition_source, k)
+    for method in (m for m in methods if m != "specialization"):
+        for index, task in enumerate(task_set.tasks, 1):
+            started = time.monotonic()
+            progress(f"{method} circuit of {task.name} ({index}/{len(task_set.tasks)})")
+            try:
+                circuit = _circuit(method, loaded, task_set.kind, task.find, task.judge, partitions, options)
+                getattr(result, method)[task.name] = circuit
+            except ValueError as error:
+                result.skipped[f"{method} {task.name}"] = str(error)
+            progress(f"  done in {time.monotonic() - started:.1f} s")
+    if "specialization" in methods:
+        started = time.monotonic()
+        progress(
+            f"specialization: ablating {k} clusters on {len(task_set.tasks)} tasks, {options.null_draws} null draws"
+        )
+        try:
+            result.specialization = _specialization(loaded, task_set, partitions, options)
+        except ValueError as error:
+            result.skipped["specialization"] = str(error)
+        progress(f"  done in {time.monotonic() - started:.1f} s")
+    return result
+
+
+def _circuit(method, loaded, kind, find: TaskData, judge: TaskData, partitions, options):
+    from orchestrator.circuits import attribution_weight_circuit, greedy_weight_circuit
+
+    if method == "greedy":
+        return greedy_weight_circuit(
+            loaded.model,
+            find.inputs,
+            find.targets,
+            partition=dict(partitions),
+            seed=options.seed,
+            other={"judge": (judge.inputs, judge.targets)},
+        )
+    return attribution_weight_circuit(
+        loaded.model,
+        find.batches(BATCH_SIZE),
+        classifier_metric if kind == "classifier" else language_metric,
+        ig_steps=options.ig_steps,
+        taus=options.taus,
+        eval_batches=None if options.eval_on_find_data else judge.batches(BATCH_SIZE),
+        partition=dict(partitions),
+    )
+
+
+def _specialization(loaded, task_set, partitions, options) -> Specialization:
+    from orchestrator.circuits import ablation_specialization, classifier_examples, hidden_layers
+
+    tasks = {task.name: (task.judge.inputs, task.judge.targets) for task in task_set.tasks}
+    results = ablation_specialization(
+        loaded.model,
+        hidden_layers(loaded.model, partitions),
+        tasks,
+        mode=options.ablation,
+        scope="module",
+        evaluate=classifier_examples if task_set.kind == "classifier" else language_examples,
+        null_draws=options.null_draws,
+        bootstraps=BOOTSTRAPS,
+        seed=options.seed,
+        batch_size=BATCH_SIZE,
+    )
+    return results["module"]
+
+
+# ---- reporting --------------------------------------------------------------------------------------------------
+
+
+def headline_tau(taus) -> float:
+    """Attribution's τ whose size and locality go under the bare metric names."""
+    taus = sorted(taus)
+    return HEADLINE_TAU if HEADLINE_TAU in taus else taus[-1]
+
+
+def result_metrics(result: CircuitsResult) -> dict[str, float]:
+    """Every scalar: the named headline metrics, then each circuit's and the specialization's own, prefixed.
+    The bare size and locality are the exact greedy circuit's where it ran, else attribution's at the headline τ."""
+    values: dict[str, float] = {}
+    for task, circuit in result.greedy.items():
+        values[metric_names.circuit_size(task)] = circuit.size
+        if circuit.locality is not None:
+            values[metric_names.circuit_locality(task)] = circuit.locality.share
+        values |= {f"circuits/greedy/{task}/{key}": value for key, value in circuit.metrics().items()}
+    for task, circuit in result.attribution.items():
+        tau = headline_tau(circuit.size_at)
+        values |= {metric_names.circuit_size(task, t): size for t, size in circuit.size_at.items()}
+        values.setdefault(metric_names.circuit_size(task), circuit.size_at[tau])
+        if circuit.locality is not None:
+            values.setdefault(metric_names.circuit_locality(task), circuit.locality[tau].share)
+        values |= {f"circuits/attribution/{task}/{key}": value for key, value in circuit.metrics().items()}
+    if result.specialization is not None:
+        values |= {f"specialization/{key}": value for key, value in result.specialization.metrics().items()}
+    return values
+
+
+def format_table(result: CircuitsResult) -> str:
+    """One row per task: each method's circuit size and locality, attribution's size per τ, the task's
+    concentration; then the specialization index with its null."""
+    taus = sorted({tau for circuit in result.attribution.values() for tau in circuit.size_at})
+    width = max(len("task"), *(len(task) for task in result.tasks))
+    header = f"{'task':<{width}}  {'greedy':>8}  {'local':>6}  {'attrib':>8}  {'local':>6}"
+    header += "".join(f"  {f'tau{tau:g}':>8}" for tau in taus) + f"  {'conc':>6}"
+    lines = [f"partition: {result.partition} (k={result.k})", header]
+    concentration = _concentrations(result.specialization)
+    for task in result.tasks:
+        greedy, attribution = result.greedy.get(task), result.attribution.get(task)
+        tau = headline_tau(attribution.size_at) if attribution else None
+        row = f"{task:<{width}}  {_cell(greedy and greedy.size, 8)}"
+        row += f"  {_cell(greedy and greedy.locality and greedy.locality.share, 6)}"
+        row += f"  {_cell(attribution and attribution.size_at[tau], 8)}"
+        row += f"  {_cell(attribution and attribution.locality and attribution.locality[tau].share, 6)}"
+        row += "".join(f"  {_cell(attribution and attribution.size_at.get(t), 8)}" for t in taus)
+        lines.append(row + f"  {_cell(concentration.get(task), 6)}")
+    lines += _specialization_lines(result.specialization)
+    lines += [f"skipped {what}: {why}" for what, why in result.skipped.items()]
+    return "\n".join(lines)
+
+
+def _cell(value, width: int) -> str:
+    if value is None or value is False:
+        return f"{'-':>{width}}"
+    return f"{value:>{width}.4f}"
+
+
+def _concentrations(specialization) -> dict[str, float]:
+    if specialization is None:
+        return {}
+    return {task: float(c) for task, c in zip(specialization.tasks, specialization.concentration, strict=True)}
+
+
+def _specialization_lines(specialization) -> list[str]:
+    if specialization is None:
+        return []
+    line = f"specialization index {specialization.index:.4f}"
+    if specialization.interval is not None:
+        line += f" (95% CI {specialization.interval[0]:.4f}..{specialization.interval[1]:.4f})"
+    if specialization.null is not None:
+        null = specialization.null
+        line += f"; null {null.mean:.4f} ± {null.sd:.4f} over {len(null.values)} random partitions, z {null.z:.2f}"
+    unused = [task for task, used in zip(specialization.tasks, specialization.used, strict=True) if not used]
+    notes = [f"tasks left out (no real full-vs-ablated gap): {', '.join(unused)}"] if unused else []
+    legend = (
+        "greedy/attrib: circuit size (kept share of the scoped weights); local: share inside the clusters; "
+        f"attrib at tau {HEADLINE_TAU:g} when given; conc: task concentration"
+    )
+    return [
+        legend,
+        line,
+        *notes,
+    ]
+
+
+def result_artifacts(result: CircuitsResult, model: nn.Module, partitions) -> dict[str, bytes]:
+    """Artifact path -> bytes: each circuit's per-matrix mask summary (Parquet), the damage matrix (Parquet and
+    heatmap), the dependence histogram, and the printed table."""
+    from orchestrator.circuits.locality import resolve_partition
+
+    labels = resolve_partition(model, dict(partitions))
+    artifacts = {"circuits.txt": (format_table(result) + "\n").encode()}
+    for task, circuit in result.greedy.items():
+        artifacts[f"circuits/greedy/{task}.parquet"] = _parquet(mask_summary(circuit.mask, labels))
+    for task, circuit in result.attribution.items():
+        rows = [row | {"tau": tau} for tau, mask in circuit.masks.items() for row in mask_summary(mask, labels)]
+        artifacts[f"circuits/attribution/{task}.parquet"] = _parquet(rows)
+    if result.specialization is not None:
+        damage = result.specialization.damage  # [k, T]
+        columns = {"cluster": list(range(damage.shape[0]))}
+        columns |= {task: damage[:, t].tolist() for t, task in enumerate(result.specialization.tasks)}
+        artifacts["specialization/damage.parquet"] = _parquet_columns(columns)
+        artifacts["specialization/damage.png"] = damage_heatmap(damage, result.specialization.tasks)
+        if result.specialization.dependence is not None:
+            artifacts["specialization/dependence.png"] = dependence_histogram(result.specialization.dependence)
+    return artifacts
+
+
+def mask_summary(mask: Mapping[str, torch.Tensor], labels) -> list[dict]:
+    """Per matrix: kept weights, size, kept share, and the share of its kept weights inside the clusters."""
+    from orchestrator.circuits import circuit_locality
+
+    blocks = {}
+    if labels and any(name in labels for name in mask):
+        blocks = circuit_locality(mask, labels).blocks
+    rows = []
+    for name, kept in mask.items():
+        count, size = int(kept.sum()), kept.numel()
+        block = blocks.get(name)
+        inside = float(torch.diagonal(block).sum() / block.sum()) if block is not None and block.sum() else math.nan
+        rows.append({"matrix": name, "kept": count, "size": size, "share": count / size, "locality": inside})
+    return rows
+
+
+def _parquet(rows: list[dict]) -> bytes:
+    return _parquet_columns({key: [row[key] for row in rows] for key in rows[0]} if rows else {})
+
+
+def _parquet_columns(columns: dict[str, list]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(columns), buffer)
+    return buffer.getvalue()
+
+
+def damage_heatmap(damage: np.ndarray, tasks: Sequence[str]) -> bytes:
+    """PNG of the cluster × task damage matrix (share of each task's performance lost with the cluster off)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(max(4.0, 0.6 * len(tasks) + 2), max(3.0, 0.4 * damage.shape[0] + 1.5)), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    shown = axes.imshow(damage, aspect="auto", cmap="viridis", vmin=0.0, interpolation="nearest")
+    figure.colorbar(shown, ax=axes, label="damage (share of the task's gap)")
+    axes.set_xticks(range(len(tasks)), list(tasks), rotation=45, ha="right")
+    axes.set_yticks(range(damage.shape[0]))
+    axes.set_xlabel("task")
+    axes.set_ylabel("cluster ablated")
+    figure.tight_layout()
+    return _png(figure)
+
+
+def dependence_histogram(dependence) -> bytes:
+    """PNG of how many clusters' ablation alone breaks a correct example (share of affected examples)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5, 3.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    counts = np.arange(1, len(dependence.histogram) + 1)
+    axes.bar(counts, dependence.histogram, yerr=np.nan_to_num(dependence.histogram_se), capsize=3)
+    axes.set_xticks(counts)
+    axes.set_xlabel("clusters whose ablation alone breaks the example")
+    axes.set_ylabel("share of affected examples")
+    axes.set_title(f"{dependence.correct} correct examples, {dependence.affected_share:.0%} affected")
+    figure.tight_layout()
+    return _png(figure)
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def log_result(
+    result: CircuitsResult,
+    loaded: LoadedModel,
+    partitions,
+    params: dict[str, str],
+    tracking_uri: str,
+    experiment: str,
+    workdir: Path,
+) -> str:
+    """One MLflow run: the metrics at the checkpoint's step (0 for other models), the artifacts; its id."""
+    from mlflow.entities import Metric
+
+    from orchestrator import tracking
+    from orchestrator.spec import JobSpec
+
+    store = JobSpec.model_validate({"tracking": {"uri": tracking_uri, "experiment": experiment}}).resolved(workdir)
+    name = f"circuits-{Path(params['source']).name or params['source']}"
+    run_id = tracking.start_run(store.tracking, name, params)
+    try:
+        mlflow = tracking.client(store.tracking.uri)
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(key, float(value), now, loaded.step)
+            for key, value in result_metrics(result).items()
+            if math.isfinite(value)  # NaN (a task left out) and inf (a null without spread) are in the table only
+        ]
+        for start in range(0, len(metrics), 1000):
+            mlflow.log_batch(run_id, metrics=metrics[start : start + 1000])
+        with tempfile.TemporaryDirectory(prefix="xcm-circuits-artifacts-") as directory:
+            for path, data in result_artifacts(result, loaded.model, partitions).items():
+                (Path(directory) / path).parent.mkdir(parents=True, exist_ok=True)
+                (Path(directory) / path).write_bytes(data)
+            mlflow.log_artifacts(run_id, directory)
+    except BaseException as error:
+        tracking.fail_run(store.tracking.uri, run_id, f"{type(error).__name__}: {error}")
+        raise
+    tracking.end_run(store.tracking.uri, run_id, "FINISHED")
+    return run_id
+
+
+def run_circuits_command(
+    source: str,
+    task_specs: Sequence[str],
+    options: CircuitsSpec,
+    k: int,
+    tracking_uri: str,
+    experiment: str = EXPERIMENT,
+    workdir: Path | None = None,
+) -> int:
+    """``xcm circuits``: load, choose the partition and tasks, compute, print the table, log the run; the exit
+    status (1 with one line on stderr for a model, task or store it cannot use)."""
+    from orchestrator import tracking
+    from orchestrator.credentials import redact
+    from orchestrator.data.training_data import DataError
+    from orchestrator.train.export import ExportError
+    from orchestrator.train.resume import ResumeError
+
+    workdir = workdir or Path.cwd()
+    try:
+        progress(f"loading {source}")
+        loaded = load_for_circuits(source, tracking_uri)
+        methods = methods_for(options.method, loaded.kind)
+        task_set = task_set_for(loaded, task_specs, options, workdir)
+        if loaded.partitions is not None:
+            origin = "the checkpoint's" if "checkpoint" in loaded.provenance else "partition.parquet beside the model"
+            partitions, partition_source = loaded.partitions, origin
+        else:
+            partitions, partition_source = fresh_partitions(loaded.model, k, loaded.matrices), "fresh spectral"
+        result = find_circuits(loaded, task_set, partitions, partition_source, methods, options, progress)
+        print(format_table(result))
+        params = loaded.provenance | _params(options, methods, task_specs, task_set, partition_source, k)
+        run_id = log_result(result, loaded, partitions, params, tracking_uri, experiment, workdir)
+    except (OSError, ValueError, ResumeError, ExportError, DataError, tracking.TrackingUnavailable) as error:
+        print(redact(f"xcm circuits: {error}").splitlines()[0], file=sys.stderr)
+        return 1
+    print(f"\nxcm: logged to MLflow run {run_id} (experiment {experiment}) in {tracking_uri}")
+    return 0
+
+
+def _params(options, methods, task_specs, task_set, partition_source, k) -> dict[str, str]:
+    return {
+        "methods": ",".join(methods),
+        "tasks": ",".join(task_set.names()),
+        "task_specs": " ".join(task_specs) or "(the model's own)",
+        "partition": partition_source,
+        "k": str(k),
+        "taus": ",".join(f"{tau:g}" for tau in options.taus),
+        "ig_steps": str(options.ig_steps),
+        "ablation": options.ablation,
+        "null_draws": str(options.null_draws),
+        "eval_on_find_data": str(options.eval_on_find_data),
+        "seed": str(options.seed),
+    }
+
+
+def progress(message: str) -> None:
+    print(f"xcm circuits: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,180 @@
+"""`xcm circuits`: a trained model's circuits and specialization printed and logged to MLflow, read back with
+MLflow's own client; greedy refused for language models; an export's partition table read back or refused."""
+
+import io
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from orchestrator import metric_names
+from orchestrator.circuit_report import CircuitsError, job_problems, methods_for, read_partition_table
+from orchestrator.cli import main
+from orchestrator.data.synthetic import generate_examples
+from orchestrator.data.tokenizer import ByteTokenizer
+from orchestrator.modularity import find_matrix_groups, partition_group
+from orchestrator.partitioning.table import partition_table
+from orchestrator.spec import JobSpec
+from tests.helpers import ROOT, run_xcm, tiny_gpt2
+
+K = 2
+
+
+def spectral(model, k=K):
+    return {
+        group.name: partition_group([m.weight() for m in group.inputs], [m.weight() for m in group.outputs], k)
+        for group in find_matrix_groups(model)
+    }
+
+
+def client_for(directory) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{directory / 'xcm-runs' / 'mlflow.db'}")
+
+
+def only_run(client, experiment="xcm-circuits"):
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def artifact_paths(client, run_id, path=None) -> set[str]:
+    paths = set()
+    for item in client.list_artifacts(run_id, path):
+        paths |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return paths
+
+
+def test_greedy_is_refused_for_language_models(tmp_path, capsys, monkeypatch):
+    """--method greedy on a GPT-2 exits 1 naming --method attribution; a job's circuits.method: greedy on a
+    transformers family is a problem naming circuits.method: attribution; classifiers get greedy under all."""
+    tiny_gpt2(vocab_size=259).save_pretrained(tmp_path / "gpt")
+    monkeypatch.chdir(tmp_path)
+    assert main(["circuits", "gpt", "--method", "greedy", "--tasks", "synthetic:add"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "greedy finder" in error and "use --method attribution" in error
+    assert not (tmp_path / "xcm-runs" / "mlflow.db").exists()  # refused before anything was logged
+    (problem,) = job_problems(JobSpec.model_validate({"circuits": {"method": "greedy"}}))
+    assert "circuits.method: attribution" in problem
+    assert job_problems(JobSpec.model_validate({"model": {"family": "mnist_mlp"}, "circuits": {"method": "greedy"}})) == []
+    assert methods_for("all", "classifier") == ["greedy", "attribution", "specialization"]
+    assert methods_for("all", "language") == ["attribution", "specialization"]
+    with pytest.raises(CircuitsError):
+        methods_for("greedy", "language")
+
+
+def test_export_partition_table_reads_back_and_a_wrong_one_is_refused(tmp_path):
+    """partition.parquet as export writes it gives back the same group partitions; a table whose units do not
+    fit the model's matrices is refused rather than guessed at."""
+    model = tiny_gpt2()
+    partitions = spectral(model)
+    pq.write_table(partition_table(find_matrix_groups(model), partitions), tmp_path / "partition.parquet")
+    read = read_partition_table(tmp_path / "partition.parquet", model)
+    assert set(read) == set(partitions)
+    for name, partition in partitions.items():
+        assert read[name].k == partition.k and torch.equal(read[name].hidden, partition.hidden)
+        assert all(torch.equal(a, b) for a, b in zip(read[name].inputs, partition.inputs, strict=True))
+    narrower = tiny_gpt2(n_inner=128)
+    with pytest.raises(CircuitsError, match="does not label units"):
+        read_partition_table(tmp_path / "partition.parquet", narrower)
+
+
+def trained_tiny_gpt2(steps: int):
+    """A tiny GPT-2 on xcm's byte vocabulary trained `steps` Adam steps on the synthetic corpus (add, copy)."""
+    tokenizer = ByteTokenizer()
+    texts = [example.text for example in generate_examples(512, seed=1, tasks=["add", "copy"])]
+    rows = [[tokenizer.eos_id, *tokenizer.encode(text)] for text in texts]
+    width = max(map(len, rows))
+    tokens = torch.tensor([row + [tokenizer.eos_id] * (width - len(row)) for row in rows])
+    model = tiny_gpt2(vocab_size=tokenizer.vocab_size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        batch = tokens[torch.randint(0, len(tokens), (32,), generator=generator)]
+        loss = model(batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_tiny_gpt2_synthetic_attribution_logged_to_mlflow(tmp_path, capsys, monkeypatch):
+    """A briefly trained tiny GPT-2 beside its partition.parquet: attribution circuits of the synthetic tasks,
+    per-τ sizes, locality and the specialization index printed and logged; the artifacts read back."""
+    model = trained_tiny_gpt2(steps=150)
+    model.save_pretrained(tmp_path / "gpt")
+    partitions = spectral(model)
+    pq.write_table(partition_table(find_matrix_groups(model), partitions), tmp_path / "gpt" / "partition.parquet")
+    monkeypatch.chdir(tmp_path)
+    status = main([
+        "circuits", "gpt", "--tasks", "synthetic:add,copy", "--method", "all", "--ig-steps", "2",
+        "--taus", "0.8,0.9", "--null-draws", "2", "--max-examples", "40",
+    ])  # fmt: skip
+    output = capsys.readouterr()
+    assert status == 0, output.err
+    assert "partition.parquet beside the model (k=2)" in output.out and "specialization index" in output.out
+    client = client_for(tmp_path)
+    run = only_run(client)
+    metrics = run.data.metrics
+    for task in ("add", "copy"):
+        size = metrics[metric_names.circuit_size(task, 0.9)]
+        assert 0 < metrics[metric_names.circuit_size(task, 0.8)] <= size <= 1
+        assert metrics[metric_names.circuit_size(task)] == size
+        assert 0 <= metrics[metric_names.circuit_locality(task)] <= 1
+    assert 0 <= metrics[metric_names.SPECIALIZATION_INDEX] <= 1
+    assert metric_names.SPECIALIZATION_INDEX_NULL_MEAN in metrics
+    assert run.data.params["partition"] == "partition.parquet beside the model"
+    paths = artifact_paths(client, run.info.run_id)
+    assert {"circuits/attribution/add.parquet", "specialization/damage.parquet", "specialization/damage.png",
+            "specialization/dependence.png", "circuits.txt"} <= paths  # fmt: skip
+    summary = pq.read_table(io.BytesIO(open(client.download_artifacts(run.info.run_id,
+                                                                      "circuits/attribution/add.parquet"), "rb").read()))
+    rows = summary.to_pylist()
+    assert {row["tau"] for row in rows} == {0.8, 0.9}
+    kept = sum(row["kept"] for row in rows if row["tau"] == 0.9) / sum(row["size"] for row in rows if row["tau"] == 0.9)
+    assert kept == pytest.approx(metrics[metric_names.circuit_size("add", 0.9)])
+    damage = pq.read_table(client.download_artifacts(run.info.run_id, "specialization/damage.parquet"))
+    assert damage.column_names == ["cluster", "add", "copy"] and damage.num_rows == K
+
+
+@pytest.mark.slow
+def test_mnist_mlp_checkpoint_greedy_attribution_and_specialization(tmp_path):
+    """`xcm run` trains the MNIST MLP on digits into a checkpoint; `xcm circuits <run directory>` verifies and
+    loads it with its own partition, finds greedy and attribution circuits of two labels and the specialization
+    index, and the run in experiment xcm-circuits holds their metrics at the checkpoint's step and the artifacts."""
+    trained = run_xcm(
+        "run", str(ROOT / "jobs" / "mnist_mlp.yaml"), "--set", "data.source=digits", "--set", "training.steps=30",
+        "--set", "model.config.width=16", "--set", "evaluation.every_steps=0", "--set", "training.report_every=30",
+        "--set", "resources.num_workers=1", "--set", "training.lr=0.01", "--set", "tracking.experiment=train",
+        cwd=tmp_path, timeout=400,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    (run_directory,) = (tmp_path / "xcm-runs" / "checkpoints").iterdir()
+    result = run_xcm(
+        "circuits", str(run_directory), "--tasks", "labels:0,1", "--null-draws", "2", "--ig-steps", "2",
+        "--max-examples", "24", cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "the checkpoint's (k=4)" in result.stdout
+    client = client_for(tmp_path)
+    run = only_run(client)
+    history = client.get_metric_history(run.info.run_id, metric_names.circuit_size("label_0"))
+    assert [point.step for point in history] == [30]
+    metrics = run.data.metrics
+    for task in ("label_0", "label_1"):
+        assert 0 < metrics[metric_names.circuit_size(task)] < 1  # the exact greedy circuit's
+        assert metrics[metric_names.circuit_size(task)] == metrics[f"circuits/greedy/{task}/size"]
+        assert 0 < metrics[metric_names.circuit_size(task, 0.9)] <= 1
+        assert 0 <= metrics[metric_names.circuit_locality(task)] <= 1
+    assert metric_names.SPECIALIZATION_INDEX in metrics
+    assert run.data.params["trained_run_id"] == json.loads(
+        (sorted(run_directory.glob("step-*"))[-1] / "xcm" / "state.json").read_text())["run_id"]
+    paths = artifact_paths(client, run.info.run_id)
+    assert {"circuits/greedy/label_0.parquet", "circuits/attribution/label_1.parquet",
+            "specialization/damage.png", "specialization/damage.parquet"} <= paths  # fmt: skip
+    greedy = pq.read_table(client.download_artifacts(run.info.run_id, "circuits/greedy/label_0.parquet")).to_pylist()
+    assert {row["matrix"] for row in greedy} == {f"classifier.fc{i}.weight" for i in range(1, 5)}
+    share = sum(row["kept"] for row in greedy) / sum(row["size"] for row in greedy)
+    assert share == pytest.approx(metrics[metric_names.circuit_size("label_0")])
