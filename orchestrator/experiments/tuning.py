@@ -30,6 +30,10 @@ from orchestrator.spec import JobSpec
 logger = logging.getLogger(__name__)
 
 _RUN_ID_FILE = "mlflow_run.json"  # the trial's Tune checkpoint: which child run it trains
+# The trial's own process only waits for its Ray Train run: it reserves no CPU (a CPU would leave a 2-CPU machine
+# one short for the run's two workers, and the trial would wait forever). Tune refuses a request of nothing,
+# so it asks for one byte of memory.
+_TRIAL_RESOURCES = {"cpu": 0, "memory": 1}
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ def _fit(plan: ExperimentPlan, specs: dict[str, JobSpec], parent_run_id: str, wo
                           "spec": specs[trial.key].model_dump(mode="json", by_alias=True)} for trial in plan.trials}
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, trials=trials, parent_run_id=parent_run_id, workdir=str(workdir)),
-        {"cpu": 0})
+        _TRIAL_RESOURCES)
     first = next(iter(specs.values()))
     tuner = tune.Tuner(
         trainable,
