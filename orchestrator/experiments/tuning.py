@@ -3,9 +3,8 @@
 Tune schedules, retries and tabulates the trials; each trial is a function trainable that trains its job
 through ``run_job``, the path of ``xcm run``: a Ray Train run of its own, started from inside the trial (Ray
 Train v2 runs inside a Tune trial this way). Tune does not see the resources the Train run asks for, so the
-trial itself reserves none (a reserved CPU would leave a 2-CPU machine one short for two workers, and the trial
-would wait forever) and ``max_concurrent_trials`` is what keeps the running trials within the cluster: as many
-as its CPUs and GPUs hold at once, one at a time on a laptop.
+trial itself reserves no CPU (``_TRIAL_RESOURCES``) and ``max_concurrent_trials`` is what keeps the running
+trials within the cluster: as many as its CPUs and GPUs hold at once, one at a time on a laptop.
 
 A trial that fails (its Ray Train run gives up, the trial's process dies) is retried by Tune up to the
 experiment's ``max_failures``: the first thing a trial does is create its child MLflow run and report that run's
