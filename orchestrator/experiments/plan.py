@@ -233,7 +233,7 @@ def _point_names(keys: list[str], points: list[tuple[str, ...]]) -> list[str]:
     """``lambda20_k4`` for (modularity.lambda=20, modularity.k=4): each key's last part and its value."""
     names: list[str] = []
     for point in points:
-        name = "_".join(f"{key.rsplit('.', 1)[-1]}{re.sub(r'[^A-Za-z0-9.]', '', value)}"
+        name = "_".join(f"{key.rsplit('.', 1)[-1]}{re.sub(r'[^A-Za-z0-9.-]', '', value)}"
                         for key, value in zip(keys, point, strict=True))[:60] or "point"
         names.append(name if name not in names else f"{name}-{len(names)}")
     return names
