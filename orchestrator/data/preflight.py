@@ -135,13 +135,13 @@ def _tokenizer_problems(spec: JobSpec) -> list[SpecProblem]:
 def _validation_size_problems(spec: JobSpec, data: TrainingData) -> list[SpecProblem]:
     """Every rank evaluates an equal share of each validation set, so each set needs an item per worker."""
     from orchestrator import metric_names
+    from orchestrator.data.training_data import evaluation_sets
     from orchestrator.spec import SpecProblem
-    from orchestrator.train.evaluation import evaluation_sets
 
     if not spec.evaluation.every_steps:
         return []
     workers = spec.resources.num_workers
-    sizes = {name: len(items) for name, items in evaluation_sets(data, spec.evaluation).items()}
+    sizes = {name: len(items) for name, items in evaluation_sets(data, spec.evaluation.per_task).items()}
     unit, fix = _validation_size_unit_and_fix(spec)
     return [SpecProblem(
         key="evaluation.every_steps",

@@ -28,6 +28,17 @@ class TrainingData:
         return self.tokenizer.vocab_size
 
 
+def evaluation_sets(data, per_task: bool) -> dict:
+    """Loss metric name -> items of `data` (``TrainingData`` blocks [n, block_size + 1], or ``ExampleData``'s
+    labelled examples): the validation split, and each synthetic task's when ``per_task``."""
+    from orchestrator import metric_names
+
+    sets = {} if data.validation is None else {metric_names.EVAL_LOSS: data.validation}
+    if per_task:
+        sets.update({metric_names.eval_task_loss(task): items for task, items in data.validation_by_task.items()})
+    return sets
+
+
 class DataError(ValueError):
     """Input a source cannot use (a missing file, an unreachable dataset, a wrong column), with its fix.
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from orchestrator.spec import JobSpec, ModularitySpec
-from orchestrator.train.gather import GroupSnapshot
+from orchestrator.gather import GroupSnapshot
+from orchestrator.spec import ModularitySpec, PartitionerSpec
 
 
 @dataclass(frozen=True)
@@ -80,14 +80,15 @@ class Partitioner:
 
 def draw_heatmaps(snapshot: dict[str, GroupSnapshot], partitions: dict[str, dict]) -> dict[str, bytes]:
     """A PNG heatmap of every matrix of `snapshot` under its group's partition, by matrix name."""
-    from orchestrator.partitioning.heatmaps import block_heatmap
     from orchestrator.modularity import GroupPartition
+    from orchestrator.partitioning.heatmaps import block_heatmap
 
     pictures = {}
     for name, group in snapshot.items():
         partition = GroupPartition.from_dict(partitions[name])
         weights_in, weights_out = group.tensors()
-        for matrix, weight, (rows, cols) in zip(group.names, weights_in + weights_out, partition.matrix_labels()):
+        for matrix, weight, (rows, cols) in zip(group.names, weights_in + weights_out, partition.matrix_labels(),
+                                                strict=True):
             pictures[matrix] = block_heatmap(weight, rows, cols, partition.k, matrix)
     return pictures
 
@@ -96,11 +97,10 @@ def _all_labels(partition) -> list[int]:
     return torch.cat([partition.hidden, *partition.inputs, *partition.outputs]).tolist()
 
 
-def start_partitioners(spec: JobSpec) -> dict[str, ray.actor.ActorHandle]:
+def start_partitioners(modularity: ModularitySpec, settings: PartitionerSpec) -> dict[str, ray.actor.ActorHandle]:
     """Driver side: start the job's partitioner actors with the spec's resources, by their (unique) Ray names;
     the trainers find them by name, and the driver kills them when the job ends."""
-    settings = spec.partitioner
-    modularity = spec.modularity.model_dump(mode="json", by_alias=True)
+    modularity = modularity.model_dump(mode="json", by_alias=True)
     tag = uuid.uuid4().hex[:12]
     return {name: Partitioner.options(name=name, num_cpus=settings.cpus, num_gpus=settings.gpus)
             .remote(modularity, settings.delay_s)
@@ -118,7 +118,7 @@ class PartitionerPool:
                 draw: bool) -> PartitionRequest:
         """Send every actor its groups (and, with `draw`, ask for heatmaps of them), without waiting."""
         shares, heatmaps = [], []
-        for actor, names in zip(self._actors, self._shares):
+        for actor, names in zip(self._actors, self._shares, strict=True):
             own = ray.put({name: snapshot[name] for name in names})
             before = {name: previous[name] for name in names} if previous is not None else None
             shares.append(actor.partition.remote(own, before))

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from orchestrator import metric_names
+from orchestrator.gather import GroupSnapshot
 from orchestrator.modularity import GroupPartition, MatrixGroup
 from orchestrator.partitioning.actor import PartitionerPool, PartitionRequest, PartitionShare, draw_heatmaps
 from orchestrator.partitioning.table import partition_table
 from orchestrator.tracking import MetricLogger
-from orchestrator.train.gather import GroupSnapshot
 
 PARTITIONS_DIRECTORY = "partitions"  # partitions/partition-step<adoption step>.parquet, one per version
 HEATMAPS_DIRECTORY = "heatmaps"  # heatmaps/version-<n>/<matrix>.png and heatmaps/final/<matrix>.png

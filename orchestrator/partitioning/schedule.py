@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
+from orchestrator.gather import Gathered, Needs
 from orchestrator.modularity import (
     ClusterabilityRegularizer,
     GroupPartition,
@@ -36,9 +37,9 @@ from orchestrator.modularity import (
 )
 from orchestrator.partitioning.actor import PartitionerPool, PartitionRequest, PartitionShare
 from orchestrator.partitioning.report import PartitionReport
+from orchestrator.ranks import Rank
 from orchestrator.spec import ModularitySpec, PartitionerSpec
 from orchestrator.tracking import MetricLogger
-from orchestrator.train.gather import gather_groups
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class PartitionSchedule:
     """Owns the current partition of every rank: requests, adoption, the regulariser's labels and baselines."""
 
     def __init__(self, groups: Sequence[MatrixGroup], regularizer: ClusterabilityRegularizer,
-                 modularity: ModularitySpec, partitioner: PartitionerSpec, rank: int, device: torch.device,
+                 modularity: ModularitySpec, partitioner: PartitionerSpec, rank: Rank, device: torch.device,
                  actor_names: Sequence[str], metric_logger: MetricLogger | None):
         self._groups, self._regularizer = list(groups), regularizer
         self._modularity, self._partitioner = modularity, partitioner
@@ -84,40 +85,58 @@ class PartitionSchedule:
         self.adoptions: list[dict[str, int]] = []
         self._last_request: int | None = None
         self._request: _Request | None = None
-        self._pool = PartitionerPool(list(actor_names), [g.name for g in groups]) if rank == 0 else None
+        self._pool = PartitionerPool(list(actor_names), [g.name for g in groups]) if rank.leads else None
         self._report = PartitionReport(metric_logger, groups) if metric_logger is not None else None
 
-    def maybe_repartition(self, step: int) -> int | None:
-        """At a step boundary, adopt a published version or ask for a new one; returns the version adopted
-        at this step, if any. Every rank calls it before every step: it may enter collectives."""
-        adopted = self._poll(step) if self._request is not None else None
-        if self._request is None and self._due(step):
-            self._send(step)
-            if self._request.adopt_at == step:  # the first partition: there is nothing to train with before it
-                adopted = self._poll(step)
-        return adopted
+    def due(self, step: int) -> bool:
+        """A request goes out at ``partition_at_step``, then every ``partition_every`` steps after the last
+        one, never while one is in flight."""
+        if self._request is not None:
+            return False
+        if self.partitions is None:
+            return step >= self._modularity.partition_at_step
+        every = self._modularity.partition_every
+        return every > 0 and step >= self._last_request + every
 
-    def finish(self) -> None:
-        """After the last step: heatmaps of the trained matrices under the current partition (a collective).
-        A version still in flight is dropped, after its last broadcast has arrived."""
+    @staticmethod
+    def needs() -> Needs:
+        return Needs(groups=True)
+
+    def submit(self, step: int, gathered: Gathered | None) -> None:
+        """Send the matrices gathered at `step` to the actors (rank 0), without waiting; the first partition
+        is awaited and adopted here, since there is nothing to train with before it."""
+        self._send(step, gathered)
+        if self._request.adopt_at == step:
+            self._poll(step)
+
+    def collect(self, step: int) -> None:
+        """Adopt a published version at this step boundary, when the policy above says so (every rank: it may
+        enter collectives)."""
+        if self._request is not None:
+            self._poll(step)
+
+    def finish(self, gathered: Gathered | None) -> None:
+        """After the last step: heatmaps of the trained matrices (`gathered` on rank 0) under the current
+        partition. A version still in flight is dropped, after its last broadcast has arrived."""
         if self._request is not None and self._request.decision is not None:
             self._request.decision.value()
-        if self.partitions is None:
-            return
-        snapshot = gather_groups(self._groups, self._rank)
-        if self._report is not None:
-            self._report.final(snapshot, self.partitions)
+        if self.partitions is not None and self._report is not None:
+            self._report.final(gathered.groups, self.partitions)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict | None:
         """What a checkpoint keeps, as plain ints and lists: the current version, its labels, every adoption,
-        and the version awaiting its adoption step. Rank 0's is the one kept: only it has the actors' answers."""
-        partitions = None if self.partitions is None else {
-            name: partition.to_dict() for name, partition in self.partitions.items()}
+        and the version awaiting its adoption step; None before the first partition. Rank 0's is the one kept:
+        only it has the actors' answers."""
+        if self.partitions is None:
+            return None
+        partitions = {name: partition.to_dict() for name, partition in self.partitions.items()}
         return {"version": self.version, "last_request": self._last_request, "partitions": partitions,
                 "adoptions": [dict(adoption) for adoption in self.adoptions], "pending": self._pending_state()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict | None) -> None:
         """Continue from `state_dict()`'s output: the same labels in the regulariser, the same record."""
+        if state is None:
+            return
         self.version = int(state["version"])
         self._last_request = state["last_request"]
         self.adoptions = [dict(adoption) for adoption in state["adoptions"]]
@@ -128,15 +147,8 @@ class PartitionSchedule:
         if state["partitions"] is not None:
             self._apply({name: GroupPartition.from_dict(data) for name, data in state["partitions"].items()})
 
-    def _due(self, step: int) -> bool:
-        if self.partitions is None:
-            return step >= self._modularity.partition_at_step
-        every = self._modularity.partition_every
-        return every > 0 and step >= self._last_request + every
-
-    def _send(self, step: int) -> None:
-        """Gather the matrices (every rank) and, on rank 0, send them to the actors without waiting."""
-        snapshot = gather_groups(self._groups, self._rank)
+    def _send(self, step: int, gathered: Gathered | None) -> None:
+        """Record the request (every rank) and, on rank 0, send the gathered matrices to the actors."""
         lag = self._partitioner.adopt_after_steps
         adopt_at = step if self.partitions is None else step + lag if lag > 0 else None
         self._request, self._last_request = _Request(step, adopt_at), step
@@ -144,9 +156,9 @@ class PartitionSchedule:
             previous = None if self.partitions is None else {
                 name: partition.to_dict() for name, partition in self.partitions.items()}
             draw = self.version % self._partitioner.heatmap_every == 0  # versions 1, 1 + N, 1 + 2N...
-            self._request.sent = self._pool.request(snapshot, previous, draw)
+            self._request.sent = self._pool.request(gathered.groups, previous, draw)
 
-    def _poll(self, step: int) -> int | None:
+    def _poll(self, step: int) -> None:
         """Every rank acts on what rank 0 saw of the answers: at its adoption step, after rank 0 waited for
         them; without one, at the last step boundary (never waiting)."""
         request, waited_s = self._request, 0.0
@@ -157,18 +169,18 @@ class PartitionSchedule:
             code = self._broadcast_code(self._observe(request, wait=True))
             waited_s = time.perf_counter() - started
         else:
-            return None
+            return
         if code == PENDING:
-            return None
+            return
         self._request = None
         if code == FAILED:
             if self.partitions is None:
                 raise RuntimeError("the partitioner could not compute the first partition"
                                    + ("" if request.error is None else f": {request.error}")
-                                   + ("" if self._rank == 0 else " (rank 0 has the cause)")) from request.error
+                                   + ("" if self._rank.leads else " (rank 0 has the cause)")) from request.error
             logger.warning("partition requested at step %d failed (%s); keeping version %d", request.step,
                            request.error, self.version)
-            return None
+            return
         shares = request.shares
         payload = [{name: data for share in shares for name, data in share.partitions.items()}]
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -179,7 +191,6 @@ class PartitionSchedule:
         self.adoptions.append({"version": self.version, "requested_at": request.step, "adopted_at": step})
         if self._report is not None:
             self._report.adopted(self.version, step, request.step, partitions, shares, request.sent, waited_s)
-        return self.version
 
     def _code_seen_before(self, request: _Request) -> int:
         """What rank 0 saw at the last step boundary, on every rank; while that was PENDING, rank 0 sends what
@@ -220,7 +231,7 @@ class PartitionSchedule:
         self.baselines = {
             matrix.name: float(baseline(rows, cols, partitions[group.name].k))
             for group in self._groups
-            for matrix, (rows, cols) in zip(group.matrices, partitions[group.name].matrix_labels())}
+            for matrix, (rows, cols) in zip(group.matrices, partitions[group.name].matrix_labels(), strict=True)}
 
     def _broadcast_code(self, code: int) -> int:
         """Rank 0's `code` on every rank: one small tensor on the training device (nccl needs it on the GPU)."""

@@ -24,8 +24,8 @@ def partition_table(groups: list[MatrixGroup], partitions: dict[str, GroupPartit
     for group in groups:
         partition = partitions[group.name]
         add(group.name, "", "hidden", partition.hidden)
-        for matrix, labels in zip(group.inputs, partition.inputs):
+        for matrix, labels in zip(group.inputs, partition.inputs, strict=True):
             add(group.name, matrix.name, "input", labels)
-        for matrix, labels in zip(group.outputs, partition.outputs):
+        for matrix, labels in zip(group.outputs, partition.outputs, strict=True):
             add(group.name, matrix.name, "output", labels)
     return pa.table(columns)

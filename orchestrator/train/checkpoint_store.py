@@ -9,7 +9,7 @@ One checkpoint, as Ray Train stores it under the run directory ``<storage_path>/
       xcm/state.json        step, data position, world size, ZeRO stage, MLflow run id, DeepSpeed tag, session
       xcm/job.yaml          the resolved job spec, itself a loadable job file
       xcm/config.json       the model's transformers config (what ``xcm export`` rebuilds the model from)
-      xcm/partition.json    the partition state
+      xcm/<side job>.json   each side job's state (xcm/partition.json: the partition)
       xcm/rng-rank-<r>.json python, numpy and torch RNG states of rank r
       manifest.json         every file above with its size and sha256, and an HMAC-SHA256 over that list
 
@@ -56,7 +56,7 @@ MANIFEST_FORMAT = 2
 STATE = "xcm/state.json"
 JOB = "xcm/job.yaml"
 MODEL_CONFIG = "xcm/config.json"
-PARTITION = "xcm/partition.json"
+PARTITION = "xcm/partition.json"  # the partitioner's side-job state, side_job_file("partition")
 DEEPSPEED = "deepspeed"
 CHECKPOINT_PREFIX = "step-"
 SUPERSEDED_PREFIX = "superseded-"
@@ -69,6 +69,7 @@ _MAX_MANIFEST_BYTES = 64 << 20
 _MAX_STATE_BYTES = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SIDE_JOB = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
 class CheckpointKeyError(RuntimeError):
@@ -85,6 +86,14 @@ class NotIntact(Exception):
 
 def rng_file(rank: int) -> str:
     return f"xcm/rng-rank-{rank}.json"
+
+
+def side_job_file(name: str) -> str:
+    """Where a side job's state is kept; its name comes from xcm's code (a registered kind), never from a file."""
+    path = f"xcm/{name}.json"
+    if not _SIDE_JOB.fullmatch(name) or path in (STATE, MODEL_CONFIG):
+        raise ValueError(f"a side job's name is lower-case letters, digits and _, not state or config: {name!r}")
+    return path
 
 
 def checkpoint_name(step: int) -> str:

@@ -20,6 +20,7 @@ import random
 import shutil
 import tempfile
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from orchestrator.ranks import Rank
 from orchestrator.spec import JobSpec
 from orchestrator.train import checkpoint_store as store
+from orchestrator.train.due import due
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ class Restored:
 
     step: int  # the step index to continue at
     data_position: int  # micro-batches already consumed by each rank
-    partition_state: Any  # whatever ``TrainingSession.partition_state`` returned at save time
+    side_job_states: dict[str, Any]  # side job name -> its ``state_dict()`` at save time (absent: none kept)
 
 
 class CheckpointManager:
@@ -60,9 +63,8 @@ class CheckpointManager:
     the key secret) stops at once instead of writing checkpoints no other node can verify.
     """
 
-    def __init__(self, spec: JobSpec, rank: int, world_size: int, run_id: str, session: str,
-                 key_id: str | None = None):
-        self.spec, self.rank, self.world_size, self.run_id = spec, rank, world_size, run_id
+    def __init__(self, spec: JobSpec, rank: Rank, run_id: str, session: str, key_id: str | None = None):
+        self.spec, self.rank, self.run_id = spec, rank, run_id
         self.session = session or uuid.uuid4().hex  # a caller without one is a launch of its own
         if key_id is not None and store.key_id(store.checkpoint_key()) != key_id:
             raise store.CheckpointKeyError(
@@ -71,11 +73,11 @@ class CheckpointManager:
 
     def due(self, step: int) -> bool:
         """A checkpoint after step index ``step``: every ``every_steps`` steps and after the last one."""
-        every = self.spec.checkpointing.every_steps
-        return step == self.spec.training.steps - 1 or (every > 0 and (step + 1) % every == 0)
+        return due(step, self.spec.checkpointing.every_steps, last_step=self.spec.training.steps - 1)
 
-    def save(self, engine, step: int, metrics: dict, partition_state: Any, data_position: int) -> None:
-        """Every rank: write this rank's part, agree on the manifest, report the checkpoint to Ray Train."""
+    def save(self, engine, step: int, metrics: dict, side_job_states: dict[str, Any], data_position: int) -> None:
+        """Every rank: write this rank's part, agree on the manifest, report the checkpoint to Ray Train.
+        ``side_job_states`` (name -> JSON values) are rank 0's, one JSON file each."""
         import ray.train
         import transformers
 
@@ -84,19 +86,20 @@ class CheckpointManager:
         directory = Path(tempfile.mkdtemp(prefix="xcm-checkpoint-"))
         try:
             engine.save_checkpoint(str(directory / store.DEEPSPEED), tag=tag)
-            _write_json(capture_rng_state(), directory / store.rng_file(self.rank))
-            if self.rank == 0:
+            _write_json(capture_rng_state(), directory / store.rng_file(self.rank.index))
+            if self.rank.leads:
                 state = store.CheckpointState(
-                    step=completed, data_position=data_position, world_size=self.world_size,
+                    step=completed, data_position=data_position, world_size=self.rank.world_size,
                     zero_stage=self.spec.deepspeed.zero_stage, run_id=self.run_id, deepspeed_tag=tag,
                     session=self.session)
                 (directory / store.STATE).write_text(state.to_json())
                 (directory / store.JOB).write_text(self.spec.to_yaml())
-                _write_json(partition_state, directory / store.PARTITION)
+                for name, side_job_state in side_job_states.items():
+                    _write_json(side_job_state, directory / store.side_job_file(name))
                 if isinstance(engine.module, transformers.PreTrainedModel):  # xcm's own models have no HF config
                     engine.module.config.to_json_file(directory / store.MODEL_CONFIG)
             records = _all_ranks(store.file_records(directory))
-            if self.rank == 0:
+            if self.rank.leads:
                 store.write_manifest(directory, {name: record for rank_records in records
                                                  for name, record in rank_records.items()})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
@@ -104,12 +107,13 @@ class CheckpointManager:
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
-    def restore(self, engine, resume_from: str | None) -> Restored | None:
-        """Every rank: load the checkpoint to continue from into ``engine``; None for a fresh start."""
+    def restore(self, engine, resume_from: str | None, side_jobs: Sequence[str]) -> Restored | None:
+        """Every rank: load the checkpoint to continue from into ``engine``, with the states it kept of the
+        side jobs named; None for a fresh start."""
         import ray.train
 
         choice = None
-        if self.rank == 0:
+        if self.rank.leads:
             try:
                 choice = self._choose(resume_from)
             except store.CheckpointKeyError as error:  # every rank must hear of it, or the others wait forever
@@ -120,19 +124,20 @@ class CheckpointManager:
         located = choice
         if located is None:
             return None
-        check_resumable(located.state, self.world_size, located.uri)
+        check_resumable(located.state, self.rank.world_size, located.uri)
         checkpoint = ray.train.Checkpoint(located.path, filesystem=located.filesystem)
-        with checkpoint.as_directory() as directory:
-            directory = Path(directory)
+        with checkpoint.as_directory() as local:
+            directory = Path(local)
             _verify_on_every_rank(directory, located)
             load_path, _ = engine.load_checkpoint(str(directory / store.DEEPSPEED), tag=located.state.deepspeed_tag)
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load {directory / store.DEEPSPEED}")
-            restore_rng_state(_read_json(directory / store.rng_file(self.rank)))
-            partition_state = _read_json(directory / store.PARTITION)
-        if self.rank == 0:
+            restore_rng_state(_read_json(directory / store.rng_file(self.rank.index)))
+            side_job_states = {name: _read_json(directory / store.side_job_file(name)) for name in side_jobs
+                               if (directory / store.side_job_file(name)).is_file()}
+        if self.rank.leads:
             logger.info("resumed from %s at step %d", located.uri, located.state.step)
-        return Restored(located.state.step, located.state.data_position, partition_state)
+        return Restored(located.state.step, located.state.data_position, side_job_states)
 
     def _choose(self, resume_from: str | None) -> store.Located | str | None:
         """Rank 0: the verified checkpoint to continue from, None for a fresh start, or why it must not start.

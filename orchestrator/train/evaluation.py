@@ -16,20 +16,11 @@ import torch
 
 from orchestrator import metric_names
 from orchestrator.data.packing import split_inputs_and_labels
+from orchestrator.train.due import due
 
 if TYPE_CHECKING:
-    from orchestrator.data import TrainingData
     from orchestrator.spec import EvaluationSpec
     from orchestrator.train.objectives import Objective
-
-
-def evaluation_sets(data: TrainingData, evaluation: EvaluationSpec) -> dict:
-    """Loss metric name -> items (blocks [n, block_size + 1], or labelled examples): the validation split, and
-    each synthetic task's when ``per_task``."""
-    sets = {} if data.validation is None else {metric_names.EVAL_LOSS: data.validation}
-    if evaluation.per_task:
-        sets.update({metric_names.eval_task_loss(task): items for task, items in data.validation_by_task.items()})
-    return sets
 
 
 def rank_shard(items, rank: int, world_size: int):
@@ -55,7 +46,7 @@ class Evaluator:
     def due(self, step: int) -> bool:
         """After every ``every_steps`` steps and after the last one, when evaluation is on and there is data."""
         every = self.evaluation.every_steps
-        return bool(every and self.shards) and ((step + 1) % every == 0 or step == self.last_step)
+        return bool(every and self.shards) and due(step, every, self.last_step)
 
     def evaluate(self) -> dict[str, float]:
         """Every set's mean loss (and the objective's metrics, e.g. accuracy) over all ranks; perplexity for text."""

@@ -108,19 +108,20 @@ def _fit(spec: JobSpec, run_id: str, checkpoint_key_id: str, resume_from: str | 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.partitioning.actor import start_partitioners
     from orchestrator.train.checkpoint_store import run_directory_name
     from orchestrator.train.progress import ProgressBoard, ProgressLine
+    from orchestrator.train.side_job_registry import start_side_job_actors, stop_side_job_actors
     from orchestrator.train.worker import train_worker
 
     ensure_ray(spec)
     board_name = f"xcm-progress-{uuid.uuid4().hex[:12]}"
     board = ProgressBoard.options(name=board_name).remote()
-    partitioners = start_partitioners(spec)
+    side_job_actors = start_side_job_actors(spec)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"spec": spec.model_dump(mode="json", by_alias=True), "run_id": run_id,
-                           "progress_actor": board_name, "partitioners": list(partitioners),
+                           "progress_actor": board_name,
+                           "side_job_actors": {name: list(actors) for name, actors in side_job_actors.items()},
                            "resume_from": resume_from, "checkpoint_key_id": checkpoint_key_id,
                            # names this launch in its checkpoints: a worker-group restart continues from this
                            # launch's own, not from a later branch of the run that `xcm resume` rolled back
@@ -136,8 +137,8 @@ def _fit(spec: JobSpec, run_id: str, checkpoint_key_id: str, resume_from: str | 
         with ProgressLine(board, spec.training.steps):
             return trainer.fit()
     finally:
-        for actor in (board, *partitioners.values()):
-            ray.kill(actor)
+        ray.kill(board)
+        stop_side_job_actors(side_job_actors)
 
 
 def worker_group(spec: JobSpec) -> dict:

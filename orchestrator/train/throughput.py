@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from orchestrator import metric_names
+from orchestrator.train.due import due
 
 if TYPE_CHECKING:
     from orchestrator.spec import JobSpec, ResourcesSpec
@@ -106,7 +107,7 @@ class ThroughputMeter:
     def memory_due(self, step: int) -> bool:
         """Whether every worker's peak memory is gathered after ``step``: every ``memory_every`` steps and at the
         last."""
-        return (step + 1) % self.memory_every == 0 or step == self.steps - 1
+        return due(step, self.memory_every, self.steps - 1)
 
     def memory_metrics(self, step: int) -> dict[str, float]:
         """Every worker's peak memory after ``step``, when due (every rank calls this at every step)."""

@@ -2,9 +2,10 @@
 
 Runbook: the driver (``orchestrator.train.launch``) starts N workers with the resolved spec; each builds the
 same random model and its own shard of the data, wraps the model in a DeepSpeed engine at the spec's ZeRO
-stage, and trains with ``task_loss - lambda * mean C``. The partitioner actors compute the partition from
-matrices rank 0 gathers (a collective under ZeRO-3), and every rank adopts each version at the same step
-(``orchestrator.partitioning.schedule``); rank 0 alone logs to MLflow and posts progress. Every rank
+stage, and trains with ``task_loss - lambda * mean C``. Side jobs (``orchestrator.side_jobs``) work beside
+the loop on weights rank 0 gathers (a collective under ZeRO-3): the partitioner's actors compute the
+partition, and every rank adopts each version at the same step (``orchestrator.partitioning.schedule``);
+rank 0 alone logs to MLflow and posts progress. Every rank
 calls ``ray.train.report`` at the same steps: it is a barrier. A session that starts from a checkpoint (a
 restart after a failure, or ``xcm resume``) continues at its step, data position and partition
 (``orchestrator.train.checkpointing``).
@@ -14,12 +15,20 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from orchestrator import metric_names
+from orchestrator.partitioning.side_job import PARTITIONING
+from orchestrator.ranks import Rank
 from orchestrator.spec import JobSpec
+from orchestrator.train.due import due
+
+if TYPE_CHECKING:
+    from orchestrator.gather import Gathered, Needs
+    from orchestrator.side_jobs import SideJob
 
 # The driver redraws the progress line every 0.5 s at most: posting more often only costs the trainers' CPU.
 PROGRESS_POST_INTERVAL_S = 0.25
@@ -36,9 +45,9 @@ def train_worker(config: dict) -> None:
 
     require_precision_support(spec)  # a GPU without bf16 fails here, not deep inside DeepSpeed
     context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    session = TrainingSession(spec, rank, world_size, config["run_id"], config.get("progress_actor"),
-                              config.get("resume_from"), config.get("partitioners", ()), config["session"],
+    rank = Rank(context.get_world_rank(), context.get_world_size())
+    session = TrainingSession(spec, rank, config["run_id"], config.get("progress_actor"),
+                              config.get("resume_from"), config.get("side_job_actors", {}), config["session"],
                               config.get("checkpoint_key_id"))
     try:
         session.run()
@@ -47,23 +56,23 @@ def train_worker(config: dict) -> None:
 
 
 class TrainingSession:
-    """One rank's engine, data stream, regulariser and (on rank 0) logger, stepped from ``run``."""
+    """One rank's engine, data stream, regulariser, side jobs and (on rank 0) logger, stepped from ``run``."""
 
-    def __init__(self, spec: JobSpec, rank: int, world_size: int, run_id: str, progress_actor: str | None,
-                 resume_from: str | None = None, partitioners: Sequence[str] = (), launch_session: str = "",
-                 checkpoint_key_id: str | None = None):
+    def __init__(self, spec: JobSpec, rank: Rank, run_id: str, progress_actor: str | None,
+                 resume_from: str | None = None, side_job_actors: Mapping[str, Sequence[str]] | None = None,
+                 launch_session: str = "", checkpoint_key_id: str | None = None):
         from orchestrator.data import build_training_data
+        from orchestrator.data.training_data import evaluation_sets
         from orchestrator.models import build_model
         from orchestrator.modularity import ClusterabilityRegularizer, find_matrix_groups
         from orchestrator.train.checkpointing import CheckpointManager
         from orchestrator.train.engine import build_engine
+        from orchestrator.train.evaluation import Evaluator
         from orchestrator.train.objectives import objective_for
-        from orchestrator.partitioning.schedule import PartitionSchedule
         from orchestrator.train.throughput import throughput_meter
-        from orchestrator.train.evaluation import Evaluator, evaluation_sets
 
-        self.spec, self.rank, self.world_size = spec, rank, world_size
-        self.is_rank_zero = rank == 0
+        self.spec, self.rank = spec, rank
+        world_size = rank.world_size
         data = build_training_data(spec.data, spec.model)  # the driver built it first: a token-cache read here
         self.objective = objective_for(spec)  # next-token prediction, or classification (images, modular addition)
         model = build_model(spec.model, data.vocab_size, seed=spec.training.seed)
@@ -77,39 +86,62 @@ class TrainingSession:
                                                      weights_persist=spec.deepspeed.zero_stage < 3)
         self.logger = self.progress = None
         self.last_progress_post = float("-inf")
-        if self.is_rank_zero:
+        if rank.leads:
             from orchestrator.tracking import MetricLogger
             from orchestrator.train.checkpoint_store import metric_spool_path
 
             self.logger = MetricLogger(spec.tracking.uri, run_id, metric_spool_path(spec, run_id))
             if progress_actor:
                 self.progress = ray_actor(progress_actor)
-        self.partition_schedule = PartitionSchedule(self.groups, self.regularizer, spec.modularity, spec.partitioner,
-                                                    rank, self.engine.device, partitioners, self.logger)
-        self.checkpoints = CheckpointManager(spec, rank, world_size, run_id, launch_session, checkpoint_key_id)
-        restored = self.checkpoints.restore(self.engine, resume_from)
+        self.side_jobs = self.build_side_jobs(dict(side_job_actors or {}))
+        self.partition_schedule = self.side_jobs[PARTITIONING.name]  # its labels drive the loss and C's baselines
+        self.checkpoints = CheckpointManager(spec, rank, run_id, launch_session, checkpoint_key_id)
+        restored = self.checkpoints.restore(self.engine, resume_from, list(self.side_jobs))
         self.start_step = restored.step if restored else 0
         if restored is not None:
-            self.load_partition_state(restored.partition_state)
-            if self.is_rank_zero:
+            for name, state in restored.side_job_states.items():
+                self.side_jobs[name].load_state_dict(state)
+            if rank.leads:
                 self.logger.log({metric_names.RESUMED_FROM_STEP: restored.step}, restored.step)
-        self.batches = self.objective.batches(data.train, spec.training.micro_batch_size, rank, world_size,
+        self.batches = self.objective.batches(data.train, spec.training.micro_batch_size, rank.index, world_size,
                                               spec.training.seed, start_step=restored.data_position if restored else 0)
-        self.evaluator = Evaluator(self.engine, self.objective, evaluation_sets(data, spec.evaluation),
-                                   spec.evaluation, spec.training.micro_batch_size, rank, world_size,
+        self.evaluator = Evaluator(self.engine, self.objective, evaluation_sets(data, spec.evaluation.per_task),
+                                   spec.evaluation, spec.training.micro_batch_size, rank.index, world_size,
                                    last_step=spec.training.steps - 1, device=self.engine.device)
 
+    def build_side_jobs(self, actor_names: dict[str, Sequence[str]]) -> dict[str, SideJob]:
+        """Every side job the spec enables, by name, with the actors the driver started for it."""
+        from orchestrator.side_jobs import SideJobContext
+        from orchestrator.train.side_job_registry import enabled_side_jobs
+
+        def context(kind) -> SideJobContext:
+            return SideJobContext(rank=self.rank, device=self.engine.device, module=self.engine.module,
+                                  groups=self.groups, regularizer=self.regularizer,
+                                  actor_names=list(actor_names.get(kind.name, ())), logger=self.logger)
+
+        return {kind.name: kind.build(self.spec, context(kind)) for kind in enabled_side_jobs(self.spec)}
+
+    def gather(self, needs: Needs) -> Gathered | None:
+        """What a side job needs of the weights, on rank 0 (a collective under ZeRO-3: every rank calls it)."""
+        from orchestrator.gather import gather
+
+        return gather(needs, self.engine.module, self.groups, self.rank)
+
     def run(self) -> None:
+        from orchestrator.side_jobs import step_boundary
+
         training = self.spec.training
         for step in range(self.start_step, training.steps):
-            self.maybe_partition(step)
+            for job in self.side_jobs.values():  # every rank, before the step: they may enter collectives
+                step_boundary(job, step, self.gather)
             metrics = self.train_step(measure=self.metrics_due(step))
             memory = self.throughput.memory_metrics(step)  # every worker's peak, when due (a collective)
             metrics.update(memory)
             self.publish(step, metrics)
             self.maybe_evaluate(step)
             self.maybe_report(step, metrics)
-        self.partition_schedule.finish()
+        for job in self.side_jobs.values():
+            job.finish(self.gather(job.needs()))
 
     def metrics_due(self, step: int) -> bool:
         """Whether this rank reads the step's metrics back from the device (on a GPU, a synchronisation): at
@@ -117,17 +149,21 @@ class TrainingSession:
         rank 0 always logs)."""
         if self.report_due(step) or self.throughput.memory_due(step):
             return True
-        if not self.is_rank_zero:
+        if not self.rank.leads:
             return False
         return self.log_due(step) or (self.progress is not None and self.progress_due())
 
     def report_due(self, step: int) -> bool:
         """Every rank reports to Ray Train every ``training.report_every`` steps and when a checkpoint is due."""
-        return self.checkpoints.due(step) or (step + 1) % self.spec.training.report_every == 0
+        return self.checkpoints.due(step) or due(step, self.spec.training.report_every, self.last_step)
 
     def log_due(self, step: int) -> bool:
-        """Rank 0 logs every ``tracking.log_every_steps`` steps and at the last."""
-        return step == self.spec.training.steps - 1 or step % self.spec.tracking.log_every_steps == 0
+        """Rank 0 logs the first step, every ``tracking.log_every_steps`` steps and the last."""
+        return due(step, self.spec.tracking.log_every_steps, self.last_step, first=True)
+
+    @property
+    def last_step(self) -> int:
+        return self.spec.training.steps - 1
 
     def progress_due(self) -> bool:
         return time.monotonic() - self.last_progress_post >= PROGRESS_POST_INTERVAL_S
@@ -138,23 +174,8 @@ class TrainingSession:
             return
         self.regularizer.recording = False  # nobody reads C of the validation forwards (train_step turns it back)
         metrics = self.evaluator.evaluate()
-        if self.is_rank_zero:
+        if self.rank.leads:
             self.logger.log(metrics, step)
-
-    def maybe_partition(self, step: int) -> None:
-        """Request or adopt a partition version at this step boundary, as the schedule decides (every rank)."""
-        self.partition_schedule.maybe_repartition(step)
-
-    def partition_state(self) -> dict | None:
-        """The partition as checkpoints keep it (``PartitionSchedule.state_dict``: version, labels under
-        ``"partitions"``, adoption steps); None before the first one. ``load_partition_state`` inverts it."""
-        if self.partition_schedule.partitions is None:
-            return None
-        return self.partition_schedule.state_dict()
-
-    def load_partition_state(self, state: dict | None) -> None:
-        if state is not None:
-            self.partition_schedule.load_state_dict(state)
 
     def train_step(self, measure: bool) -> dict[str, float]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; its metrics when ``measure``
@@ -205,12 +226,12 @@ class TrainingSession:
     def publish(self, step: int, metrics: dict[str, float]) -> None:
         """Rank 0 only: queue the step's metrics for MLflow at the steps ``log_due`` names and at memory steps;
         post the progress snapshot a few times a second. ``metrics`` is empty at steps that were not measured."""
-        if not self.is_rank_zero or not metrics:
+        if not self.rank.leads or not metrics:
             return
         if self.throughput.memory_due(step) or self.log_due(step):
             self.logger.log(metrics, step)
             self.throughput.restart_window()  # the next logged rates cover the steps from here on
-        if self.progress is not None and (step == self.spec.training.steps - 1 or self.progress_due()):
+        if self.progress is not None and (step == self.last_step or self.progress_due()):
             self.last_progress_post = time.monotonic()
             self.progress.post.remote({
                 "step": step, "loss": metrics[metric_names.LOSS], "task_loss": metrics[metric_names.TASK_LOSS],
@@ -231,7 +252,8 @@ class TrainingSession:
             ray.train.report(reported)
             return
         data_position = (step + 1) * self.spec.training.gradient_accumulation_steps
-        self.checkpoints.save(self.engine, step, reported, self.partition_state(), data_position)
+        states = {name: job.state_dict() for name, job in self.side_jobs.items()}
+        self.checkpoints.save(self.engine, step, reported, states, data_position)
 
     def close(self) -> None:
         self.regularizer.remove()

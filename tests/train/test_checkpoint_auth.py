@@ -243,13 +243,14 @@ def test_key_from_a_secret_file_matches_the_same_key_typed_in_a_shell(monkeypatc
 
 def test_a_worker_whose_key_differs_from_the_drivers_stops_at_once():
     """A worker on a node without the key secret (its key is not the driver's) refuses to start, naming the fix."""
+    from orchestrator.ranks import Rank
     from orchestrator.spec import JobSpec
     from orchestrator.train.checkpointing import CheckpointManager
 
     driver_key_id = store.key_id(b"the driver's key, which this worker does not hold")
     with pytest.raises(store.CheckpointKeyError, match="differs from the driver's: set XCM_CHECKPOINT_KEY"):
-        CheckpointManager(JobSpec(), rank=1, world_size=2, run_id="r" * 32, session="s", key_id=driver_key_id)
-    CheckpointManager(JobSpec(), rank=1, world_size=2, run_id="r" * 32, session="s",
+        CheckpointManager(JobSpec(), rank=Rank(1, 2), run_id="r" * 32, session="s", key_id=driver_key_id)
+    CheckpointManager(JobSpec(), rank=Rank(1, 2), run_id="r" * 32, session="s",
                       key_id=store.key_id(store.checkpoint_key()))
 
 

@@ -13,8 +13,9 @@ import torch
 from orchestrator import metric_names
 from orchestrator.data import ByteTokenizer, TrainingData
 from orchestrator.data.examples import LabelledExamples
+from orchestrator.data.training_data import evaluation_sets
 from orchestrator.spec import EvaluationSpec
-from orchestrator.train.evaluation import Evaluator, evaluation_sets
+from orchestrator.train.evaluation import Evaluator
 from orchestrator.train.objectives import CausalLanguageModelling, Classification
 
 LANGUAGE = CausalLanguageModelling()
@@ -128,5 +129,5 @@ def test_sets_name_the_split_and_each_task():
     blocks = validation_blocks()
     data = TrainingData(train=blocks, validation=blocks, tokenizer=ByteTokenizer(),
                         validation_by_task={"add": blocks[:4], "copy": blocks[4:]})
-    assert set(evaluation_sets(data, EvaluationSpec())) == {"eval/loss", "eval/loss/add", "eval/loss/copy"}
-    assert set(evaluation_sets(data, EvaluationSpec(per_task=False))) == {"eval/loss"}
+    assert set(evaluation_sets(data, per_task=True)) == {"eval/loss", "eval/loss/add", "eval/loss/copy"}
+    assert set(evaluation_sets(data, per_task=False)) == {"eval/loss"}

@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 
+from orchestrator.gather import gather
 from orchestrator.modularity import (
     ClusterabilityRegularizer,
     GroupPartition,
@@ -16,7 +17,11 @@ from orchestrator.modularity import (
 from orchestrator.partitioning import schedule as partition_schedule
 from orchestrator.partitioning.actor import PartitionShare
 from orchestrator.partitioning.schedule import PartitionSchedule
+from orchestrator.ranks import Rank
+from orchestrator.side_jobs import step_boundary
 from orchestrator.spec import ModularitySpec, PartitionerSpec
+
+LEAD, OTHER = Rank(0, 1), Rank(1, 2)  # rank 0 (with the actors' answers) and another rank, in no started world
 
 
 def tiny_gpt2():
@@ -33,8 +38,15 @@ def model():
 def schedule_for(model, regularizer=None, **modularity) -> PartitionSchedule:
     """Rank 1 of a world that is not started: the schedule's own logic, no Ray, no collectives."""
     return PartitionSchedule(find_matrix_groups(model), regularizer or ClusterabilityRegularizer(),
-                             ModularitySpec(**modularity), PartitionerSpec(), rank=1, device=torch.device("cpu"),
-                             actor_names=(), metric_logger=None)
+                             ModularitySpec(**modularity), PartitionerSpec(), rank=OTHER,
+                             device=torch.device("cpu"), actor_names=(), metric_logger=None)
+
+
+def at_boundary(schedule: PartitionSchedule, model, step: int, rank: Rank = LEAD) -> int | None:
+    """What the training session of `rank` does for the side job before `step`; the version adopted there."""
+    before, groups = schedule.version, find_matrix_groups(model)
+    step_boundary(schedule, step, lambda needs: gather(needs, model, groups, rank))
+    return schedule.version if schedule.version != before else None
 
 
 def saved_state(model) -> dict:
@@ -59,7 +71,7 @@ def test_state_round_trips_and_drives_the_regulariser(model):
     values = regularizer.values()
     for group in find_matrix_groups(model):
         labels = schedule.partitions[group.name].matrix_labels()
-        for matrix, (rows, cols) in zip(group.matrices, labels):
+        for matrix, (rows, cols) in zip(group.matrices, labels, strict=True):
             expected = clusterability(matrix.weight().detach(), rows, cols)
             assert float(values[matrix.name].detach()) == pytest.approx(float(expected))
             assert 0 < schedule.baselines[matrix.name] < 1
@@ -70,15 +82,15 @@ def test_resumed_run_keeps_its_partition_until_the_next_request_is_due(model):
     once = schedule_for(model, partition_every=0)
     once.load_state_dict(saved_state(model))
     for step in range(24, 60):
-        assert once.maybe_repartition(step) is None
+        assert at_boundary(once, model, step, OTHER) is None
     assert once.state_dict()["last_request"] == 20
 
     periodic = schedule_for(model, partition_every=10)
     periodic.load_state_dict(saved_state(model))
     for step in range(25, 30):
-        periodic.maybe_repartition(step)
+        at_boundary(periodic, model, step, OTHER)
     assert periodic.state_dict()["last_request"] == 20
-    periodic.maybe_repartition(30)
+    at_boundary(periodic, model, 30, OTHER)
     assert periodic.state_dict()["last_request"] == 30 and periodic.version == 3  # asked; not adopted yet
 
 
@@ -119,15 +131,15 @@ def local_pool(monkeypatch):
 def rank_zero_schedule(model, lag: int) -> PartitionSchedule:
     """Rank 0 of a world that is not started, its actors replaced by `LocalPool`: every 4 steps, `lag` to adopt."""
     return PartitionSchedule(find_matrix_groups(model), ClusterabilityRegularizer(),
-                             ModularitySpec(partition_every=4), PartitionerSpec(adopt_after_steps=lag), rank=0,
-                             device=torch.device("cpu"), actor_names=(), metric_logger=None)
+                             ModularitySpec(partition_every=4), PartitionerSpec(adopt_after_steps=lag),
+                             rank=LEAD, device=torch.device("cpu"), actor_names=(), metric_logger=None)
 
 
 def train(schedule, model, steps, labels: dict) -> None:
     """The loop's side of the schedule; the weights move every step (the same way in every run), so each
     version's labels show the step its weights were gathered at. `labels` gets each adopted version's."""
     for step in steps:
-        version = schedule.maybe_repartition(step)
+        version = at_boundary(schedule, model, step)
         if version is not None:
             labels[version] = {name: partition.hidden.tolist() for name, partition in schedule.partitions.items()}
         generator = torch.Generator().manual_seed(step)
