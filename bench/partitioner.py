@@ -22,7 +22,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from orchestrator import metric_names
-from orchestrator.spec import load_spec
+from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import run_job
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from orchestrator import metric_names  # noqa: E402
-from orchestrator.spec import JobSpec, load_spec  # noqa: E402
+from orchestrator.spec import JobSpec  # noqa: E402
+from orchestrator.train.job_checks import load_spec  # noqa: E402
 
 
 def plain_loop(spec: JobSpec, rank: int, world_size: int) -> dict[int, float]:

@@ -9,7 +9,8 @@ from pathlib import Path
 from orchestrator import cluster_jobs, credentials
 from orchestrator.cluster_jobs import ClusterError
 from orchestrator.credentials import CredentialError, redact
-from orchestrator.spec import DEFAULT_JOB, INVALID_JOB_EXIT_CODE, SpecError, load_spec
+from orchestrator.spec import DEFAULT_JOB, INVALID_JOB_EXIT_CODE, SpecError
+from orchestrator.train.job_checks import load_spec
 
 
 def main(argv: list[str] | None = None) -> int:

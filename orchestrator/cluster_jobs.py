@@ -22,7 +22,8 @@ from pathlib import Path
 import orchestrator
 from orchestrator import credentials, tracking
 from orchestrator.credentials import redact
-from orchestrator.spec import JobSpec, SpecError, load_spec
+from orchestrator.spec import JobSpec, SpecError
+from orchestrator.train.job_checks import load_spec
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 SUBMITTED_JOB_FILE = "job.yaml"

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
-if TYPE_CHECKING:
-    from orchestrator.spec import JobSpec
+from pydantic import BaseModel
+
+from orchestrator.spec_problems import SpecError, SpecProblem
+
+Spec = TypeVar("Spec", bound=BaseModel)  # a JobSpec (the schema imports this module, so not by name)
 
 # The environment variables (user, secret) that each scheme's client reads credentials from.
 ENVIRONMENT_BY_SCHEME = {
@@ -83,12 +86,10 @@ def take(uri: str | None) -> str | None:
     return clean
 
 
-def take_from_spec(spec: JobSpec) -> tuple[JobSpec, list[str]]:
+def take_from_spec(spec: Spec) -> tuple[Spec, list[str]]:
     """The spec with the credentials of its URIs moved into this process's environment (see the module's
     docstring), and the names of the variables set; raises SpecError for credentials anywhere else, or two URIs
     that disagree on them."""
-    from orchestrator.spec import SpecError, SpecProblem
-
     found = _strings_with_credentials(spec.model_dump(mode="json", by_alias=True))
     problems, variables, updates = [], {}, {}
     for key, uri in found.items():
@@ -141,7 +142,7 @@ def _scheme(uri: str) -> str:
     return uri.partition("://")[0].lower()
 
 
-def _with_values(spec: JobSpec, updates: dict[str, str]) -> JobSpec:
+def _with_values(spec: Spec, updates: dict[str, str]) -> Spec:
     """The spec with ``section.key`` values replaced."""
     sections: dict[str, dict[str, str]] = {}
     for key, value in updates.items():

@@ -12,8 +12,8 @@ rank holds the same side jobs and calls them at the same points, since gathers a
   ``load_state_dict`` on resume;
 - after the last step, ``finish(gathered)`` with a last gather of what it needs.
 
-A job's ``SideJobKind`` says whether the spec enables it, starts its actors on the driver and builds the job on
-each rank; ``orchestrator.train.side_job_registry`` lists the kinds.
+A job's ``SideJobKind`` says whether the spec enables it, checks its own spec section, starts its actors on the
+driver and builds the job on each rank; ``orchestrator.train.side_job_registry`` lists the kinds.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from orchestrator.gather import Gathered, Needs
 if TYPE_CHECKING:
     import torch
 
+    from orchestrator.models.dimensions import ModelDimensions
     from orchestrator.modularity import ClusterabilityRegularizer, MatrixGroup
     from orchestrator.ranks import Rank
-    from orchestrator.spec import JobSpec
+    from orchestrator.spec import JobSpec, SpecProblem
     from orchestrator.tracking import MetricLogger
 
 
@@ -79,6 +80,9 @@ class SideJobKind(Protocol):
 
     def enabled(self, spec: JobSpec) -> bool:
         """Whether `spec` runs this side job."""
+
+    def spec_problems(self, spec: JobSpec, dimensions: ModelDimensions | None) -> list[SpecProblem]:
+        """Its own section's problems, also against the rest of the spec and the model's sizes (when known)."""
 
     def start_actors(self, spec: JobSpec) -> dict[str, Any]:
         """Driver: start its actors, by their unique Ray names; the driver kills them when the job ends."""

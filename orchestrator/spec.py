@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from orchestrator.spec_problems import SHOWN_CHARACTERS, SpecError, SpecProblem
+
 DEFAULT_JOB = Path("jobs/tiny.yaml")
 RUNS_DIRECTORY = "xcm-runs"
 TEXT_SOURCES = ("synthetic", "hub", "files")  # the others are classification data: images, modular addition
@@ -28,7 +30,6 @@ MAX_JOB_BYTES = 1 << 20
 MAX_NESTING = 32
 MAX_VALUES = 100_000
 INVALID_JOB_EXIT_CODE = 2  # `xcm run`, `check`, `submit` and `resume` exit with it for a job that does not load
-_SHOWN_CHARACTERS = 120  # of a value quoted in an error line
 # MLflow's rule for param names (each key of the spec becomes one): these characters, at most 250 of them.
 _MLFLOW_PARAM_NAME = re.compile(r"[/\w.\- :]{1,250}")
 
@@ -289,64 +290,23 @@ class JobSpec(Section):
         return flat
 
 
-class SpecProblem(BaseModel):
-    key: str
-    message: str
-    fix: str
-    line: int | None = None
-
-
-class SpecError(ValueError):
-    """Every problem of a job file, reported at once: one line each, ``file:line: key: problem. Fix: fix``."""
-
-    def __init__(self, source: str, problems: list[SpecProblem]):
-        self.source = source
-        self.problems = problems
-        super().__init__("\n".join(_problem_line(source, problem) for problem in problems))
-
-
-def _problem_line(source: str, problem: SpecProblem) -> str:
-    where = f"{source}:{problem.line}" if problem.line else source
-    key = problem.key if len(problem.key) <= _SHOWN_CHARACTERS else problem.key[:_SHOWN_CHARACTERS] + "...(cut)"
-    return _printable(f"{where}: {key}: {problem.message}. Fix: {problem.fix}")
-
-
-def _printable(text: str) -> str:
-    """One terminal line whatever a hostile file holds: control characters (a newline in a key could forge
-    another error line, an escape sequence rewrite the terminal) are shown escaped."""
-    return "".join(character if character.isprintable() else repr(character)[1:-1] for character in text)
-
-
 def _shown(value: Any) -> str:
     """A value as an error line quotes it: its repr, cut short (a 100 000-item list must not fill the screen)."""
     text = repr(value)
-    return text if len(text) <= _SHOWN_CHARACTERS else text[:_SHOWN_CHARACTERS] + "...(cut)"
+    return text if len(text) <= SHOWN_CHARACTERS else text[:SHOWN_CHARACTERS] + "...(cut)"
 
 
-def load_spec(path: str | Path | None = None, overrides: list[str] = (), files_from: Path | None = None) -> JobSpec:
-    """Read, override (``section.key=value``) and validate a job file; raise SpecError listing every problem.
-
-    ``files_from``: also require the job's data files to exist, relative to that directory, as ``xcm run``
-    does before it starts (``xcm check`` passes it too, so both report a missing file alike)."""
-    path = Path(path) if path is not None else DEFAULT_JOB
-    source = str(path)
+def validate_job(path: Path, overrides: list[str] = ()
+                 ) -> tuple[JobSpec | None, list[SpecProblem], dict[str, int]]:
+    """Read, override (``section.key=value``) and validate a job file against the schema alone: the spec (None
+    when it does not validate), its problems, and each dotted key's line. The checks between sections and
+    against the data, the model and the side jobs are ``orchestrator.train.job_checks.load_spec``'s."""
     raw, lines = read_job(path)
     problems = _apply_overrides(raw, overrides)
-    spec = None
     try:
-        spec = JobSpec.model_validate(raw)
+        return JobSpec.model_validate(raw), problems, lines
     except ValidationError as error:
-        problems += [_problem_from_pydantic(item, lines) for item in error.errors()]
-    if spec is not None:
-        found = consistency_problems(spec)
-        if files_from is not None:
-            from orchestrator.data.preflight import missing_file_problems
-
-            found += missing_file_problems(spec.resolved(files_from))
-        problems += [p.model_copy(update={"line": lines.get(p.key)}) for p in found]
-    if problems:
-        raise SpecError(source, problems)
-    return spec
+        return None, problems + [_problem_from_pydantic(item, lines) for item in error.errors()], lines
 
 
 def read_job(path: Path) -> tuple[dict, dict[str, int]]:
@@ -470,59 +430,7 @@ def _parse_yaml(text: str) -> tuple[Any, dict[str, int], list[SpecProblem]]:
         loader.dispose()
 
 
-def consistency_problems(spec: JobSpec) -> list[SpecProblem]:
-    """Problems between keys that each look valid alone (pydantic checks the keys one at a time)."""
-    from orchestrator.models.registry import model_dimensions
-
-    problems: list[SpecProblem] = []
-    model, training, modularity = spec.model, spec.training, spec.modularity
-    if model.init == "pretrained" and not model.pretrained:
-        problems.append(SpecProblem(key="model.pretrained", message="init is 'pretrained' but no model is named",
-                                    fix="set model.pretrained to a local path or hub name, or init: random"))
-    if modularity.partition_at_step >= training.steps:
-        problems.append(SpecProblem(
-            key="modularity.partition_at_step",
-            message=f"{modularity.partition_at_step} is not before the last step ({training.steps})",
-            fix=f"choose a step below training.steps={training.steps}"))
-    problems += _adoption_problems(modularity, spec.partitioner)
-    problems += _param_name_problems(spec)
-    from orchestrator.data.preflight import data_spec_problems
-
-    problems += data_spec_problems(spec)
-    from orchestrator.train.preflight import training_spec_problems
-
-    problems += training_spec_problems(spec)
-    if any(problem.key.startswith("model.config.") for problem in problems):
-        return problems  # the model cannot be configured to read its sizes
-    if model.init == "pretrained" and not (model.pretrained and Path(model.pretrained).is_dir()):
-        return problems  # a hub model's sizes are known only once it is fetched, at build time
-    try:
-        dimensions = model_dimensions(model)
-    except OSError:
-        return problems  # an unreadable pretrained directory: training_spec_problems reported it
-    except ValueError as error:
-        problems.append(SpecProblem(key="model.config", message=str(error),
-                                    fix="use config keys of the family's transformers config class"))
-        return problems
-    smallest = min(dimensions.hidden, dimensions.intermediate)
-    if modularity.k > smallest:
-        problems.append(SpecProblem(
-            key="modularity.k", message=f"k={modularity.k} exceeds the smallest regularised dimension ({smallest})",
-            fix=f"choose k <= {smallest}"))
-    if spec.data.source in TEXT_SOURCES and spec.data.block_size > dimensions.max_positions:
-        problems.append(SpecProblem(
-            key="data.block_size",
-            message=f"{spec.data.block_size} tokens exceed the model's {dimensions.max_positions} positions",
-            fix=f"set data.block_size <= {dimensions.max_positions} or raise the model's position limit"))
-    if spec.partitioner.actors > dimensions.layers:
-        problems.append(SpecProblem(
-            key="partitioner.actors",
-            message=f"{spec.partitioner.actors} actors for {dimensions.layers} MLP layers would leave some idle",
-            fix=f"set partitioner.actors <= {dimensions.layers}"))
-    return problems
-
-
-def _param_name_problems(spec: JobSpec) -> list[SpecProblem]:
+def param_name_problems(spec: JobSpec) -> list[SpecProblem]:
     """Every key of the spec becomes an MLflow param (``flat_params``), so a key MLflow cannot name (one nested
     in model.config) would fail the run only once it exists: MLflow takes letters, digits, ``_ - . / :`` and
     spaces, at most 250 of them, and no name that path normalisation changes (``a//b``, ``..``)."""
@@ -530,26 +438,6 @@ def _param_name_problems(spec: JobSpec) -> list[SpecProblem]:
                         fix="use letters, digits, _ - . / : and spaces, at most 250 characters, no empty or '..' part")
             for key in spec.flat_params()
             if not _MLFLOW_PARAM_NAME.fullmatch(key) or posixpath.normpath(key) != key]
-
-
-def _adoption_problems(modularity: ModularitySpec, partitioner: PartitionerSpec) -> list[SpecProblem]:
-    """A fixed adoption lag applies to recomputed partitions, and must not hold up the next request."""
-    lag, every = partitioner.adopt_after_steps, modularity.partition_every
-    if lag == 0:
-        return []
-    if every == 0:
-        return [SpecProblem(
-            key="partitioner.adopt_after_steps",
-            message=f"{lag} applies to recomputed partitions, and modularity.partition_every is 0 (the one "
-                    "partition is always awaited at partition_at_step)",
-            fix="set modularity.partition_every > 0, or partitioner.adopt_after_steps: 0")]
-    if lag > every:
-        return [SpecProblem(
-            key="partitioner.adopt_after_steps",
-            message=f"{lag} is more than modularity.partition_every={every}: no request goes out before the "
-                    f"previous adoption, so versions would come every {lag} steps, not every {every}",
-            fix=f"choose partitioner.adopt_after_steps <= {every}, or raise modularity.partition_every")]
-    return []
 
 
 def _apply_overrides(raw: dict, overrides: list[str]) -> list[SpecProblem]:
@@ -563,7 +451,7 @@ def _apply_overrides(raw: dict, overrides: list[str]) -> list[SpecProblem]:
             continue
         *parents, leaf = key.split(".")
         if len(parents) >= MAX_NESTING or len(value) > MAX_JOB_BYTES:
-            problems.append(SpecProblem(key=key[:_SHOWN_CHARACTERS], message="the override is too long",
+            problems.append(SpecProblem(key=key[:SHOWN_CHARACTERS], message="the override is too long",
                                         fix="override one key of a section, e.g. training.lr=3e-4"))
             continue
         try:

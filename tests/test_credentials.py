@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from orchestrator import cli, credentials
-from orchestrator.spec import SpecError, load_spec
+from orchestrator.spec import SpecError
 from orchestrator.tracking import MetricLogger
+from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

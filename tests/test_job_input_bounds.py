@@ -6,7 +6,8 @@ import tracemalloc
 
 import pytest
 
-from orchestrator.spec import MAX_JOB_BYTES, SpecError, load_spec
+from orchestrator.spec import MAX_JOB_BYTES, SpecError
+from orchestrator.train.job_checks import load_spec
 
 TINY = "jobs/tiny.yaml"
 

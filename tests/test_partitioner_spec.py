@@ -2,7 +2,8 @@
 
 import pytest
 
-from orchestrator.spec import SpecError, load_spec
+from orchestrator.spec import SpecError
+from orchestrator.train.job_checks import load_spec
 
 
 def test_more_actors_than_layers_is_a_spec_error(tmp_path):

@@ -9,7 +9,8 @@ from mlflow import MlflowClient
 
 from orchestrator import cli, tracking
 from orchestrator.cluster_jobs import SUBMISSION_TAG, end_run_of_ended_job
-from orchestrator.spec import INVALID_JOB_EXIT_CODE, SpecError, load_spec
+from orchestrator.spec import INVALID_JOB_EXIT_CODE, SpecError
+from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import run_job
 
 ROOT = Path(__file__).resolve().parents[1]

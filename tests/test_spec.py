@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.spec import JobSpec, SpecError, load_spec
+from orchestrator.spec import JobSpec, SpecError
+from orchestrator.train.job_checks import load_spec
 
 JOBS = sorted(Path(__file__).resolve().parents[1].joinpath("jobs").glob("*.yaml"))
 

@@ -23,7 +23,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from orchestrator.spec import JobSpec, SpecError, SpecProblem, load_spec, read_job
+from orchestrator.spec import JobSpec, SpecError, SpecProblem, read_job
+from orchestrator.train.job_checks import load_spec
 
 CONTROL = "control"
 LAMBDA_KEY = "modularity.lambda"

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from orchestrator.models.registry import ModelDimensions
+    from orchestrator.models.dimensions import ModelDimensions
     from orchestrator.spec import ModelSpec
 
 NUM_IMAGE_CLASSES = 10
@@ -52,7 +52,7 @@ def build_classifier(spec: ModelSpec, vocab_size: int | None, seed: int) -> torc
 
 def classifier_dimensions(spec: ModelSpec) -> ModelDimensions:
     """Sizes for the spec checks: ``intermediate`` is the narrowest regularised side, which bounds k."""
-    from orchestrator.models.registry import ModelDimensions
+    from orchestrator.models.dimensions import ModelDimensions
 
     config = classifier_config(spec)
     if spec.family == "modular_addition":

@@ -7,8 +7,9 @@ train on CPU; ``small`` is the family's smallest published size (GPT-2 124M, Pyt
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from orchestrator.models.dimensions import ModelDimensions
 
 if TYPE_CHECKING:
     import torch
@@ -40,15 +41,6 @@ PRESETS: dict[str, dict[str, dict]] = {
                       num_key_value_heads=1, head_dim=256, max_position_embeddings=8192, vocab_size=256000),
     },
 }
-
-
-@dataclass(frozen=True)
-class ModelDimensions:
-    hidden: int
-    intermediate: int
-    max_positions: int
-    layers: int
-    vocab_size: int
 
 
 def model_config(spec: ModelSpec, vocab_size: int | None = None) -> PretrainedConfig:

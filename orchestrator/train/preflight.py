@@ -1,4 +1,4 @@
-"""Training-side problems of a job spec, found before any worker starts (``spec.consistency_problems`` calls them).
+"""Training-side problems of a job spec, found before any worker starts (``train.job_checks`` calls them).
 
 Covers what the model, the data kind, the ZeRO options, the precision and the batch geometry must agree on.
 bf16 on GPUs: the driver checks ``torch.cuda.is_bf16_supported()`` when it sees a GPU itself; on a cluster whose

@@ -18,8 +18,9 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
 
-from orchestrator.spec import JobSpec, load_spec
+from orchestrator.spec import JobSpec
 from orchestrator.train import checkpoint_store as store
+from orchestrator.train.job_checks import load_spec
 
 logger = logging.getLogger(__name__)
 

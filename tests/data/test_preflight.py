@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.data.preflight import check_data
-from orchestrator.spec import SpecError, load_spec
+from orchestrator.spec import SpecError
+from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import run_job
 
 ROOT = Path(__file__).resolve().parents[2]

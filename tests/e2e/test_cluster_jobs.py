@@ -14,8 +14,8 @@ from mlflow import MlflowClient
 
 from orchestrator import cluster_jobs
 from orchestrator.metric_names import RESUMED_FROM_STEP, TASK_LOSS
-from orchestrator.spec import load_spec
 from orchestrator.train import checkpoint_store as store
+from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import free_port
 from orchestrator.train.resume import locate
 

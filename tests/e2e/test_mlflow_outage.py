@@ -8,9 +8,9 @@ import pytest
 from mlflow import MlflowClient
 
 from orchestrator import metric_names
-from orchestrator.spec import load_spec
 from orchestrator.tracking import TrackingUnavailable
 from orchestrator.train import checkpoint_store as store
+from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import free_port, run_job
 
 ROOT = Path(__file__).resolve().parents[2]

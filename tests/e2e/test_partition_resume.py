@@ -8,8 +8,8 @@ import pytest
 from mlflow import MlflowClient
 
 from orchestrator import metric_names
-from orchestrator.spec import load_spec
 from orchestrator.train import checkpoint_store as store
+from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import run_job
 from orchestrator.train.resume import resume_job
 

@@ -12,7 +12,8 @@ import yaml
 from mlflow import MlflowClient
 
 from orchestrator import metric_names
-from orchestrator.spec import JobSpec, load_spec
+from orchestrator.spec import JobSpec
+from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import run_job
 
 ROOT = Path(__file__).resolve().parents[2]

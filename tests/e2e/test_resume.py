@@ -17,11 +17,11 @@ import torch
 from mlflow import MlflowClient
 
 from orchestrator import measure, metric_names
-from orchestrator.spec import load_spec
 from orchestrator.train import checkpoint_store as store
 from orchestrator.train import export
 from orchestrator.train.checkpointing import ResumeMismatch
 from orchestrator.train.export import PARTITION_FILE, consolidated_state_dict, export_hf
+from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import run_job
 from orchestrator.train.resume import ResumeError, locate, resume_job
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from orchestrator.spec import load_spec
+from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import run_job
 
 ROOT = Path(__file__).resolve().parents[2]

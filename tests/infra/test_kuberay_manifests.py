@@ -121,7 +121,7 @@ def test_entrypoint_is_one_command_without_shell_operators():
 
 def test_entrypoint_job_is_a_valid_multi_node_gpu_spec():
     """The entrypoint's job file and overrides load as a spec: MLflow server, shared checkpoints, one GPU a worker."""
-    from orchestrator.spec import load_spec
+    from orchestrator.train.job_checks import load_spec
 
     arguments = entrypoint_arguments()
     job = arguments[2]

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from orchestrator.spec import load_spec
 from orchestrator.train.deepspeed_config import deepspeed_config
+from orchestrator.train.job_checks import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROBE = """
 import json, os, sys
 import ray
-from orchestrator.spec import load_spec
+from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import ensure_ray, free_port
 from orchestrator.train.progress import ProgressBoard
 

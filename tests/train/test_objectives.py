@@ -7,7 +7,8 @@ import torch
 
 from orchestrator import metric_names
 from orchestrator.models import build_model
-from orchestrator.spec import ModelSpec, load_spec
+from orchestrator.spec import ModelSpec
+from orchestrator.train.job_checks import load_spec
 from orchestrator.train.objectives import CausalLanguageModelling, Classification, objective_for
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.spec import SpecError, load_spec
+from orchestrator.spec import SpecError
+from orchestrator.train.job_checks import load_spec
 from orchestrator.train.preflight import cpu_fp16_supported, require_precision_support
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,8 @@ import torch
 from orchestrator.data import build_training_data
 from orchestrator.models import build_model
 from orchestrator.modularity import clusterability, find_matrix_groups, partition_group
-from orchestrator.spec import JobSpec, load_spec
+from orchestrator.spec import JobSpec
+from orchestrator.train.job_checks import load_spec
 from orchestrator.train.objectives import objective_for
 
 ROOT = Path(__file__).resolve().parents[2]
