@@ -61,7 +61,7 @@ def plan_record(variants: list[str], controls: dict[str, str | None], seeds: tup
 
 
 def read_trials(client, parent_run_id: str) -> list[TrialRun]:
-    """The parent run's child runs, ordered by variant and seed."""
+    """The parent run's child runs, ordered by variant name and seed."""
     parent = client.get_run(parent_run_id)
     runs = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
                               max_results=5000)
@@ -89,7 +89,8 @@ def chosen_metrics(asked: list[str] | None, trials: list[TrialRun]) -> list[str]
 
 def build_report(client, parent_run_id: str) -> Report:
     plan = read_plan(client, parent_run_id)
-    trials = read_trials(client, parent_run_id)
+    order = {variant: index for index, variant in enumerate(plan["variants"])}
+    trials = sorted(read_trials(client, parent_run_id), key=lambda t: (order.get(t.variant, len(order)), t.seed))
     finished = [trial for trial in trials if trial.status == "FINISHED"]
     controls = {variant: plan["controls"].get(variant) for variant in plan["variants"]}
     tables = {}

@@ -56,6 +56,9 @@ def test_report_compares_last_values_of_finished_children_with_the_control(store
     assert clustered["difference_low"] == pytest.approx(0.3 - 4.302652729911275 * 0.1 / math.sqrt(3))
     assert report.tables["circuits/size/add"][1]["difference"] == pytest.approx(-20.0)
     assert f"clustered seed 3 (FAILED, run {failed})" in report.markdown
+    assert [(t.variant, t.seed) for t in report.trials] == [  # in the plan's order: the control first
+        ("control", 0), ("control", 1), ("control", 2), ("clustered", 0), ("clustered", 1), ("clustered", 2),
+        ("clustered", 3)]
     downloaded = Path(client.download_artifacts(parent, reporting.REPORT_DIRECTORY, str(tmp_path / "out")))
     assert "| clustered | 3 | 0.8 ± 0.1 | control | 0.5 ± 0.1 | 0.3 |" in (downloaded / "comparison.md").read_text()
     table = pq.read_table(downloaded / "tables" / "eval__accuracy.parquet").to_pylist()
