@@ -237,7 +237,7 @@ def _paired(reference: list[float] | None, values: list[float]) -> float:
     where the reference did not run."""
     if not reference:
         return float("nan")
-    return statistics.median(base / value for base, value in zip(reference, values))
+    return statistics.median(base / value for base, value in zip(reference, values, strict=True))
 
 
 if __name__ == "__main__":

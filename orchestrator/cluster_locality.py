@@ -104,11 +104,11 @@ def unreachable_path_problems(spec: JobSpec, workdir: Path, mounts: list[Mount] 
         add("tracking.uri", uri or "the default SQLite store", "run the MLflow server in infra/mlflow and set "
                                                                "tracking.uri: http://<host>:5000")
     artifacts = spec.tracking.artifact_location
-    if artifacts is not None and (artifacts.startswith("file:") or "://" not in artifacts and ":/" not in artifacts):
+    if artifacts is not None and (artifacts.startswith("file:") or ("://" not in artifacts and ":/" not in artifacts)):
         add("tracking.artifact_location", artifacts, "omit it (the tracking server stores artifacts), or use "
                                                      "mlflow-artifacts:/NAME or s3://...")
     storage = spec.checkpointing.storage_path
-    if storage is None or "://" not in storage and mine.path(storage):
+    if storage is None or ("://" not in storage and mine.path(storage)):
         add("checkpointing.storage_path", storage or "the default ./xcm-runs/checkpoints",
             "set it to storage every node reaches: s3://bucket/xcm, or a volume every node mounts (infra/README.md)")
     _add_data_problems(spec, mine, add)
@@ -122,7 +122,7 @@ def is_local_store(tracking_uri: str | None) -> bool:
     """An MLflow store on this machine's disk (the default SQLite file, a file: URI or a path)."""
     if tracking_uri is None:
         return True
-    return tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri and tracking_uri != "databricks"
+    return tracking_uri.startswith(("sqlite:", "file:")) or ("://" not in tracking_uri and tracking_uri != "databricks")
 
 
 def _add_data_problems(spec: JobSpec, mine: _OnThisMachine, add) -> None:

@@ -50,7 +50,7 @@ def split_examples(examples: LabelledExamples, validation_fraction: float, seed:
                    ) -> tuple[LabelledExamples, LabelledExamples | None]:
     """A seeded random hold-out of ``validation_fraction`` of the examples (none when the fraction is 0)."""
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
-    held = int(round(len(examples) * validation_fraction))
+    held = round(len(examples) * validation_fraction)
     validation = examples.subset(order[:held]) if held else None
     return examples.subset(order[held:]), validation
 

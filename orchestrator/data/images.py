@@ -50,7 +50,8 @@ def digits() -> LabelledExamples:
 
 
 def hub_images(data: DataSpec) -> tuple[LabelledExamples, LabelledExamples | None]:
-    """``data.split`` and ``data.validation_split`` of an image dataset (or a held-out share when the latter is null)."""
+    """``data.split`` and ``data.validation_split`` of an image dataset (or a held-out share when the latter is
+    null)."""
     splits = _load(data)
     missing = [split for split in (data.split, data.validation_split) if split and split not in splits]
     if missing:

@@ -27,7 +27,7 @@ Builder = Callable[["DataSpec", "ModelSpec"], "TrainingData | ExampleData"]
 def build_synthetic_data(data: DataSpec, model: ModelSpec) -> TrainingData:
     """xcm's multi-task corpus: training blocks, held-out validation blocks, and validation blocks per task."""
     tokenizer = load_tokenizer(data, model)
-    arguments = dict(block_size=data.block_size, seed=data.seed, tasks=data.tasks, tokenizer=tokenizer)
+    arguments = {"block_size": data.block_size, "seed": data.seed, "tasks": data.tasks, "tokenizer": tokenizer}
     with _too_few_examples("data.num_examples"):
         train, _ = build_synthetic_blocks(data.num_examples, **arguments)
     validation, by_task = None, {}

@@ -15,9 +15,9 @@ if TYPE_CHECKING:
 
 NUM_IMAGE_CLASSES = 10
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "mnist_mlp": dict(width=64),
-    "cifar_cnn": dict(width=64, channels=16),
-    "modular_addition": dict(d_model=128, n_heads=4, d_mlp=128, regularise_attention=True),
+    "mnist_mlp": {"width": 64},
+    "cifar_cnn": {"width": 64, "channels": 16},
+    "modular_addition": {"d_model": 128, "n_heads": 4, "d_mlp": 128, "regularise_attention": True},
 }
 CLASSIFIER_FAMILIES = tuple(DEFAULTS)
 

@@ -23,22 +23,23 @@ CONFIG_CLASSES = {"gpt2": ("GPT2Config",), "gpt_neox": ("GPTNeoXConfig",),
 # Zero dropout everywhere: modularity measurements and resume-equality checks need deterministic forwards.
 PRESETS: dict[str, dict[str, dict]] = {
     "gpt2": {
-        "tiny": dict(n_layer=2, n_embd=64, n_head=2, n_positions=128,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
-        "small": dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257,
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+        "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128,
+                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+        "small": {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024, "vocab_size": 50257,
+                  "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
     },
     "gpt_neox": {
-        "tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=256,
-                     max_position_embeddings=128, hidden_dropout=0.0, attention_dropout=0.0),
-        "small": dict(num_hidden_layers=6, hidden_size=512, num_attention_heads=8, intermediate_size=2048,
-                      max_position_embeddings=2048, vocab_size=50304, hidden_dropout=0.0, attention_dropout=0.0),
+        "tiny": {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 256,
+                 "max_position_embeddings": 128, "hidden_dropout": 0.0, "attention_dropout": 0.0},
+        "small": {"num_hidden_layers": 6, "hidden_size": 512, "num_attention_heads": 8, "intermediate_size": 2048,
+                  "max_position_embeddings": 2048, "vocab_size": 50304, "hidden_dropout": 0.0,
+                  "attention_dropout": 0.0},
     },
     "gemma": {
-        "tiny": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=256, num_attention_heads=2,
-                     num_key_value_heads=1, head_dim=32, max_position_embeddings=128),
-        "small": dict(num_hidden_layers=18, hidden_size=2048, intermediate_size=16384, num_attention_heads=8,
-                      num_key_value_heads=1, head_dim=256, max_position_embeddings=8192, vocab_size=256000),
+        "tiny": {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2,
+                 "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 128},
+        "small": {"num_hidden_layers": 18, "hidden_size": 2048, "intermediate_size": 16384, "num_attention_heads": 8,
+                  "num_key_value_heads": 1, "head_dim": 256, "max_position_embeddings": 8192, "vocab_size": 256000},
     },
 }
 

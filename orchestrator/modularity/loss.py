@@ -156,8 +156,8 @@ class ClusterabilityRegularizer:
             for names in self._batches():
                 rows, cols = self._onehots_of(names)
                 values, masses = StackedClusterability.apply(rows, cols, *(self._pending[name] for name in names))
-                self._values.update(zip(names, values.unbind()))
-                self._masses.update(zip(names, masses.unbind()))
+                self._values.update(zip(names, values.unbind(), strict=True))
+                self._masses.update(zip(names, masses.unbind(), strict=True))
         self._pending.clear()
 
     def _batches(self) -> list[tuple[str, ...]]:

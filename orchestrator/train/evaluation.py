@@ -59,7 +59,7 @@ class Evaluator:
         totals = torch.tensor([sums[name][metric] for name, metric in keys], dtype=torch.float64, device=self.device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(totals)
-        totals = dict(zip(keys, totals.tolist()))
+        totals = dict(zip(keys, totals.tolist(), strict=True))
         metrics = {}
         for name, metric_sums in sums.items():
             count = totals[(name, _COUNT)]

@@ -234,7 +234,7 @@ def _batch_split_problems(spec: JobSpec) -> list[SpecProblem]:
     total = {"digits": DIGITS_EXAMPLES, "modular_addition": data.modulus ** 2}.get(data.source)
     if total is None:
         return []  # text is packed and hub images counted only once loaded: the data check does those
-    train = total - int(round(total * data.validation_fraction))
+    train = total - round(total * data.validation_fraction)
     if train // workers >= batch:
         return []
     return [_problem("training.micro_batch_size",

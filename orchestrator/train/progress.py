@@ -45,7 +45,8 @@ def format_progress(snapshot: dict, total_steps: int) -> str:
 
 
 class ProgressLine:
-    """Draws the board's snapshot on the terminal until stopped: in place on a TTY, a line every few seconds otherwise."""
+    """Draws the board's snapshot on the terminal until stopped: in place on a TTY, a line every few seconds
+    otherwise."""
 
     def __init__(self, board, total_steps: int, interval_s: float = 0.5, plain_interval_s: float = 5.0):
         self._board = board
