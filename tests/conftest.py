@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+from tests.helpers import free_port, tiny_gpt2
+
 # A dead MLflow store must fail fast in tests, not after MLflow's default ~4 minutes of retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,8 +30,6 @@ class MlflowServer:
     def __init__(self, directory, arguments=(), environment=None):
         import sys
         from pathlib import Path
-
-        from orchestrator.train.launch import free_port
 
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
@@ -88,15 +88,10 @@ def mlflow_server(tmp_path):
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def tiny_gpt2():
-    """GPT-2 with Conv1D MLP weights stored [n_in, n_out]: c_fc [64, 256], c_proj [256, 64]."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=64, n_positions=64,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(config).eval()
+@pytest.fixture(name="tiny_gpt2", scope="module")
+def tiny_gpt2_fixture():
+    """The tiny GPT-2 of tests/helpers.py in eval mode, one per test module."""
+    return tiny_gpt2().eval()
 
 
 class _Payload:

@@ -1,7 +1,13 @@
 """Whether a cluster is this machine, from the nodes it reports; which of a job's paths a remote cluster cannot see."""
 
-from orchestrator.cluster_locality import (Machine, Mount, Node, is_local_cluster, this_machine,
-                                           unreachable_path_problems)
+from orchestrator.cluster_locality import (
+    Machine,
+    Mount,
+    Node,
+    is_local_cluster,
+    this_machine,
+    unreachable_path_problems,
+)
 from orchestrator.spec import JobSpec
 
 HERE = Machine(hostname="laptop", addresses=frozenset({"127.0.0.1", "::1", "192.168.1.20"}))

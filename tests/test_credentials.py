@@ -12,7 +12,7 @@ from orchestrator import cli, credentials
 from orchestrator.spec import SpecError
 from orchestrator.tracking import MetricLogger
 from orchestrator.train.job_checks import load_spec
-from orchestrator.train.launch import free_port
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "s3cret-9f1c"

@@ -121,7 +121,7 @@ def test_model_config_values_must_be_finite(tmp_path):
     assert ":3: model.config.layer_norm_epsilon: not a finite number" in line
 
 
-@pytest.mark.parametrize("betas, bad", [("[1.0, 0.999]", "training.betas.0"), ("[0.9, -0.1]", "training.betas.1"),
+@pytest.mark.parametrize(("betas", "bad"), [("[1.0, 0.999]", "training.betas.0"), ("[0.9, -0.1]", "training.betas.1"),
                                         ("[0.9, 1.5]", "training.betas.1")])
 def test_betas_are_each_in_zero_one(betas, bad):
     """AdamW's betas must each lie in [0, 1)."""

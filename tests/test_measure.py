@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import transformers
 from mlflow import MlflowClient
 
 from orchestrator import metric_names
@@ -16,22 +15,16 @@ from orchestrator.modularity import (
     planted_blocks,
     regularize_groups,
 )
+from tests.helpers import tiny_gpt2
 
 K = 4
-
-
-def tiny_gpt2() -> transformers.GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, n_inner=256, n_positions=32, vocab_size=40,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(config)
 
 
 @pytest.fixture(scope="module")
 def planted_model(tmp_path_factory):
     """A tiny GPT-2 whose MLP matrices are k planted blocks in noise (rows and columns shuffled), saved to disk,
     with each matrix's true C (under its planted labels)."""
-    model, true_c = tiny_gpt2(), {}
+    model, true_c = tiny_gpt2(vocab_size=40, n_positions=32), {}
     for index, matrix in enumerate(m for group in find_matrix_groups(model) for m in group.matrices):
         n_out, n_in = matrix.shape
         # Seeds apart from measure's own (0): the same seed would draw the planted labels as its "random" ones.
@@ -59,14 +52,14 @@ def test_joint_partition_reads_the_planted_clusterability(planted_model):
 def test_measure_sweeps_k_prints_a_table_and_logs_it(tmp_path, capsys, monkeypatch):
     """`xcm measure <dir> --k 2..4`: a row per matrix and k, random C ~ 1/k, an MLflow run with k as the step."""
     directory = tmp_path / "random-init"
-    tiny_gpt2().save_pretrained(directory)
+    tiny_gpt2(vocab_size=40, n_positions=32).save_pretrained(directory)
     monkeypatch.chdir(tmp_path)
     assert main(["measure", str(directory), "--k", "2..4"]) == 0
     output = capsys.readouterr().out
     rows = [line.split() for line in output.splitlines() if line.startswith(("transformer.", "model mean"))]
     assert len(rows) == 4 * 3 + 3  # 4 matrices x 3 values of k, then the model mean per k
     for row in rows[-3:]:
-        k, values = int(row[2]), dict(zip(VARIANTS, map(float, row[3:])))
+        k, values = int(row[2]), dict(zip(VARIANTS, map(float, row[3:]), strict=True))
         assert values["random"] == pytest.approx(1 / k, abs=0.03)
         assert values["joint"] >= values["random"] - 0.01  # the best partition beats a random one
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'xcm-runs' / 'mlflow.db'}")
@@ -78,7 +71,7 @@ def test_measure_sweeps_k_prints_a_table_and_logs_it(tmp_path, capsys, monkeypat
 
 def test_briefly_trained_model_measures_modular(tmp_path):
     """A tiny GPT-2 trained 40 steps with the clusterability loss reads C far above random under the joint partition."""
-    model = tiny_gpt2()
+    model = tiny_gpt2(vocab_size=40, n_positions=32)
     groups = find_matrix_groups(model)
     regularizer = ClusterabilityRegularizer()
     regularize_groups(regularizer, groups, {
@@ -103,7 +96,7 @@ def test_k_accepts_a_count_a_range_and_a_list():
     """--k parses 4, 2..20 and 2,4,8; anything else, or k < 2, is an error naming the forms."""
     assert parse_k("4") == [4] and parse_k("2..5") == [2, 3, 4, 5] and parse_k("8,2,4") == [2, 4, 8]
     for bad in ("1", "two", "5..3", ""):
-        with pytest.raises(ValueError, match="2..20"):
+        with pytest.raises(ValueError, match=r"2\.\.20"):
             parse_k(bad)
 
 

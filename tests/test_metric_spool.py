@@ -61,7 +61,7 @@ def test_spool_is_bounded(tmp_path):
     for step in range(100):
         spool.append({"loss": 1.0}, step, timestamp_ms=step)
     assert (tmp_path / "spool.jsonl").stat().st_size <= 500
-    records, offset = spool.unsent(max_metrics=1000)
+    _records, offset = spool.unsent(max_metrics=1000)
     spool.mark_sent(offset)  # the server caught up: there is room again
     spool.append({"loss": 1.0}, 100, timestamp_ms=100)
     assert spool.unsent(max_metrics=1000)[0][0]["step"] == 100
@@ -177,7 +177,8 @@ def run_with_a_full_disk(tmp_path, recover: bool) -> tuple[MlflowClient, str, Pa
     run_id = client.create_run(client.create_experiment("full")).info.run_id
     spool_path = tmp_path / "spool.jsonl"
     done = subprocess.run([sys.executable, "-c", FULL_DISK_RUN, uri, run_id, str(spool_path),
-                           "recover" if recover else "stay-full"], capture_output=True, text=True, timeout=180, check=False)
+                           "recover" if recover else "stay-full"], capture_output=True, text=True, timeout=180,
+                          check=False)
     assert done.returncode == 0 and "trained to the end" in done.stdout, done.stderr[-3000:]
     assert "cannot take metrics (OSError: [Errno 27] File too large)" in done.stderr
     return client, run_id, spool_path

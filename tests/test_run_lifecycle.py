@@ -55,7 +55,7 @@ def test_data_check_failure_ends_an_attached_run_failed(tmp_path):
     spec = load_spec(ROOT / "jobs" / "tiny.yaml", [
         "data.source=files", "data.files=[absent/*.txt]", "evaluation.every_steps=0",
         f"tracking.uri={store_uri(tmp_path)}", f"tracking.run_id={run_id}"])
-    with pytest.raises(SpecError, match="data.files"):
+    with pytest.raises(SpecError, match=r"data\.files"):
         run_job(spec, tmp_path)
     run = only_run(tmp_path)
     assert run.info.status == "FAILED"
@@ -78,7 +78,7 @@ def test_submitted_job_file_that_does_not_load_on_the_cluster_ends_its_run_faile
     assert "data.files: no file matches" in run.data.tags[tracking.FAILURE_TAG]
 
 
-@pytest.mark.parametrize("job_status, run_status", [("FAILED", "FAILED"), ("STOPPED", "KILLED")])
+@pytest.mark.parametrize(("job_status", "run_status"), [("FAILED", "FAILED"), ("STOPPED", "KILLED")])
 def test_a_job_that_died_before_its_driver_attached_ends_its_run(tmp_path, job_status, run_status):
     """A Ray job that ended with its run still RUNNING (runtime environment not set up, driver killed) has the
     run ended by `xcm status`, with the job's message; a job the run has since moved past leaves it alone."""

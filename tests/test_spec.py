@@ -19,7 +19,7 @@ def test_every_shipped_job_validates(job):
         assert isinstance(load_spec(job), JobSpec)
     except SpecError as error:
         found = [(problem.key, "not in the local cache" in problem.message) for problem in error.problems]
-        assert found == [("model.pretrained", True)], error
+        assert found == [("model.pretrained", True)], error  # noqa: PT017 - valid or failing on this alone
         assert isinstance(load_spec(job, ["model.init=random", "model.size=small"]), JobSpec)
 
 
@@ -70,7 +70,7 @@ def test_pretrained_without_name_fails(tmp_path):
 
 def test_zero_stage_outside_range_fails(tmp_path):
     """A ZeRO stage outside 0-3 is a spec error."""
-    with pytest.raises(SpecError, match="deepspeed.zero_stage"):
+    with pytest.raises(SpecError, match=r"deepspeed\.zero_stage"):
         load_spec(write(tmp_path, "deepspeed:\n  zero_stage: 4\n"))
 
 
@@ -87,7 +87,7 @@ def test_overrides_are_validated_like_the_file(tmp_path):
     """--set overrides change values and go through the same validation."""
     path = write(tmp_path, "training:\n  steps: 10\n")
     assert load_spec(path, ["training.steps=30", "modularity.lambda=0"]).training.steps == 30
-    with pytest.raises(SpecError, match="training.steps"):
+    with pytest.raises(SpecError, match=r"training\.steps"):
         load_spec(path, ["training.steps=zero"])
 
 
@@ -99,8 +99,9 @@ def test_resolved_spec_has_absolute_local_store(tmp_path):
     assert spec.flat_params()["modularity.lambda"] == "20.0"
 
 
-@pytest.mark.parametrize("family, key, close", [("gpt2", "n_embed", "n_embd"), ("gpt_neox", "hidden_sise", "hidden_size"),
-                                                ("gemma", "num_kv_heads", "num_key_value_heads")])
+@pytest.mark.parametrize(("family", "key", "close"), [("gpt2", "n_embed", "n_embd"),
+                                                      ("gpt_neox", "hidden_sise", "hidden_size"),
+                                                      ("gemma", "num_kv_heads", "num_key_value_heads")])
 def test_model_config_keys_are_checked_against_the_family_config_class(tmp_path, family, key, close):
     """A model.config key the family's transformers config class does not take (which its constructor would
     silently keep) is refused with its line and the close matches."""
@@ -148,7 +149,7 @@ def test_keys_mlflow_cannot_name_are_refused_before_a_run_exists(tmp_path):
     assert problems == {"model.config.id2label.a|b": 4, "model.config.id2label.c//d": 5}
 
 
-@pytest.mark.parametrize("config, key, expected", [
+@pytest.mark.parametrize(("config", "key", "expected"), [
     ("{n_layer: [1, 2]}", "model.config.n_layer", "expected int, got list"),
     ("{activation_function: 5}", "model.config.activation_function", "expected str, got int"),
 ])

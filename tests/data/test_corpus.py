@@ -5,7 +5,7 @@ def test_training_blocks_are_packed_byte_tokens():
     """build_synthetic_blocks returns [n, block_size + 1] ids inside the tokenizer's vocabulary."""
     blocks, tokenizer = build_synthetic_blocks(num_examples=300, block_size=32, seed=0)
     assert blocks.shape[1] == 33 and len(blocks) > 100
-    assert 0 <= int(blocks.min()) and int(blocks.max()) < tokenizer.vocab_size
+    assert int(blocks.min()) >= 0 and int(blocks.max()) < tokenizer.vocab_size
 
 
 def test_validation_blocks_differ_from_training_blocks():

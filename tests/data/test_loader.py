@@ -45,7 +45,7 @@ def test_every_rank_gets_the_same_number_of_batches_per_epoch():
 
 def test_resuming_at_step_k_equals_skipping_k_batches():
     """A stream started at start_step=k yields what a fresh stream yields after k batches."""
-    args = dict(micro_batch_size=2, rank=1, world_size=2, seed=5)
+    args = {"micro_batch_size": 2, "rank": 1, "world_size": 2, "seed": 5}
     fresh = _take(batch_stream(_blocks(20), **args), 17)
     resumed = _take(batch_stream(_blocks(20), start_step=7, **args), 10)
     for expected, actual in zip(fresh[7:], resumed, strict=True):
@@ -63,7 +63,7 @@ def test_epochs_wrap_with_a_new_order_over_the_same_shard_size():
 
 def test_too_few_blocks_for_one_micro_batch_names_the_fix():
     """A shard smaller than one micro-batch raises with the counts and the settings to change."""
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ValueError, match="micro_batch_size=2") as error:
         batch_stream(_blocks(5), micro_batch_size=2, rank=0, world_size=4, seed=0)
     message = str(error.value)
     assert "1 blocks" in message and "5 blocks" in message and "micro_batch_size=2" in message

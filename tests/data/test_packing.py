@@ -30,5 +30,5 @@ def test_labels_are_inputs_shifted_by_one():
 
 def test_too_few_tokens_for_one_block_is_an_error():
     """Texts shorter than one block raise, naming the token count and what to change."""
-    with pytest.raises(ValueError, match="3 tokens.*block_size"):
+    with pytest.raises(ValueError, match=r"3 tokens.*block_size"):
         pack_texts(["ab"], block_size=8, tokenizer=ByteTokenizer())

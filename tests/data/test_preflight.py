@@ -78,7 +78,7 @@ def test_validation_too_small_for_the_workers(tmp_path):
     assert "fewer than one block" in problems["data.validation_examples"].message
 
 
-@pytest.mark.parametrize("family, source, fix", [
+@pytest.mark.parametrize(("family", "source", "fix"), [
     ("mnist_mlp", "digits", "set data.validation_fraction > 0"),
     ("modular_addition", "modular_addition", "set data.validation_fraction > 0"),
     ("mnist_mlp", "mnist", "set data.validation_split to a split of the dataset (e.g. test)")])

@@ -19,7 +19,7 @@ def test_every_task_appears_equally_and_texts_carry_their_tag():
     """Tasks are balanced, each text starts with its tag, and task_of reads the tag back."""
     examples = generate_examples(600, seed=0)
     counts = {task: sum(example.task == task for example in examples) for task in TASKS}
-    assert counts == {task: 100 for task in TASKS}
+    assert counts == dict.fromkeys(TASKS, 100)
     for example in examples:
         assert example.text.startswith(f"{example.task}: ")
         assert task_of(example.text) == example.task
@@ -84,7 +84,7 @@ def test_validation_split_never_shares_a_text_with_training():
 
 def test_bad_arguments_are_all_reported():
     """Unknown tasks, an unknown split and a negative count are reported in one error."""
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ValueError, match="num_examples=-1") as error:
         generate_examples(-1, seed=0, tasks=("copy", "poetry"), split="test")
     assert "num_examples=-1" in str(error.value)
     assert "poetry" in str(error.value)

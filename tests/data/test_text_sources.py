@@ -105,7 +105,7 @@ def test_resumed_stream_over_cached_blocks_continues_with_the_next_unseen_batch(
     spec = files_spec(tmp_path, [write_jsonl(tmp_path / "corpus.jsonl", DOCUMENTS)])
     fresh, cached = build_training_data(spec, ModelSpec()), build_training_data(spec, ModelSpec())
     assert cached.cache_hit
-    arguments = dict(micro_batch_size=4, rank=1, world_size=2, seed=3)
+    arguments = {"micro_batch_size": 4, "rank": 1, "world_size": 2, "seed": 3}
     uninterrupted = list(itertools.islice(batch_stream(fresh.train, **arguments), 40))
     resumed = list(itertools.islice(batch_stream(cached.train, start_step=25, **arguments), 15))
     for expected, actual in zip(uninterrupted[25:], resumed, strict=True):

@@ -10,13 +10,10 @@ from orchestrator import metric_names
 from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import run_job
 from orchestrator.train.schedule import lr_multiplier
+from tests.helpers import metric_values
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 16
-
-
-def history(client: MlflowClient, run_id: str, key: str) -> list[float]:
-    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
 @pytest.mark.slow
@@ -32,23 +29,24 @@ def test_cnn_trains_on_digits_under_zero3_bf16_and_logs_throughput(tmp_path, loc
     result = run_job(spec, tmp_path)
     client = MlflowClient(tracking_uri=result.tracking_uri)
     assert client.get_run(result.run_id).info.status == "FINISHED"
-    accuracy = history(client, result.run_id, metric_names.ACCURACY)
+    accuracy = metric_values(client, result.run_id, metric_names.ACCURACY)
     assert len(accuracy) == STEPS and sum(accuracy[-4:]) / 4 > sum(accuracy[:4]) / 4 + 0.2, accuracy
-    clusterability = history(client, result.run_id, metric_names.CLUSTERABILITY)
+    clusterability = metric_values(client, result.run_id, metric_names.CLUSTERABILITY)
     assert clusterability[-1] > clusterability[0] + 0.2, clusterability
-    lr = history(client, result.run_id, metric_names.LEARNING_RATE)
+    lr = metric_values(client, result.run_id, metric_names.LEARNING_RATE)
     assert lr == pytest.approx([0.003 * lr_multiplier(step, spec.training) for step in range(STEPS)])
     for key in (metric_names.SAMPLES_PER_SECOND, metric_names.STEP_TIME):
-        values = history(client, result.run_id, key)
+        values = metric_values(client, result.run_id, key)
         assert len(values) == STEPS and min(values) > 0, key
     for key in (metric_names.PEAK_MEMORY_MAX, metric_names.worker_peak_memory(0), metric_names.worker_peak_memory(1)):
         steps = [m.step for m in client.get_metric_history(result.run_id, key)]
-        assert sorted(steps) == [7, 15] and min(history(client, result.run_id, key)) > 0.1, key  # GiB, every 8 steps
-    mfu = history(client, result.run_id, metric_names.MFU)
+        # GiB, every 8 steps
+        assert sorted(steps) == [7, 15] and min(metric_values(client, result.run_id, key)) > 0.1, key
+    mfu = metric_values(client, result.run_id, metric_names.MFU)
     assert len(mfu) == STEPS and all(0 < value < 1 for value in mfu)
     for key in (metric_names.EVAL_LOSS, metric_names.EVAL_ACCURACY):
         assert sorted(m.step for m in client.get_metric_history(result.run_id, key)) == [7, 15], key
-    eval_loss = history(client, result.run_id, metric_names.EVAL_LOSS)
-    eval_accuracy = history(client, result.run_id, metric_names.EVAL_ACCURACY)
+    eval_loss = metric_values(client, result.run_id, metric_names.EVAL_LOSS)
+    eval_accuracy = metric_values(client, result.run_id, metric_names.EVAL_ACCURACY)
     assert eval_loss[-1] < math.log(10) and eval_accuracy[-1] > 0.3, (eval_loss, eval_accuracy)  # chance: 0.1
     assert client.get_metric_history(result.run_id, metric_names.EVAL_PERPLEXITY) == []  # text only

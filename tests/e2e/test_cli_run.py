@@ -1,26 +1,16 @@
 """The `xcm` command as a user types it: the default job end to end, and bad input."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import yaml
 from mlflow import MlflowClient
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def xcm(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+from tests.helpers import ROOT, TINY_JOB, run_xcm
 
 
 @pytest.mark.slow
 def test_xcm_run_default_job_prints_run_and_ui_command(tmp_path):
     """`xcm run jobs/tiny.yaml` trains, tracks a FINISHED run in ./xcm-runs and prints its id and the UI command."""
-    result = xcm("run", str(ROOT / "jobs" / "tiny.yaml"), "--set", "training.steps=12", "--set",
+    result = run_xcm("run", str(TINY_JOB), "--set", "training.steps=12", "--set",
                  "training.report_every=12", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = next(line.split()[2] for line in result.stdout.splitlines() if line.startswith("xcm: run "))
@@ -36,7 +26,7 @@ def test_invalid_job_file_exits_2_with_every_problem(tmp_path):
     """A bad job file stops `xcm run` before anything starts, exit code 2, problems on stderr."""
     job = tmp_path / "bad.yaml"
     job.write_text("model:\n  family: gpt5\ntraining:\n  stepz: 3\n")
-    result = xcm("run", str(job), cwd=tmp_path, timeout=120)
+    result = run_xcm("run", str(job), cwd=tmp_path, timeout=120)
     assert result.returncode == 2
     assert "model.family" in result.stderr and "training.stepz" in result.stderr
     assert not (tmp_path / "xcm-runs").exists()
@@ -47,7 +37,7 @@ def test_check_validates_shipped_jobs(tmp_path):
     a hub model, naming the model to cache, and still reports every file."""
     jobs = sorted((ROOT / "jobs").glob("*.yaml"))
     hub_models = {job: yaml.safe_load(job.read_text())["model"].get("pretrained") for job in jobs}
-    result = xcm("check", *map(str, jobs), cwd=tmp_path, timeout=120)
+    result = run_xcm("check", *map(str, jobs), cwd=tmp_path, timeout=120)
     assert result.returncode == (2 if any(hub_models.values()) else 0), result.stderr
     for job, model in hub_models.items():
         if model:
@@ -56,7 +46,7 @@ def test_check_validates_shipped_jobs(tmp_path):
             assert f"{job}: ok" in result.stdout
 
 
-@pytest.mark.parametrize("job_text, problem", [
+@pytest.mark.parametrize(("job_text", "problem"), [
     ("data:\n  source: files\n  files: [corpus/*.txt]\n  validation_fraction: 0.1\n", "data.files: no file matches"),
     ("training:\n  lr: .inf\n", "training.lr: input should be a finite number"),
     ("model:\n  config:\n    n_embed: 32\n", "model.config.n_embed: GPT2Config has no key 'n_embed'"),
@@ -67,7 +57,7 @@ def test_check_and_run_refuse_an_invalid_job_alike(tmp_path, job_text, problem):
     data files included, and `run` creates nothing."""
     job = tmp_path / "job.yaml"
     job.write_text(job_text)
-    checked, ran = (xcm(verb, str(job), cwd=tmp_path, timeout=120) for verb in ("check", "run"))
+    checked, ran = (run_xcm(verb, str(job), cwd=tmp_path, timeout=120) for verb in ("check", "run"))
     assert checked.returncode == ran.returncode == 2, (checked.stderr, ran.stderr)
     assert checked.stderr == ran.stderr and problem in ran.stderr
     assert len(ran.stderr.splitlines()) == 1 and ran.stderr.startswith(f"{job}:")
@@ -77,9 +67,7 @@ def test_check_and_run_refuse_an_invalid_job_alike(tmp_path, job_text, problem):
 def test_ray_that_cannot_start_ends_the_run_failed(tmp_path):
     """When Ray cannot be joined (here a RAY_ADDRESS with no port), the run created a moment before ends FAILED
     with Ray's error in its xcm.failure tag instead of staying RUNNING."""
-    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(ROOT / "jobs" / "tiny.yaml")],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "127.0.0.1:noport"})
+    result = run_xcm("run", str(TINY_JOB), cwd=tmp_path, timeout=300, env={"RAY_ADDRESS": "127.0.0.1:noport"})
     assert result.returncode != 0
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'xcm-runs' / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("xcm-tiny").experiment_id])

@@ -1,5 +1,6 @@
 """Jobs on a real Ray head started by the test: submit, follow, succeed, stop, and the bad-input lines."""
 
+import functools
 import os
 import shutil
 import signal
@@ -16,15 +17,11 @@ from orchestrator import cluster_jobs
 from orchestrator.metric_names import RESUMED_FROM_STEP, TASK_LOSS
 from orchestrator.train import checkpoint_store as store
 from orchestrator.train.job_checks import load_spec
-from orchestrator.train.launch import free_port
 from orchestrator.train.resume import locate
+from tests.helpers import ROOT, free_port, run_xcm
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def xcm(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+# The cluster verbs answer within seconds; a hung one fails its test after 2 minutes.
+xcm = functools.partial(run_xcm, timeout=120)
 
 
 def started_head(log_directory: Path, wrapper: list[str] = ()):
@@ -74,7 +71,7 @@ def ray_head_elsewhere(tmp_path_factory):
     namespace of its own, under another hostname (root, or unprivileged user namespaces, needed)."""
     wrapper = ["unshare", "--uts", *([] if os.geteuid() == 0 else ["--map-root-user"]), "sh", "-c",
                'hostname xcm-remote-head && exec "$0" "$@"']
-    if subprocess.run([*wrapper, "true"], capture_output=True).returncode != 0:
+    if subprocess.run([*wrapper, "true"], capture_output=True, check=False).returncode != 0:
         pytest.skip("unshare --uts is not permitted here")
     yield from started_head(tmp_path_factory.mktemp("ray-head-elsewhere"), wrapper)
 
@@ -196,7 +193,7 @@ def test_cluster_that_cannot_be_asked_is_taken_as_remote(tmp_path):
     result = xcm("submit", str(ROOT / "jobs" / "tiny.yaml"), "--address", "http://ray-head.invalid:8265", cwd=tmp_path)
     assert result.returncode == 2
     assert "tracking.uri" in result.stderr and "checkpointing.storage_path" in result.stderr
-    assert [line for line in result.stderr.splitlines() if "warning" in line][0].startswith(
+    assert next(line for line in result.stderr.splitlines() if "warning" in line).startswith(
         "xcm: warning: cannot ask the cluster at http://ray-head.invalid:8265")
     assert not (tmp_path / "xcm-runs").exists()
 

@@ -11,7 +11,8 @@ from orchestrator import metric_names
 from orchestrator.tracking import TrackingUnavailable
 from orchestrator.train import checkpoint_store as store
 from orchestrator.train.job_checks import load_spec
-from orchestrator.train.launch import free_port, run_job
+from orchestrator.train.launch import run_job
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 40

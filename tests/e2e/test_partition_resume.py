@@ -12,6 +12,7 @@ from orchestrator.train import checkpoint_store as store
 from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import run_job
 from orchestrator.train.resume import resume_job
+from tests.helpers import metric_history
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 20
@@ -27,10 +28,6 @@ def tiny(*overrides: str):
         "evaluation.every_steps=0", *overrides])
 
 
-def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-
-
 @pytest.mark.slow
 def test_resumed_run_adopts_the_same_versions_at_the_same_steps(tmp_path, local_ray):
     """10 steps (the checkpoint holds step 8's version, due at 10), resume to 20: the same partition/version
@@ -42,12 +39,12 @@ def test_resumed_run_adopts_the_same_versions_at_the_same_steps(tmp_path, local_
     resumed = resume_job(str(Path(first.checkpoint_path).parent), tmp_path, ["training.steps=20"])
 
     client = MlflowClient(tracking_uri=resumed.tracking_uri)
-    versions = history(client, reference.run_id, metric_names.PARTITION_VERSION)
+    versions = metric_history(client, reference.run_id, metric_names.PARTITION_VERSION)
     assert versions == [(0, 1), (6, 2), (10, 3), (14, 4), (18, 5)]
-    assert history(client, resumed.run_id, metric_names.PARTITION_VERSION) == versions
-    waits = dict(history(client, reference.run_id, metric_names.PARTITION_WAIT_SECONDS))
+    assert metric_history(client, resumed.run_id, metric_names.PARTITION_VERSION) == versions
+    waits = dict(metric_history(client, reference.run_id, metric_names.PARTITION_WAIT_SECONDS))
     assert waits.keys() == {step for step, _ in versions} and waits[0] >= DELAY_S
-    expected, got = (history(client, run.run_id, metric_names.LOSS) for run in (reference, resumed))
+    expected, got = (metric_history(client, run.run_id, metric_names.LOSS) for run in (reference, resumed))
     assert [step for step, _ in got] == list(range(STEPS))
-    for (step, want), (_, have) in zip(expected, got):
+    for (step, want), (_, have) in zip(expected, got, strict=True):
         assert abs(want - have) <= 1e-6, (step, want, have)

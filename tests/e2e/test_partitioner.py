@@ -15,6 +15,7 @@ from orchestrator import metric_names
 from orchestrator.spec import JobSpec
 from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import run_job
+from tests.helpers import metric_history
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 300  # enough for version 2 to come back from a restarted actor (~5-10 s) even at ~0.03 s a step
@@ -22,10 +23,6 @@ EVERY = 10  # steps between partition requests
 DELAY_S = 1.0  # the slow partitioner: each version takes at least this long (tens of steps)
 MATRICES = ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj",
             "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
-
-
-def history(client: MlflowClient, run_id: str, key: str) -> list:
-    return sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
 
 
 class PartitionerKiller(threading.Thread):
@@ -100,15 +97,15 @@ def killed_slow_run(tmp_path_factory, local_ray):
 def test_slow_partitioner_is_adopted_late_while_training_goes_on(killed_slow_run):
     """Each recomputed version is adopted many steps after its request; every step trained meanwhile."""
     result, _, client = killed_slow_run
-    versions = history(client, result.run_id, metric_names.PARTITION_VERSION)
-    lags = {m.step: m.value for m in history(client, result.run_id, metric_names.PARTITION_LAG_STEPS)}
+    versions = metric_history(client, result.run_id, metric_names.PARTITION_VERSION)
+    lags = {m.step: m.value for m in metric_history(client, result.run_id, metric_names.PARTITION_LAG_STEPS)}
     assert [m.value for m in versions] == list(range(1, len(versions) + 1))
     assert versions[0].step == 0 and lags[0] == 0  # the first partition is awaited: nothing to train with before
     assert len(versions) >= 3
     for version in versions[1:]:
         assert lags[version.step] >= 1, (version, lags)  # trained on while the partitioner took its >= 1 s
-    assert [m.step for m in history(client, result.run_id, metric_names.CLUSTERABILITY)] == list(range(STEPS))
-    assert min(m.value for m in history(client, result.run_id, metric_names.PARTITION_SECONDS)) >= 0
+    assert [m.step for m in metric_history(client, result.run_id, metric_names.CLUSTERABILITY)] == list(range(STEPS))
+    assert min(m.value for m in metric_history(client, result.run_id, metric_names.PARTITION_SECONDS)) >= 0
 
 
 @pytest.mark.slow
@@ -117,15 +114,15 @@ def test_killed_partitioner_is_restarted_and_continues_from_the_last_version(kil
     result, killer, client = killed_slow_run
     assert killer.error is None, repr(killer.error)
     assert killer.answered_after_kill and len(killer.partitioners) == 2
-    versions = history(client, result.run_id, metric_names.PARTITION_VERSION)
-    lags = {m.step: m.value for m in history(client, result.run_id, metric_names.PARTITION_LAG_STEPS)}
+    versions = metric_history(client, result.run_id, metric_names.PARTITION_VERSION)
+    lags = {m.step: m.value for m in metric_history(client, result.run_id, metric_names.PARTITION_LAG_STEPS)}
     second = next(m for m in versions if m.value == 2)
     assert second.step - lags[second.step] <= killer.killed_at_step < second.step  # killed in flight, adopted later,
-    agreement = {m.step: m.value for m in history(client, result.run_id, metric_names.PARTITION_AGREEMENT)}
+    agreement = {m.step: m.value for m in metric_history(client, result.run_id, metric_names.PARTITION_AGREEMENT)}
     assert agreement[second.step] > 0.5  # renamed to agree with version 1, not a fresh numbering
     for group in ("transformer.h.0.mlp", "transformer.h.1.mlp"):  # each layer from its own actor
         assert client.get_metric_history(result.run_id, metric_names.partition_agreement(group))
-    kept = [m.value for m in history(client, result.run_id, metric_names.CLUSTERABILITY)
+    kept = [m.value for m in metric_history(client, result.run_id, metric_names.CLUSTERABILITY)
             if killer.killed_at_step <= m.step < second.step]
     assert len(kept) == second.step - killer.killed_at_step  # the loss ran under version 1 all the while,
     assert min(kept) > 0.5  # and kept the matrices modular under it
@@ -140,7 +137,7 @@ def test_mlflow_shows_every_version_and_the_resolved_spec(killed_slow_run):
     for matrix in MATRICES:
         for key in (metric_names.layer_clusterability(matrix), metric_names.layer_clusterability_normalised(matrix)):
             assert len(client.get_metric_history(result.run_id, key)) == STEPS, key
-    versions = history(client, result.run_id, metric_names.PARTITION_VERSION)
+    versions = metric_history(client, result.run_id, metric_names.PARTITION_VERSION)
     for group in ("transformer.h.0.mlp", "transformer.h.1.mlp"):
         sizes = [run.data.metrics[metric_names.partition_cluster_size(group, cluster)] for cluster in range(4)]
         assert sum(sizes) == 256  # every hidden neuron in one cluster

@@ -24,6 +24,7 @@ from orchestrator.train.export import PARTITION_FILE, consolidated_state_dict, e
 from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import run_job
 from orchestrator.train.resume import ResumeError, locate, resume_job
+from tests.helpers import MetricPoint, metric_history, run_xcm
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 20
@@ -39,8 +40,8 @@ def tiny(*overrides: str):
     return load_spec(ROOT / "jobs" / "tiny.yaml", [*TINY, *overrides])
 
 
-def losses(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, metric_names.LOSS))
+def losses(client: MlflowClient, run_id: str) -> list[MetricPoint]:
+    return metric_history(client, run_id, metric_names.LOSS)
 
 
 def final_weights(checkpoint_path: str) -> dict[str, torch.Tensor]:
@@ -53,7 +54,7 @@ def assert_same_training(client, reference, result) -> None:
     """Every step's loss logged exactly once and equal to the reference run's, and the same final weights."""
     expected, got = losses(client, reference.run_id), losses(client, result.run_id)
     assert [step for step, _ in got] == list(range(STEPS))
-    for (step, want), (_, have) in zip(expected, got):
+    for (step, want), (_, have) in zip(expected, got, strict=True):
         assert abs(want - have) <= 1e-6, (step, want, have)
     reference_weights, weights = final_weights(reference.checkpoint_path), final_weights(result.checkpoint_path)
     assert reference_weights.keys() == weights.keys()
@@ -205,7 +206,8 @@ def test_export_loads_with_from_pretrained_and_matches_the_trained_model(tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(exported(tokens).logits, trained(tokens).logits, rtol=0, atol=1e-5)
     partition = pq.read_table(directory / PARTITION_FILE).to_pydict()
-    hidden = [cluster for side, cluster in zip(partition["side"], partition["cluster"]) if side == "hidden"]
+    hidden = [cluster for side, cluster in zip(partition["side"], partition["cluster"], strict=True)
+              if side == "hidden"]
     assert len(hidden) == 2 * 256 and set(hidden) == {0, 1, 2, 3}  # 2 blocks x MLP width 256, k = 4
 
 
@@ -223,14 +225,13 @@ def test_run_id_run_directory_and_checkpoint_name_the_same_checkpoint(workdir, u
 def test_resume_refuses_what_it_cannot_do(workdir, uninterrupted):
     """A finished run asks for more steps; another worker count names the option to use. Nothing starts."""
     run_directory = str(Path(uninterrupted.checkpoint_path).parent)
-    with pytest.raises(ResumeError, match="training.steps"):
+    with pytest.raises(ResumeError, match=r"training\.steps"):
         resume_job(run_directory, workdir)
-    with pytest.raises(ResumeMismatch, match="resources.num_workers=2.*xcm export"):
+    with pytest.raises(ResumeMismatch, match=r"resources\.num_workers=2.*xcm export"):
         resume_job(run_directory, workdir, ["training.steps=30", "resources.num_workers=1"])
     with pytest.raises(ResumeError, match="neither a path nor an xcm run"):
         resume_job("no-such-run", workdir)
-    command = subprocess.run([sys.executable, "-m", "orchestrator.cli", "resume", run_directory], cwd=workdir,
-                             capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    command = run_xcm("resume", run_directory, cwd=workdir, timeout=300)
     assert command.returncode == 1 and "already trained all 20 steps" in command.stderr
 
 
@@ -270,7 +271,7 @@ def test_tampered_checkpoint_runs_no_code_anywhere(tmp_path, workdir, uninterrup
         export_hf(str(tampered), tmp_path / "hf", "unused")
     with pytest.raises(ResumeError, match="signature does not verify"):
         measure.load_model(str(tampered), "unused")
-    with pytest.raises(Exception) as refused:
+    with pytest.raises(Exception) as refused:  # noqa: PT011 - Ray Train may wrap the error; the assert reads both
         run_job(tiny("name=tampered", "training.steps=30", "checkpointing.max_failures=0"), workdir,
                 resume_from=str(tampered))
     assert "does not verify" in str(refused.value) or "does not verify" in repr(refused.value.__cause__)
@@ -284,9 +285,7 @@ def test_export_replaces_a_directory_only_when_told_and_only_when_complete(tmp_p
     target = tmp_path / "model"
     target.mkdir()
     (target / "notes.txt").write_text("another model's file")
-    command = subprocess.run([sys.executable, "-m", "orchestrator.cli", "export", uninterrupted.checkpoint_path,
-                              "--to", "hf", str(target)], cwd=tmp_path, capture_output=True, text=True,
-                             timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    command = run_xcm("export", uninterrupted.checkpoint_path, "--to", "hf", str(target), cwd=tmp_path, timeout=300)
     assert command.returncode == 1 and "--overwrite" in command.stderr
     assert [p.name for p in target.iterdir()] == ["notes.txt"]
 

@@ -8,6 +8,7 @@ from mlflow import MlflowClient
 from orchestrator.tracking import FAILURE_TAG
 from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import run_job
+from tests.helpers import metric_values
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 40
@@ -17,10 +18,6 @@ def tiny_run(workdir: Path, *overrides: str):
     spec = load_spec(ROOT / "jobs" / "tiny.yaml", [f"training.steps={STEPS}", f"training.report_every={STEPS}",
                                                    *overrides])
     return run_job(spec, workdir)
-
-
-def history(client: MlflowClient, run_id: str, key: str) -> list[float]:
-    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +40,10 @@ def test_loss_raises_clusterability_only_when_on(paired_runs):
     for result, logged_steps in ((clustered, list(range(STEPS))), (control, every_fourth)):
         for key in ("task_loss", "step_time_s"):  # step_time_s: the mean over the steps since the last logged one
             assert sorted(m.step for m in client.get_metric_history(result.run_id, key)) == logged_steps, key
-        task_loss = history(client, result.run_id, "task_loss")
+        task_loss = metric_values(client, result.run_id, "task_loss")
         assert sum(task_loss[-3:]) / 3 < task_loss[0] - 1.0, task_loss
-    clustered_c = history(client, clustered.run_id, "clusterability")
-    control_c = history(client, control.run_id, "clusterability")
+    clustered_c = metric_values(client, clustered.run_id, "clusterability")
+    control_c = metric_values(client, control.run_id, "clusterability")
     assert clustered_c[-1] > 0.7 > 1 / k
     assert control_c[-1] < 0.45
     assert clustered_c[-1] > clustered_c[0] + 0.3
@@ -54,7 +51,8 @@ def test_loss_raises_clusterability_only_when_on(paired_runs):
 
 @pytest.mark.slow
 def test_run_is_tracked_completely(paired_runs):
-    """The MLflow run is FINISHED with the resolved spec, per-layer metrics, throughput, the partition and a checkpoint."""
+    """The MLflow run is FINISHED with the resolved spec, per-layer metrics, throughput, the partition and a
+    checkpoint."""
     clustered, _, client = paired_runs
     run = client.get_run(clustered.run_id)
     assert run.info.status == "FINISHED"
@@ -63,8 +61,8 @@ def test_run_is_tracked_completely(paired_runs):
     layers = [key for key in run.data.metrics if key.startswith("clusterability/transformer.")]
     assert len(layers) == 4  # c_fc and c_proj of 2 blocks
     for key in ("loss", "task_loss", "clusterability", "tokens_per_s", *layers):
-        assert len(history(client, clustered.run_id, key)) == STEPS, key
-    assert min(history(client, clustered.run_id, "tokens_per_s")) > 0
+        assert len(metric_values(client, clustered.run_id, key)) == STEPS, key
+    assert min(metric_values(client, clustered.run_id, "tokens_per_s")) > 0
     artifacts = [item.path for item in client.list_artifacts(clustered.run_id, "partitions")]
     assert artifacts == ["partitions/partition-step0.parquet"]
     assert clustered.checkpoint_path and any(Path(clustered.checkpoint_path).rglob("*model_states.pt"))
@@ -74,7 +72,7 @@ def test_run_is_tracked_completely(paired_runs):
 def test_worker_error_marks_run_failed(tmp_path, local_ray):
     """An error inside the workers ends the MLflow run FAILED with the error as its xcm.failure tag, and reaches
     the caller."""
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017, PT011 - whatever Ray Train raises; the run's status is the point
         tiny_run(tmp_path, "name=broken", "data.num_examples=20", "training.micro_batch_size=64")
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'xcm-runs' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("xcm-tiny").experiment_id])

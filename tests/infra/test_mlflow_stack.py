@@ -258,7 +258,7 @@ def test_the_server_refuses_requests_without_the_password(mlflow_server, monkeyp
     assert (server.directory / "basic_auth.db").is_file()  # the user store, where the working directory is
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
-    with pytest.raises(MlflowException, match="401|Unauthorized|credentials"):
+    with pytest.raises(MlflowException, match=r"401|Unauthorized|credentials"):
         tracking.client(server.uri).create_experiment("refused")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", TEST_SECRETS["MLFLOW_ADMIN_PASSWORD"])
     assert tracking.client(server.uri).create_experiment("signed-in")

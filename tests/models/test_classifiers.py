@@ -50,7 +50,7 @@ def test_same_seed_same_weights_and_overrides_apply():
     """Every rank builds identical weights from the seed; model.config overrides sizes; unknown keys are errors."""
     first = build_model(ModelSpec(family="mnist_mlp", config={"width": 32}), None, seed=4)
     second = build_model(ModelSpec(family="mnist_mlp", config={"width": 32}), None, seed=4)
-    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters(), strict=True))
     assert first.classifier.fc1.weight.shape == (32, 784)
     assert model_dimensions(ModelSpec(family="mnist_mlp")).intermediate == 10  # k is bounded by the 10 classes
     with pytest.raises(ValueError, match="no key"):

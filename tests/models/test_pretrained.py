@@ -14,5 +14,5 @@ def test_local_pretrained_directory_loads_its_weights(tmp_path, family):
     saved.save_pretrained(tmp_path)
     loaded = build_model(ModelSpec(family=family, init="pretrained", pretrained=str(tmp_path)), vocab_size=259, seed=0)
     assert type(loaded) is type(saved)
-    for (name, expected), (_, actual) in zip(saved.state_dict().items(), loaded.state_dict().items()):
+    for (name, expected), (_, actual) in zip(saved.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(expected, actual), name

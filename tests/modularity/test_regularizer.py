@@ -55,7 +55,7 @@ def test_model_forward_records_every_group_matrix(tiny_gpt2):
         tiny_gpt2(torch.randint(0, 64, (2, 16)))
     values = regularizer.values()
     for group in groups:
-        for matrix, (rows, cols) in zip(group.matrices, partitions[group.name].matrix_labels()):
+        for matrix, (rows, cols) in zip(group.matrices, partitions[group.name].matrix_labels(), strict=True):
             assert torch.allclose(values[matrix.name], clusterability(matrix.weight(), rows, cols, 4))
     assert len(values) == len(regularizer.masses()) == 4
     regularizer.remove()
@@ -130,7 +130,7 @@ def test_batched_regularizer_matches_the_per_matrix_hooks_in_value_mass_and_grad
         assert torch.allclose(batched_values[name], values[name], atol=1e-6)
         assert torch.allclose(batched_masses[name], masses[name], rtol=1e-6)
     assert torch.allclose(batched_penalty, penalty, atol=1e-6)
-    for grad, batched_grad in zip(grads, batched_grads):
+    for grad, batched_grad in zip(grads, batched_grads, strict=True):
         assert grad.abs().sum() > 0 and torch.allclose(batched_grad, grad, atol=1e-6)
 
     quiet = ClusterabilityRegularizer(differentiable=False, weights_persist=True)
@@ -183,7 +183,7 @@ def test_the_batched_path_bounds_its_stacks_without_changing_values_or_gradients
     for bounded_penalty, bounded_masses, bounded_grads in bounded:
         assert torch.allclose(bounded_penalty, penalty, atol=1e-6)
         assert all(torch.allclose(bounded_masses[name], mass, rtol=1e-6) for name, mass in masses.items())
-        assert all(torch.allclose(bounded, grad, atol=1e-6) for bounded, grad in zip(bounded_grads, grads))
+        assert all(torch.allclose(bounded, grad, atol=1e-6) for bounded, grad in zip(bounded_grads, grads, strict=True))
 
 
 @pytest.mark.parametrize("weights_persist", [False, True])

@@ -13,6 +13,7 @@ from orchestrator import measure
 from orchestrator.train import checkpoint_store as store
 from orchestrator.train.export import ExportError, export_hf
 from orchestrator.train.resume import ResumeError, locate, resume_job
+from tests.helpers import TINY_JOB, run_xcm
 
 LOCAL = pafs.LocalFileSystem()
 MODEL_FILE = "deepspeed/step-20/mp_rank_00_model_states.pt"
@@ -52,7 +53,7 @@ def test_checkpoint_signed_with_another_key_is_refused(forged, checkpoint_files)
     """A manifest signed with a key other than this machine's (an attacker's, another cluster's) is refused,
     naming the key variable; the same manifest verifies under the key that signed it."""
     checkpoint_files.recompute_manifest(forged, key=checkpoint_files.ATTACKER_KEY)
-    with pytest.raises(ResumeError, match="signed with another key.*XCM_CHECKPOINT_KEY"):
+    with pytest.raises(ResumeError, match=r"signed with another key.*XCM_CHECKPOINT_KEY"):
         locate(str(forged), "unused")
     assert store.verified(LOCAL, str(forged), key=checkpoint_files.ATTACKER_KEY).state.step == 20
 
@@ -62,7 +63,7 @@ def test_format_1_checkpoint_is_refused_with_the_way_out(tmp_path, checkpoint_fi
     directory = checkpoint_files.write(tmp_path, 10)
     manifest = json.loads((directory / store.MANIFEST).read_text())
     (directory / store.MANIFEST).write_text(json.dumps({"format": 1, "files": manifest["files"]}))
-    with pytest.raises(ResumeError, match="predates authenticated checkpoints.*xcm export"):
+    with pytest.raises(ResumeError, match=r"predates authenticated checkpoints.*xcm export"):
         locate(str(directory), "unused")
 
 
@@ -167,7 +168,7 @@ def test_export_into_a_non_empty_directory_keeps_what_is_there(tmp_path, forged,
     target = tmp_path / "other-model"
     target.mkdir()
     (target / "model.safetensors").write_bytes(b"another model")
-    with pytest.raises(ExportError, match="not an empty directory.*--overwrite"):
+    with pytest.raises(ExportError, match=r"not an empty directory.*--overwrite"):
         export_hf(str(forged.parent / "step-00000010"), target, "unused")
     assert [p.name for p in target.iterdir()] == ["model.safetensors"]
     with pytest.raises(ResumeError):  # --overwrite with an export that fails: the old content stays
@@ -218,7 +219,7 @@ def test_no_key_at_all_is_a_refusal_naming_the_variable(home, tmp_path):
 def test_a_short_key_in_the_environment_is_refused(monkeypatch, tmp_path):
     """A guessable key (under 32 bytes) in XCM_CHECKPOINT_KEY is refused with how to make one."""
     monkeypatch.setenv(store.KEY_ENV, "secret")
-    with pytest.raises(ResumeError, match="at least 32.*openssl rand"):
+    with pytest.raises(ResumeError, match=r"at least 32.*openssl rand"):
         locate(str(tmp_path), "unused")
 
 
@@ -256,16 +257,10 @@ def test_a_worker_whose_key_differs_from_the_drivers_stops_at_once():
 
 def test_xcm_run_with_a_key_file_open_to_others_stops_before_the_run(home):
     """`xcm run` with a world-readable key file exits 1 with the chmod fix, before any MLflow run or worker."""
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[2]
     key_file = home / ".config" / "xcm" / "checkpoint.key"
     key_file.parent.mkdir(parents=True)
     key_file.write_bytes(os.urandom(32))
     key_file.chmod(0o644)
-    command = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(root / "jobs" / "tiny.yaml")],
-                             cwd=home, capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "PYTHONPATH": str(root)})
+    command = run_xcm("run", str(TINY_JOB), cwd=home, timeout=300)
     assert command.returncode == 1 and f"chmod 600 {key_file}" in command.stderr
     assert "Traceback" not in command.stderr and not (home / "xcm-runs").exists()

@@ -91,6 +91,6 @@ def test_export_verifies_its_download_not_only_the_store(s3_run, checkpoint_file
         return located
 
     monkeypatch.setattr(resume, "locate", locate_then_swap)
-    with pytest.raises(ExportError, match="download .* does not verify"):
+    with pytest.raises(ExportError, match=r"download .* does not verify"):
         export_hf(s3_run, tmp_path / "hf", "unused")
     assert not marker.exists() and not (tmp_path / "hf").exists()

@@ -28,7 +28,7 @@ def test_complete_checkpoint_is_intact_and_newest(tmp_path, checkpoint_files):
     assert located.state.step == 20 and located.state.run_id == "0123456789abcdef0123456789abcdef"
 
 
-@pytest.mark.parametrize("damage, reason", [
+@pytest.mark.parametrize(("damage", "reason"), [
     (lambda shard: shard.write_bytes(shard.read_bytes()[:-10]), "bytes"),  # truncated upload
     (lambda shard: shard.write_bytes(b"\xff" + shard.read_bytes()[1:]), "sha256"),  # same size, corrupted
     (lambda shard: shard.unlink(), "missing"),  # a rank's file never arrived
@@ -77,7 +77,7 @@ def test_a_named_checkpoint_is_located_exactly(tmp_path, checkpoint_files):
     assert locate(str(tmp_path / "step-00000010"), "unused").state.step == 10
     damaged = tmp_path / "step-00000020" / "deepspeed" / "step-20" / "mp_rank_00_model_states.pt"
     damaged.write_bytes(b"x" + damaged.read_bytes()[1:])
-    with pytest.raises(ResumeError, match="step-00000020 cannot be used: .*sha256"):
+    with pytest.raises(ResumeError, match=r"step-00000020 cannot be used: .*sha256"):
         locate(str(tmp_path / "step-00000020"), "unused")
     assert locate(str(tmp_path), "unused").state.step == 30
 
@@ -85,7 +85,7 @@ def test_a_named_checkpoint_is_located_exactly(tmp_path, checkpoint_files):
 def test_a_run_without_any_intact_checkpoint_is_refused_with_each_reason(tmp_path, checkpoint_files):
     """Nothing intact in a run directory: one message naming every checkpoint's problem and the key variable."""
     checkpoint_files.write(tmp_path, 10, manifest=False)
-    with pytest.raises(ResumeError, match="step-00000010: no manifest.*XCM_CHECKPOINT_KEY"):
+    with pytest.raises(ResumeError, match=r"step-00000010: no manifest.*XCM_CHECKPOINT_KEY"):
         locate(str(tmp_path), "unused")
 
 

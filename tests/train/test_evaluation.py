@@ -17,18 +17,14 @@ from orchestrator.data.training_data import evaluation_sets
 from orchestrator.spec import EvaluationSpec
 from orchestrator.train.evaluation import Evaluator
 from orchestrator.train.objectives import CausalLanguageModelling, Classification
+from tests.helpers import tiny_gpt2
 
 LANGUAGE = CausalLanguageModelling()
 VOCAB = 64
 
 
 def tiny_model():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=64,
-                                      bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
-                                      attn_pdrop=0.0))
+    return tiny_gpt2(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
 
 
 def validation_blocks(n_blocks=12, width=17):

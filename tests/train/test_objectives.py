@@ -28,7 +28,8 @@ def test_causal_lm_loss_is_the_mean_next_token_cross_entropy():
     batch = {"input_ids": blocks[:, :-1], "labels": blocks[:, 1:]}
     loss, metrics = CausalLanguageModelling().loss(model, batch)
     logits = model(input_ids=blocks[:, :-1]).logits
-    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(logits.flatten(0, 1), blocks[:, 1:].flatten()).item())
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), blocks[:, 1:].flatten())
+    assert loss.item() == pytest.approx(expected.item())
     assert metrics == {} and CausalLanguageModelling().count(batch) == 16
 
 
@@ -52,5 +53,6 @@ def test_classification_reports_accuracy_and_casts_pixels_to_the_compute_precisi
     loss, metrics = Classification(torch.bfloat16).loss(model, batch)
     assert metrics[metric_names.ACCURACY].item() == 0.5 and model.seen_dtype == torch.bfloat16
     assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(model.logits, batch["labels"]).item())
-    Classification(torch.bfloat16).loss(model, {"inputs": torch.zeros(4, 3, dtype=torch.long), "labels": batch["labels"]})
+    Classification(torch.bfloat16).loss(model, {"inputs": torch.zeros(4, 3, dtype=torch.long),
+                                                "labels": batch["labels"]})
     assert model.seen_dtype == torch.long

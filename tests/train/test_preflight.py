@@ -70,7 +70,8 @@ def test_a_dataset_the_workers_cannot_split_is_refused():
 
 def test_unknown_pretrained_model_is_refused(tmp_path, monkeypatch):
     """A missing directory, a model of another family, and an uncached hub model offline are each refused."""
-    assert "no model directory" in problems("model.init=pretrained", "model.pretrained=/absent/gpt2")["model.pretrained"]
+    found = problems("model.init=pretrained", "model.pretrained=/absent/gpt2")
+    assert "no model directory" in found["model.pretrained"]
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "hidden_size": 64,
                                                       "intermediate_size": 256, "num_hidden_layers": 2,
                                                       "num_attention_heads": 2}))
@@ -84,7 +85,8 @@ def test_unknown_pretrained_model_is_refused(tmp_path, monkeypatch):
 def test_worker_without_a_gpu_stops_before_building():
     """A worker of a GPU job that sees no CUDA GPU stops at once, naming the key and the fix (bf16 is checked next)."""
     spec = load_spec(ROOT / "jobs" / "tiny.yaml", ["training.precision=bf16", "resources.gpus_per_worker=1"])
-    with pytest.raises(RuntimeError, match="resources.gpus_per_worker: the job asks for GPUs but this worker sees none"):
+    with pytest.raises(RuntimeError,
+                       match=r"resources\.gpus_per_worker: the job asks for GPUs but this worker sees none"):
         require_precision_support(spec)
     require_precision_support(load_spec(ROOT / "jobs" / "tiny.yaml", ["training.precision=bf16"]))  # CPU bf16: fine
 
@@ -97,5 +99,5 @@ def test_fp16_on_a_cpu_without_native_fp16_is_refused_by_driver_and_worker():
     assert problems("training.precision=fp16", "resources.gpus_per_worker=1") == {}
     spec = load_spec(ROOT / "jobs" / "tiny.yaml")
     fp16 = spec.model_copy(update={"training": spec.training.model_copy(update={"precision": "fp16"})})
-    with pytest.raises(RuntimeError, match="training.precision: fp16 on CPU needs native fp16.*Fix: use .*bf16"):
+    with pytest.raises(RuntimeError, match=r"training\.precision: fp16 on CPU needs native fp16.*Fix: use .*bf16"):
         require_precision_support(fp16)

@@ -1,5 +1,6 @@
 """The learning-rate schedule: linear warm-up, then constant or cosine decay to the floor."""
 
+import itertools
 import math
 
 import pytest
@@ -22,7 +23,7 @@ def test_cosine_decays_from_full_lr_to_the_floor():
     assert lr_multiplier(60, training) == pytest.approx(0.55)
     assert lr_multiplier(110, training) == pytest.approx(0.1)
     values = [lr_multiplier(step, training) for step in range(10, 111)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_scheduler_factory_drives_an_optimizer():

@@ -41,7 +41,8 @@ FAMILY_STEPS = 5
 # case name -> overrides: each transformer family under ZeRO-2 and under ZeRO-3 (really sharded), xcm's own models
 # under ZeRO-3; the CIFAR CNN trains under ZeRO-3 in tests/e2e/test_classifier_run.py (each case costs seconds here).
 FAMILIES = {
-    **{f"{family}_zero3": [f"model.family={family}", "deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0"]
+    **{f"{family}_zero3": [f"model.family={family}", "deepspeed.zero_stage=3",
+                           "deepspeed.param_persistence_threshold=0"]
        for family in ("gpt2", "gpt_neox", "gemma")},
     **{f"{family}_zero2": [f"model.family={family}", "deepspeed.zero_stage=2"]
        for family in ("gpt2", "gpt_neox", "gemma")},
@@ -217,7 +218,7 @@ def single_process_reference(name: str, partitions: dict) -> tuple[float, dict[s
     values = []
     for group in find_matrix_groups(model, spec.modularity.matrices):
         partition = GroupPartition.from_dict(partitions[group.name])
-        for matrix, (rows, cols) in zip(group.matrices, partition.matrix_labels()):
+        for matrix, (rows, cols) in zip(group.matrices, partition.matrix_labels(), strict=True):
             values.append(clusterability(matrix.weight(), rows, cols, partition.k))
     loss = task_loss - spec.modularity.lambda_ * torch.stack(values).mean()
     loss.backward()
@@ -227,7 +228,7 @@ def single_process_reference(name: str, partitions: dict) -> tuple[float, dict[s
 def sharded_loss(result: dict) -> float:
     """The global batch's loss from the ranks' micro-batch losses (equal sizes, so the plain mean)."""
     values = [task + penalty for rank in result["ranks"] for task, penalty in zip(rank["task_losses"],
-                                                                                  rank["penalties"])]
+                                                                                  rank["penalties"], strict=True)]
     return sum(values) / len(values)
 
 
@@ -261,7 +262,8 @@ def test_zero3_loss_and_gradients_equal_one_process(sharded):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["zero3_accumulation", "zero3_checkpointing", "zero3_offload", "zero2", "zero1"])
 def test_every_stage_and_option_keeps_gradients_exact(sharded, case):
-    """Gradient accumulation, activation checkpointing, optimizer offload, ZeRO-1 and ZeRO-2 keep loss and gradients exact."""
+    """Gradient accumulation, activation checkpointing, optimizer offload, ZeRO-1 and ZeRO-2 keep loss and
+    gradients exact."""
     result = sharded[case]
     loss, reference = single_process_reference(case, result["partitions"])
     assert abs(sharded_loss(result) - loss) < TOLERANCE
@@ -307,7 +309,8 @@ def test_fp16_loss_scaling_skips_overflowing_steps_then_trains(sharded, case):
     assert scales[-1] < 2.0 ** 20 and scales == sorted(scales, reverse=True), scales  # halved, never raised
     applied = FP16_STEPS - skipped[-1]
     assert applied >= FP16_STEPS // 2, skipped  # the scale came down within a few steps
-    for step, (lr, skipped_so_far) in enumerate(zip(curve["lr"], skipped)):  # the schedule counts applied steps
+    # The schedule counts applied steps.
+    for step, (lr, skipped_so_far) in enumerate(zip(curve["lr"], skipped, strict=True)):
         assert lr == pytest.approx(training.lr * lr_multiplier(step + 1 - skipped_so_far, training)), (step, skipped)
     losses = curve["task_loss"]  # each before its step's update, on the same batch (no dropout)
     for step in range(FP16_STEPS - 1):

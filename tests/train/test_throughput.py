@@ -66,8 +66,10 @@ def test_peak_flops_from_spec_or_cpu_default():
 
 def test_peak_memory_is_the_process_rss_on_cpu():
     """On CPU the peak is the process's maximum resident set: with 1 GiB touched, it is at least the RSS now."""
-    script = ("import torch; from orchestrator.train.throughput import peak_memory_bytes; block = torch.ones(2**30 // 4); "
-              "rss = next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmRSS')); "
+    script = ("import torch; from orchestrator.train.throughput import peak_memory_bytes; "
+              "block = torch.ones(2**30 // 4); "
+              "rss = next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') "
+              "if line.startswith('VmRSS')); "
               "print(peak_memory_bytes(torch.device('cpu')), rss)")
     output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     peak, rss = map(int, output.split())
@@ -76,7 +78,8 @@ def test_peak_memory_is_the_process_rss_on_cpu():
 
 def test_memory_is_gathered_every_report_and_at_the_end():
     """Peak memory is read at every report_every-th step and at the last, per worker and as the maximum."""
-    meter = ThroughputMeter(1.0, None, world_size=1, unit="tokens", device=torch.device("cpu"), memory_every=5, steps=12)
+    meter = ThroughputMeter(1.0, None, world_size=1, unit="tokens", device=torch.device("cpu"), memory_every=5,
+                            steps=12)
     due = [step for step in range(12) if meter.memory_metrics(step)]
     assert due == [4, 9, 11] == [step for step in range(12) if meter.memory_due(step)]
     metrics = meter.memory_metrics(11)
