@@ -66,7 +66,6 @@ class SideJobContext:
 
     rank: Rank
     device: torch.device
-    module: torch.nn.Module  # the engine's module (ZeRO-3 shards it)
     groups: Sequence[MatrixGroup]  # the regularised matrices
     regularizer: ClusterabilityRegularizer  # where adopted partitions go
     actor_names: Sequence[str]  # the Ray names of the actors its kind started on the driver

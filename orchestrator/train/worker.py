@@ -115,8 +115,8 @@ class TrainingSession:
         from orchestrator.train.side_job_registry import enabled_side_jobs
 
         def context(kind) -> SideJobContext:
-            return SideJobContext(rank=self.rank, device=self.engine.device, module=self.engine.module,
-                                  groups=self.groups, regularizer=self.regularizer,
+            return SideJobContext(rank=self.rank, device=self.engine.device, groups=self.groups,
+                                  regularizer=self.regularizer,
                                   actor_names=list(actor_names.get(kind.name, ())), logger=self.logger)
 
         return {kind.name: kind.build(self.spec, context(kind)) for kind in enabled_side_jobs(self.spec)}
