@@ -12,9 +12,8 @@ from orchestrator import cli, credentials
 from orchestrator.spec import SpecError
 from orchestrator.tracking import MetricLogger
 from orchestrator.train.job_checks import load_spec
-from tests.helpers import free_port
+from tests.helpers import free_port, tiny_spec
 
-ROOT = Path(__file__).resolve().parents[1]
 SECRET = "s3cret-9f1c"
 VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 OVERRIDES = [f"tracking.uri=http://alice:{SECRET}@mlflow-host:5000",
@@ -30,7 +29,7 @@ def clean_environment(monkeypatch):
 def test_spec_credentials_move_into_the_environment(clean_environment):
     """The tracking server's and S3's credentials go to the variables MLflow and pyarrow read (percent-decoded);
     the spec keeps each URI without them, query string included."""
-    spec, moved = credentials.take_from_spec(load_spec(ROOT / "jobs" / "tiny.yaml", OVERRIDES))
+    spec, moved = credentials.take_from_spec(tiny_spec(*OVERRIDES))
     assert moved == sorted(VARIABLES)
     assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("alice", SECRET)
     assert (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]) == ("AKIAEXAMPLE", f"{SECRET}/x")
@@ -42,9 +41,8 @@ def test_spec_credentials_move_into_the_environment(clean_environment):
 def test_credentials_where_xcm_cannot_pass_them_on_are_refused(clean_environment):
     """Credentials in a key that is not a storage URI, or for a scheme without known variables, stop the job with
     one line per key, neither line showing the secret; nothing is set."""
-    spec = load_spec(ROOT / "jobs" / "tiny.yaml", [
-        "data.source=hub", f"data.dataset=https://bob:{SECRET}@example.org/corpus",
-        f"checkpointing.storage_path=gs://bob:{SECRET}@bucket/runs"])
+    spec = tiny_spec("data.source=hub", f"data.dataset=https://bob:{SECRET}@example.org/corpus",
+                     f"checkpointing.storage_path=gs://bob:{SECRET}@bucket/runs")
     with pytest.raises(SpecError) as raised:
         credentials.take_from_spec(spec)
     assert [problem.key for problem in raised.value.problems] == ["data.dataset", "checkpointing.storage_path"]
@@ -55,7 +53,7 @@ def test_credentials_where_xcm_cannot_pass_them_on_are_refused(clean_environment
 def test_stored_forms_of_a_spec_hold_no_credentials(tmp_path):
     """spec.yaml / job.yaml (``to_yaml``) and the MLflow params (``flat_params``) leave credentials out even of a
     spec that never passed the edge, and the YAML loads back as the same job without them."""
-    spec = load_spec(ROOT / "jobs" / "tiny.yaml", OVERRIDES)
+    spec = tiny_spec(*OVERRIDES)
     assert SECRET not in spec.to_yaml() and "AKIAEXAMPLE" not in spec.to_yaml()
     assert not [value for value in spec.flat_params().values() if SECRET in value or "AKIAEXAMPLE" in value]
     (tmp_path / "job.yaml").write_text(spec.to_yaml())

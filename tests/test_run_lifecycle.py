@@ -12,8 +12,7 @@ from orchestrator.cluster_jobs import SUBMISSION_TAG, end_run_of_ended_job
 from orchestrator.spec import INVALID_JOB_EXIT_CODE, SpecError
 from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import run_job
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, tiny_spec
 
 
 def store_uri(workdir: Path) -> str:
@@ -22,7 +21,7 @@ def store_uri(workdir: Path) -> str:
 
 def created_run(workdir: Path, **tags: str) -> str:
     """A RUNNING run in the job's store, as `xcm submit` creates it before the cluster starts on it."""
-    spec = load_spec(ROOT / "jobs" / "tiny.yaml").resolved(workdir)
+    spec = tiny_spec().resolved(workdir)
     run_id = tracking.start_run(spec.tracking, "submitted", {})
     for key, value in tags.items():
         tracking.client(spec.tracking.uri).set_tag(run_id, key, value)
@@ -39,7 +38,7 @@ def only_run(workdir: Path):
 def test_params_the_store_refuses_end_the_new_run_failed(tmp_path):
     """A param MLflow refuses (here a key it cannot name) fails the job after the run exists: the run ends FAILED
     with the store's reason, not RUNNING forever."""
-    spec = load_spec(ROOT / "jobs" / "tiny.yaml")
+    spec = tiny_spec()
     spec = spec.model_copy(update={"model": spec.model.model_copy(update={"config": {"bad|key": 1}})})
     with pytest.raises(tracking.TrackingUnavailable, match="refused the job's params"):
         run_job(spec, tmp_path)

@@ -2,7 +2,6 @@
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 
@@ -10,12 +9,11 @@ from orchestrator.data.preflight import check_data
 from orchestrator.spec import SpecError
 from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import run_job
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import tiny_spec
 
 
 def job(tmp_path, *overrides):
-    return load_spec(ROOT / "jobs" / "tiny.yaml", list(overrides)).resolved(tmp_path)
+    return tiny_spec(*overrides).resolved(tmp_path)
 
 
 def problems_of(spec) -> dict:

@@ -16,9 +16,8 @@ from mlflow import MlflowClient
 from orchestrator import cluster_jobs
 from orchestrator.metric_names import RESUMED_FROM_STEP, TASK_LOSS
 from orchestrator.train import checkpoint_store as store
-from orchestrator.train.job_checks import load_spec
 from orchestrator.train.resume import locate
-from tests.helpers import ROOT, free_port, run_xcm
+from tests.helpers import ROOT, free_port, run_xcm, tiny_spec
 
 # The cluster verbs answer within seconds; a hung one fails its test after 2 minutes.
 xcm = functools.partial(run_xcm, timeout=120)
@@ -178,7 +177,7 @@ def test_resume_on_a_head_elsewhere_refuses_a_checkpoint_on_this_machine(ray_hea
     its checkpoints and token cache on this machine, naming each key."""
     run = tmp_path / "xcm-runs" / "checkpoints" / "tiny-01234567"
     checkpoint = checkpoint_files.write(run, 10, manifest=False)
-    spec = load_spec(ROOT / "jobs" / "tiny.yaml", ["tracking.uri=http://mlflow-host:5000"]).resolved(tmp_path)
+    spec = tiny_spec("tracking.uri=http://mlflow-host:5000").resolved(tmp_path)
     (checkpoint / store.JOB).write_text(spec.to_yaml())
     store.write_manifest(checkpoint, store.file_records(checkpoint))
     result = xcm("resume", str(run), "--set", "training.steps=20", "--tracking-uri", "http://mlflow-host:5000",

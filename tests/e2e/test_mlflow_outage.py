@@ -2,7 +2,6 @@
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -10,11 +9,9 @@ from mlflow import MlflowClient
 from orchestrator import metric_names
 from orchestrator.tracking import TrackingUnavailable
 from orchestrator.train import checkpoint_store as store
-from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import run_job
-from tests.helpers import free_port
+from tests.helpers import free_port, tiny_spec
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 40
 
 
@@ -26,9 +23,8 @@ def server(mlflow_server):
 @pytest.mark.slow
 def test_metrics_logged_while_the_server_is_down_reach_it_afterwards(tmp_path, server, local_ray):
     """Training goes on through a server outage; afterwards every step's metrics are in MLflow, once."""
-    spec = load_spec(ROOT / "jobs" / "tiny.yaml", [
-        f"training.steps={STEPS}", f"training.report_every={STEPS}", "evaluation.every_steps=0",
-        f"tracking.uri={server.uri}", "tracking.experiment=outage"])
+    spec = tiny_spec(f"training.steps={STEPS}", f"training.report_every={STEPS}", "evaluation.every_steps=0",
+                     f"tracking.uri={server.uri}", "tracking.experiment=outage")
     outcome: dict = {}
     job = threading.Thread(target=lambda: outcome.update(result=run_job(spec, tmp_path)))
     job.start()
@@ -62,7 +58,7 @@ def test_metrics_logged_while_the_server_is_down_reach_it_afterwards(tmp_path, s
 def test_unreachable_server_at_start_fails_before_training(tmp_path):
     """With the tracking server down when a run starts, nothing starts and the error names the fix."""
     port = free_port()
-    spec = load_spec(ROOT / "jobs" / "tiny.yaml", [f"tracking.uri=http://127.0.0.1:{port}"])
+    spec = tiny_spec(f"tracking.uri=http://127.0.0.1:{port}")
     with pytest.raises(TrackingUnavailable, match="Start the tracking server"):
         run_job(spec, tmp_path)
     assert not (tmp_path / "xcm-runs" / "checkpoints").exists()

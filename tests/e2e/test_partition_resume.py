@@ -9,12 +9,10 @@ from mlflow import MlflowClient
 
 from orchestrator import metric_names
 from orchestrator.train import checkpoint_store as store
-from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import run_job
 from orchestrator.train.resume import resume_job
-from tests.helpers import metric_history
+from tests.helpers import metric_history, tiny_spec
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 20
 DELAY_S = 1.0  # each version takes at least this long: the request of step 8 is still out at the save after step 9
 
@@ -22,10 +20,9 @@ DELAY_S = 1.0  # each version takes at least this long: the request of step 8 is
 def tiny(*overrides: str):
     """The default job, 20 steps, a version asked for every 4 steps (0, 4, 8...) and adopted 2 steps later
     (6, 10...), a checkpoint every 10 steps, no evaluation."""
-    return load_spec(ROOT / "jobs" / "tiny.yaml", [
-        f"training.steps={STEPS}", "training.report_every=10", "checkpointing.every_steps=10",
-        "modularity.partition_every=4", "partitioner.adopt_after_steps=2", f"partitioner.delay_s={DELAY_S}",
-        "evaluation.every_steps=0", *overrides])
+    return tiny_spec(f"training.steps={STEPS}", "training.report_every=10", "checkpointing.every_steps=10",
+                     "modularity.partition_every=4", "partitioner.adopt_after_steps=2",
+                     f"partitioner.delay_s={DELAY_S}", "evaluation.every_steps=0", *overrides)
 
 
 @pytest.mark.slow

@@ -13,11 +13,9 @@ from mlflow import MlflowClient
 
 from orchestrator import metric_names
 from orchestrator.spec import JobSpec
-from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import run_job
-from tests.helpers import metric_history
+from tests.helpers import metric_history, tiny_spec
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 300  # enough for version 2 to come back from a restarted actor (~5-10 s) even at ~0.03 s a step
 EVERY = 10  # steps between partition requests
 DELAY_S = 1.0  # the slow partitioner: each version takes at least this long (tens of steps)
@@ -81,11 +79,10 @@ def killed_slow_run(tmp_path_factory, local_ray):
     """The tiny job under real ZeRO-3 sharding, recomputing its partition every 10 steps with two partitioner
     actors (one per layer) that take >= 1 s a version; one is killed mid-version."""
     workdir = tmp_path_factory.mktemp("partitioner")
-    spec = load_spec(ROOT / "jobs" / "tiny.yaml", [
-        f"training.steps={STEPS}", f"training.report_every={STEPS}", "deepspeed.zero_stage=3",
-        "deepspeed.param_persistence_threshold=0", f"modularity.partition_every={EVERY}",
-        f"partitioner.delay_s={DELAY_S}", "partitioner.heatmap_every=2", "partitioner.actors=2",
-        "evaluation.every_steps=0"])
+    spec = tiny_spec(f"training.steps={STEPS}", f"training.report_every={STEPS}", "deepspeed.zero_stage=3",
+                     "deepspeed.param_persistence_threshold=0", f"modularity.partition_every={EVERY}",
+                     f"partitioner.delay_s={DELAY_S}", "partitioner.heatmap_every=2", "partitioner.actors=2",
+                     "evaluation.every_steps=0")
     killer = PartitionerKiller()
     killer.start()
     result = run_job(spec, workdir)

@@ -21,12 +21,10 @@ from orchestrator.train import checkpoint_store as store
 from orchestrator.train import export
 from orchestrator.train.checkpointing import ResumeMismatch
 from orchestrator.train.export import PARTITION_FILE, consolidated_state_dict, export_hf
-from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import run_job
 from orchestrator.train.resume import ResumeError, locate, resume_job
-from tests.helpers import MetricPoint, metric_history, run_xcm
+from tests.helpers import ROOT, MetricPoint, metric_history, run_xcm, tiny_spec
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 20
 
 
@@ -37,7 +35,7 @@ TINY = (f"training.steps={STEPS}", "training.report_every=10", "checkpointing.ev
 
 
 def tiny(*overrides: str):
-    return load_spec(ROOT / "jobs" / "tiny.yaml", [*TINY, *overrides])
+    return tiny_spec(*TINY, *overrides)
 
 
 def losses(client: MlflowClient, run_id: str) -> list[MetricPoint]:

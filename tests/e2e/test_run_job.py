@@ -6,17 +6,15 @@ import pytest
 from mlflow import MlflowClient
 
 from orchestrator.tracking import FAILURE_TAG
-from orchestrator.train.job_checks import load_spec
 from orchestrator.train.launch import run_job
-from tests.helpers import metric_values
+from tests.helpers import metric_values, tiny_spec
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 40
 
 
 def tiny_run(workdir: Path, *overrides: str):
-    spec = load_spec(ROOT / "jobs" / "tiny.yaml", [f"training.steps={STEPS}", f"training.report_every={STEPS}",
-                                                   *overrides])
+    spec = tiny_spec(f"training.steps={STEPS}", f"training.report_every={STEPS}",
+                     *overrides)
     return run_job(spec, workdir)
 
 

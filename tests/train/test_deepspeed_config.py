@@ -1,15 +1,12 @@
 """The DeepSpeed config derived from the spec: ZeRO stage and offload, batch geometry, precision, optimizer."""
 
-from pathlib import Path
 
 from orchestrator.train.deepspeed_config import deepspeed_config
-from orchestrator.train.job_checks import load_spec
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import tiny_spec
 
 
 def config_for(*overrides: str, world_size: int = 2) -> dict:
-    return deepspeed_config(load_spec(ROOT / "jobs" / "tiny.yaml", list(overrides)), world_size)
+    return deepspeed_config(tiny_spec(*overrides), world_size)
 
 
 def test_batch_geometry_multiplies_micro_batch_accumulation_and_workers():
@@ -50,15 +47,15 @@ def test_the_trainer_brings_torchs_adamw_unless_deepspeed_insists_on_its_own():
     hyperparameters = ("training.lr=0.0003", "training.weight_decay=0.1", "training.betas=[0.9, 0.95]")
     model = torch.nn.Linear(4, 4)
     for overrides, fused in (((), False), (("resources.gpus_per_worker=1",), True)):
-        spec = load_spec(ROOT / "jobs" / "tiny.yaml", [*hyperparameters, *overrides])
+        spec = tiny_spec(*hyperparameters, *overrides)
         optimizer = client_optimizer(model, spec)
         assert isinstance(optimizer, torch.optim.AdamW)
         group = optimizer.param_groups[0]
         assert (group["lr"], group["weight_decay"], group["betas"], bool(group["fused"])) == (
             0.0003, 0.1, (0.9, 0.95), fused)
         assert "optimizer" not in deepspeed_config(spec, 2)
-    offloaded = load_spec(ROOT / "jobs" / "tiny.yaml", [*hyperparameters, "resources.gpus_per_worker=1",
-                                                         "deepspeed.offload_optimizer=true"])
+    offloaded = tiny_spec(*hyperparameters, "resources.gpus_per_worker=1",
+                          "deepspeed.offload_optimizer=true")
     assert client_optimizer(model, offloaded) is None
     config = deepspeed_config(offloaded, 2)
     assert config["optimizer"] == {"type": "AdamW", "params": {"lr": 0.0003, "weight_decay": 0.1, "betas": [0.9, 0.95]}}

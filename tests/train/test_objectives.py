@@ -1,6 +1,5 @@
 """Objectives: which one a job gets, the task loss and metrics of a micro-batch, and what throughput counts."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,13 +9,12 @@ from orchestrator.models import build_model
 from orchestrator.spec import ModelSpec
 from orchestrator.train.job_checks import load_spec
 from orchestrator.train.objectives import CausalLanguageModelling, Classification, objective_for
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT, tiny_spec
 
 
 def test_text_sources_predict_tokens_and_the_others_classes():
     """Text data gets next-token prediction counted in tokens; images and modular addition get classification."""
-    assert isinstance(objective_for(load_spec(ROOT / "jobs" / "tiny.yaml")), CausalLanguageModelling)
+    assert isinstance(objective_for(tiny_spec()), CausalLanguageModelling)
     spec = load_spec(ROOT / "jobs" / "modular_addition.yaml")
     assert isinstance(objective_for(spec), Classification) and objective_for(spec).unit == "samples"
 

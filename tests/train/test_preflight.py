@@ -1,21 +1,18 @@
 """Training-side bad input is a spec problem, found before any worker starts, naming the key and the fix."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from orchestrator.spec import SpecError
-from orchestrator.train.job_checks import load_spec
 from orchestrator.train.preflight import cpu_fp16_supported, require_precision_support
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import tiny_spec
 
 
 def problems(*overrides: str) -> dict[str, str]:
     """{key: message + fix} of every problem loading jobs/tiny.yaml with the overrides raises (empty when valid)."""
     try:
-        load_spec(ROOT / "jobs" / "tiny.yaml", ["evaluation.every_steps=0", *overrides])
+        tiny_spec("evaluation.every_steps=0", *overrides)
     except SpecError as error:
         return {problem.key: f"{problem.message}. Fix: {problem.fix}" for problem in error.problems}
     return {}
@@ -84,11 +81,11 @@ def test_unknown_pretrained_model_is_refused(tmp_path, monkeypatch):
 
 def test_worker_without_a_gpu_stops_before_building():
     """A worker of a GPU job that sees no CUDA GPU stops at once, naming the key and the fix (bf16 is checked next)."""
-    spec = load_spec(ROOT / "jobs" / "tiny.yaml", ["training.precision=bf16", "resources.gpus_per_worker=1"])
+    spec = tiny_spec("training.precision=bf16", "resources.gpus_per_worker=1")
     with pytest.raises(RuntimeError,
                        match=r"resources\.gpus_per_worker: the job asks for GPUs but this worker sees none"):
         require_precision_support(spec)
-    require_precision_support(load_spec(ROOT / "jobs" / "tiny.yaml", ["training.precision=bf16"]))  # CPU bf16: fine
+    require_precision_support(tiny_spec("training.precision=bf16"))  # CPU bf16: fine
 
 
 @pytest.mark.skipif(cpu_fp16_supported(), reason="this CPU computes fp16 natively, and DeepSpeed takes fp16 on it")
@@ -97,7 +94,7 @@ def test_fp16_on_a_cpu_without_native_fp16_is_refused_by_driver_and_worker():
     initialize); a worker whose CPU lacks it stops at once, with the same fix. A GPU job's fp16 is its GPU's."""
     assert "bf16 or fp32" in problems("training.precision=fp16")["training.precision"]
     assert problems("training.precision=fp16", "resources.gpus_per_worker=1") == {}
-    spec = load_spec(ROOT / "jobs" / "tiny.yaml")
+    spec = tiny_spec()
     fp16 = spec.model_copy(update={"training": spec.training.model_copy(update={"precision": "fp16"})})
     with pytest.raises(RuntimeError, match=r"training\.precision: fp16 on CPU needs native fp16.*Fix: use .*bf16"):
         require_precision_support(fp16)

@@ -7,7 +7,6 @@ model family a few steps at a ZeRO stage and save the loss and clusterability cu
 """
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +15,9 @@ from orchestrator.data import build_training_data
 from orchestrator.models import build_model
 from orchestrator.modularity import clusterability, find_matrix_groups, partition_group
 from orchestrator.spec import JobSpec
-from orchestrator.train.job_checks import load_spec
 from orchestrator.train.objectives import objective_for
+from tests.helpers import tiny_spec
 
-ROOT = Path(__file__).resolve().parents[2]
 WORKERS = 2
 VOCAB = 259  # the byte tokenizer's
 BATCH = 8  # sequences in the global batch of an exactness case
@@ -62,7 +60,7 @@ COMMON = ["training.lr=0.01", "training.micro_batch_size=8", "data.num_examples=
 
 
 def case_spec(overrides: list[str]) -> JobSpec:
-    return load_spec(ROOT / "jobs" / "tiny.yaml", [*COMMON, *overrides])
+    return tiny_spec(*COMMON, *overrides)
 
 
 def fp16_case_spec(name: str) -> JobSpec:
