@@ -1,0 +1,102 @@
+"""The `xcm` command line in-process, without Ray: what each verb parses, its exit code, and its one-line errors."""
+
+import argparse
+
+import pytest
+
+from orchestrator import cli, cluster_jobs
+from orchestrator.spec import INVALID_JOB_EXIT_CODE
+from tests.helpers import TINY_JOB, free_port
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Each test runs in its own directory: a verb that opens the default store creates it there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def test_check_reports_each_job_and_exits_with_the_invalid_job_code_if_any_fails(tmp_path, capsys):
+    """`xcm check GOOD BAD`: GOOD is ok on stdout, BAD's key on stderr, and the exit code is the invalid-job one."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  stepz: 3\n")
+    assert cli.main(["check", str(TINY_JOB), str(bad)]) == INVALID_JOB_EXIT_CODE
+    out, err = capsys.readouterr()
+    assert out == f"{TINY_JOB}: ok\n"
+    assert "training.stepz" in err and "Traceback" not in err
+
+
+def test_check_of_valid_jobs_exits_0(capsys):
+    """Only valid jobs: exit 0 and nothing on stderr."""
+    assert cli.main(["check", str(TINY_JOB)]) == 0
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["measure", "some-model", "--k", "1"], "xcm: --k '1': give a count >= 2"),
+    (["circuits", "some-model", "--k", "1"], "xcm: --k 1: give at least 2 clusters"),
+    (["circuits", "some-model", "--taus", "high"], "xcm: --taus: "),
+    (["circuits", "some-model", "--ig-steps", "0"], "xcm: --ig-steps: "),
+])
+def test_bad_option_values_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    """A value argparse accepts but the verb cannot use is one line naming the flag, exit 2, no store created."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert not (tmp_path / "xcm-runs").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["export", "some-run", "--to", "onnx", "out"],  # not a format xcm writes
+    ["export", "some-run", "out"],  # --to is required
+    ["measure", "some-model", "--seed", "one"],  # not an integer
+    ["no-such-verb"],
+])
+def test_what_argparse_refuses_exits_2_with_usage(argv, capsys):
+    """Malformed command lines stop in argparse: exit 2 and the usage line, before any verb runs."""
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+    assert stopped.value.code == 2
+    assert "usage: xcm" in capsys.readouterr().err
+
+
+def test_export_of_an_unknown_run_is_one_line_exit_1(tmp_path, capsys):
+    """`xcm export` of a name that is neither a path nor a run id says so and how to point at the run."""
+    assert cli.main(["export", "no-such-run", "--to", "hf", str(tmp_path / "model")]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if " INFO mlflow" not in line]  # store creation
+    assert len(lines) == 1 and lines[0].startswith("xcm: 'no-such-run' is neither a path nor an xcm run"), lines
+    assert "--tracking-uri" in lines[0]
+    assert not (tmp_path / "model").exists()
+
+
+def test_cluster_verbs_with_no_dashboard_are_one_line_exit_1(capsys):
+    """`xcm stop/status/list` against an address where no dashboard answers: one line naming the address."""
+    address = f"http://127.0.0.1:{free_port()}"
+    for argv in (["stop", "xcm-1", "--address", address], ["status", "xcm-1", "--address", address],
+                 ["list", "--address", address]):
+        assert cli.main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"xcm: no Ray dashboard answers at {address}") and err.count("\n") == 1, err
+
+
+def test_ui_of_a_tracking_server_prints_its_address_without_credentials(tmp_path, capsys):
+    """`xcm ui` of a job tracked on a server points at the server (nothing to start) and never shows its password."""
+    job = tmp_path / "job.yaml"
+    job.write_text("tracking:\n  uri: http://alice:pw-123456@mlflow-host:5000\n")
+    assert cli.main(["ui", str(job)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "xcm: http://mlflow-host:5000 is a tracking server: open it in a browser\n"
+    assert "pw-123456" not in out + err
+
+
+@pytest.mark.parametrize(("flag", "environment", "expected"), [
+    ("http://head:8265", "http://other:8265", "http://head:8265"),  # the flag wins
+    (None, "https://head:8265", "https://head:8265"),  # a dashboard address in RAY_ADDRESS
+    (None, "127.0.0.1:6379", cluster_jobs.DEFAULT_ADDRESS),  # a GCS address is not the Jobs API
+    (None, None, cluster_jobs.DEFAULT_ADDRESS),
+])
+def test_cluster_address_comes_from_the_flag_then_an_http_ray_address(flag, environment, expected, monkeypatch):
+    """--address, else RAY_ADDRESS when it is a dashboard URL (http[s]://), else the local default."""
+    if environment is not None:
+        monkeypatch.setenv("RAY_ADDRESS", environment)
+    assert cli._address(argparse.Namespace(address=flag)) == expected
