@@ -94,10 +94,15 @@ def submit_resume(target: str, overrides: list[str], tracking_uri: str | None, a
     run_id = located.state.run_id
     client = connect(address)
     job_id = f"xcm-resume-{run_id[:8]}-{uuid.uuid4().hex[:8]}"
-    arguments = [target, "--tracking-uri", uri, *(f"--set={override}" for override in overrides)]
-    return _submit_job(client, address, job_id, run_id, uri,
-                       entrypoint=shlex.join(["python", "-m", "orchestrator.cli", "resume", *arguments]),
+    return _submit_job(client, address, job_id, run_id, uri, entrypoint=resume_entrypoint(target, uri, overrides),
                        runtime_env=_runtime_env(None), metadata={"xcm.resume": target})
+
+
+def resume_entrypoint(target: str, tracking_uri: str, overrides: list[str]) -> str:
+    """The job's shell command for `xcm resume`: every argument quoted, so an override is one argument to xcm
+    whatever it holds (spaces, quotes, a `;`), never shell syntax on the cluster."""
+    arguments = [target, "--tracking-uri", tracking_uri, *(f"--set={override}" for override in overrides)]
+    return shlex.join(["python", "-m", "orchestrator.cli", "resume", *arguments])
 
 
 def _submit_job(client, address: str, job_id: str, run_id: str, tracking_uri: str, entrypoint: str,
