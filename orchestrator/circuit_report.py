@@ -50,6 +50,7 @@ BATCH_SIZE = 64
 BOOTSTRAPS = 200
 HEADLINE_TAU = 0.9  # attribution's size and locality under the bare names, when 0.9 is among the taus
 MAX_PARTITION_BYTES = 64 << 20
+MIN_HELD_OUT_PER_CLASS = 100
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 Progress = Callable[[str], None]
 
@@ -223,11 +224,19 @@ def _checkpoint_model(local: Path, state, spec: JobSpec) -> nn.Module:
 
 
 def _classifier_examples(spec: JobSpec) -> LabelledExamples:
-    """The job's own examples at the model's input shape: the held-out ones when it holds some out."""
+    """The job's own examples at the model's input shape: the held-out ones when there are enough of them
+    (`MIN_HELD_OUT_PER_CLASS` a class on average), else every example (digits holds out ~18 a class)."""
+    from orchestrator.data.examples import LabelledExamples
     from orchestrator.data.sources import BUILDERS
 
     data = BUILDERS[spec.data.source](spec.data, spec.model)
-    return data.validation if data.validation is not None and len(data.validation) else data.train
+    if data.validation is not None and len(data.validation) >= MIN_HELD_OUT_PER_CLASS * data.num_classes:
+        return data.validation
+    if data.validation is None:
+        return data.train
+    return LabelledExamples(
+        torch.cat([data.validation.inputs, data.train.inputs]), torch.cat([data.validation.labels, data.train.labels])
+    )
 
 
 def _partitions_from_state(state) -> dict[str, GroupPartition] | None:
