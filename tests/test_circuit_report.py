@@ -90,6 +90,34 @@ def test_export_partition_table_reads_back_and_a_wrong_one_is_refused(tmp_path):
         read_partition_table(tmp_path / "partition.parquet", narrower)
 
 
+def test_forged_checkpoint_runs_no_code_and_logs_nothing(tmp_path, checkpoint_files, marker, capsys, monkeypatch):
+    """A checkpoint whose model file holds a pickle payload under a recomputed manifest is refused in one line
+    (exit 1) before any file of it is read: the payload never runs and no MLflow run is made."""
+    forged = checkpoint_files.write(tmp_path / "run", 20, zero_stage=0, transformers_model=True)
+    checkpoint_files.plant_payload(forged / "deepspeed" / "step-20" / "mp_rank_00_model_states.pt", marker)
+    checkpoint_files.recompute_manifest(forged)
+    monkeypatch.chdir(tmp_path)
+    assert main(["circuits", str(forged), "--tasks", "synthetic:add"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert "signature does not verify" in error[-1] and error[-1].startswith("xcm circuits:")
+    assert not marker.exists()
+    assert not (tmp_path / "xcm-runs" / "mlflow.db").exists()
+
+
+def test_bad_task_file_is_one_line_and_logs_nothing(tmp_path, capsys, monkeypatch):
+    """A task file outside the working directory, or with a broken line, exits 1 with one line naming it; no
+    MLflow run is made."""
+    tiny_gpt2(vocab_size=259).save_pretrained(tmp_path / "work" / "gpt")
+    (tmp_path / "secret.jsonl").write_text('{"prompt": "p", "answer": "a"}\n' * 4)
+    (tmp_path / "work" / "broken.jsonl").write_text('{"prompt": "p", "answer": "a"}\n{"prompt": 1}\n')
+    monkeypatch.chdir(tmp_path / "work")
+    for spec, message in (("jsonl:../secret.jsonl", "resolves outside"), ("jsonl:broken.jsonl", "line 2")):
+        assert main(["circuits", "gpt", "--method", "attribution", "--tasks", spec]) == 1
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert message in error and error.startswith("xcm circuits:")
+    assert not (tmp_path / "work" / "xcm-runs" / "mlflow.db").exists()
+
+
 def trained_tiny_gpt2(steps: int):
     """A tiny GPT-2 on xcm's byte vocabulary trained `steps` Adam steps on the synthetic corpus (add, copy)."""
     tokenizer = ByteTokenizer()
