@@ -33,6 +33,7 @@ _RUN_ID_FILE = "mlflow_run.json"  # the trial's Tune checkpoint: which child run
 # one short for the run's two workers, and the trial would wait forever). Tune refuses a request of nothing,
 # so it asks for one byte of memory.
 _TRIAL_RESOURCES = {"cpu": 0, "memory": 1}
+PREVIOUS_FAILURE_TAG = "xcm.previous_failure"  # on a child run a retry continued: why the attempt before failed
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ def run_trial(config: dict, trials: dict, parent_run_id: str, workdir: str) -> N
         with checkpoint.as_directory() as directory:
             run_id = json.loads((Path(directory) / _RUN_ID_FILE).read_text())["run_id"]
         logger.warning("trial %s is retried: continuing MLflow run %s", config["trial"], run_id)
+        _keep_failure_as_previous(uri, run_id)
         _continue_run(_in_run(spec, run_id), Path(workdir))
     final = tracking.client(uri).get_run(run_id).data.metrics
     tune.report({key: value for key, value in final.items()
@@ -142,6 +144,16 @@ def _report_run_id(run_id: str) -> None:
     with tempfile.TemporaryDirectory(prefix="xcm-trial-") as directory:
         (Path(directory) / _RUN_ID_FILE).write_text(json.dumps({"run_id": run_id}))
         tune.report({"mlflow_run_id": run_id}, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+def _keep_failure_as_previous(uri: str, run_id: str) -> None:
+    """The failed attempt's reason moves to ``xcm.previous_failure``: a run that the retry finishes must not
+    carry a failure tag, and the reason stays readable."""
+    client = tracking.client(uri)
+    reason = client.get_run(run_id).data.tags.get(tracking.FAILURE_TAG)
+    if reason is not None:
+        client.set_tag(run_id, PREVIOUS_FAILURE_TAG, reason)
+        client.delete_tag(run_id, tracking.FAILURE_TAG)
 
 
 def _in_run(spec: JobSpec, run_id: str) -> JobSpec:

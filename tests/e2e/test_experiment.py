@@ -17,7 +17,8 @@ from mlflow import MlflowClient
 from orchestrator import metric_names
 from orchestrator.experiments import report as reporting
 from orchestrator.experiments.plan import load_experiment
-from orchestrator.experiments.tuning import run_experiment
+from orchestrator.experiments.tuning import PREVIOUS_FAILURE_TAG, run_experiment
+from orchestrator.tracking import FAILURE_TAG
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,7 +104,8 @@ def test_trial_whose_worker_is_killed_is_retried_and_the_experiment_finishes(tmp
     client = MlflowClient(tracking_uri=result.tracking_uri)
     assert result.failed_trials == []
     [child] = child_runs(client, result.parent_run_id)
-    assert child.info.status == "FINISHED"
+    assert child.info.status == "FINISHED" and FAILURE_TAG not in child.data.tags
+    assert "WorkerGroupError" in child.data.tags[PREVIOUS_FAILURE_TAG]  # the first attempt, and why it failed
     resumed = client.get_metric_history(child.info.run_id, metric_names.RESUMED_FROM_STEP)
     assert [m.value for m in resumed] and all(m.value in (5, 10, 15) for m in resumed)
     assert sorted(m.step for m in client.get_metric_history(child.info.run_id, metric_names.LOSS)) == list(range(20))
