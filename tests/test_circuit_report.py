@@ -74,6 +74,18 @@ def test_greedy_is_refused_for_language_models(tmp_path, capsys, monkeypatch):
         methods_for("greedy", "language")
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [(["--taus", "0.9,1.5"], "--taus: Input should be less than or equal to 1"), (["--k", "1"], "--k 1")],
+)
+def test_bad_options_exit_2_before_loading(tmp_path, capsys, monkeypatch, option, message):
+    """A τ outside (0, 1] or fewer than 2 clusters: one line, exit 2, before the model is looked for."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["circuits", "no-such-model", *option]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "xcm-runs").exists()
+
+
 def test_export_partition_table_reads_back_and_a_wrong_one_is_refused(tmp_path):
     """partition.parquet as export writes it gives back the same group partitions; a table whose units do not
     fit the model's matrices is refused rather than guessed at."""
