@@ -175,6 +175,12 @@ def _trials(base: Path, base_overrides: list[str], variants: dict[str, list[str]
                          for p in error.problems]
             continue
         trials.extend(Trial(name, seed, _seeded(spec, name, seed)) for seed in seeds)
+    stores = {(t.spec.tracking.uri, t.spec.tracking.experiment) for t in trials}
+    if len(stores) > 1:
+        problems.append(SpecProblem(key="variants", message="the variants log to different MLflow stores or "
+                                    "experiments (tracking.uri, tracking.experiment)",
+                                    fix="set tracking keys in the base job or overrides, not in a variant: the "
+                                        "comparison reads every trial from the parent run's experiment"))
     if not problems and len(trials) > MAX_TRIALS:
         problems.append(SpecProblem(key="variants", message=f"{len(trials)} trials (variants × seeds)",
                                     fix=f"keep them at {MAX_TRIALS} or fewer"))

@@ -88,6 +88,8 @@ def test_inline_job_is_checked_like_a_job_file(tmp_path, monkeypatch):
     ("base: ../tiny.yaml\nvariants: {control: {modularity.lambda: 0}}\nseedz: [1]\n", "seedz", "unknown key"),
     ("base: ../tiny.yaml\nbase: ../tiny.yaml\nvariants: {control: {modularity.lambda: 0}}\n", "base",
      "written twice"),
+    ("base: ../tiny.yaml\nvariants: {control: {modularity.lambda: 0}, other: {tracking.experiment: elsewhere}}\n",
+     "variants", "different MLflow stores"),
 ])
 def test_bad_experiment_files_are_refused_with_the_key_and_a_fix(tmp_path, monkeypatch, text, key, words):
     """A missing control, a control that trains with the loss, a base outside the jobs directory, a duplicate
