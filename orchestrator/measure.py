@@ -2,7 +2,7 @@
 
 - ``joint``: xcm's spectral co-clustering, rows and columns in one embedding, so the spectrum pairs them;
 - ``separate_label``: the papers' variant, k-means on rows and on columns apart, paired by label number;
-- ``separate_mass``: that variant re-paired by the assignment that maximises in-block mass (METHOD.md §2);
+- ``separate_mass``: that variant re-paired by the assignment that maximises in-block mass (Hungarian, k x k);
 - ``random``: random balanced partitions (the mean of a few draws), the floor of about 1/k.
 The papers' "pretrained models are enmeshed" reading is ``separate_label`` near ``random``; the gap to
 ``separate_mass`` and ``joint`` is how much of it comes from the pairing. Each matrix is measured on its own,

@@ -1,4 +1,4 @@
-"""The papers' vision models (METHOD.md §4): an MNIST MLP and a CIFAR-10 CNN, bias-free, ReLU.
+"""The papers' vision models, as their public code builds them: an MNIST MLP and a CIFAR-10 CNN, bias-free, ReLU.
 
 Both end in the same fully connected stack (``in → 64 → 64 → 64 → 10``); its hidden neurons are grouped for
 the clusterability loss as (fc1 rows, fc2 columns) and (fc3 rows, fc4 columns), so every fc layer is

@@ -45,7 +45,8 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each block's activations in backward instead of keeping them.
 
     Non-reentrant checkpointing only: the reentrant kind runs the block's backward in a separate autograd
-    pass that silently drops the clusterability term's gradient (STACK.md); the non-reentrant kind keeps it.
+    pass that silently drops the clusterability term's gradient (the loss value stays right, so nothing shows it);
+    the non-reentrant kind keeps it.
     """
     if not hasattr(model, "gradient_checkpointing_enable"):
         raise ValueError(f"{type(model).__name__} has no activation checkpointing; "
