@@ -25,16 +25,26 @@ PLAN_ARTIFACT = "experiment/plan.json"
 REPORT_DIRECTORY = "comparison"
 VARIANT_TAG, SEED_TAG, PARENT_TAG = "xcm.variant", "xcm.seed", "mlflow.parentRunId"
 EXPERIMENT_TAG = "xcm.experiment"  # on the parent run: the experiment's name
-DEFAULT_METRICS = (metric_names.CLUSTERABILITY, metric_names.TASK_LOSS, metric_names.EVAL_LOSS,
-                   metric_names.EVAL_ACCURACY, metric_names.EVAL_PERPLEXITY, metric_names.TOKENS_PER_SECOND,
-                   metric_names.SAMPLES_PER_SECOND)
+DEFAULT_METRICS = (
+    metric_names.CLUSTERABILITY,
+    metric_names.TASK_LOSS,
+    metric_names.EVAL_LOSS,
+    metric_names.EVAL_ACCURACY,
+    metric_names.EVAL_PERPLEXITY,
+    metric_names.TOKENS_PER_SECOND,
+    metric_names.SAMPLES_PER_SECOND,
+)
 # Every metric under these is compared too, when a run has it: per-task eval losses, and the circuits side
 # job's circuit sizes and specialization index (``circuits/size/<task>``, ``specialization/index``, ...).
 DEFAULT_PREFIXES = (metric_names.EVAL_TASK_LOSS_PREFIX, "circuits/", "specialization/")
 CIRCUIT_SIZE_PREFIX = "circuits/size/"
 # The task metric of the trade-off plot: the first of these a run has.
-TASK_METRICS = (metric_names.EVAL_ACCURACY, metric_names.EVAL_PERPLEXITY, metric_names.EVAL_LOSS,
-                metric_names.TASK_LOSS)
+TASK_METRICS = (
+    metric_names.EVAL_ACCURACY,
+    metric_names.EVAL_PERPLEXITY,
+    metric_names.EVAL_LOSS,
+    metric_names.TASK_LOSS,
+)
 
 
 @dataclass(frozen=True)
@@ -53,21 +63,37 @@ class Report:
     trials: list[TrialRun]
 
 
-def plan_record(variants: list[str], controls: dict[str, str | None], seeds: tuple[int, ...],
-                metrics: tuple[str, ...] | None) -> str:
+def plan_record(
+    variants: list[str], controls: dict[str, str | None], seeds: tuple[int, ...], metrics: tuple[str, ...] | None
+) -> str:
     """What the parent run keeps of the plan, for the report to be rebuilt from MLflow alone."""
-    return json.dumps({"variants": variants, "controls": controls, "seeds": list(seeds),
-                       "metrics": list(metrics) if metrics else None}, indent=1)
+    return json.dumps(
+        {
+            "variants": variants,
+            "controls": controls,
+            "seeds": list(seeds),
+            "metrics": list(metrics) if metrics else None,
+        },
+        indent=1,
+    )
 
 
 def read_trials(client, parent_run_id: str) -> list[TrialRun]:
     """The parent run's child runs, ordered by variant name and seed."""
     parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
-                              max_results=5000)
-    trials = [TrialRun(variant=run.data.tags.get(VARIANT_TAG, "?"), seed=int(run.data.tags.get(SEED_TAG, -1)),
-                       run_id=run.info.run_id, status=run.info.status, metrics=dict(run.data.metrics))
-              for run in runs]
+    runs = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=5000
+    )
+    trials = [
+        TrialRun(
+            variant=run.data.tags.get(VARIANT_TAG, "?"),
+            seed=int(run.data.tags.get(SEED_TAG, -1)),
+            run_id=run.info.run_id,
+            status=run.info.status,
+            metrics=dict(run.data.metrics),
+        )
+        for run in runs
+    ]
     return sorted(trials, key=lambda trial: (trial.variant, trial.seed))
 
 
@@ -83,8 +109,9 @@ def chosen_metrics(asked: list[str] | None, trials: list[TrialRun]) -> list[str]
     if asked:
         return list(asked)
     present = {key for trial in trials if trial.status == "FINISHED" for key in trial.metrics}
-    return ([key for key in DEFAULT_METRICS if key in present]
-            + sorted(key for key in present if key.startswith(DEFAULT_PREFIXES)))
+    return [key for key in DEFAULT_METRICS if key in present] + sorted(
+        key for key in present if key.startswith(DEFAULT_PREFIXES)
+    )
 
 
 def build_report(client, parent_run_id: str) -> Report:
@@ -123,10 +150,21 @@ def _write_tables(root: Path, report: Report) -> None:
     (root / "tables").mkdir()
     for metric, rows in report.tables.items():
         pq.write_table(pa.Table.from_pylist(rows), root / "tables" / f"{slug(metric)}.parquet")
-    long = [{"variant": t.variant, "seed": t.seed, "run_id": t.run_id, "status": t.status, "metric": key,
-             "value": value} for t in report.trials for key, value in sorted(t.metrics.items())]
-    schema = pa.schema([("variant", pa.string()), ("seed", pa.int64()), ("run_id", pa.string()),
-                        ("status", pa.string()), ("metric", pa.string()), ("value", pa.float64())])
+    long = [
+        {"variant": t.variant, "seed": t.seed, "run_id": t.run_id, "status": t.status, "metric": key, "value": value}
+        for t in report.trials
+        for key, value in sorted(t.metrics.items())
+    ]
+    schema = pa.schema(
+        [
+            ("variant", pa.string()),
+            ("seed", pa.int64()),
+            ("run_id", pa.string()),
+            ("status", pa.string()),
+            ("metric", pa.string()),
+            ("value", pa.float64()),
+        ]
+    )
     pq.write_table(pa.Table.from_pylist(long, schema=schema), root / "trials.parquet")
 
 
@@ -148,21 +186,33 @@ def _mean_sd(mean: float, sd: float) -> str:
 
 
 def _markdown(parent_run_id: str, plan: dict, trials: list[TrialRun], tables: dict[str, list[dict]]) -> str:
-    lines = [f"# Comparison of experiment run {parent_run_id}", "",
-             (f"Seeds: {plan['seeds']}. Mean ± sd over the finished seeds; Δ is the variant minus its control, "
-              "paired by seed, with its 95 % t-interval."), ""]
+    lines = [
+        f"# Comparison of experiment run {parent_run_id}",
+        "",
+        (
+            f"Seeds: {plan['seeds']}. Mean ± sd over the finished seeds; Δ is the variant minus its control, "
+            "paired by seed, with its 95 % t-interval."
+        ),
+        "",
+    ]
     if not any(plan["controls"].values()):
         lines += ["No variant has a control (no λ = 0 in the grid): the rows are unpaired.", ""]
     unfinished = [t for t in trials if t.status != "FINISHED"]
     if unfinished:
-        lines += ["Not counted (did not finish): "
-                  + ", ".join(f"{t.variant} seed {t.seed} ({t.status}, run {t.run_id})" for t in unfinished), ""]
+        lines += [
+            "Not counted (did not finish): "
+            + ", ".join(f"{t.variant} seed {t.seed} ({t.status}, run {t.run_id})" for t in unfinished),
+            "",
+        ]
     for metric, rows in tables.items():
         lines += [f"## {metric}", "", TABLE_HEADER, "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['variant']} | {r['n']} | {_mean_sd(r['mean'], r['sd'])} | {r['control'] or NO_VALUE} | "
-                  f"{_mean_sd(r['control_mean'], r['control_sd']) if r['control'] else NO_VALUE} | "
-                  f"{_number(r['difference'])} | [{_number(r['difference_low'])}, {_number(r['difference_high'])}]"
-                  f" | {r['pairs']} |" for r in rows]
+        lines += [
+            f"| {r['variant']} | {r['n']} | {_mean_sd(r['mean'], r['sd'])} | {r['control'] or NO_VALUE} | "
+            f"{_mean_sd(r['control_mean'], r['control_sd']) if r['control'] else NO_VALUE} | "
+            f"{_number(r['difference'])} | [{_number(r['difference_low'])}, {_number(r['difference_high'])}]"
+            f" | {r['pairs']} |"
+            for r in rows
+        ]
         lines.append("")
     lines += ["## Trials", "", "| variant | seed | status | run |", "|---|---|---|---|"]
     lines += [f"| {t.variant} | {t.seed} | {t.status} | {t.run_id} |" for t in trials]
@@ -180,8 +230,11 @@ def _plot_tradeoff(root: Path, trials: list[TrialRun]) -> None:
     figure = Figure(figsize=(6, 4.5))
     axes = figure.subplots()
     for variant in dict.fromkeys(t.variant for t in finished):
-        points = [(t.metrics[metric_names.CLUSTERABILITY], t.metrics[task_metric])
-                  for t in finished if t.variant == variant and task_metric in t.metrics]
+        points = [
+            (t.metrics[metric_names.CLUSTERABILITY], t.metrics[task_metric])
+            for t in finished
+            if t.variant == variant and task_metric in t.metrics
+        ]
         axes.scatter([x for x, _ in points], [y for _, y in points], label=variant)
     axes.set_xlabel("final clusterability")
     axes.set_ylabel(f"final {task_metric}")
@@ -204,10 +257,18 @@ def _plot_circuit_sizes(root: Path, report: Report) -> None:
     axes = figure.subplots()
     for index, variant in enumerate(variants):
         rows = [next(r for r in report.tables[m] if r["variant"] == variant) for m in metrics]
-        axes.bar([i + index * width for i in range(len(metrics))], [r["mean"] for r in rows], width,
-                 yerr=[0 if not math.isfinite(r["sd"]) else r["sd"] for r in rows], label=variant)
-    axes.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(metrics))],
-                    [m.removeprefix(CIRCUIT_SIZE_PREFIX) for m in metrics], rotation=30)
+        axes.bar(
+            [i + index * width for i in range(len(metrics))],
+            [r["mean"] for r in rows],
+            width,
+            yerr=[0 if not math.isfinite(r["sd"]) else r["sd"] for r in rows],
+            label=variant,
+        )
+    axes.set_xticks(
+        [i + width * (len(variants) - 1) / 2 for i in range(len(metrics))],
+        [m.removeprefix(CIRCUIT_SIZE_PREFIX) for m in metrics],
+        rotation=30,
+    )
     axes.set_ylabel("circuit size")
     axes.set_title("circuit size per task, each variant against the control")
     axes.legend(fontsize="small")

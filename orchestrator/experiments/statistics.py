@@ -15,8 +15,21 @@ import numpy as np
 from scipy import stats
 
 CONFIDENCE = 0.95
-COLUMNS = ("metric", "variant", "n", "mean", "sd", "control", "control_n", "control_mean", "control_sd",
-           "pairs", "difference", "difference_low", "difference_high")
+COLUMNS = (
+    "metric",
+    "variant",
+    "n",
+    "mean",
+    "sd",
+    "control",
+    "control_n",
+    "control_mean",
+    "control_sd",
+    "pairs",
+    "difference",
+    "difference_low",
+    "difference_high",
+)
 
 
 @dataclass(frozen=True)
@@ -45,21 +58,24 @@ def summarize(values: list[float]) -> Summary:
 
 def paired_difference(variant: dict[int, float], control: dict[int, float]) -> PairedDifference:
     """Mean of variant − control over the seeds where both are finite, with its 95 % t-interval."""
-    seeds = sorted(seed for seed in variant.keys() & control.keys()
-                   if math.isfinite(variant[seed]) and math.isfinite(control[seed]))
+    seeds = sorted(
+        seed
+        for seed in variant.keys() & control.keys()
+        if math.isfinite(variant[seed]) and math.isfinite(control[seed])
+    )
     differences = np.asarray([variant[seed] - control[seed] for seed in seeds], dtype=np.float64)
     if differences.size == 0:
         return PairedDifference(0, math.nan, math.nan, math.nan)
     mean = float(differences.mean())
     if differences.size < 2:
         return PairedDifference(1, mean, math.nan, math.nan)
-    half_width = (stats.t.ppf(0.5 + CONFIDENCE / 2, differences.size - 1)
-                  * differences.std(ddof=1) / math.sqrt(differences.size))
+    half_width = (
+        stats.t.ppf(0.5 + CONFIDENCE / 2, differences.size - 1) * differences.std(ddof=1) / math.sqrt(differences.size)
+    )
     return PairedDifference(int(differences.size), mean, mean - float(half_width), mean + float(half_width))
 
 
-def comparison_rows(metric: str, values: dict[str, dict[int, float]],
-                    controls: dict[str, str | None]) -> list[dict]:
+def comparison_rows(metric: str, values: dict[str, dict[int, float]], controls: dict[str, str | None]) -> list[dict]:
     """One row per variant (in ``controls``' order) for one metric: its summary over seeds, its control's beside
     it and the paired difference; a variant without a control (the control itself, or a sweep without λ = 0)
     has empty control columns."""
@@ -67,14 +83,32 @@ def comparison_rows(metric: str, values: dict[str, dict[int, float]],
     for variant, control in controls.items():
         own = values.get(variant, {})
         summary = summarize(list(own.values()))
-        row = {"metric": metric, "variant": variant, "n": summary.n, "mean": summary.mean, "sd": summary.sd,
-               "control": control or "", "control_n": 0, "control_mean": math.nan, "control_sd": math.nan,
-               "pairs": 0, "difference": math.nan, "difference_low": math.nan, "difference_high": math.nan}
+        row = {
+            "metric": metric,
+            "variant": variant,
+            "n": summary.n,
+            "mean": summary.mean,
+            "sd": summary.sd,
+            "control": control or "",
+            "control_n": 0,
+            "control_mean": math.nan,
+            "control_sd": math.nan,
+            "pairs": 0,
+            "difference": math.nan,
+            "difference_low": math.nan,
+            "difference_high": math.nan,
+        }
         if control is not None:
             baseline = summarize(list(values.get(control, {}).values()))
             paired = paired_difference(own, values.get(control, {}))
-            row.update(control_n=baseline.n, control_mean=baseline.mean, control_sd=baseline.sd,
-                       pairs=paired.pairs, difference=paired.mean, difference_low=paired.low,
-                       difference_high=paired.high)
+            row.update(
+                control_n=baseline.n,
+                control_mean=baseline.mean,
+                control_sd=baseline.sd,
+                pairs=paired.pairs,
+                difference=paired.mean,
+                difference_low=paired.low,
+                difference_high=paired.high,
+            )
         rows.append(row)
     return rows

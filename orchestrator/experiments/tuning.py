@@ -56,8 +56,11 @@ def run_experiment(plan: ExperimentPlan, workdir: Path) -> ExperimentResult:
     client = tracking.client(uri)
     with ending_run(uri, parent_run_id):
         client.set_tag(parent_run_id, reporting.EXPERIMENT_TAG, plan.name)
-        client.log_text(parent_run_id, reporting.plan_record(plan.variants, plan.controls, plan.seeds, plan.metrics),
-                        reporting.PLAN_ARTIFACT)
+        client.log_text(
+            parent_run_id,
+            reporting.plan_record(plan.variants, plan.controls, plan.seeds, plan.metrics),
+            reporting.PLAN_ARTIFACT,
+        )
         client.log_text(parent_run_id, plan.source, "experiment/experiment.yaml")
         ensure_ray(first)
         failed = _fit(plan, specs, parent_run_id, workdir)
@@ -85,20 +88,31 @@ def _fit(plan: ExperimentPlan, specs: dict[str, JobSpec], parent_run_id: str, wo
     import ray
     from ray import tune
 
-    trials = {trial.key: {"variant": trial.variant, "seed": trial.seed,
-                          "spec": specs[trial.key].model_dump(mode="json", by_alias=True)} for trial in plan.trials}
+    trials = {
+        trial.key: {
+            "variant": trial.variant,
+            "seed": trial.seed,
+            "spec": specs[trial.key].model_dump(mode="json", by_alias=True),
+        }
+        for trial in plan.trials
+    }
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, trials=trials, parent_run_id=parent_run_id, workdir=str(workdir)),
-        _TRIAL_RESOURCES)
+        _TRIAL_RESOURCES,
+    )
     first = next(iter(specs.values()))
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(list(trials))},
         tune_config=tune.TuneConfig(
-            max_concurrent_trials=concurrent_trials(list(specs.values()), ray.cluster_resources())),
+            max_concurrent_trials=concurrent_trials(list(specs.values()), ray.cluster_resources())
+        ),
         run_config=tune.RunConfig(
-            name=f"experiment-{plan.name}-{parent_run_id}", storage_path=first.checkpointing.storage_path,
-            failure_config=tune.FailureConfig(max_failures=plan.max_failures), verbose=1),
+            name=f"experiment-{plan.name}-{parent_run_id}",
+            storage_path=first.checkpointing.storage_path,
+            failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+            verbose=1,
+        ),
     )
     results = tuner.fit()
     return sorted(result.config["trial"] for result in results if result.error is not None)
@@ -125,15 +139,23 @@ def run_trial(config: dict, trials: dict, parent_run_id: str, workdir: str) -> N
         _keep_failure_as_previous(uri, run_id)
         _continue_run(_in_run(spec, run_id), Path(workdir))
     final = tracking.client(uri).get_run(run_id).data.metrics
-    tune.report({key: value for key, value in final.items()
-                 if key in reporting.DEFAULT_METRICS or key.startswith(reporting.DEFAULT_PREFIXES)})
+    tune.report(
+        {
+            key: value
+            for key, value in final.items()
+            if key in reporting.DEFAULT_METRICS or key.startswith(reporting.DEFAULT_PREFIXES)
+        }
+    )
 
 
 def _start_child_run(spec: JobSpec, parent_run_id: str, variant: str, seed: int) -> str:
     run_id = tracking.start_run(spec.tracking, spec.name, spec.flat_params())
     client = tracking.client(spec.tracking.uri)
-    for key, value in ((reporting.PARENT_TAG, parent_run_id), (reporting.VARIANT_TAG, variant),
-                       (reporting.SEED_TAG, str(seed))):
+    for key, value in (
+        (reporting.PARENT_TAG, parent_run_id),
+        (reporting.VARIANT_TAG, variant),
+        (reporting.SEED_TAG, str(seed)),
+    ):
         client.set_tag(run_id, key, value)
     return run_id
 

@@ -42,11 +42,15 @@ def test_two_variants_by_two_seeds_run_as_tune_trials_under_one_parent_run(tmp_p
     """A 2 × 2 experiment of 6-step tiny jobs of one worker each: one parent run that records the file, four
     FINISHED child runs (one per variant and seed, each its own job), two at a time on 2 CPUs, and the comparison
     read back with MLflow's own client."""
-    path = experiment_file(tmp_path, (
-        "name: two-by-two\nbase: ../tiny.yaml\n"
-        "overrides: {training.steps: 6, training.report_every: 6, evaluation.every_steps: 6,\n"
-        "            evaluation.max_batches: 1, tracking.log_every_steps: 3, resources.num_workers: 1}\n"
-        "variants:\n  control: {modularity.lambda: 0}\n  clustered: {modularity.lambda: 40}\nseeds: [0, 1]\n"))
+    path = experiment_file(
+        tmp_path,
+        (
+            "name: two-by-two\nbase: ../tiny.yaml\n"
+            "overrides: {training.steps: 6, training.report_every: 6, evaluation.every_steps: 6,\n"
+            "            evaluation.max_batches: 1, tracking.log_every_steps: 3, resources.num_workers: 1}\n"
+            "variants:\n  control: {modularity.lambda: 0}\n  clustered: {modularity.lambda: 40}\nseeds: [0, 1]\n"
+        ),
+    )
     result = run_experiment(load_experiment(path), tmp_path)
     client = MlflowClient(tracking_uri=result.tracking_uri)
     parent = client.get_run(result.parent_run_id)
@@ -54,11 +58,22 @@ def test_two_variants_by_two_seeds_run_as_tune_trials_under_one_parent_run(tmp_p
     assert parent.data.params["experiment.variants.clustered.modularity.lambda"] == "40"
     assert parent.data.tags[reporting.EXPERIMENT_TAG] == "two-by-two"
     children = child_runs(client, result.parent_run_id)
-    trials = sorted((run.data.tags[reporting.VARIANT_TAG], int(run.data.tags[reporting.SEED_TAG]),
-                     run.data.params["modularity.lambda"], run.data.params["training.seed"], run.info.status)
-                    for run in children)
-    assert trials == [("clustered", 0, "40.0", "0", "FINISHED"), ("clustered", 1, "40.0", "1", "FINISHED"),
-                      ("control", 0, "0.0", "0", "FINISHED"), ("control", 1, "0.0", "1", "FINISHED")]
+    trials = sorted(
+        (
+            run.data.tags[reporting.VARIANT_TAG],
+            int(run.data.tags[reporting.SEED_TAG]),
+            run.data.params["modularity.lambda"],
+            run.data.params["training.seed"],
+            run.info.status,
+        )
+        for run in children
+    )
+    assert trials == [
+        ("clustered", 0, "40.0", "0", "FINISHED"),
+        ("clustered", 1, "40.0", "1", "FINISHED"),
+        ("control", 0, "0.0", "0", "FINISHED"),
+        ("control", 1, "0.0", "1", "FINISHED"),
+    ]
     assert all(metric_names.CLUSTERABILITY in run.data.metrics for run in children)
     spans = sorted((run.info.start_time, run.info.end_time) for run in children)
     assert any(later_start < end for (_, end), (later_start, _) in itertools.pairwise(spans)), spans  # side by side
@@ -68,8 +83,12 @@ def test_two_variants_by_two_seeds_run_as_tune_trials_under_one_parent_run(tmp_p
     assert "## clusterability" in markdown and "## eval/loss" in markdown and "## tokens_per_s" in markdown
     rows = pq.read_table(artifacts / "comparison" / "tables" / "clusterability.parquet").to_pylist()
     clustered = next(row for row in rows if row["variant"] == "clustered")
-    finals = {(run.data.tags[reporting.VARIANT_TAG], run.data.tags[reporting.SEED_TAG]):
-              run.data.metrics[metric_names.CLUSTERABILITY] for run in children}
+    finals = {
+        (run.data.tags[reporting.VARIANT_TAG], run.data.tags[reporting.SEED_TAG]): run.data.metrics[
+            metric_names.CLUSTERABILITY
+        ]
+        for run in children
+    }
     expected = sum(finals["clustered", s] - finals["control", s] for s in ("0", "1")) / 2
     assert clustered["pairs"] == 2 and clustered["difference"] == pytest.approx(expected)
     assert [png.name for png in (artifacts / "comparison").glob("*.png")] == ["tradeoff-eval__perplexity.png"]
@@ -82,22 +101,30 @@ def test_trial_whose_worker_is_killed_is_retried_and_the_experiment_finishes(tmp
     import ray
     from ray.util.state import list_actors
 
-    path = experiment_file(tmp_path, (
-        "name: killed\nbase: ../tiny.yaml\n"
-        "overrides: {training.steps: 20, training.report_every: 5, checkpointing.every_steps: 5,\n"
-        "            checkpointing.max_failures: 0, evaluation.every_steps: 0}\n"
-        "variants: {control: {modularity.lambda: 0}}\nseeds: [0]\nmax_failures: 1\n"))
+    path = experiment_file(
+        tmp_path,
+        (
+            "name: killed\nbase: ../tiny.yaml\n"
+            "overrides: {training.steps: 20, training.report_every: 5, checkpointing.every_steps: 5,\n"
+            "            checkpointing.max_failures: 0, evaluation.every_steps: 0}\n"
+            "variants: {control: {modularity.lambda: 0}}\nseeds: [0]\nmax_failures: 1\n"
+        ),
+    )
     outcome: dict = {}
-    experiment = threading.Thread(target=lambda: outcome.update(result=run_experiment(load_experiment(path),
-                                                                                     tmp_path)))
+    experiment = threading.Thread(target=lambda: outcome.update(result=run_experiment(load_experiment(path), tmp_path)))
     experiment.start()
     deadline = time.monotonic() + 240
-    while not any("step-00000005" in snapshot.read_text() for snapshot in
-                  tmp_path.glob("xcm-runs/checkpoints/tiny-control-s0-*/checkpoint_manager_snapshot.json")):
+    while not any(
+        "step-00000005" in snapshot.read_text()
+        for snapshot in tmp_path.glob("xcm-runs/checkpoints/tiny-control-s0-*/checkpoint_manager_snapshot.json")
+    ):
         assert time.monotonic() < deadline and experiment.is_alive(), "the trial never registered a checkpoint"
         time.sleep(0.1)
-    workers = list_actors(address=ray.get_runtime_context().gcs_address, limit=1000,
-                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    workers = list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        limit=1000,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
     os.kill(workers[0].pid, signal.SIGKILL)
     experiment.join(600)
     result = outcome["result"]

@@ -12,8 +12,9 @@ def test_bad_experiment_file_exits_2_with_one_line_per_problem_and_runs_nothing(
     """Two bad variants: two lines naming the file, the variant and the key; no MLflow store, no Ray started."""
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "experiment.yaml"
-    path.write_text("job: {name: x}\nvariants:\n  control: {modularity.lambda: 0, training.lr: fast}\n"
-                    "  other: {modularity.kk: 3}\n")
+    path.write_text(
+        "job: {name: x}\nvariants:\n  control: {modularity.lambda: 0, training.lr: fast}\n  other: {modularity.kk: 3}\n"
+    )
     assert main(["experiment", str(path)]) == INVALID_JOB_EXIT_CODE
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2, lines

@@ -22,8 +22,7 @@ def test_every_shipped_experiment_file_loads(experiment, monkeypatch):
     try:
         plan = load_experiment(experiment)
     except SpecError as error:
-        offline = [p for p in error.problems
-                   if "not in the local cache" in p.message or p.key.endswith("data.files")]
+        offline = [p for p in error.problems if "not in the local cache" in p.message or p.key.endswith("data.files")]
         assert offline == error.problems, error  # noqa: PT017 - valid or failing on this alone
         return
     assert plan.controls["control"] is None and len(plan.seeds) >= 3
@@ -51,12 +50,19 @@ def write(tmp_path: Path, text: str, name: str = "experiment.yaml") -> Path:
 def test_seeds_set_training_and_partition_seeds_and_keep_the_data(tmp_path, monkeypatch):
     """Each (variant, seed) is a job of its own: both seeds set, the data seed kept, one name each."""
     monkeypatch.chdir(tmp_path)
-    path = write(tmp_path, "base: ../tiny.yaml\noverrides: {training.steps: 7, data.seed: 5}\n"
-                           "variants:\n  control: {modularity.lambda: 0}\n  strong: {modularity.lambda: 40.5}\n"
-                           "seeds: [3, 11]\n")
+    path = write(
+        tmp_path,
+        "base: ../tiny.yaml\noverrides: {training.steps: 7, data.seed: 5}\n"
+        "variants:\n  control: {modularity.lambda: 0}\n  strong: {modularity.lambda: 40.5}\n"
+        "seeds: [3, 11]\n",
+    )
     plan = load_experiment(path)
-    assert [(t.variant, t.seed) for t in plan.trials] == [("control", 3), ("control", 11), ("strong", 3),
-                                                          ("strong", 11)]
+    assert [(t.variant, t.seed) for t in plan.trials] == [
+        ("control", 3),
+        ("control", 11),
+        ("strong", 3),
+        ("strong", 11),
+    ]
     for trial in plan.trials:
         assert isinstance(trial.spec, JobSpec) and trial.spec.training.steps == 7
         assert trial.spec.training.seed == trial.spec.modularity.seed == trial.seed
@@ -70,27 +76,43 @@ def test_seeds_set_training_and_partition_seeds_and_keep_the_data(tmp_path, monk
 def test_inline_job_is_checked_like_a_job_file(tmp_path, monkeypatch):
     """A job written inline trains like its file would; a bad key in it is named with its variant."""
     monkeypatch.chdir(tmp_path)
-    plan = load_experiment(write(tmp_path, "job: {name: inline, training: {steps: 5}}\n"
-                                           "variants: {control: {modularity.lambda: 0}}\nseeds: [0]\n"))
+    plan = load_experiment(
+        write(
+            tmp_path,
+            "job: {name: inline, training: {steps: 5}}\nvariants: {control: {modularity.lambda: 0}}\nseeds: [0]\n",
+        )
+    )
     assert plan.trials[0].spec.training.steps == 5 and plan.name == "experiment"
     with pytest.raises(SpecError) as caught:
-        load_experiment(write(tmp_path, "job: {name: inline}\nvariants: {control: {modularity.lambda: 0}, "
-                                        "bad: {training.stepz: 3}}\n"))
+        load_experiment(
+            write(
+                tmp_path, "job: {name: inline}\nvariants: {control: {modularity.lambda: 0}, bad: {training.stepz: 3}}\n"
+            )
+        )
     assert [p.key for p in caught.value.problems] == ["variants.bad: training.stepz"]
 
 
-@pytest.mark.parametrize(("text", "key", "words"), [
-    ("base: ../tiny.yaml\nvariants: {clustered: {modularity.lambda: 20}}\n", "variants", "no variant named"),
-    ("base: ../tiny.yaml\nvariants: {control: {modularity.k: 2}}\n", "variants.control", "λ = 20"),
-    ("base: ../../../etc/passwd\nvariants: {control: {modularity.lambda: 0}}\n", "base", "outside"),
-    ("job: {name: x}\nbase: ../tiny.yaml\nvariants: {control: {modularity.lambda: 0}}\n", "base", "either"),
-    ("base: ../tiny.yaml\nvariants: {control: {modularity.lambda: 0}}\nseeds: [1, 1]\n", "seeds", "distinct"),
-    ("base: ../tiny.yaml\nvariants: {control: {modularity.lambda: 0}}\nseedz: [1]\n", "seedz", "unknown key"),
-    ("base: ../tiny.yaml\nbase: ../tiny.yaml\nvariants: {control: {modularity.lambda: 0}}\n", "base",
-     "written twice"),
-    ("base: ../tiny.yaml\nvariants: {control: {modularity.lambda: 0}, other: {tracking.experiment: elsewhere}}\n",
-     "variants", "different MLflow stores"),
-])
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        ("base: ../tiny.yaml\nvariants: {clustered: {modularity.lambda: 20}}\n", "variants", "no variant named"),
+        ("base: ../tiny.yaml\nvariants: {control: {modularity.k: 2}}\n", "variants.control", "λ = 20"),
+        ("base: ../../../etc/passwd\nvariants: {control: {modularity.lambda: 0}}\n", "base", "outside"),
+        ("job: {name: x}\nbase: ../tiny.yaml\nvariants: {control: {modularity.lambda: 0}}\n", "base", "either"),
+        ("base: ../tiny.yaml\nvariants: {control: {modularity.lambda: 0}}\nseeds: [1, 1]\n", "seeds", "distinct"),
+        ("base: ../tiny.yaml\nvariants: {control: {modularity.lambda: 0}}\nseedz: [1]\n", "seedz", "unknown key"),
+        (
+            "base: ../tiny.yaml\nbase: ../tiny.yaml\nvariants: {control: {modularity.lambda: 0}}\n",
+            "base",
+            "written twice",
+        ),
+        (
+            "base: ../tiny.yaml\nvariants: {control: {modularity.lambda: 0}, other: {tracking.experiment: x}}\n",
+            "variants",
+            "different MLflow stores",
+        ),
+    ],
+)
 def test_bad_experiment_files_are_refused_with_the_key_and_a_fix(tmp_path, monkeypatch, text, key, words):
     """A missing control, a control that trains with the loss, a base outside the jobs directory, a duplicate
     key...: SpecError naming the key, one line per problem, nothing run."""
@@ -114,17 +136,33 @@ def test_sweep_pairs_each_point_with_its_lambda_zero_point(tmp_path, monkeypatch
     """A λ × k grid: each clustered point's control is the λ = 0 point of the same k; a grid without λ has none."""
     monkeypatch.chdir(ROOT)
     plan = build_sweep(TINY, ["modularity.lambda=0,20", "modularity.k=2,4"], 2, ["training.steps=5"])
-    assert plan.controls == {"lambda0_k2": None, "lambda0_k4": None, "lambda20_k2": "lambda0_k2",
-                             "lambda20_k4": "lambda0_k4"}
+    assert plan.controls == {
+        "lambda0_k2": None,
+        "lambda0_k4": None,
+        "lambda20_k2": "lambda0_k2",
+        "lambda20_k4": "lambda0_k4",
+    }
     assert len(plan.trials) == 8 and {t.spec.training.steps for t in plan.trials} == {5}
     assert {(t.variant, t.spec.modularity.k, t.spec.modularity.lambda_) for t in plan.trials if t.seed == 1} == {
-        ("lambda0_k2", 2, 0), ("lambda0_k4", 4, 0), ("lambda20_k2", 2, 20), ("lambda20_k4", 4, 20)}
+        ("lambda0_k2", 2, 0),
+        ("lambda0_k4", 4, 0),
+        ("lambda20_k2", 2, 20),
+        ("lambda20_k4", 4, 20),
+    }
     unpaired = build_sweep(TINY, ["modularity.k=2,4"], 1)
     assert set(unpaired.controls.values()) == {None}
 
 
-@pytest.mark.parametrize("grid", [["modularity.lambda"], ["modularity.lambda=0,,2"], ["=1,2"],
-                                  ["modularity.lambda=0,1", "modularity.lambda=3"], ["modularity.lambda=-1"]])
+@pytest.mark.parametrize(
+    "grid",
+    [
+        ["modularity.lambda"],
+        ["modularity.lambda=0,,2"],
+        ["=1,2"],
+        ["modularity.lambda=0,1", "modularity.lambda=3"],
+        ["modularity.lambda=-1"],
+    ],
+)
 def test_bad_grids_are_refused(grid, monkeypatch):
     """A grid axis without values, an empty value, a key given twice, or a value the job refuses: SpecError."""
     monkeypatch.chdir(ROOT)
