@@ -1,6 +1,6 @@
 """Benchmark: training step time while the partitioner actors compute, against step time while they are idle.
 
-    python bench/partitioner.py                     # 4-layer GPT-2 of width 256: ~1 s of co-clustering a version
+    python bench/partitioner.py                     # 4-layer GPT-2 of width 256
     python bench/partitioner.py --set partitioner.cpus=1 --set model.config.n_layer=8
 
 One job (2 workers, ZeRO-2) recomputes its partition every ``--every`` steps. The steps strictly between a

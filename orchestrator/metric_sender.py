@@ -1,9 +1,8 @@
 """Rank 0's metric sender: a separate process, at the lowest priority, that moves the metric spool into MLflow.
 
-Why a process and not a thread of the trainer: sending is SQLAlchemy work (~0.15 ms of CPU a metric on a local
-SQLite store, ~100 ms for each second of a tiny model's training), and inside rank 0 it held the GIL that the
-training thread needs to dispatch every operator. Rank 0 paces every step of every rank, so once a second a
-step took 2-3 times as long as its neighbours: 8% of the throughput of the tiny job. In its own process, at the
+Why a process and not a thread of the trainer: sending is SQLAlchemy work, a noticeable share of the CPU a tiny
+model's training takes, and inside rank 0 it would hold the GIL that the training thread needs to dispatch every
+operator. Rank 0 paces every step of every rank, so each send would stall all of them. In its own process, at the
 lowest priority, it takes the CPU the training leaves idle (ranks wait for each other in every all-reduce), as
 wandb's service process does for the same reason. The spool on disk is the whole interface between the two.
 

@@ -2,7 +2,8 @@
 
 Shaped after Composer's MLflowLogger: one run per job, created by the driver so a failure anywhere can still
 mark it FAILED; rank 0 spools metrics to local disk and a sender process (``metric_sender``) sends them with
-``log_batch`` (one HTTP call costs ~60 ms, so per-metric calls from the loop would dominate a tiny model's step).
+``log_batch`` (every call is an HTTP round trip, so per-metric calls from the loop would dominate a tiny model's
+step).
 
 The tracking store must answer when a run starts or resumes (``start_run``/``attach_run`` raise
 ``TrackingUnavailable`` at once, before any worker starts: a run with no MLflow run would have nowhere to put

@@ -44,9 +44,8 @@ def deepspeed_builds_optimizer(spec: JobSpec) -> bool:
     """Whether DeepSpeed builds the optimizer from the config rather than taking the trainer's torch AdamW.
 
     Only GPU jobs that offload the optimizer: there DeepSpeed requires its CPUAdam (vectorised for the host,
-    compiled on first use, ~70 s). Everywhere else torch's AdamW is as fast (``fused`` on GPU) and needs no
-    compile; DeepSpeed's FusedAdam would cost ~65 s of nvcc on every fresh node and a CUDA toolkit that matches
-    torch's.
+    compiled on first use). Everywhere else torch's AdamW is as fast (``fused`` on GPU) and needs no compile;
+    DeepSpeed's FusedAdam would cost an nvcc build on every fresh node and a CUDA toolkit that matches torch's.
     """
     return spec.resources.use_gpu and spec.deepspeed.offload_optimizer
 

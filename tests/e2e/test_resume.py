@@ -136,7 +136,7 @@ def test_killed_driver_is_resumed_to_the_uninterrupted_result(workdir, client, u
         kill_session(driver.pid)
         driver.wait()
     # The workers may write one more checkpoint between the check above and the SIGKILL that reaches them (5 steps
-    # take ~0.5 s here): the resume must start from the newest intact one on disk after the kill, whichever it is.
+    # are quick): the resume must start from the newest intact one on disk after the kill, whichever it is.
     newest = store.newest_intact(*store.resolve(str(run_directory)))
     assert located.state.step <= newest.state.step < STEPS
     assert client.get_run(newest.state.run_id).info.status == "RUNNING"  # nobody could mark it: the driver died

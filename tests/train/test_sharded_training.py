@@ -1,6 +1,6 @@
 """Sharded training with the clusterability loss: 2 Ray Train workers under DeepSpeed ZeRO, one shared job.
 
-One Ray Train job (its start-up costs ~30 s here) runs every case in turn on the same 2 workers: the exactness
+One Ray Train job (its start-up is the slow part) runs every case in turn on the same 2 workers: the exactness
 cases take one step and save the loss and the full gradient of every parameter, which the tests compare with
 a plain single-process torch computation of the same model, partition and batch; the family cases train each
 model family a few steps at a ZeRO stage and save the loss and clusterability curves.
