@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import torch
 
     from orchestrator.models.dimensions import ModelDimensions
-    from orchestrator.modularity import ClusterabilityRegularizer, MatrixGroup
+    from orchestrator.modularity import ClusterabilityRegulariser, MatrixGroup
     from orchestrator.ranks import Rank
     from orchestrator.spec import JobSpec, SpecProblem
     from orchestrator.tracking import MetricLogger
@@ -67,7 +67,7 @@ class SideJobContext:
     rank: Rank
     device: torch.device
     groups: Sequence[MatrixGroup]  # the regularised matrices
-    regularizer: ClusterabilityRegularizer  # where adopted partitions go
+    regulariser: ClusterabilityRegulariser  # where adopted partitions go
     actor_names: Sequence[str]  # the Ray names of the actors its kind started on the driver
     logger: MetricLogger | None  # rank 0's MLflow logger; None on the other ranks
 

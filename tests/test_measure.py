@@ -8,12 +8,12 @@ from orchestrator import metric_names
 from orchestrator.cli import main
 from orchestrator.measure import VARIANTS, load_model, measure_model, parse_k
 from orchestrator.modularity import (
-    ClusterabilityRegularizer,
+    ClusterabilityRegulariser,
     clusterability,
     find_matrix_groups,
     partition_group,
     planted_blocks,
-    regularize_groups,
+    regularise_groups,
 )
 from tests.helpers import tiny_gpt2
 
@@ -73,19 +73,19 @@ def test_briefly_trained_model_measures_modular(tmp_path):
     """A tiny GPT-2 trained 40 steps with the clusterability loss reads C far above random under the joint partition."""
     model = tiny_gpt2(vocab_size=40, n_positions=32)
     groups = find_matrix_groups(model)
-    regularizer = ClusterabilityRegularizer()
-    regularize_groups(regularizer, groups, {
+    regulariser = ClusterabilityRegulariser()
+    regularise_groups(regulariser, groups, {
         group.name: partition_group([m.weight() for m in group.inputs], [m.weight() for m in group.outputs], K)
         for group in groups})
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     tokens = torch.randint(0, 40, (8, 16), generator=torch.Generator().manual_seed(0))
     for _ in range(40):
-        regularizer.clear()
-        loss = model(tokens, labels=tokens).loss + regularizer.penalty(20.0)
+        regulariser.clear()
+        loss = model(tokens, labels=tokens).loss + regulariser.penalty(20.0)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    regularizer.remove()
+    regulariser.remove()
     model.save_pretrained(tmp_path / "trained")
     measurements = measure_model(load_model(str(tmp_path / "trained"), "unused"), [K])
     for m in measurements:

@@ -6,21 +6,21 @@ Imports nothing from Ray, DeepSpeed or MLflow, so it can be tested in a second a
 from orchestrator.modularity.coclustering import cocluster, cocluster_separate, spectral_embedding
 from orchestrator.modularity.k_means import kmeans
 from orchestrator.modularity.labels import align_labels, apply_permutation, contiguous_labels
-from orchestrator.modularity.loss import ClusterabilityRegularizer, clusterability_loss
+from orchestrator.modularity.loss import ClusterabilityRegulariser, clusterability_loss
 from orchestrator.modularity.measures import (
     ModelClusterability,
     baseline,
     block_mass,
     clusterability,
     model_clusterability,
-    normalized_clusterability,
+    normalised_clusterability,
 )
-from orchestrator.modularity.partition import GroupPartition, partition_group, regularize_groups
+from orchestrator.modularity.partition import GroupPartition, partition_group, regularise_groups
 from orchestrator.modularity.planted import planted_blocks
 from orchestrator.modularity.weight_graphs import MatrixGroup, RegularisedMatrix, find_matrix_groups
 
 __all__ = [
-    "ClusterabilityRegularizer",
+    "ClusterabilityRegulariser",
     "GroupPartition",
     "MatrixGroup",
     "ModelClusterability",
@@ -37,9 +37,9 @@ __all__ = [
     "find_matrix_groups",
     "kmeans",
     "model_clusterability",
-    "normalized_clusterability",
+    "normalised_clusterability",
     "partition_group",
     "planted_blocks",
-    "regularize_groups",
+    "regularise_groups",
     "spectral_embedding",
 ]

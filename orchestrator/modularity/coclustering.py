@@ -60,11 +60,11 @@ def spectral_embedding(weight: Tensor, n_vectors: int, seed: int = 0) -> tuple[T
     adjacency += EDGE_FLOOR * (adjacency.mean() if adjacency.any() else 1.0)
     row_root = adjacency.sum(1).sqrt()  # [n_out]
     col_root = adjacency.sum(0).sqrt()  # [n_in]
-    normalized = adjacency.div_(row_root[:, None]).div_(col_root[None, :])  # An, in place
+    normalised = adjacency.div_(row_root[:, None]).div_(col_root[None, :])  # An, in place
     # The top singular pair (value 1) is known exactly: D1^1/2 1 and D2^1/2 1. Deflating it, rather than
     # dropping the first computed vector, stays right when several blocks tie at singular value ~1.
-    normalized.addr_(row_root / row_root.norm(), col_root / col_root.norm(), alpha=-1)
-    u, v = _leading_singular_vectors(normalized, n_vectors, seed)
+    normalised.addr_(row_root / row_root.norm(), col_root / col_root.norm(), alpha=-1)
+    u, v = _leading_singular_vectors(normalised, n_vectors, seed)
     return u / row_root[:, None], v / col_root[:, None]
 
 

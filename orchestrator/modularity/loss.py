@@ -6,9 +6,9 @@ hook only notes the module, and C of every noted matrix is computed at once when
 operators per weight shape instead of ~7 per matrix, which is what C costs when the step is bound by operator
 dispatch (a GPU step, or a small model). Usage, once per step:
 
-    regularizer.clear()
+    regulariser.clear()
     task_loss = model(batch).loss           # hooks record C of every regularised matrix
-    loss = task_loss + regularizer.penalty(lam)
+    loss = task_loss + regulariser.penalty(lam)
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from orchestrator.modularity.measures import StackedClusterability, compute_dtype, onehot
 
-# Weights in one batch of the lazy, batched path (``ClusterabilityRegularizer._batches``): 128 MiB as float32.
+# Weights in one batch of the lazy, batched path (``ClusterabilityRegulariser._batches``): 128 MiB as float32.
 STACK_ELEMENTS = 1 << 25
 
 
@@ -50,7 +50,7 @@ def _encode(row_labels: Tensor, col_labels: Tensor, k: int, device: torch.device
     return _MatrixState(cols, rows, transposed) if transposed else _MatrixState(rows, cols, transposed)
 
 
-class ClusterabilityRegularizer:
+class ClusterabilityRegulariser:
     """Records C of each registered module's weight, with autograd, whenever that module runs forward.
 
     Values are kept by module name, so a module that runs again in the same step (an activation-checkpoint
@@ -80,7 +80,7 @@ class ClusterabilityRegularizer:
             transposed: bool = False) -> None:
         """Regularise `module.weight` under the partition (rows `[n_out]`, cols `[n_in]`) of its [n_out, n_in] form."""
         if name in self._states:
-            raise ValueError(f"ClusterabilityRegularizer: {name!r} is already registered; use set_partition")
+            raise ValueError(f"ClusterabilityRegulariser: {name!r} is already registered; use set_partition")
         weight = module.weight
         self._states[name] = _encode(row_labels, col_labels, k, weight.device, compute_dtype(weight.dtype), transposed)
         self._stacked_onehots.clear()
@@ -119,7 +119,7 @@ class ClusterabilityRegularizer:
         return clusterability_loss(list(self._values.values()), lam)
 
     def remove(self) -> None:
-        """Detach every hook; the regularizer records nothing afterwards."""
+        """Detach every hook; the regulariser records nothing afterwards."""
         for handle in self._handles.values():
             handle.remove()
         self._handles.clear()
@@ -137,7 +137,7 @@ class ClusterabilityRegularizer:
             if weight.shape != labelled:
                 shape, (rows, cols) = ((list(weight.shape[::-1]), labelled[::-1]) if state.transposed
                                        else (list(weight.shape), labelled))
-                raise ValueError(f"ClusterabilityRegularizer: {name!r} has weight [n_out, n_in] = {shape} but its "
+                raise ValueError(f"ClusterabilityRegulariser: {name!r} has weight [n_out, n_in] = {shape} but its "
                                  f"partition labels {rows} rows and {cols} columns")
             if self.weights_persist:
                 if name not in self._values:  # a recompute after C was taken changes nothing

@@ -107,7 +107,7 @@ def baseline(row_labels: Tensor, col_labels: Tensor, k: int) -> Tensor:
     return (rows * cols).sum() / (row_labels.numel() * col_labels.numel())
 
 
-def normalized_clusterability(c: Tensor | float, b: Tensor | float) -> Tensor | float:
+def normalised_clusterability(c: Tensor | float, b: Tensor | float) -> Tensor | float:
     """(C - b) / (1 - b): 0 for no structure beyond the partition's sizes, 1 for perfectly separate clusters."""
     return (c - b) / (1 - b)
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from orchestrator.modularity.coclustering import cocluster
 from orchestrator.modularity.labels import align_labels, apply_permutation, contiguous_labels
-from orchestrator.modularity.loss import ClusterabilityRegularizer
+from orchestrator.modularity.loss import ClusterabilityRegulariser
 from orchestrator.modularity.weight_graphs import MatrixGroup
 
 PARTITION_METHODS = ("spectral", "contiguous")
@@ -84,14 +84,14 @@ def partition_group(weights_in: Sequence[Tensor], weights_out: Sequence[Tensor],
     return GroupPartition(k, hidden, tuple(columns[:n_inputs]), tuple(columns[n_inputs:]))
 
 
-def regularize_groups(regularizer: ClusterabilityRegularizer, groups: Sequence[MatrixGroup],
+def regularise_groups(regulariser: ClusterabilityRegulariser, groups: Sequence[MatrixGroup],
                       partitions: Mapping[str, GroupPartition]) -> None:
-    """Register every matrix of `groups` with the regularizer under its group's partition (by group name),
+    """Register every matrix of `groups` with the regulariser under its group's partition (by group name),
     or swap in the new partition where the matrix is already registered."""
     for group in groups:
         partition = partitions[group.name]
-        for matrix, (rows, cols) in zip(group.matrices, partition.matrix_labels()):
-            if matrix.name in regularizer:
-                regularizer.set_partition(matrix.name, rows, cols, partition.k)
+        for matrix, (rows, cols) in zip(group.matrices, partition.matrix_labels(), strict=True):
+            if matrix.name in regulariser:
+                regulariser.set_partition(matrix.name, rows, cols, partition.k)
             else:
-                regularizer.add(matrix.name, matrix.module, rows, cols, partition.k, matrix.transposed)
+                regulariser.add(matrix.name, matrix.module, rows, cols, partition.k, matrix.transposed)

@@ -29,11 +29,11 @@ import torch.distributed as dist
 
 from orchestrator.gather import Gathered, Needs
 from orchestrator.modularity import (
-    ClusterabilityRegularizer,
+    ClusterabilityRegulariser,
     GroupPartition,
     MatrixGroup,
     baseline,
-    regularize_groups,
+    regularise_groups,
 )
 from orchestrator.partitioning.actor import PartitionerPool, PartitionRequest, PartitionShare
 from orchestrator.partitioning.report import PartitionReport
@@ -73,10 +73,10 @@ class _Request:
 class PartitionSchedule:
     """Owns the current partition of every rank: requests, adoption, the regulariser's labels and baselines."""
 
-    def __init__(self, groups: Sequence[MatrixGroup], regularizer: ClusterabilityRegularizer,
+    def __init__(self, groups: Sequence[MatrixGroup], regulariser: ClusterabilityRegulariser,
                  modularity: ModularitySpec, partitioner: PartitionerSpec, rank: Rank, device: torch.device,
                  actor_names: Sequence[str], metric_logger: MetricLogger | None):
-        self._groups, self._regularizer = list(groups), regularizer
+        self._groups, self._regulariser = list(groups), regulariser
         self._modularity, self._partitioner = modularity, partitioner
         self._rank, self._device = rank, device
         self.partitions: dict[str, GroupPartition] | None = None
@@ -226,7 +226,7 @@ class PartitionSchedule:
 
     def _apply(self, partitions: dict[str, GroupPartition]) -> None:
         """Give the regulariser the new labels and recompute each matrix's baseline under them."""
-        regularize_groups(self._regularizer, self._groups, partitions)
+        regularise_groups(self._regulariser, self._groups, partitions)
         self.partitions = partitions
         self.baselines = {
             matrix.name: float(baseline(rows, cols, partitions[group.name].k))

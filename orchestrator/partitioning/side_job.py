@@ -52,7 +52,7 @@ class PartitioningKind:
     def build(spec: JobSpec, context: SideJobContext) -> PartitionSchedule:
         from orchestrator.partitioning.schedule import PartitionSchedule
 
-        return PartitionSchedule(context.groups, context.regularizer, spec.modularity, spec.partitioner,
+        return PartitionSchedule(context.groups, context.regulariser, spec.modularity, spec.partitioner,
                                  context.rank, context.device, context.actor_names, context.logger)
 
 

@@ -64,7 +64,7 @@ class TrainingSession:
         from orchestrator.data import build_training_data
         from orchestrator.data.training_data import evaluation_sets
         from orchestrator.models import build_model
-        from orchestrator.modularity import ClusterabilityRegularizer, find_matrix_groups
+        from orchestrator.modularity import ClusterabilityRegulariser, find_matrix_groups
         from orchestrator.train.checkpointing import CheckpointManager
         from orchestrator.train.engine import build_engine
         from orchestrator.train.evaluation import Evaluator
@@ -82,7 +82,7 @@ class TrainingSession:
         self.groups = find_matrix_groups(self.engine.module, spec.modularity.matrices)
         # lambda 0 (a control run) still reports C, computed without autograd at the steps that read it. Outside
         # ZeRO-3 the weights stay whole after each forward, so C is computed for all matrices at once, batched.
-        self.regularizer = ClusterabilityRegularizer(differentiable=spec.modularity.lambda_ > 0,
+        self.regulariser = ClusterabilityRegulariser(differentiable=spec.modularity.lambda_ > 0,
                                                      weights_persist=spec.deepspeed.zero_stage < 3)
         self.logger = self.progress = None
         self.last_progress_post = float("-inf")
@@ -116,7 +116,7 @@ class TrainingSession:
 
         def context(kind) -> SideJobContext:
             return SideJobContext(rank=self.rank, device=self.engine.device, groups=self.groups,
-                                  regularizer=self.regularizer,
+                                  regulariser=self.regulariser,
                                   actor_names=list(actor_names.get(kind.name, ())), logger=self.logger)
 
         return {kind.name: kind.build(self.spec, context(kind)) for kind in enabled_side_jobs(self.spec)}
@@ -172,7 +172,7 @@ class TrainingSession:
         """Eval loss, and perplexity or accuracy, every ``evaluation.every_steps``: all ranks run it, rank 0 logs."""
         if not self.evaluator.due(step):
             return
-        self.regularizer.recording = False  # nobody reads C of the validation forwards (train_step turns it back)
+        self.regulariser.recording = False  # nobody reads C of the validation forwards (train_step turns it back)
         metrics = self.evaluator.evaluate()
         if self.rank.leads:
             self.logger.log(metrics, step)
@@ -184,15 +184,15 @@ class TrainingSession:
         lam = self.spec.modularity.lambda_
         lr = self.engine.get_lr()[0]  # the rate this step applies (the scheduler moves on at its end)
         items = 0  # tokens or samples, as the objective counts them
-        self.regularizer.recording = lam > 0 or measure
+        self.regulariser.recording = lam > 0 or measure
         for _ in range(self.spec.training.gradient_accumulation_steps):
             batch = next(self.batches)
-            self.regularizer.clear()
+            self.regulariser.clear()
             task_loss, task_metrics = self.objective.loss(self.engine, batch)
             partitioned = self.partition_schedule.partitions is not None
-            loss = task_loss + self.regularizer.penalty(lam) if partitioned and lam > 0 else task_loss
+            loss = task_loss + self.regulariser.penalty(lam) if partitioned and lam > 0 else task_loss
             # taken before the optimizer step changes the weights (a no-op where the penalty already took them)
-            values, masses = ((self.regularizer.values(), self.regularizer.masses()) if measure and partitioned
+            values, masses = ((self.regulariser.values(), self.regulariser.masses()) if measure and partitioned
                               else ({}, {}))
             self.engine.backward(loss)
             self.engine.step()
@@ -211,11 +211,11 @@ class TrainingSession:
 
     def clusterability_metrics(self, values: dict[str, float], masses: dict[str, float]) -> dict[str, float]:
         """Per-matrix C, raw and normalised; their mean, mass-weighted mean and normalised mean."""
-        from orchestrator.modularity import model_clusterability, normalized_clusterability
+        from orchestrator.modularity import model_clusterability, normalised_clusterability
 
         summary = model_clusterability(list(values.values()), [masses[name] for name in values])
         baselines = self.partition_schedule.baselines
-        normalised = {name: float(normalized_clusterability(c, baselines[name])) for name, c in values.items()}
+        normalised = {name: float(normalised_clusterability(c, baselines[name])) for name, c in values.items()}
         metrics = {metric_names.layer_clusterability(name): c for name, c in values.items()}
         metrics.update({metric_names.layer_clusterability_normalised(name): n for name, n in normalised.items()})
         metrics[metric_names.CLUSTERABILITY] = float(summary.mean)
@@ -256,7 +256,7 @@ class TrainingSession:
         self.checkpoints.save(self.engine, step, reported, states, data_position)
 
     def close(self) -> None:
-        self.regularizer.remove()
+        self.regulariser.remove()
         if self.logger is not None:
             self.logger.close()
 

@@ -9,7 +9,7 @@ from orchestrator.modularity import (
     clusterability,
     clusterability_loss,
     model_clusterability,
-    normalized_clusterability,
+    normalised_clusterability,
 )
 from orchestrator.modularity.measures import StackedClusterability, onehot
 
@@ -37,13 +37,13 @@ def test_block_mass_equals_brute_force_double_loop():
     assert torch.allclose(block_mass(weight, rows, cols, 3), expected)
 
 
-def test_baseline_and_normalized_form_match_definition():
+def test_baseline_and_normalised_form_match_definition():
     """b counts in-block entries by brute force; (C - b)/(1 - b) is 0 at C = b and 1 at C = 1."""
     _, rows, cols = _small_partitioned_matrix()
     in_block_entries = sum(int(rows[u] == cols[v]) for u in range(7) for v in range(5))
     b = float(baseline(rows, cols, 3))
     assert b == pytest.approx(in_block_entries / 35)
-    assert normalized_clusterability(b, b) == 0.0 and normalized_clusterability(1.0, b) == pytest.approx(1.0)
+    assert normalised_clusterability(b, b) == 0.0 and normalised_clusterability(1.0, b) == pytest.approx(1.0)
 
 
 def test_clusterability_ignores_weight_scale():

@@ -22,11 +22,11 @@ def test_spectral_partition_recovers_planted_group():
     weights_in, weights_out, hidden, sides = _planted_gated_mlp()
     partition = partition_group(weights_in, weights_out, 4)
     assert adjusted_rand_score(hidden, partition.hidden) == 1.0
-    for truth, found in zip(sides, partition.inputs + partition.outputs):
+    for truth, found in zip(sides, partition.inputs + partition.outputs, strict=True):
         assert adjusted_rand_score(truth, found) == 1.0
     # Side cluster i is paired with hidden cluster i of the same block: each matrix measures its planted C.
     truths = [(hidden, sides[0]), (hidden, sides[1]), (sides[2], hidden)]
-    for weight, found, truth in zip(weights_in + weights_out, partition.matrix_labels(), truths):
+    for weight, found, truth in zip(weights_in + weights_out, partition.matrix_labels(), truths, strict=True):
         assert float(clusterability(weight, *found)) == pytest.approx(float(clusterability(weight, *truth)))
 
 
@@ -34,7 +34,7 @@ def test_matrix_labels_are_in_n_out_n_in_orientation():
     """In-projections get (hidden, columns); out-projections get (rows, hidden), matching their weight shapes."""
     weights_in, weights_out, _, _ = _planted_gated_mlp()
     partition = partition_group(weights_in, weights_out, 4, method="contiguous")
-    for weight, (rows, cols) in zip(weights_in + weights_out, partition.matrix_labels()):
+    for weight, (rows, cols) in zip(weights_in + weights_out, partition.matrix_labels(), strict=True):
         assert (rows.numel(), cols.numel()) == tuple(weight.shape)
 
 
@@ -51,7 +51,7 @@ def test_aligned_to_recovers_a_permuted_partition_exactly():
     original = partition_group(weights_in, weights_out, 4)
     aligned = original.permuted(torch.tensor([2, 3, 1, 0])).aligned_to(original)
     assert torch.equal(aligned.hidden, original.hidden)
-    assert all(torch.equal(a, b) for a, b in zip(aligned.inputs + aligned.outputs, original.inputs + original.outputs))
+    assert all(torch.equal(a, b) for a, b in zip(aligned.inputs + aligned.outputs, original.inputs + original.outputs, strict=True))
 
 
 def test_dict_round_trip_is_exact():

@@ -8,7 +8,7 @@ import transformers
 
 from orchestrator.gather import gather
 from orchestrator.modularity import (
-    ClusterabilityRegularizer,
+    ClusterabilityRegulariser,
     GroupPartition,
     clusterability,
     find_matrix_groups,
@@ -35,9 +35,9 @@ def model():
     return tiny_gpt2()
 
 
-def schedule_for(model, regularizer=None, **modularity) -> PartitionSchedule:
+def schedule_for(model, regulariser=None, **modularity) -> PartitionSchedule:
     """Rank 1 of a world that is not started: the schedule's own logic, no Ray, no collectives."""
-    return PartitionSchedule(find_matrix_groups(model), regularizer or ClusterabilityRegularizer(),
+    return PartitionSchedule(find_matrix_groups(model), regulariser or ClusterabilityRegulariser(),
                              ModularitySpec(**modularity), PartitionerSpec(), rank=OTHER,
                              device=torch.device("cpu"), actor_names=(), metric_logger=None)
 
@@ -62,13 +62,13 @@ def saved_state(model) -> dict:
 
 def test_state_round_trips_and_drives_the_regulariser(model):
     """A loaded state is the state saved (plain lists), and the regulariser measures C under its labels."""
-    state, regularizer = saved_state(model), ClusterabilityRegularizer()
-    schedule = schedule_for(model, regularizer)
+    state, regulariser = saved_state(model), ClusterabilityRegulariser()
+    schedule = schedule_for(model, regulariser)
     schedule.load_state_dict(state)
     assert schedule.state_dict() == state and schedule.version == 3
-    regularizer.clear()
+    regulariser.clear()
     model(torch.zeros(1, 4, dtype=torch.long))
-    values = regularizer.values()
+    values = regulariser.values()
     for group in find_matrix_groups(model):
         labels = schedule.partitions[group.name].matrix_labels()
         for matrix, (rows, cols) in zip(group.matrices, labels, strict=True):
@@ -130,7 +130,7 @@ def local_pool(monkeypatch):
 
 def rank_zero_schedule(model, lag: int) -> PartitionSchedule:
     """Rank 0 of a world that is not started, its actors replaced by `LocalPool`: every 4 steps, `lag` to adopt."""
-    return PartitionSchedule(find_matrix_groups(model), ClusterabilityRegularizer(),
+    return PartitionSchedule(find_matrix_groups(model), ClusterabilityRegulariser(),
                              ModularitySpec(partition_every=4), PartitionerSpec(adopt_after_steps=lag),
                              rank=LEAD, device=torch.device("cpu"), actor_names=(), metric_logger=None)
 

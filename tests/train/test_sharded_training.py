@@ -114,14 +114,14 @@ def sharded_cases(config: dict) -> None:
 
 def engine_with_loss(spec: JobSpec, model: torch.nn.Module, partitions: dict, world_size: int):
     """The worker's own engine and regulariser, with the given partitions registered."""
-    from orchestrator.modularity import ClusterabilityRegularizer, GroupPartition, regularize_groups
+    from orchestrator.modularity import ClusterabilityRegulariser, GroupPartition, regularise_groups
     from orchestrator.train.engine import build_engine
 
     engine = build_engine(model, spec, world_size)
-    regularizer = ClusterabilityRegularizer()
-    regularize_groups(regularizer, find_matrix_groups(engine.module, spec.modularity.matrices),
+    regulariser = ClusterabilityRegulariser()
+    regularise_groups(regulariser, find_matrix_groups(engine.module, spec.modularity.matrices),
                       {name: GroupPartition.from_dict(data) for name, data in partitions.items()})
-    return engine, regularizer
+    return engine, regulariser
 
 
 def exactness_case(spec: JobSpec, rank: int, world_size: int) -> dict:
@@ -131,15 +131,15 @@ def exactness_case(spec: JobSpec, rank: int, world_size: int) -> dict:
 
     model = build_model(spec.model, VOCAB, seed=0)
     partitions = initial_partitions(model, spec)
-    engine, regularizer = engine_with_loss(spec, model, partitions, world_size)
+    engine, regulariser = engine_with_loss(spec, model, partitions, world_size)
     objective, accumulation = objective_for(spec), spec.training.gradient_accumulation_steps
     chunks = global_batch().chunk(world_size * accumulation)  # rank r reads chunks r·A .. r·A + A - 1
     task_losses, penalties = [], []
     for micro in range(accumulation):
         blocks = chunks[rank * accumulation + micro]
-        regularizer.clear()
+        regulariser.clear()
         task_loss, _ = objective.loss(engine, {"input_ids": blocks[:, :-1], "labels": blocks[:, 1:]})
-        penalty = regularizer.penalty(spec.modularity.lambda_)
+        penalty = regulariser.penalty(spec.modularity.lambda_)
         engine.backward(task_loss + penalty)
         if micro < accumulation - 1:
             engine.step()  # not yet a boundary: DeepSpeed only counts the micro-batch
@@ -151,7 +151,7 @@ def exactness_case(spec: JobSpec, rank: int, world_size: int) -> dict:
     every_rank = [None] * world_size
     dist.all_gather_object(every_rank, {"task_losses": task_losses, "penalties": penalties})
     engine.step()
-    regularizer.remove()
+    regulariser.remove()
     return {"partitions": partitions, "grads": grads, "ranks": every_rank}
 
 
@@ -164,22 +164,22 @@ def family_case(spec: JobSpec, rank: int, world_size: int, steps: int = FAMILY_S
     data = build_training_data(spec.data, spec.model)
     objective = objective_for(spec)
     model = build_model(spec.model, data.vocab_size, seed=spec.training.seed)
-    engine, regularizer = engine_with_loss(spec, model, initial_partitions(model, spec), world_size)
+    engine, regulariser = engine_with_loss(spec, model, initial_partitions(model, spec), world_size)
     batch = next(objective.batches(data.train, spec.training.micro_batch_size, rank, world_size, spec.training.seed))
     curve = {"task_loss": [], "clusterability": [], "lr": [], "loss_scaling": []}
     for _ in range(steps):
-        regularizer.clear()
+        regulariser.clear()
         task_loss, _ = objective.loss(engine, batch)
-        engine.backward(task_loss + regularizer.penalty(spec.modularity.lambda_))
+        engine.backward(task_loss + regulariser.penalty(spec.modularity.lambda_))
         engine.step()
         curve["task_loss"].append(task_loss.item())
-        curve["clusterability"].append(torch.stack(list(regularizer.values().values())).mean().item())
+        curve["clusterability"].append(torch.stack(list(regulariser.values().values())).mean().item())
         curve["lr"].append(engine.get_lr()[0])
         curve["loss_scaling"].append(loss_scaling_metrics(engine, spec.training.precision))
     with torch.no_grad():
         curve["trained_task_loss"] = objective.loss(engine, batch)[0].item()
     curve["dtype"] = str(next(engine.module.parameters()).dtype)
-    regularizer.remove()
+    regulariser.remove()
     return curve
 
 

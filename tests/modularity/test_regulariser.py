@@ -1,16 +1,16 @@
-"""The regularizer's forward hooks record C of live weights, in [n_out, n_in] orientation, with gradients."""
+"""The regulariser's forward hooks record C of live weights, in [n_out, n_in] orientation, with gradients."""
 
 import pytest
 import torch
 from torch import nn
 
 from orchestrator.modularity import (
-    ClusterabilityRegularizer,
+    ClusterabilityRegulariser,
     clusterability,
     contiguous_labels,
     find_matrix_groups,
     partition_group,
-    regularize_groups,
+    regularise_groups,
 )
 
 
@@ -33,46 +33,46 @@ def test_conv1d_and_equivalent_linear_give_same_clusterability(tiny_gpt2):
     """A Conv1D and an nn.Linear with the transposed weight measure the same C, via hooks and directly."""
     conv, linear = _conv1d_and_linear(tiny_gpt2)
     rows, cols = contiguous_labels(256, 4), contiguous_labels(64, 4)
-    regularizer = ClusterabilityRegularizer()
-    regularizer.add("conv", conv, rows, cols, 4, transposed=True)
-    regularizer.add("linear", linear, rows, cols, 4)
+    regulariser = ClusterabilityRegulariser()
+    regulariser.add("conv", conv, rows, cols, 4, transposed=True)
+    regulariser.add("linear", linear, rows, cols, 4)
     with torch.no_grad():
         x = torch.randn(3, 64)
         conv(x), linear(x)
-    values = regularizer.values()
+    values = regulariser.values()
     direct = clusterability(conv.weight.T, rows, cols)
     assert torch.allclose(values["conv"], values["linear"]) and torch.allclose(values["conv"], direct)
-    regularizer.remove()
+    regulariser.remove()
 
 
 def test_model_forward_records_every_group_matrix(tiny_gpt2):
     """One GPT-2 forward records C of every MLP matrix, equal to C computed directly on its [n_out, n_in] weight."""
     groups = find_matrix_groups(tiny_gpt2)
     partitions = _partitions(groups)
-    regularizer = ClusterabilityRegularizer()
-    regularize_groups(regularizer, groups, partitions)
+    regulariser = ClusterabilityRegulariser()
+    regularise_groups(regulariser, groups, partitions)
     with torch.no_grad():
         tiny_gpt2(torch.randint(0, 64, (2, 16)))
-    values = regularizer.values()
+    values = regulariser.values()
     for group in groups:
         for matrix, (rows, cols) in zip(group.matrices, partitions[group.name].matrix_labels(), strict=True):
             assert torch.allclose(values[matrix.name], clusterability(matrix.weight(), rows, cols, 4))
-    assert len(values) == len(regularizer.masses()) == 4
-    regularizer.remove()
+    assert len(values) == len(regulariser.masses()) == 4
+    regulariser.remove()
 
 
-def test_non_differentiable_regularizer_reports_the_same_values_without_a_graph(tiny_gpt2):
+def test_non_differentiable_regulariser_reports_the_same_values_without_a_graph(tiny_gpt2):
     """For a lambda-0 run: the same C as the differentiable hooks, while the task loss keeps its own graph."""
     groups = find_matrix_groups(tiny_gpt2)
     partitions = _partitions(groups)
     inputs = torch.randint(0, 64, (2, 16))
     recorded = {}
     for differentiable in (True, False):
-        regularizer = ClusterabilityRegularizer(differentiable=differentiable)
-        regularize_groups(regularizer, groups, partitions)
+        regulariser = ClusterabilityRegulariser(differentiable=differentiable)
+        regularise_groups(regulariser, groups, partitions)
         logits = tiny_gpt2(inputs).logits
-        recorded[differentiable] = regularizer.values()
-        regularizer.remove()
+        recorded[differentiable] = regulariser.values()
+        regulariser.remove()
     assert logits.requires_grad
     assert all(value.requires_grad for value in recorded[True].values())
     assert not any(value.requires_grad for value in recorded[False].values())
@@ -87,19 +87,19 @@ def test_penalty_gradient_steps_increase_clusterability():
     layer = nn.Linear(32, 48, bias=False)
     rows, cols = contiguous_labels(48, 4), contiguous_labels(32, 4)
     start = float(clusterability(layer.weight.detach(), rows, cols))
-    regularizer = ClusterabilityRegularizer()
-    regularizer.add("layer", layer, rows, cols, 4)
+    regulariser = ClusterabilityRegulariser()
+    regulariser.add("layer", layer, rows, cols, 4)
     optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
     for _ in range(10):
-        regularizer.clear()
+        regulariser.clear()
         layer(torch.randn(5, 32))
         optimizer.zero_grad()
-        regularizer.penalty(20.0).backward()
+        regulariser.penalty(20.0).backward()
         optimizer.step()
     assert float(clusterability(layer.weight.detach(), rows, cols)) > start + 0.1
 
 
-def test_batched_regularizer_matches_the_per_matrix_hooks_in_value_mass_and_gradient(tiny_gpt2):
+def test_batched_regulariser_matches_the_per_matrix_hooks_in_value_mass_and_gradient(tiny_gpt2):
     """Where weights persist after forward, C is computed lazily for all matrices at once (stacked by shape): the
     same values, masses, penalty and weight gradients as the hooks that compute each matrix as it runs. A second
     forward after C was taken (an activation-checkpoint recompute) changes nothing; with recording off, nothing is
@@ -110,19 +110,19 @@ def test_batched_regularizer_matches_the_per_matrix_hooks_in_value_mass_and_grad
     matrices = [matrix for group in groups for matrix in group.matrices]
     recorded = {}
     for weights_persist in (False, True):
-        regularizer = ClusterabilityRegularizer(weights_persist=weights_persist)
-        regularize_groups(regularizer, groups, partitions)
+        regulariser = ClusterabilityRegulariser(weights_persist=weights_persist)
+        regularise_groups(regulariser, groups, partitions)
         tiny_gpt2.zero_grad()
         tiny_gpt2(inputs)
-        penalty = regularizer.penalty(20.0)
-        values, masses = regularizer.values(), regularizer.masses()
+        penalty = regulariser.penalty(20.0)
+        values, masses = regulariser.values(), regulariser.masses()
         tiny_gpt2(inputs)  # a recompute
-        assert regularizer.values().keys() == values.keys()
-        assert all(torch.equal(regularizer.values()[name], value) for name, value in values.items())
+        assert regulariser.values().keys() == values.keys()
+        assert all(torch.equal(regulariser.values()[name], value) for name, value in values.items())
         penalty.backward()
         recorded[weights_persist] = (values, masses, penalty.detach(),
                                      [matrix.module.weight.grad.clone() for matrix in matrices])
-        regularizer.remove()
+        regulariser.remove()
     (values, masses, penalty, grads), (batched_values, batched_masses, batched_penalty, batched_grads) = (
         recorded[False], recorded[True])
     assert len(batched_values) == len(matrices) == 4 and batched_values.keys() == values.keys()
@@ -133,8 +133,8 @@ def test_batched_regularizer_matches_the_per_matrix_hooks_in_value_mass_and_grad
     for grad, batched_grad in zip(grads, batched_grads, strict=True):
         assert grad.abs().sum() > 0 and torch.allclose(batched_grad, grad, atol=1e-6)
 
-    quiet = ClusterabilityRegularizer(differentiable=False, weights_persist=True)
-    regularize_groups(quiet, groups, partitions)
+    quiet = ClusterabilityRegulariser(differentiable=False, weights_persist=True)
+    regularise_groups(quiet, groups, partitions)
     quiet.recording = False
     tiny_gpt2(inputs)
     assert quiet.values() == {}
@@ -169,16 +169,16 @@ def test_the_batched_path_bounds_its_stacks_without_changing_values_or_gradients
     inputs = torch.randint(0, 64, (2, 16))
     recorded = {}
     for stack_elements, stacks in ((1 << 25, 2), (2 * size, 2), (size * 3 // 2, 4), (1, 4)):
-        regularizer = ClusterabilityRegularizer(weights_persist=True, stack_elements=stack_elements)
-        regularize_groups(regularizer, groups, partitions)
+        regulariser = ClusterabilityRegulariser(weights_persist=True, stack_elements=stack_elements)
+        regularise_groups(regulariser, groups, partitions)
         tiny_gpt2.zero_grad()
         tiny_gpt2(inputs)
-        penalty = regularizer.penalty(20.0)
+        penalty = regulariser.penalty(20.0)
         assert _nodes_named(penalty, "StackedClusterabilityBackward") == stacks, stack_elements
         penalty.backward()
-        recorded[stack_elements] = (penalty.detach(), regularizer.masses(),
+        recorded[stack_elements] = (penalty.detach(), regulariser.masses(),
                                     [matrix.module.weight.grad.clone() for matrix in matrices])
-        regularizer.remove()
+        regulariser.remove()
     (penalty, masses, grads), *bounded = recorded.values()
     for bounded_penalty, bounded_masses, bounded_grads in bounded:
         assert torch.allclose(bounded_penalty, penalty, atol=1e-6)
@@ -192,27 +192,27 @@ def test_clear_set_partition_and_remove(weights_persist):
     layer = nn.Linear(8, 8, bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.eye(8))
-    regularizer = ClusterabilityRegularizer(weights_persist=weights_persist)
-    regularizer.add("layer", layer, torch.arange(8) % 2, torch.arange(8) % 2, 2)
+    regulariser = ClusterabilityRegulariser(weights_persist=weights_persist)
+    regulariser.add("layer", layer, torch.arange(8) % 2, torch.arange(8) % 2, 2)
     layer(torch.randn(1, 8))
-    assert regularizer.values()["layer"].item() == 1.0
-    regularizer.clear()
-    assert regularizer.values() == {}
-    regularizer.set_partition("layer", torch.arange(8) % 2, (torch.arange(8) + 1) % 2, 2)
+    assert regulariser.values()["layer"].item() == 1.0
+    regulariser.clear()
+    assert regulariser.values() == {}
+    regulariser.set_partition("layer", torch.arange(8) % 2, (torch.arange(8) + 1) % 2, 2)
     layer(torch.randn(1, 8))
-    assert regularizer.values()["layer"].item() == 0.0
-    regularizer.remove()
+    assert regulariser.values()["layer"].item() == 0.0
+    regulariser.remove()
     layer(torch.randn(1, 8))
-    assert regularizer.values() == {}
+    assert regulariser.values() == {}
     with pytest.raises(ValueError, match="no clusterability values"):
-        regularizer.penalty(1.0)
+        regulariser.penalty(1.0)
 
 
 def test_hook_rejects_labels_of_the_wrong_size():
     """Labels that do not fit the weight's [n_out, n_in] shape raise a ValueError naming the module."""
     layer = nn.Linear(8, 6)
-    regularizer = ClusterabilityRegularizer()
-    regularizer.add("layer", layer, torch.arange(8) % 2, torch.arange(6) % 2, 2)  # rows and cols swapped
+    regulariser = ClusterabilityRegulariser()
+    regulariser.add("layer", layer, torch.arange(8) % 2, torch.arange(6) % 2, 2)  # rows and cols swapped
     with pytest.raises(ValueError, match="'layer'"):
         layer(torch.randn(1, 8))
 
@@ -221,11 +221,11 @@ def test_labels_that_do_not_fit_the_weight_are_named_in_n_out_n_in_form(tiny_gpt
     """A Conv1D (stored [n_in, n_out]) whose partition has the wrong sizes fails on forward, in [n_out, n_in]
     terms both for the weight and for the labels."""
     conv = tiny_gpt2.transformer.h[0].mlp.c_fc  # [n_out, n_in] = [256, 64]
-    regularizer = ClusterabilityRegularizer()
-    regularizer.add("conv", conv, contiguous_labels(128, 4), contiguous_labels(64, 4), 4, transposed=True)
+    regulariser = ClusterabilityRegulariser()
+    regulariser.add("conv", conv, contiguous_labels(128, 4), contiguous_labels(64, 4), 4, transposed=True)
     with pytest.raises(ValueError, match=r"\[n_out, n_in\] = \[256, 64\] but its partition labels 128 rows and 64"):
         conv(torch.randn(3, 64))
-    regularizer.remove()
+    regulariser.remove()
 
 
 @pytest.mark.parametrize("weights_persist", [False, True])
@@ -236,8 +236,8 @@ def test_the_loss_keeps_no_copy_of_a_bf16_matrix_for_backward(tiny_gpt2, weights
     model = tiny_gpt2.to(torch.bfloat16)
     groups = find_matrix_groups(model)
     partitions = _partitions(groups)
-    regularizer = ClusterabilityRegularizer(weights_persist=weights_persist)
-    regularize_groups(regularizer, groups, partitions)
+    regulariser = ClusterabilityRegulariser(weights_persist=weights_persist)
+    regularise_groups(regulariser, groups, partitions)
     parameters = {parameter.data_ptr() for parameter in model.parameters()}
     smallest_matrix = min(matrix.module.weight.numel() for group in groups for matrix in group.matrices)
     copies = []
@@ -249,7 +249,7 @@ def test_the_loss_keeps_no_copy_of_a_bf16_matrix_for_backward(tiny_gpt2, weights
 
     with torch.autograd.graph.saved_tensors_hooks(note_copies, lambda saved: saved):
         model(torch.randint(0, 64, (2, 16)))
-        penalty = regularizer.penalty(20.0)
+        penalty = regulariser.penalty(20.0)
     assert not [tuple(copy.shape) for copy in copies]
     penalty.backward()
     assert all(matrix.module.weight.grad.abs().sum() > 0 for group in groups for matrix in group.matrices)
