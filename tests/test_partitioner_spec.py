@@ -26,7 +26,7 @@ def test_partition_every_and_partitioner_keys_are_validated(tmp_path):
                                                       "partitioner.heatmap_every"}
 
 
-@pytest.mark.parametrize("modularity, problem", [
+@pytest.mark.parametrize(("modularity", "problem"), [
     ("partition_every: 4", "raise modularity.partition_every"),
     ("partition_every: 0", "partition_every > 0"),
 ])

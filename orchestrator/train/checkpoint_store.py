@@ -29,6 +29,7 @@ before it reads it (``verify_local``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -167,10 +168,8 @@ def _create_key_file(path: Path) -> None:
             stream.write(secrets.token_bytes(MIN_KEY_BYTES))
             stream.flush()
             os.fsync(stream.fileno())
-        try:
+        with contextlib.suppress(FileExistsError):  # another process created it first: theirs is the key
             os.link(draft, path)
-        except FileExistsError:
-            pass  # another process created it first: theirs is the key
     finally:
         os.unlink(draft)
 

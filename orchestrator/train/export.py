@@ -120,8 +120,8 @@ def _write_partition(model: torch.nn.Module, checkpoint: Path, partition_state: 
     import pyarrow.parquet as pq
 
     from orchestrator.modularity import GroupPartition, find_matrix_groups
-    from orchestrator.spec import JobSpec, read_job
     from orchestrator.partitioning.table import partition_table
+    from orchestrator.spec import JobSpec, read_job
 
     raw, _ = read_job(checkpoint / store.JOB)  # a job file's bounds (size, aliases, nesting) hold for a checkpoint's
     spec = JobSpec.model_validate(raw)

@@ -51,7 +51,8 @@ def test_aligned_to_recovers_a_permuted_partition_exactly():
     original = partition_group(weights_in, weights_out, 4)
     aligned = original.permuted(torch.tensor([2, 3, 1, 0])).aligned_to(original)
     assert torch.equal(aligned.hidden, original.hidden)
-    assert all(torch.equal(a, b) for a, b in zip(aligned.inputs + aligned.outputs, original.inputs + original.outputs, strict=True))
+    pairs = zip(aligned.inputs + aligned.outputs, original.inputs + original.outputs, strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_dict_round_trip_is_exact():
