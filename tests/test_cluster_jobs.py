@@ -9,7 +9,7 @@ import pytest
 
 import orchestrator
 from orchestrator import cluster_jobs
-from tests.helpers import tiny_spec
+from tests.helpers import free_port, tiny_spec
 
 
 def test_every_job_carries_xcms_code_and_the_stop_grace_the_driver_needs(tmp_path):
@@ -114,3 +114,13 @@ def test_other_submission_errors_are_not_retried():
     with pytest.raises(RuntimeError, match="runtime_env is invalid"):
         cluster_jobs._submit_when_agent_ready(client, timeout_s=30, entrypoint="true")
     assert client.submitted == []
+
+
+def test_a_cluster_that_cannot_be_asked_is_taken_as_remote_with_a_warning(capsys):
+    """With no answer about its nodes, the cluster counts as remote (so this machine's paths are refused), and one
+    warning line says why, without the address's password."""
+    address = f"http://user:pa55word@127.0.0.1:{free_port()}"
+    assert cluster_jobs.cluster_is_local(address) is False
+    err = capsys.readouterr().err
+    assert err.startswith("xcm: warning: cannot ask the cluster at") and err.count("\n") == 1, err
+    assert "taking it as remote" in err and "pa55word" not in err
