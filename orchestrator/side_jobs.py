@@ -18,7 +18,7 @@ driver and builds the job on each rank; ``orchestrator.train.side_job_registry``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import torch
 
     from orchestrator.models.dimensions import ModelDimensions
-    from orchestrator.modularity import ClusterabilityRegulariser, MatrixGroup
+    from orchestrator.modularity import ClusterabilityRegulariser, GroupPartition, MatrixGroup
     from orchestrator.ranks import Rank
     from orchestrator.spec import JobSpec, SpecProblem
     from orchestrator.tracking import MetricLogger
@@ -70,6 +70,8 @@ class SideJobContext:
     regulariser: ClusterabilityRegulariser  # where adopted partitions go
     actor_names: Sequence[str]  # the Ray names of the actors its kind started on the driver
     logger: MetricLogger | None  # rank 0's MLflow logger; None on the other ranks
+    # the training partition every rank uses now (by group name; None before the first), for jobs that read it
+    partitions: Callable[[], Mapping[str, GroupPartition] | None] = lambda: None
 
 
 class SideJobKind(Protocol):

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from orchestrator.circuit_job.side_job import CIRCUITS
 from orchestrator.partitioning.side_job import PARTITIONING
 from orchestrator.side_jobs import SideJobKind
 from orchestrator.spec import JobSpec
 
-SIDE_JOBS: tuple[SideJobKind, ...] = (PARTITIONING,)
+SIDE_JOBS: tuple[SideJobKind, ...] = (PARTITIONING, CIRCUITS)  # the partitioner first: circuits read its labels
 
 
 def enabled_side_jobs(spec: JobSpec) -> list[SideJobKind]:

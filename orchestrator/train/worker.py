@@ -117,7 +117,8 @@ class TrainingSession:
         def context(kind) -> SideJobContext:
             return SideJobContext(rank=self.rank, device=self.engine.device, groups=self.groups,
                                   regulariser=self.regulariser,
-                                  actor_names=list(actor_names.get(kind.name, ())), logger=self.logger)
+                                  actor_names=list(actor_names.get(kind.name, ())), logger=self.logger,
+                                  partitions=lambda: self.partition_schedule.partitions)
 
         return {kind.name: kind.build(self.spec, context(kind)) for kind in enabled_side_jobs(self.spec)}
 

@@ -1,0 +1,130 @@
+"""The circuits actor: rebuilds the small model from gathered weights and runs ``xcm circuits``'s methods on it.
+
+The driver starts one named actor with the job (``start_circuits_actor``), with ``circuits.cpus`` and
+``circuits.gpus``. Each call carries everything it needs (the step's weights and the training partition), so
+when the actor dies Ray restarts it (``max_restarts=-1``) and retries the call in flight (``max_task_retries=-1``);
+what it caches (the model's skeleton, the tasks' examples) is rebuilt from the spec on the first call.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from orchestrator.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class CircuitsAnswer:
+    """What one measurement gives rank 0 to log at its step."""
+
+    step: int
+    metrics: dict[str, float]
+    artifacts: dict[str, bytes]  # artifact path -> bytes
+    partition: str  # where the partition came from
+    seconds: float
+    skipped: dict[str, str] = field(default_factory=dict)  # "method task" -> why
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class CircuitsActor:
+    """Computes circuits for the job's model at the steps it is sent."""
+
+    def __init__(self, spec: dict, base_dir: str):
+        self._spec = JobSpec.model_validate(spec)
+        self._base_dir = Path(base_dir)
+        cpus = self._spec.circuits.cpus
+        torch.set_num_threads(max(1, int(cpus)))  # its reserved CPUs; one when it shares the trainers'
+        self._loaded = None
+        self._task_set = None
+
+    def compute(self, step: int, parameters: dict[str, np.ndarray], partitions: dict[str, dict] | None
+                ) -> CircuitsAnswer:
+        """Circuits and specialization of the weights of `step`, under `partitions` (GroupPartition dicts by
+        group name; a fresh spectral partition when None)."""
+        from orchestrator.circuit_report import find_circuits as run_methods
+        from orchestrator.circuit_report import (
+            fresh_partitions,
+            methods_for,
+            result_artifacts,
+            result_metrics,
+        )
+        from orchestrator.modularity import GroupPartition
+
+        started = time.perf_counter()
+        loaded = self._loaded_at(step, parameters)
+        options = self._spec.circuits
+        if partitions is not None:
+            chosen = {name: GroupPartition.from_dict(data) for name, data in partitions.items()}
+            source = "training"
+        else:
+            chosen = fresh_partitions(loaded.model, self._spec.modularity.k, loaded.matrices)
+            source = "fresh spectral"
+        task_set = self._tasks(loaded)
+        methods = methods_for(options.method, loaded.kind, fix="circuits.method: attribution")
+        result = run_methods(loaded, task_set, chosen, source, methods, options, progress=lambda message: None)
+        return CircuitsAnswer(step, {key: float(value) for key, value in result_metrics(result).items()},
+                              result_artifacts(result, loaded.model, chosen), source,
+                              time.perf_counter() - started, dict(result.skipped))
+
+    def _loaded_at(self, step: int, parameters: dict[str, np.ndarray]):
+        """The job's model with the weights of `step` (built, with its examples or tokenizer, on first use)."""
+        from dataclasses import replace
+
+        if self._loaded is None:
+            self._loaded = loaded_model(self._spec)
+        missing = sorted(set(dict(self._loaded.model.named_parameters())) - set(parameters))
+        if missing:
+            raise ValueError(f"the gathered weights lack {missing[:3]}: not this job's model")
+        state = {name: torch.tensor(array) for name, array in parameters.items()}  # copied: read-only arrays
+        self._loaded.model.load_state_dict(state, strict=False)  # strict=False: buffers are not gathered
+        self._loaded = replace(self._loaded, step=step)
+        return self._loaded
+
+    def _tasks(self, loaded):
+        from orchestrator.circuit_report import task_set_for
+
+        if self._task_set is None:
+            self._task_set = task_set_for(loaded, self._spec.circuits.tasks, self._spec.circuits, self._base_dir)
+        return self._task_set
+
+
+def loaded_model(spec: JobSpec):
+    """The spec's model, untrained, as ``xcm circuits`` holds a checkpoint's: its kind, tasks and data."""
+    from orchestrator.circuit_report import LoadedModel, _classifier_examples, _language_model
+    from orchestrator.models.classifiers import CLASSIFIER_FAMILIES
+    from orchestrator.models.registry import build_model
+
+    matrices = tuple(spec.modularity.matrices)
+    if spec.model.family not in CLASSIFIER_FAMILIES:
+        from orchestrator.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(spec.data, spec.model)
+        model = build_model(spec.model, tokenizer.vocab_size, seed=0)
+        tasks = ("synthetic" + (f":{','.join(spec.data.tasks)}" if spec.data.tasks else ""),)
+        tasks = tasks if spec.data.source == "synthetic" else ()
+        return _language_model(model, None, tokenizer, {}, matrices, 0, tasks)
+    vocab_size = spec.data.modulus + 1 if spec.model.family == "modular_addition" else None
+    return LoadedModel(
+        build_model(spec.model, vocab_size, seed=0).eval(),
+        "classifier",
+        None,
+        matrices,
+        labelled=_classifier_examples(spec),
+        label_prefix="answer" if spec.data.source == "modular_addition" else "label",
+        default_tasks=("labels",),
+    )
+
+
+def start_circuits_actor(spec: JobSpec) -> dict[str, ray.actor.ActorHandle]:
+    """Driver side: the job's circuits actor with the spec's resources, by its (unique) Ray name; task files
+    are read relative to the driver's working directory, as ``xcm circuits`` reads them."""
+    name = f"xcm-circuits-{uuid.uuid4().hex[:12]}"
+    actor = CircuitsActor.options(name=name, num_cpus=spec.circuits.cpus, num_gpus=spec.circuits.gpus)
+    return {name: actor.remote(spec.model_dump(mode="json", by_alias=True), str(Path.cwd()))}

@@ -1,0 +1,33 @@
+"""The circuits side job's spec check, through `xcm check`."""
+
+from orchestrator import cli
+from orchestrator.spec import INVALID_JOB_EXIT_CODE
+from tests.helpers import TINY_JOB
+
+
+def test_check_refuses_the_greedy_finder_for_gpt2_naming_attribution(tmp_path, capsys, monkeypatch):
+    """`xcm check` of the tiny GPT-2 job with `circuits.method: greedy` fails with one line naming attribution,
+    and passes once the method is attribution."""
+    monkeypatch.chdir(tmp_path)
+    job = tmp_path / "tiny-circuits.yaml"
+    job.write_text(TINY_JOB.read_text() + "circuits:\n  every_steps: 5\n  method: greedy\n")
+    assert cli.main(["check", str(job)]) == INVALID_JOB_EXIT_CODE
+    err = capsys.readouterr().err
+    assert "circuits.method" in err and "circuits.method: attribution" in err and "Traceback" not in err
+    job.write_text(TINY_JOB.read_text() + "circuits:\n  every_steps: 5\n  method: attribution\n")
+    assert cli.main(["check", str(job)]) == 0
+
+
+def test_a_resumed_run_measures_its_first_step_for_the_measurements_in_flight_at_the_checkpoint():
+    """Every rank gathers at the same steps (every `every_steps`, never at 0); a checkpoint's in-flight steps
+    make the resumed run's first boundary due once, and the schedule goes on as before."""
+    from orchestrator.circuit_job.side_job import CircuitsJob
+    from orchestrator.ranks import Rank
+
+    job = CircuitsJob(3, 10, Rank(1, 2), [], lambda: None, None)
+    assert [step for step in range(10) if job.due(step)] == [3, 6, 9]
+    assert job.state_dict() is None
+    job.load_state_dict({"in_flight": [2]})
+    assert job.due(4)
+    job.submit(4, None)
+    assert [step for step in range(4, 10) if job.due(step)] == [6, 9]
