@@ -36,12 +36,16 @@ def compare(n_out: int, n_in: int, k: int, noise: float) -> dict:
     weight, rows, cols = planted_blocks(n_out, n_in, k, noise=noise, seed=0)
     (row_labels, col_labels), xcm_seconds = timed(lambda: cocluster(weight, k))
     reference, sklearn_seconds = timed(
-        lambda: SpectralCoclustering(n_clusters=k, random_state=0).fit(weight.abs().numpy()))
+        lambda: SpectralCoclustering(n_clusters=k, random_state=0).fit(weight.abs().numpy())
+    )
     return {
-        "xcm_s": xcm_seconds, "sklearn_s": sklearn_seconds,
+        "xcm_s": xcm_seconds,
+        "sklearn_s": sklearn_seconds,
         "xcm_ari": (adjusted_rand_score(rows, row_labels), adjusted_rand_score(cols, col_labels)),
-        "sklearn_ari": (adjusted_rand_score(rows, reference.row_labels_),
-                        adjusted_rand_score(cols, reference.column_labels_)),
+        "sklearn_ari": (
+            adjusted_rand_score(rows, reference.row_labels_),
+            adjusted_rand_score(cols, reference.column_labels_),
+        ),
     }
 
 
@@ -52,15 +56,20 @@ def main() -> None:
     sizes = dict(list(SIZES.items())[:1]) if args.quick else SIZES
     compare(256, 64, 4, 0.3)  # warm up both libraries so the first row does not pay for it
     print(f"torch threads: {torch.get_num_threads()}")
-    print(f"{'matrix':<22}{'k':>3}{'noise':>7}{'xcm s':>9}{'sklearn s':>11}{'xcm/sk':>8}"
-          f"{'xcm ARI rows/cols':>20}{'sklearn ARI rows/cols':>24}")
+    print(
+        f"{'matrix':<22}{'k':>3}{'noise':>7}{'xcm s':>9}{'sklearn s':>11}{'xcm/sk':>8}"
+        f"{'xcm ARI rows/cols':>20}{'sklearn ARI rows/cols':>24}"
+    )
     for label, (n_out, n_in) in sizes.items():
         for k, noise in [(k, noise) for k in CLUSTER_COUNTS for noise in NOISES]:
             r = compare(n_out, n_in, k, noise)
             ratio = r["xcm_s"] / r["sklearn_s"]
-            print(f"{label:<22}{k:>3}{noise:>7.1f}{r['xcm_s']:>9.2f}{r['sklearn_s']:>11.2f}{ratio:>8.2f}"
-                  f"{r['xcm_ari'][0]:>13.3f} /{r['xcm_ari'][1]:.3f}{r['sklearn_ari'][0]:>17.3f} /"
-                  f"{r['sklearn_ari'][1]:.3f}", flush=True)
+            print(
+                f"{label:<22}{k:>3}{noise:>7.1f}{r['xcm_s']:>9.2f}{r['sklearn_s']:>11.2f}{ratio:>8.2f}"
+                f"{r['xcm_ari'][0]:>13.3f} /{r['xcm_ari'][1]:.3f}{r['sklearn_ari'][0]:>17.3f} /"
+                f"{r['sklearn_ari'][1]:.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

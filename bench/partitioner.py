@@ -39,8 +39,7 @@ def step_classes(client: MlflowClient, run_id: str, steps: int) -> dict[str, lis
     classes: dict[str, list[float]] = {"idle": [], "busy": [], "request": [], "adoption": []}
     for step in range(WARMUP_STEPS, steps - 1):  # the last step also checkpoints and draws the final heatmaps
         seconds = (stamps[step] - stamps[step - 1]) / 1000
-        kind = ("request" if step in requests else "adoption" if step in lags else
-                "busy" if step in busy else "idle")
+        kind = "request" if step in requests else "adoption" if step in lags else "busy" if step in busy else "idle"
         classes[kind].append(seconds)
     return classes
 
@@ -49,21 +48,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=160)
     parser.add_argument("--every", type=int, default=8, help="steps between partition requests")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="more spec overrides (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more spec overrides (repeatable)",
+    )
     args = parser.parse_args()
-    spec = load_spec(ROOT / "jobs" / "tiny.yaml", [
-        f"training.steps={args.steps}", f"training.report_every={args.steps}", "evaluation.every_steps=0",
-        f"modularity.partition_every={args.every}", "partitioner.heatmap_every=1000000", *WIDER_MODEL,
-        *args.overrides])
+    spec = load_spec(
+        ROOT / "jobs" / "tiny.yaml",
+        [
+            f"training.steps={args.steps}",
+            f"training.report_every={args.steps}",
+            "evaluation.every_steps=0",
+            f"modularity.partition_every={args.every}",
+            "partitioner.heatmap_every=1000000",
+            *WIDER_MODEL,
+            *args.overrides,
+        ],
+    )
     with tempfile.TemporaryDirectory(prefix="xcm-bench-") as workdir:
         result = run_job(spec, Path(workdir))
         client = MlflowClient(tracking_uri=result.tracking_uri)
         classes = step_classes(client, result.run_id, args.steps)
         seconds = [m.value for m in client.get_metric_history(result.run_id, metric_names.PARTITION_SECONDS)]
     idle = statistics.median(classes["idle"])
-    print(f"\npartitioner: {spec.partitioner.actors} actor(s), {spec.partitioner.cpus} CPUs reserved; "
-          f"a version takes {statistics.median(seconds):.2f} s to compute (median of {len(seconds)})")
+    print(
+        f"\npartitioner: {spec.partitioner.actors} actor(s), {spec.partitioner.cpus} CPUs reserved; "
+        f"a version takes {statistics.median(seconds):.2f} s to compute (median of {len(seconds)})"
+    )
     print(f"{'steps':<10}{'count':>7}{'median s':>11}{'vs idle':>9}")
     for kind, values in classes.items():
         if values:

@@ -62,8 +62,9 @@ def plain_loop(spec: JobSpec, rank: int, world_size: int) -> dict[int, float]:
     training = spec.training
     data = build_training_data(spec.data, spec.model)
     model = build_model(spec.model, data.vocab_size, seed=training.seed)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=client_optimizer(model, spec),
-                                      config=deepspeed_config(spec, world_size))
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=client_optimizer(model, spec), config=deepspeed_config(spec, world_size)
+    )
     batches = batch_stream(data.train, training.micro_batch_size, rank, world_size, training.seed)
     stamps = {}
     for step in range(training.steps):
@@ -82,8 +83,14 @@ def plain_loop(spec: JobSpec, rank: int, world_size: int) -> dict[int, float]:
 def multiprocessing_worker(rank: int, world_size: int, port: int, spec_json: dict, output: str) -> None:
     """One rank of the plain loop without Ray; rank 0 writes the step times."""
     spec = JobSpec.model_validate(spec_json)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cuda" if spec.resources.use_gpu else "cpu")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        DS_ACCELERATOR="cuda" if spec.resources.use_gpu else "cpu",
+    )
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if spec.resources.use_gpu else "gloo")
@@ -113,8 +120,11 @@ def plain_stamps(spec: JobSpec, workdir: Path) -> dict[int, float]:
 
     port = free_port()  # for the process group, released before the workers bind it
     output = str(workdir / "stamps.pt")
-    torch.multiprocessing.spawn(multiprocessing_worker, args=(spec.resources.num_workers, port, spec_json(spec),
-                                                              output), nprocs=spec.resources.num_workers)
+    torch.multiprocessing.spawn(
+        multiprocessing_worker,
+        args=(spec.resources.num_workers, port, spec_json(spec), output),
+        nprocs=spec.resources.num_workers,
+    )
     return torch.load(output)
 
 
@@ -128,8 +138,12 @@ def plain_on_ray_train_stamps(spec: JobSpec, workdir: Path) -> dict[int, float]:
     ensure_ray(spec)
     output = str(workdir / "stamps.pt")
     try:
-        TorchTrainer(ray_train_worker, train_loop_config={"spec": spec_json(spec), "output": output},
-                     **worker_group(spec), run_config=RunConfig(name=spec.name, storage_path=str(workdir))).fit()
+        TorchTrainer(
+            ray_train_worker,
+            train_loop_config={"spec": spec_json(spec), "output": output},
+            **worker_group(spec),
+            run_config=RunConfig(name=spec.name, storage_path=str(workdir)),
+        ).fit()
     finally:
         ray.shutdown()
     return torch.load(output)
@@ -148,10 +162,13 @@ def xcm_stamps(spec: JobSpec, workdir: Path) -> dict[int, float]:
         ray.shutdown()
     client = MlflowClient(tracking_uri=result.tracking_uri)
     logged = client.get_run(result.run_id).data.metrics
-    print(f"[bench]   xcm's own figures at the last logged step: {logged.get(metric_names.MFU, 0):.3f} MFU, "
-          f"{logged.get(metric_names.TOKENS_PER_SECOND, 0):,.0f} tokens/s, "
-          f"peak memory {logged.get(metric_names.PEAK_MEMORY_MAX, 0):.2f} GiB, "
-          f"C {logged.get(metric_names.CLUSTERABILITY, 0):.3f}", flush=True)
+    print(
+        f"[bench]   xcm's own figures at the last logged step: {logged.get(metric_names.MFU, 0):.3f} MFU, "
+        f"{logged.get(metric_names.TOKENS_PER_SECOND, 0):,.0f} tokens/s, "
+        f"peak memory {logged.get(metric_names.PEAK_MEMORY_MAX, 0):.2f} GiB, "
+        f"C {logged.get(metric_names.CLUSTERABILITY, 0):.3f}",
+        flush=True,
+    )
     history = client.get_metric_history(result.run_id, metric_names.LOSS)
     return {metric.step: metric.timestamp / 1000 for metric in history}
 
@@ -169,10 +186,12 @@ def steady_step_seconds(stamps: dict[int, float], skip: int) -> float:
 
 
 # key: (name, the function that runs it and returns its step-end times by step, whether the clusterability loss is on)
-VARIANTS = {"plain": ("plain DeepSpeed", plain_stamps, False),
-            "plain-ray-train": ("plain DeepSpeed on Ray Train", plain_on_ray_train_stamps, False),
-            "xcm-off": ("xcm, loss off", xcm_stamps, False),
-            "xcm-on": ("xcm, loss on", xcm_stamps, True)}
+VARIANTS = {
+    "plain": ("plain DeepSpeed", plain_stamps, False),
+    "plain-ray-train": ("plain DeepSpeed on Ray Train", plain_on_ray_train_stamps, False),
+    "xcm-off": ("xcm, loss off", xcm_stamps, False),
+    "xcm-on": ("xcm, loss on", xcm_stamps, True),
+}
 PLAIN, ON_RAY_TRAIN = VARIANTS["plain"][0], VARIANTS["plain-ray-train"][0]
 
 
@@ -181,22 +200,32 @@ def main() -> None:
     parser.add_argument("--job", default=str(ROOT / "jobs" / "tiny.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--skip", type=int, default=400,
-                        help="start-up steps left out (imports, the partition and its heatmaps)")
+    parser.add_argument(
+        "--skip", type=int, default=400, help="start-up steps left out (imports, the partition and its heatmaps)"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="times each variant runs, interleaved")
     parser.add_argument("--lambda", dest="lam", type=float, default=20.0, help="the loss-on run's lambda")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"which runs, in this order each round (default: all, {','.join(VARIANTS)})")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"which runs, in this order each round (default: all, {','.join(VARIANTS)})",
+    )
     args = parser.parse_args()
     if not 0 <= args.skip < args.steps - 3:
         parser.error(f"--skip {args.skip} leaves no steady steps out of --steps {args.steps}")
     chosen = args.variants.split(",")
     if unknown := [key for key in chosen if key not in VARIANTS]:
         parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    base = [*args.overrides, f"training.steps={args.steps}", f"training.report_every={args.steps}",
-            f"resources.num_workers={args.workers}", "evaluation.every_steps=0", "checkpointing.every_steps=0",
-            "modularity.partition_at_step=0"]
+    base = [
+        *args.overrides,
+        f"training.steps={args.steps}",
+        f"training.report_every={args.steps}",
+        f"resources.num_workers={args.workers}",
+        "evaluation.every_steps=0",
+        "checkpointing.every_steps=0",
+        "modularity.partition_at_step=0",
+    ]
     seconds: dict[str, list[float]] = {VARIANTS[key][0]: [] for key in chosen}
     with tempfile.TemporaryDirectory() as directory:
         for round_index in range(args.rounds):
@@ -204,13 +233,21 @@ def main() -> None:
             for variant_index, (name, run, loss_on) in enumerate(VARIANTS[key] for key in order):
                 workdir = Path(directory) / f"{round_index}-{variant_index}"
                 workdir.mkdir()
-                spec = load_spec(args.job, [*base, f"name=bench-{round_index}-{variant_index}",
-                                            f"modularity.lambda={args.lam if loss_on else 0.0}"]).resolved(workdir)
+                spec = load_spec(
+                    args.job,
+                    [
+                        *base,
+                        f"name=bench-{round_index}-{variant_index}",
+                        f"modularity.lambda={args.lam if loss_on else 0.0}",
+                    ],
+                ).resolved(workdir)
                 os.environ.setdefault("DS_ACCELERATOR", "cuda" if spec.resources.use_gpu else "cpu")
                 stamps = run(spec, workdir)
                 seconds[name].append(steady_step_seconds(stamps, args.skip))
-                print(f"[bench] round {round_index + 1}/{args.rounds} {name}: "
-                      f"{seconds[name][-1] * 1000:.1f} ms/step", flush=True)
+                print(
+                    f"[bench] round {round_index + 1}/{args.rounds} {name}: {seconds[name][-1] * 1000:.1f} ms/step",
+                    flush=True,
+                )
     report(spec, args, seconds)
 
 
@@ -221,15 +258,21 @@ def report(spec: JobSpec, args, seconds: dict[str, list[float]]) -> None:
     tokens = training.micro_batch_size * training.gradient_accumulation_steps * args.workers * spec.data.block_size
     typical = {name: statistics.median(values) for name, values in seconds.items()}
     plain, on_ray = seconds.get(PLAIN), seconds.get(ON_RAY_TRAIN)
-    print(f"\n{spec.model.family}-{spec.model.size}, ZeRO-{spec.deepspeed.zero_stage}, {training.precision}, "
-          f"{args.workers} workers, {tokens:,} tokens per step; mean of steps {args.skip}..{args.steps - 2}, "
-          f"median of {args.rounds} rounds")
-    print(f"  {'':30s} {'ms/step':>8s}  {'(each round)':24s} {'tokens/s':>10s}  {'vs plain':>8s}  "
-          f"{'vs plain on Ray Train':>21s}   (ratios: median of the rounds' own)")
+    print(
+        f"\n{spec.model.family}-{spec.model.size}, ZeRO-{spec.deepspeed.zero_stage}, {training.precision}, "
+        f"{args.workers} workers, {tokens:,} tokens per step; mean of steps {args.skip}..{args.steps - 2}, "
+        f"median of {args.rounds} rounds"
+    )
+    print(
+        f"  {'':30s} {'ms/step':>8s}  {'(each round)':24s} {'tokens/s':>10s}  {'vs plain':>8s}  "
+        f"{'vs plain on Ray Train':>21s}   (ratios: median of the rounds' own)"
+    )
     for name, values in seconds.items():
         rounds = ", ".join(f"{value * 1000:.1f}" for value in values)
-        print(f"  {name:30s} {typical[name] * 1000:8.1f}  ({rounds:22s}) {tokens / typical[name]:10,.0f}  "
-              f"{_paired(plain, values):8.3f}  {_paired(on_ray, values):21.3f}")
+        print(
+            f"  {name:30s} {typical[name] * 1000:8.1f}  ({rounds:22s}) {tokens / typical[name]:10,.0f}  "
+            f"{_paired(plain, values):8.3f}  {_paired(on_ray, values):21.3f}"
+        )
 
 
 def _paired(reference: list[float] | None, values: list[float]) -> float:

@@ -14,14 +14,21 @@ from orchestrator.train.job_checks import load_spec
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="xcm", description="Train modular language models on Ray + DeepSpeed, "
-                                                             "tracked in MLflow.")
+    parser = argparse.ArgumentParser(
+        prog="xcm", description="Train modular language models on Ray + DeepSpeed, tracked in MLflow."
+    )
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
 
     run = verbs.add_parser("run", help="run a job on a local Ray (or the cluster at RAY_ADDRESS)")
     run.add_argument("job", nargs="?", default=str(DEFAULT_JOB), help=f"job file (default {DEFAULT_JOB})")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a spec key, e.g. --set training.steps=100 (repeatable)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec key, e.g. --set training.steps=100 (repeatable)",
+    )
     run.set_defaults(handler=_run)
 
     check = verbs.add_parser("check", help="validate job files without running them")
@@ -104,26 +111,40 @@ def _check(args: argparse.Namespace) -> int:
 
 def _add_checkpoint_verbs(verbs) -> None:
     """resume / export: a run's checkpoints, named by run directory, checkpoint or MLflow run id."""
-    target_help = ("a run directory (xcm-runs/checkpoints/<job>-<run id>), one of its step-* checkpoints, "
-                   "or an MLflow run id")
+    target_help = (
+        "a run directory (xcm-runs/checkpoints/<job>-<run id>), one of its step-* checkpoints, or an MLflow run id"
+    )
     store_help = "MLflow store to look a run id up in (default: ./xcm-runs/mlflow.db)"
-    resume = verbs.add_parser("resume", help="continue a run from a checkpoint (a run's newest intact one, or "
-                                             "exactly the step-* named), same MLflow run")
+    resume = verbs.add_parser(
+        "resume",
+        help="continue a run from a checkpoint (a run's newest intact one, or "
+        "exactly the step-* named), same MLflow run",
+    )
     resume.add_argument("target", help=target_help)
-    resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of the run's spec, e.g. --set training.steps=200 (repeatable)")
+    resume.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the run's spec, e.g. --set training.steps=200 (repeatable)",
+    )
     resume.add_argument("--tracking-uri", default=None, help=store_help)
-    resume.add_argument("--address", default=None,
-                        help="resume as a job on the Ray cluster at this dashboard address (http://HEAD:8265) "
-                             "instead of on this machine")
+    resume.add_argument(
+        "--address",
+        default=None,
+        help="resume as a job on the Ray cluster at this dashboard address (http://HEAD:8265) "
+        "instead of on this machine",
+    )
     resume.set_defaults(handler=_resume)
     export = verbs.add_parser("export", help="write a checkpoint as a Hugging Face model directory")
     export.add_argument("target", help=target_help)
     export.add_argument("--to", choices=["hf"], required=True, help="format: hf (transformers save_pretrained)")
     export.add_argument("directory", help="output directory")
     export.add_argument("--tracking-uri", default=None, help=store_help)
-    export.add_argument("--overwrite", action="store_true",
-                        help="replace DIR if it is not empty (only once the new export is complete)")
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace DIR if it is not empty (only once the new export is complete)"
+    )
     export.set_defaults(handler=_export)
 
 
@@ -133,8 +154,9 @@ def _resume(args: argparse.Namespace) -> int:
     from orchestrator.train.resume import ResumeError, resume_job
 
     if args.address is not None:
-        return _print_submission(cluster_jobs.submit_resume(args.target, args.overrides, args.tracking_uri,
-                                                            args.address))
+        return _print_submission(
+            cluster_jobs.submit_resume(args.target, args.overrides, args.tracking_uri, args.address)
+        )
     try:
         result = resume_job(args.target, Path.cwd(), args.overrides, args.tracking_uri)
     except (ResumeError, ResumeMismatch, tracking.TrackingUnavailable) as error:
@@ -161,16 +183,25 @@ def _export(args: argparse.Namespace) -> int:
 
 def _add_cluster_verbs(verbs) -> None:
     """submit / status / logs / stop / list / ui, in the spirit of `ray job`."""
+
     def with_address(verb):
-        verb.add_argument("--address", default=None,
-                          help="Ray dashboard address (default: RAY_ADDRESS if it is http://..., "
-                               "else http://127.0.0.1:8265)")
+        verb.add_argument(
+            "--address",
+            default=None,
+            help="Ray dashboard address (default: RAY_ADDRESS if it is http://..., else http://127.0.0.1:8265)",
+        )
         return verb
 
     submit = with_address(verbs.add_parser("submit", help="submit a job to a Ray cluster through Ray's Jobs API"))
     submit.add_argument("job", help="job file")
-    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a spec key (repeatable)")
+    submit.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec key (repeatable)",
+    )
     submit.set_defaults(handler=_submit)
     status = with_address(verbs.add_parser("status", help="a submitted job's status (the newest when omitted)"))
     status.add_argument("job_id", nargs="?")
@@ -194,8 +225,9 @@ def _address(args: argparse.Namespace) -> str:
     import os
 
     environment = os.environ.get("RAY_ADDRESS", "")
-    return args.address or (environment if environment.startswith(("http://", "https://"))
-                            else cluster_jobs.DEFAULT_ADDRESS)
+    return args.address or (
+        environment if environment.startswith(("http://", "https://")) else cluster_jobs.DEFAULT_ADDRESS
+    )
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -265,21 +297,31 @@ def _ui(args: argparse.Namespace) -> int:
         return 0
     print(f"xcm: MLflow UI for {uri} on http://127.0.0.1:{args.port}", flush=True)
     tracking.prepare_local_store(uri)
-    os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-                         "--port", str(args.port)])
+    os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)])
     return 1
 
 
 def _add_measure_verb(verbs) -> None:
     measure = verbs.add_parser("measure", help="clusterability of any model's MLP matrices under four partitions")
-    measure.add_argument("model", help="a save_pretrained directory, an xcm checkpoint (run directory, step-* "
-                                       "checkpoint or MLflow run id), or a Hugging Face hub name")
+    measure.add_argument(
+        "model",
+        help="a save_pretrained directory, an xcm checkpoint (run directory, step-* "
+        "checkpoint or MLflow run id), or a Hugging Face hub name",
+    )
     measure.add_argument("--k", default="4", help="clusters: 4, a sweep 2..20, or a list 2,4,8 (default 4)")
-    measure.add_argument("--matrices", nargs="+", choices=["mlp_in", "mlp_out"], default=["mlp_in", "mlp_out"],
-                         help="which MLP matrices (default both)")
+    measure.add_argument(
+        "--matrices",
+        nargs="+",
+        choices=["mlp_in", "mlp_out"],
+        default=["mlp_in", "mlp_out"],
+        help="which MLP matrices (default both)",
+    )
     measure.add_argument("--seed", type=int, default=0, help="seed of the spectral and random partitions")
-    measure.add_argument("--tracking-uri", default=None,
-                         help="MLflow store for the results and for run-id lookups (default ./xcm-runs/mlflow.db)")
+    measure.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store for the results and for run-id lookups (default ./xcm-runs/mlflow.db)",
+    )
     measure.add_argument("--experiment", default="xcm-measure", help="MLflow experiment (default xcm-measure)")
     measure.set_defaults(handler=_measure)
 
@@ -313,28 +355,54 @@ def _measure(args: argparse.Namespace) -> int:
 
 
 def _add_circuits_verb(verbs) -> None:
-    circuits = verbs.add_parser("circuits", help="circuit sizes and locality per task, and how task-specialised the "
-                                                 "clusters are, for a checkpoint, run id or model directory")
-    circuits.add_argument("model", help="a save_pretrained directory, an xcm checkpoint (run directory, step-* "
-                                        "checkpoint or MLflow run id), or a Hugging Face hub name")
-    circuits.add_argument("--tasks", nargs="+", default=[], metavar="SPEC",
-                          help="labels, labels:0+1,2+3, synthetic, synthetic:copy,add, jsonl:FILE, text:FILE "
-                               "(files under the current directory); default: the model's own tasks")
-    circuits.add_argument("--method", choices=["greedy", "attribution", "specialization", "all"], default="all",
-                          help="greedy (small classifiers), attribution, specialization, or all the model supports")
-    circuits.add_argument("--k", type=int, default=4,
-                          help="clusters of the fresh spectral partition, for a model without a partition of its own")
+    circuits = verbs.add_parser(
+        "circuits",
+        help="circuit sizes and locality per task, and how task-specialised the "
+        "clusters are, for a checkpoint, run id or model directory",
+    )
+    circuits.add_argument(
+        "model",
+        help="a save_pretrained directory, an xcm checkpoint (run directory, step-* "
+        "checkpoint or MLflow run id), or a Hugging Face hub name",
+    )
+    circuits.add_argument(
+        "--tasks",
+        nargs="+",
+        default=[],
+        metavar="SPEC",
+        help="labels, labels:0+1,2+3, synthetic, synthetic:copy,add, jsonl:FILE, text:FILE "
+        "(files under the current directory); default: the model's own tasks",
+    )
+    circuits.add_argument(
+        "--method",
+        choices=["greedy", "attribution", "specialization", "all"],
+        default="all",
+        help="greedy (small classifiers), attribution, specialization, or all the model supports",
+    )
+    circuits.add_argument(
+        "--k",
+        type=int,
+        default=4,
+        help="clusters of the fresh spectral partition, for a model without a partition of its own",
+    )
     circuits.add_argument("--taus", default="0.8,0.9,0.95,1.0", help="attribution's faithfulness levels")
     circuits.add_argument("--ig-steps", type=int, default=8, help="attribution's integrated-gradient steps")
-    circuits.add_argument("--ablation", choices=["zero", "mean"], default="zero", help="cluster ablation to zero "
-                                                                                       "or to the mean")
+    circuits.add_argument(
+        "--ablation", choices=["zero", "mean"], default="zero", help="cluster ablation to zero or to the mean"
+    )
     circuits.add_argument("--null-draws", type=int, default=20, help="random partitions for the index's null")
     circuits.add_argument("--max-examples", type=int, default=2000, help="examples per task before the split")
-    circuits.add_argument("--eval-on-find-data", action="store_true",
-                          help="judge circuits on the examples that found them, as the papers do")
+    circuits.add_argument(
+        "--eval-on-find-data",
+        action="store_true",
+        help="judge circuits on the examples that found them, as the papers do",
+    )
     circuits.add_argument("--seed", type=int, default=0, help="seed of the find/judge split and the null")
-    circuits.add_argument("--tracking-uri", default=None,
-                          help="MLflow store for the results and for run-id lookups (default ./xcm-runs/mlflow.db)")
+    circuits.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store for the results and for run-id lookups (default ./xcm-runs/mlflow.db)",
+    )
     circuits.add_argument("--experiment", default="xcm-circuits", help="MLflow experiment (default xcm-circuits)")
     circuits.set_defaults(handler=_circuits)
 
@@ -346,10 +414,18 @@ def _circuits(args: argparse.Namespace) -> int:
     from orchestrator.spec import CircuitsSpec, JobSpec
 
     try:
-        options = CircuitsSpec.model_validate({
-            "method": args.method, "taus": [part for part in args.taus.split(",") if part.strip()],
-            "ig_steps": args.ig_steps, "ablation": args.ablation, "null_draws": args.null_draws,
-            "max_examples": args.max_examples, "eval_on_find_data": args.eval_on_find_data, "seed": args.seed})
+        options = CircuitsSpec.model_validate(
+            {
+                "method": args.method,
+                "taus": [part for part in args.taus.split(",") if part.strip()],
+                "ig_steps": args.ig_steps,
+                "ablation": args.ablation,
+                "null_draws": args.null_draws,
+                "max_examples": args.max_examples,
+                "eval_on_find_data": args.eval_on_find_data,
+                "seed": args.seed,
+            }
+        )
     except ValidationError as error:
         problem = error.errors()[0]
         print(f"xcm: --{str(problem['loc'][0]).replace('_', '-')}: {problem['msg']}", file=sys.stderr)
@@ -363,25 +439,55 @@ def _circuits(args: argparse.Namespace) -> int:
 
 def _add_experiment_verbs(verbs) -> None:
     """experiment / sweep: variants × seeds as Ray Tune trials, compared against a control in one MLflow run."""
-    experiment = verbs.add_parser("experiment", help="run an experiment file's variants × seeds as Ray Tune trials "
-                                                     "and write the comparison into one parent MLflow run")
+    experiment = verbs.add_parser(
+        "experiment",
+        help="run an experiment file's variants × seeds as Ray Tune trials "
+        "and write the comparison into one parent MLflow run",
+    )
     experiment.add_argument("file", nargs="?", help="experiment file (jobs/experiments/*.yaml)")
-    experiment.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                            help="override a key of every trial's job, e.g. --set training.steps=100 (repeatable)")
-    experiment.add_argument("--report", metavar="PARENT_RUN_ID", default=None,
-                            help="rebuild the comparison of a finished experiment from MLflow alone")
-    experiment.add_argument("--tracking-uri", default=None,
-                            help="MLflow store of the parent run, for --report (default: ./xcm-runs/mlflow.db)")
+    experiment.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of every trial's job, e.g. --set training.steps=100 (repeatable)",
+    )
+    experiment.add_argument(
+        "--report",
+        metavar="PARENT_RUN_ID",
+        default=None,
+        help="rebuild the comparison of a finished experiment from MLflow alone",
+    )
+    experiment.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store of the parent run, for --report (default: ./xcm-runs/mlflow.db)",
+    )
     experiment.set_defaults(handler=_experiment)
-    sweep = verbs.add_parser("sweep", help="run a grid of job keys × seeds as Ray Tune trials, compared against "
-                                           "the grid's modularity.lambda=0 points")
+    sweep = verbs.add_parser(
+        "sweep",
+        help="run a grid of job keys × seeds as Ray Tune trials, compared against "
+        "the grid's modularity.lambda=0 points",
+    )
     sweep.add_argument("job", help="job file")
-    sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
-                       help="a job key and its values, e.g. --grid modularity.lambda=0,5,20 (repeatable)")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2,...",
+        help="a job key and its values, e.g. --grid modularity.lambda=0,5,20 (repeatable)",
+    )
     sweep.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per grid point (default 3)")
     sweep.add_argument("--max-failures", type=int, default=1, help="Ray Tune's retries of a failed trial")
-    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a key of every trial's job (repeatable)")
+    sweep.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of every trial's job (repeatable)",
+    )
     sweep.set_defaults(handler=_sweep)
 
 
@@ -415,10 +521,13 @@ def _run_experiment(plan) -> int:
         print(f"xcm: {redact(str(error))}", file=sys.stderr)
         return 1
     print(result.report.markdown)
-    print(f"xcm: experiment run {result.parent_run_id}: {len(plan.trials) - len(result.failed_trials)} of "
-          f"{len(plan.trials)} trials finished; the comparison is in its artifacts under comparison/")
-    print(f"  then the run:        "
-          f"{tracking.run_link(result.tracking_uri, result.experiment_id, result.parent_run_id)}")
+    print(
+        f"xcm: experiment run {result.parent_run_id}: {len(plan.trials) - len(result.failed_trials)} of "
+        f"{len(plan.trials)} trials finished; the comparison is in its artifacts under comparison/"
+    )
+    print(
+        f"  then the run:        {tracking.run_link(result.tracking_uri, result.experiment_id, result.parent_run_id)}"
+    )
     if result.failed_trials:
         print(f"xcm: failed after their retries: {', '.join(result.failed_trials)}", file=sys.stderr)
         return 1
@@ -434,9 +543,14 @@ def _rebuild_report(parent_run_id: str, tracking_uri: str | None) -> int:
     try:
         report = write_report(tracking.client(uri), parent_run_id)
     except Exception as error:  # mlflow raises several types for a missing run or artifact
-        print(redact(f"xcm: cannot rebuild the report of run {parent_run_id} from {uri}: "
-                     f"{type(error).__name__}: {error}. Pass the experiment's parent run id, and --tracking-uri "
-                     "for the store it is in"), file=sys.stderr)
+        print(
+            redact(
+                f"xcm: cannot rebuild the report of run {parent_run_id} from {uri}: "
+                f"{type(error).__name__}: {error}. Pass the experiment's parent run id, and --tracking-uri "
+                "for the store it is in"
+            ),
+            file=sys.stderr,
+        )
         return 1
     print(report.markdown)
     return 0

@@ -62,9 +62,16 @@ def submit(job_file: str, overrides: list[str], address: str, workdir: Path) -> 
     with tempfile.TemporaryDirectory(prefix="xcm-submit-") as staging:
         Path(staging, SUBMITTED_JOB_FILE).write_text(spec.to_yaml())
         try:
-            return _submit_job(client, address, job_id, run_id, spec.tracking.uri,
-                               entrypoint=f"python -m orchestrator.cli run {SUBMITTED_JOB_FILE}",
-                               runtime_env=_runtime_env(staging), metadata={"xcm.job": spec.name})
+            return _submit_job(
+                client,
+                address,
+                job_id,
+                run_id,
+                spec.tracking.uri,
+                entrypoint=f"python -m orchestrator.cli run {SUBMITTED_JOB_FILE}",
+                runtime_env=_runtime_env(staging),
+                metadata={"xcm.job": spec.name},
+            )
         except ClusterError as error:
             tracking.fail_run(spec.tracking.uri, run_id, str(error))
             raise
@@ -83,8 +90,10 @@ def submit_resume(target: str, overrides: list[str], tracking_uri: str | None, a
     uri = credentials.take(tracking_uri) or JobSpec().resolved(Path.cwd()).tracking.uri
     local = cluster_is_local(address)
     if not local and is_local_store(uri):
-        raise ClusterError(f"the cluster at {redact(address)} cannot read the local MLflow store {uri}: pass "
-                           "--tracking-uri http://<host>:5000 (the server in infra/mlflow) that the run was logged to")
+        raise ClusterError(
+            f"the cluster at {redact(address)} cannot read the local MLflow store {uri}: pass "
+            "--tracking-uri http://<host>:5000 (the server in infra/mlflow) that the run was logged to"
+        )
     try:
         located = locate(target, uri)
         if not local and (problems := unreachable_path_problems(resume_spec(located, overrides), Path.cwd())):
@@ -94,8 +103,16 @@ def submit_resume(target: str, overrides: list[str], tracking_uri: str | None, a
     run_id = located.state.run_id
     client = connect(address)
     job_id = f"xcm-resume-{run_id[:8]}-{uuid.uuid4().hex[:8]}"
-    return _submit_job(client, address, job_id, run_id, uri, entrypoint=resume_entrypoint(target, uri, overrides),
-                       runtime_env=_runtime_env(None), metadata={"xcm.resume": target})
+    return _submit_job(
+        client,
+        address,
+        job_id,
+        run_id,
+        uri,
+        entrypoint=resume_entrypoint(target, uri, overrides),
+        runtime_env=_runtime_env(None),
+        metadata={"xcm.resume": target},
+    )
 
 
 def resume_entrypoint(target: str, tracking_uri: str, overrides: list[str]) -> str:
@@ -105,23 +122,39 @@ def resume_entrypoint(target: str, tracking_uri: str, overrides: list[str]) -> s
     return shlex.join(["python", "-m", "orchestrator.cli", "resume", *arguments])
 
 
-def _submit_job(client, address: str, job_id: str, run_id: str, tracking_uri: str, entrypoint: str,
-                runtime_env: dict, metadata: dict) -> Submission:
+def _submit_job(
+    client,
+    address: str,
+    job_id: str,
+    run_id: str,
+    tracking_uri: str,
+    entrypoint: str,
+    runtime_env: dict,
+    metadata: dict,
+) -> Submission:
     """Submit one xcm job for the MLflow run ``run_id``, tagged with the run so `xcm status` can name it, and the
     run with the job (SUBMISSION_TAG), so `xcm status` can end the run should the job die before its driver can."""
     try:
         tracking.client(tracking_uri).set_tag(run_id, SUBMISSION_TAG, job_id)
     except Exception as error:
-        raise ClusterError(f"MLflow run {run_id} in {tracking_uri} cannot be tagged with its job ({error}); "
-                           "check that the tracking store is reachable from here") from error
+        raise ClusterError(
+            f"MLflow run {run_id} in {tracking_uri} cannot be tagged with its job ({error}); "
+            "check that the tracking store is reachable from here"
+        ) from error
     try:
-        _submit_when_agent_ready(client, entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env,
-                                 metadata={**metadata, "xcm.run_id": run_id, "xcm.tracking_uri": tracking_uri})
+        _submit_when_agent_ready(
+            client,
+            entrypoint=entrypoint,
+            submission_id=job_id,
+            runtime_env=runtime_env,
+            metadata={**metadata, "xcm.run_id": run_id, "xcm.tracking_uri": tracking_uri},
+        )
     except Exception as error:
         raise ClusterError(f"the cluster at {address} refused the job: {error}") from error
     experiment_id = tracking.client(tracking_uri).get_run(run_id).info.experiment_id
-    return Submission(job_id=job_id, run_id=run_id, address=address,
-                      run_link=tracking.run_link(tracking_uri, experiment_id, run_id))
+    return Submission(
+        job_id=job_id, run_id=run_id, address=address, run_link=tracking.run_link(tracking_uri, experiment_id, run_id)
+    )
 
 
 def _runtime_env(working_dir: str | None) -> dict:
@@ -158,9 +191,11 @@ def cluster_is_local(address: str) -> bool:
         if not nodes:
             raise ClusterError("it lists no alive node")
     except Exception as error:
-        print(f"xcm: warning: cannot ask the cluster at {redact(address)} which machines it runs on "
-              f"({redact(str(error).splitlines()[0])}); taking it as remote, which cannot read this machine's files",
-              file=sys.stderr)
+        print(
+            f"xcm: warning: cannot ask the cluster at {redact(address)} which machines it runs on "
+            f"({redact(str(error).splitlines()[0])}); taking it as remote, which cannot read this machine's files",
+            file=sys.stderr,
+        )
         return False
     return is_local_cluster(nodes, this_machine())
 
@@ -178,8 +213,11 @@ def _resolved_for_cluster(spec: JobSpec, workdir: Path, local: bool) -> JobSpec:
 def _tell_where_credentials_come_from(moved: list[str]) -> None:
     """Credentials moved out of the job's URIs stay here: the job reads them from the cluster's environment."""
     if moved:
-        print(f"xcm: the credentials in the job's URIs are not sent with it: the cluster's nodes must have "
-              f"{', '.join(moved)} in their environment (infra/README.md)", file=sys.stderr)
+        print(
+            f"xcm: the credentials in the job's URIs are not sent with it: the cluster's nodes must have "
+            f"{', '.join(moved)} in their environment (infra/README.md)",
+            file=sys.stderr,
+        )
 
 
 def connect(address: str):
@@ -204,21 +242,29 @@ def _use_token_when_available() -> None:
 def _explain(error: Exception, address: str) -> str:
     text, address = redact(f"{type(error).__name__}: {error}"), redact(address)
     if "uthenticat" in text or "token" in text.lower():
-        return (f"the Ray cluster at {address} wants its authentication token (Ray 2.60 enables token auth by "
-                "default): copy the head's ~/.ray/auth_token to this machine (or set RAY_AUTH_TOKEN) and set "
-                "RAY_AUTH_MODE=token")
+        return (
+            f"the Ray cluster at {address} wants its authentication token (Ray 2.60 enables token auth by "
+            "default): copy the head's ~/.ray/auth_token to this machine (or set RAY_AUTH_TOKEN) and set "
+            "RAY_AUTH_MODE=token"
+        )
     if "onnect" in text or "refused" in text or "resolve" in text.lower():
-        return (f"no Ray dashboard answers at {address}: start a head with `ray start --head "
-                "--dashboard-host 127.0.0.1`, or pass --address http://HEAD:8265 (or set RAY_ADDRESS)")
+        return (
+            f"no Ray dashboard answers at {address}: start a head with `ray start --head "
+            "--dashboard-host 127.0.0.1`, or pass --address http://HEAD:8265 (or set RAY_ADDRESS)"
+        )
     return f"the Ray cluster at {address} failed: {text.splitlines()[0]}"
 
 
 def status(address: str, job_id: str) -> dict:
     """The job's Ray status and message, with its MLflow run id (ended, if the job died without ending it)."""
     info = _job_info(address, job_id)
-    found = {"job_id": job_id, "status": str(info.status), "message": info.message or "",
-             "run_id": (info.metadata or {}).get("xcm.run_id", ""),
-             "tracking_uri": (info.metadata or {}).get("xcm.tracking_uri", "")}
+    found = {
+        "job_id": job_id,
+        "status": str(info.status),
+        "message": info.message or "",
+        "run_id": (info.metadata or {}).get("xcm.run_id", ""),
+        "tracking_uri": (info.metadata or {}).get("xcm.tracking_uri", ""),
+    }
     end_run_of_ended_job(job_id, found["status"], found["message"], found["run_id"], found["tracking_uri"])
     return found
 
@@ -236,9 +282,12 @@ def end_run_of_ended_job(job_id: str, job_status: str, message: str, run_id: str
         return
     if run.info.status != "RUNNING" or run.data.tags.get(SUBMISSION_TAG) != job_id:
         return
-    tracking.fail_run(tracking_uri, run_id, f"Ray job {job_id} ended {job_status} before its driver ended the run: "
-                                            f"{message or 'no message'}",
-                      status="KILLED" if job_status == "STOPPED" else "FAILED")
+    tracking.fail_run(
+        tracking_uri,
+        run_id,
+        f"Ray job {job_id} ended {job_status} before its driver ended the run: {message or 'no message'}",
+        status="KILLED" if job_status == "STOPPED" else "FAILED",
+    )
 
 
 def logs(address: str, job_id: str) -> str:
@@ -260,9 +309,15 @@ def stop(address: str, job_id: str) -> bool:
 
 def list_jobs(address: str) -> list[dict]:
     jobs = connect(address).list_jobs()
-    return [{"job_id": job.submission_id or job.job_id, "status": str(job.status),
-             "run_id": (job.metadata or {}).get("xcm.run_id", ""), "entrypoint": redact(job.entrypoint)}
-            for job in sorted(jobs, key=lambda job: job.start_time or 0)]
+    return [
+        {
+            "job_id": job.submission_id or job.job_id,
+            "status": str(job.status),
+            "run_id": (job.metadata or {}).get("xcm.run_id", ""),
+            "entrypoint": redact(job.entrypoint),
+        }
+        for job in sorted(jobs, key=lambda job: job.start_time or 0)
+    ]
 
 
 def _job_info(address: str, job_id: str):

@@ -27,10 +27,29 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from orchestrator.spec import JobSpec, SpecProblem
 
-NETWORK_FILESYSTEMS = frozenset({
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "ceph", "fuse.ceph", "glusterfs", "fuse.glusterfs", "lustre",
-    "gpfs", "beegfs", "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "fuse.rclone",
-    "fuse.mountpoint-s3"})
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "afs",
+        "ceph",
+        "fuse.ceph",
+        "glusterfs",
+        "fuse.glusterfs",
+        "lustre",
+        "gpfs",
+        "beegfs",
+        "fuse.sshfs",
+        "fuse.s3fs",
+        "fuse.gcsfuse",
+        "fuse.juicefs",
+        "fuse.rclone",
+        "fuse.mountpoint-s3",
+    }
+)
 # A head that just started answers the Jobs API a few seconds before its node appears in the summary.
 _NODES_WAIT_S = 15.0
 
@@ -66,8 +85,12 @@ def this_machine() -> Machine:
     """This machine's hostname, as Ray reports a node's, and the addresses of all its interfaces."""
     import psutil
 
-    addresses = {address.address.split("%")[0] for entries in psutil.net_if_addrs().values() for address in entries
-                 if address.family in (socket.AF_INET, socket.AF_INET6)}
+    addresses = {
+        address.address.split("%")[0]
+        for entries in psutil.net_if_addrs().values()
+        for address in entries
+        if address.family in (socket.AF_INET, socket.AF_INET6)
+    }
     return Machine(hostname=socket.gethostname(), addresses=frozenset(addresses))
 
 
@@ -78,8 +101,11 @@ def alive_nodes(client) -> list[Node]:
     while True:
         response = client._do_request("GET", "/nodes?view=summary", timeout=10)
         response.raise_for_status()
-        nodes = [Node(hostname=entry["hostname"], ip=entry["ip"]) for entry in response.json()["data"]["summary"]
-                 if entry.get("raylet", {}).get("state") == "ALIVE"]
+        nodes = [
+            Node(hostname=entry["hostname"], ip=entry["ip"])
+            for entry in response.json()["data"]["summary"]
+            if entry.get("raylet", {}).get("state") == "ALIVE"
+        ]
         if nodes or time.monotonic() > deadline:
             return nodes
         time.sleep(1)
@@ -96,21 +122,31 @@ def unreachable_path_problems(spec: JobSpec, workdir: Path, mounts: list[Mount] 
     problems = []
 
     def add(key: str, value: str, fix: str) -> None:
-        problems.append(SpecProblem(key=key, message=f"{value} is on this machine, which the cluster's nodes "
-                                                     "cannot read", fix=fix))
+        problems.append(
+            SpecProblem(key=key, message=f"{value} is on this machine, which the cluster's nodes cannot read", fix=fix)
+        )
 
     uri = spec.tracking.uri
     if is_local_store(uri):
-        add("tracking.uri", uri or "the default SQLite store", "run the MLflow server in infra/mlflow and set "
-                                                               "tracking.uri: http://<host>:5000")
+        add(
+            "tracking.uri",
+            uri or "the default SQLite store",
+            "run the MLflow server in infra/mlflow and set tracking.uri: http://<host>:5000",
+        )
     artifacts = spec.tracking.artifact_location
     if artifacts is not None and (artifacts.startswith("file:") or ("://" not in artifacts and ":/" not in artifacts)):
-        add("tracking.artifact_location", artifacts, "omit it (the tracking server stores artifacts), or use "
-                                                     "mlflow-artifacts:/NAME or s3://...")
+        add(
+            "tracking.artifact_location",
+            artifacts,
+            "omit it (the tracking server stores artifacts), or use mlflow-artifacts:/NAME or s3://...",
+        )
     storage = spec.checkpointing.storage_path
     if storage is None or ("://" not in storage and mine.path(storage)):
-        add("checkpointing.storage_path", storage or "the default ./xcm-runs/checkpoints",
-            "set it to storage every node reaches: s3://bucket/xcm, or a volume every node mounts (infra/README.md)")
+        add(
+            "checkpointing.storage_path",
+            storage or "the default ./xcm-runs/checkpoints",
+            "set it to storage every node reaches: s3://bucket/xcm, or a volume every node mounts (infra/README.md)",
+        )
     _add_data_problems(spec, mine, add)
     model = spec.model
     if model.init == "pretrained" and model.pretrained and mine.existing(model.pretrained):
@@ -130,15 +166,21 @@ def _add_data_problems(spec: JobSpec, mine: _OnThisMachine, add) -> None:
     for key in ("files", "validation_files"):
         local = next((pattern for pattern in getattr(data, key) if mine.pattern(pattern)), None)
         if local is not None:
-            add(f"data.{key}", local, "copy the files to a volume every node mounts and list them there, or put "
-                                      "them in a hub dataset")
+            add(
+                f"data.{key}",
+                local,
+                "copy the files to a volume every node mounts and list them there, or put them in a hub dataset",
+            )
     if data.tokenizer and mine.existing(data.tokenizer):
         add("data.tokenizer", data.tokenizer, "use a hub name, or a path that exists on the cluster's nodes")
     if data.dataset and mine.existing(data.dataset):
         add("data.dataset", data.dataset, "use a hub dataset, or a directory that exists on the cluster's nodes")
     if data.cache_dir and mine.path(data.cache_dir):
-        add("data.cache_dir", data.cache_dir, "omit it (each node keeps its own cache where the job runs), or "
-                                              "name a volume every node mounts")
+        add(
+            "data.cache_dir",
+            data.cache_dir,
+            "omit it (each node keeps its own cache where the job runs), or name a volume every node mounts",
+        )
 
 
 def this_machines_mounts() -> list[Mount]:

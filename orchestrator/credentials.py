@@ -34,8 +34,9 @@ ENVIRONMENT_BY_SCHEME = {
 }
 # The spec keys whose URIs may carry credentials: the tracking server, and the storage of artifacts and checkpoints.
 URI_KEYS = ("tracking.uri", "tracking.artifact_location", "checkpointing.storage_path")
-_ELSEWHERE = ("remove them from the URI and set them in the environment variables that the storage's client reads, "
-              "on every node")
+_ELSEWHERE = (
+    "remove them from the URI and set them in the environment variables that the storage's client reads, on every node"
+)
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@\s]*)@")
 
 
@@ -54,6 +55,7 @@ def strip(uri: str) -> str:
 
 def redact(text: str) -> str:
     """``text`` with every URI's password shown as ``***`` (a user alone, which may be a token, as ``***``)."""
+
     def masked(match: re.Match) -> str:
         user, _, password = match["userinfo"].partition(":")
         return f"{match['scheme']}{user}:***@" if password else f"{match['scheme']}***@"
@@ -67,8 +69,10 @@ def environment_for(uri: str) -> tuple[str, dict[str, str]]:
     if not match:
         return uri, {}
     if _scheme(uri) not in ENVIRONMENT_BY_SCHEME:
-        raise CredentialError(f"{redact(uri)} carries credentials, and xcm passes them on only for "
-                              f"{', '.join(sorted(ENVIRONMENT_BY_SCHEME))} URIs: {_ELSEWHERE}")
+        raise CredentialError(
+            f"{redact(uri)} carries credentials, and xcm passes them on only for "
+            f"{', '.join(sorted(ENVIRONMENT_BY_SCHEME))} URIs: {_ELSEWHERE}"
+        )
     user_variable, secret_variable = ENVIRONMENT_BY_SCHEME[_scheme(uri)]
     user, has_secret, secret = match["userinfo"].partition(":")
     variables = {user_variable: unquote(user)}
@@ -94,19 +98,34 @@ def take_from_spec(spec: Spec) -> tuple[Spec, list[str]]:
     problems, variables, updates = [], {}, {}
     for key, uri in found.items():
         if key not in URI_KEYS:
-            problems.append(SpecProblem(key=key, message=f"{redact(uri)} carries credentials",
-                                        fix=f"remove them: xcm reads credentials only in {', '.join(URI_KEYS)}"))
+            problems.append(
+                SpecProblem(
+                    key=key,
+                    message=f"{redact(uri)} carries credentials",
+                    fix=f"remove them: xcm reads credentials only in {', '.join(URI_KEYS)}",
+                )
+            )
             continue
         if _scheme(uri) not in ENVIRONMENT_BY_SCHEME:
-            problems.append(SpecProblem(
-                key=key, message=f"{redact(uri)} carries credentials, and xcm passes them on only for "
-                                 f"{', '.join(sorted(ENVIRONMENT_BY_SCHEME))} URIs", fix=_ELSEWHERE))
+            problems.append(
+                SpecProblem(
+                    key=key,
+                    message=f"{redact(uri)} carries credentials, and xcm passes them on only for "
+                    f"{', '.join(sorted(ENVIRONMENT_BY_SCHEME))} URIs",
+                    fix=_ELSEWHERE,
+                )
+            )
             continue
         clean, carried = environment_for(uri)
         for name, value in carried.items():
             if variables.setdefault(name, value) != value:
-                problems.append(SpecProblem(key=key, message=f"its credentials differ from another URI's ({name})",
-                                            fix="use the same account in every URI, or set them in the environment"))
+                problems.append(
+                    SpecProblem(
+                        key=key,
+                        message=f"its credentials differ from another URI's ({name})",
+                        fix="use the same account in every URI, or set them in the environment",
+                    )
+                )
         updates[key] = clean
     if problems:
         raise SpecError(f"job {spec.name!r}", problems)
@@ -148,5 +167,6 @@ def _with_values(spec: Spec, updates: dict[str, str]) -> Spec:
     for key, value in updates.items():
         section, field = key.split(".")
         sections.setdefault(section, {})[field] = value
-    return spec.model_copy(update={section: getattr(spec, section).model_copy(update=fields)
-                                   for section, fields in sections.items()})
+    return spec.model_copy(
+        update={section: getattr(spec, section).model_copy(update=fields) for section, fields in sections.items()}
+    )

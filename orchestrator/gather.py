@@ -52,8 +52,10 @@ class Gathered:
 
 def gather(needs: Needs, module: torch.nn.Module, groups: Sequence[MatrixGroup], rank: Rank) -> Gathered | None:
     """Every rank must call this at the same step with the same `needs`; rank 0 gets the copy, the others None."""
-    gathered = Gathered(groups=gather_groups(groups, rank) if needs.groups else None,
-                        model=gather_parameters(module, rank) if needs.model else None)
+    gathered = Gathered(
+        groups=gather_groups(groups, rank) if needs.groups else None,
+        model=gather_parameters(module, rank) if needs.model else None,
+    )
     return gathered if rank.leads else None
 
 
@@ -68,7 +70,8 @@ def gather_groups(groups: Sequence[MatrixGroup], rank: Rank) -> dict[str, GroupS
                 snapshot[group.name] = GroupSnapshot(
                     weights_in=tuple(_copy(m.weight()) for m in group.inputs),
                     weights_out=tuple(_copy(m.weight()) for m in group.outputs),
-                    names=tuple(m.name for m in group.matrices))
+                    names=tuple(m.name for m in group.matrices),
+                )
     return snapshot if rank.leads else None
 
 

@@ -88,8 +88,9 @@ def measure_matrix(weight: torch.Tensor, k: int, seed: int = 0) -> dict[str, flo
     }
 
 
-def measure_model(model: nn.Module, k_values: Sequence[int], matrices: Sequence[str] = ("mlp_in", "mlp_out"),
-                  seed: int = 0) -> list[Measurement]:
+def measure_model(
+    model: nn.Module, k_values: Sequence[int], matrices: Sequence[str] = ("mlp_in", "mlp_out"), seed: int = 0
+) -> list[Measurement]:
     """Every regularised matrix of `model` at every k that fits it (k at most its smaller side)."""
     from orchestrator.modularity import find_matrix_groups
 
@@ -124,8 +125,9 @@ def format_table(measurements: Sequence[Measurement]) -> str:
     return "\n".join(lines)
 
 
-def log_measurements(measurements: Sequence[Measurement], source: str, tracking_uri: str, experiment: str,
-                     workdir: Path) -> str:
+def log_measurements(
+    measurements: Sequence[Measurement], source: str, tracking_uri: str, experiment: str, workdir: Path
+) -> str:
     """One MLflow run: each C as ``measure/<variant>/<matrix>`` and the model means as ``measure/<variant>``,
     with k as the step (a k sweep plots as a curve), and the table as ``measure.csv``; returns the run id."""
     from mlflow.entities import Metric
@@ -135,16 +137,23 @@ def log_measurements(measurements: Sequence[Measurement], source: str, tracking_
 
     store = JobSpec.model_validate({"tracking": {"uri": tracking_uri, "experiment": experiment}}).resolved(workdir)
     name = f"measure-{Path(source).name or source}"
-    run_id = tracking.start_run(store.tracking, name, {
-        "source": source, "k": ",".join(str(k) for k in sorted({m.k for m in measurements}))})
+    run_id = tracking.start_run(
+        store.tracking, name, {"source": source, "k": ",".join(str(k) for k in sorted({m.k for m in measurements}))}
+    )
     mlflow = tracking.client(store.tracking.uri)
     now = int(time.time() * 1000)
-    metrics = [Metric(metric_names.measured_clusterability(variant, m.matrix), value, now, m.k)
-               for m in measurements for variant, value in m.clusterability.items()]
-    metrics += [Metric(metric_names.measured_clusterability(variant), value, now, k)
-                for k, mean in model_means(measurements).items() for variant, value in mean.items()]
+    metrics = [
+        Metric(metric_names.measured_clusterability(variant, m.matrix), value, now, m.k)
+        for m in measurements
+        for variant, value in m.clusterability.items()
+    ]
+    metrics += [
+        Metric(metric_names.measured_clusterability(variant), value, now, k)
+        for k, mean in model_means(measurements).items()
+        for variant, value in mean.items()
+    ]
     for start in range(0, len(metrics), 1000):
-        mlflow.log_batch(run_id, metrics=metrics[start:start + 1000])
+        mlflow.log_batch(run_id, metrics=metrics[start : start + 1000])
     mlflow.log_text(run_id, _csv(measurements), "measure.csv")
     tracking.end_run(store.tracking.uri, run_id, "FINISHED")
     return run_id

@@ -46,8 +46,11 @@ class MetricSender:
 
         while self.spool.pending():
             records, offset = self.spool.unsent(MAX_BATCH)
-            batch = [Metric(key, value, record["timestamp"], record["step"])
-                     for record in records for key, value in record["metrics"].items()]
+            batch = [
+                Metric(key, value, record["timestamp"], record["step"])
+                for record in records
+                for key, value in record["metrics"].items()
+            ]
             try:
                 # Resending a batch after a crash is harmless: the spool keeps each metric's timestamp, and
                 # MLflow stores an identical (key, value, timestamp, step) once.
@@ -55,8 +58,12 @@ class MetricSender:
                     self._client.log_batch(self._run_id, metrics=batch, synchronous=True)
             except Exception as error:
                 if not self._outage:
-                    logger.warning("MLflow log_batch failed (%s); training goes on, metrics wait in %s and are "
-                                   "retried every %s s", error, self.spool.path, self._interval_s)
+                    logger.warning(
+                        "MLflow log_batch failed (%s); training goes on, metrics wait in %s and are retried every %s s",
+                        error,
+                        self.spool.path,
+                        self._interval_s,
+                    )
                 self._outage = True
                 return False
             self.spool.mark_sent(offset)
@@ -89,11 +96,16 @@ def run(sender: MetricSender, interval_s: float, stop: StopRequest) -> None:
     while not sender.send_pending() and time.monotonic() < deadline:
         time.sleep(interval_s)
     if sender.spool.pending():
-        logger.warning("MLflow logger closed with unsent metrics; they stay in %s and are sent when the run "
-                       "is resumed", sender.spool.path)
+        logger.warning(
+            "MLflow logger closed with unsent metrics; they stay in %s and are sent when the run is resumed",
+            sender.spool.path,
+        )
     if sender.spool.skipped_lines:
-        logger.warning("skipped %d lines of %s that were not metric records (torn or corrupt)",
-                       sender.spool.skipped_lines, sender.spool.path)
+        logger.warning(
+            "skipped %d lines of %s that were not metric records (torn or corrupt)",
+            sender.spool.skipped_lines,
+            sender.spool.path,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,8 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_id")
     parser.add_argument("spool", type=Path)
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between sends")
-    parser.add_argument("--drain-timeout", type=float, default=60.0,
-                        help="seconds to keep retrying at the end when the trainer did not say")
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to keep retrying at the end when the trainer did not say",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[xcm metric sender] %(levelname)s %(message)s")
     lower_priority(19)  # the lowest that still always progresses (SCHED_IDLE could starve)

@@ -53,7 +53,7 @@ DROPPED_METRICS = "spool/dropped_metrics"  # metrics this rank 0 could not spool
 # process has exited. A writer still there after this long is another live run on the same spool.
 WRITER_WAIT_S = 30.0
 
-_MAX_INT64 = 2 ** 63 - 1
+_MAX_INT64 = 2**63 - 1
 # MLflow's rule for metric names (mlflow.utils.validation): a name it refuses would fail the sender's whole batch.
 _METRIC_NAME = re.compile(r"[/\w.\- :]{1,250}")
 _TAIL_CHUNK = 1 << 16
@@ -79,12 +79,19 @@ class MetricSpool:
     only reads and marks records sent.
     """
 
-    def __init__(self, path: Path, max_unsent_bytes: int = 256 << 20, compact_bytes: int = 8 << 20,
-                 writer: bool = True, writer_wait_s: float = WRITER_WAIT_S):
+    def __init__(
+        self,
+        path: Path,
+        max_unsent_bytes: int = 256 << 20,
+        compact_bytes: int = 8 << 20,
+        writer: bool = True,
+        writer_wait_s: float = WRITER_WAIT_S,
+    ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer_lock = (_hold_writer_lock(self.path.with_name(self.path.name + ".writer"), writer_wait_s)
-                             if writer else None)
+        self._writer_lock = (
+            _hold_writer_lock(self.path.with_name(self.path.name + ".writer"), writer_wait_s) if writer else None
+        )
         self._sent_path = self.path.with_name(self.path.name + ".sent")
         self._lock_file = self.path.with_name(self.path.name + ".lock").open("a")  # held open: locked every step
         self._max_unsent_bytes = max_unsent_bytes
@@ -132,8 +139,12 @@ class MetricSpool:
             self._drop(fresh, f"{type(error).__name__}: {error}")
             return
         if self._dropping:
-            logger.warning("metric spool %s writes again; %d metrics were dropped (logged as %s)",
-                           self.path, self.dropped, DROPPED_METRICS)
+            logger.warning(
+                "metric spool %s writes again; %d metrics were dropped (logged as %s)",
+                self.path,
+                self.dropped,
+                DROPPED_METRICS,
+            )
             self._dropping = False
         self._dropped_logged = int(fresh.get(DROPPED_METRICS, self._dropped_logged))
         for key in fresh:
@@ -191,8 +202,9 @@ class MetricSpool:
     def close(self) -> None:
         """Release the files (and the writer lock)."""
         if self.dropped:
-            logger.warning("metric spool %s dropped %d metrics in all (disk full, or the bound reached)",
-                           self.path, self.dropped)
+            logger.warning(
+                "metric spool %s dropped %d metrics in all (disk full, or the bound reached)", self.path, self.dropped
+            )
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -214,8 +226,12 @@ class MetricSpool:
     def _drop(self, metrics: dict[str, float], reason: str) -> None:
         """Count metrics that could not be spooled; warn when dropping starts (again)."""
         if not self._dropping:
-            logger.warning("metric spool %s cannot take metrics (%s): training goes on, new metrics are dropped "
-                           "and counted until it can", self.path, reason)
+            logger.warning(
+                "metric spool %s cannot take metrics (%s): training goes on, new metrics are dropped "
+                "and counted until it can",
+                self.path,
+                reason,
+            )
             self._dropping = True
         self.dropped += sum(key != DROPPED_METRICS for key in metrics)
 
@@ -244,8 +260,13 @@ class MetricSpool:
         if record is None and first_read:
             self.skipped_lines += 1
             if _is_power_of_ten(self.skipped_lines):
-                logger.warning("metric spool %s: skipped a line that is not a metric record at byte %d (%d skipped "
-                               "so far): %.80r", self.path, offset, self.skipped_lines, line)
+                logger.warning(
+                    "metric spool %s: skipped a line that is not a metric record at byte %d (%d skipped so far): %.80r",
+                    self.path,
+                    offset,
+                    self.skipped_lines,
+                    line,
+                )
         return record
 
     def _size(self) -> int:
@@ -280,8 +301,12 @@ class MetricSpool:
             marker = SentMarker(*json.loads(self._sent_path.read_text()))
         except (FileNotFoundError, ValueError, TypeError, RecursionError):
             marker = None
-        if (marker is None or not all(_is_count(value) for value in marker) or marker.generation != generation
-                or marker.offset > self._size()):
+        if (
+            marker is None
+            or not all(_is_count(value) for value in marker)
+            or marker.generation != generation
+            or marker.offset > self._size()
+        ):
             return SentMarker(memory_length, generation, 0)
         return marker
 
@@ -347,7 +372,8 @@ def _hold_writer_lock(path: Path, wait_s: float):
                 raise SpoolInUse(
                     f"metric spool {path.with_suffix('')} is written by another process ({holder}), still there "
                     f"after {wait_s:.0f} s: two writers would lose and double steps. Stop the other run of this "
-                    "MLflow run first, then resume this one.") from None
+                    "MLflow run first, then resume this one."
+                ) from None
             time.sleep(0.2)
     with contextlib.suppress(OSError):  # the holder's name serves only the message above
         lock.truncate(0)
@@ -365,12 +391,18 @@ def _record(line: bytes) -> dict | None:
     if not isinstance(record, dict):
         return None
     if record.keys() == {"step", "timestamp", "metrics"}:
-        valid = (_is_count(record["step"]) and _is_count(record["timestamp"])
-                 and isinstance(record["metrics"], dict)
-                 and all(_is_metric_name(key) and _is_number(value) for key, value in record["metrics"].items()))
+        valid = (
+            _is_count(record["step"])
+            and _is_count(record["timestamp"])
+            and isinstance(record["metrics"], dict)
+            and all(_is_metric_name(key) and _is_number(value) for key, value in record["metrics"].items())
+        )
     elif record.keys() == {"last_steps", "generation"}:
-        valid = (_is_count(record["generation"]) and isinstance(record["last_steps"], dict)
-                 and all(_is_metric_name(key) and _is_count(step) for key, step in record["last_steps"].items()))
+        valid = (
+            _is_count(record["generation"])
+            and isinstance(record["last_steps"], dict)
+            and all(_is_metric_name(key) and _is_count(step) for key, step in record["last_steps"].items())
+        )
     else:
         valid = False
     return record if valid else None
@@ -385,8 +417,13 @@ def _is_number(value) -> bool:
 
 
 def _is_metric_name(name) -> bool:
-    return (isinstance(name, str) and _METRIC_NAME.fullmatch(name) is not None
-            and posixpath.normpath(name) == name and not name.startswith(("..", "/")) and name != ".")
+    return (
+        isinstance(name, str)
+        and _METRIC_NAME.fullmatch(name) is not None
+        and posixpath.normpath(name) == name
+        and not name.startswith(("..", "/"))
+        and name != "."
+    )
 
 
 def _is_power_of_ten(count: int) -> bool:

@@ -43,10 +43,13 @@ class Section(BaseModel):
 
 class ModelSpec(Section):
     family: Literal["gpt2", "gpt_neox", "gemma", "mnist_mlp", "cifar_cnn", "modular_addition"] = Field(
-        "gpt2", description="model family: gpt2, gpt_neox (Pythia) or gemma; or one of xcm's own classifiers: "
-                            "mnist_mlp, cifar_cnn, modular_addition (random init, sizes as in the papers)")
+        "gpt2",
+        description="model family: gpt2, gpt_neox (Pythia) or gemma; or one of xcm's own classifiers: "
+        "mnist_mlp, cifar_cnn, modular_addition (random init, sizes as in the papers)",
+    )
     size: Literal["tiny", "small"] = Field(
-        "tiny", description="preset: tiny = 2 layers of width 64; small = the family's smallest real size")
+        "tiny", description="preset: tiny = 2 layers of width 64; small = the family's smallest real size"
+    )
     init: Literal["random", "pretrained"] = "random"
     pretrained: str | None = Field(None, description="local path or hub name, for init: pretrained")
     config: dict[str, Any] = Field(default_factory=dict, description="overrides of the preset's config")
@@ -54,10 +57,12 @@ class ModelSpec(Section):
 
 class DataSpec(Section):
     source: Literal["synthetic", "hub", "files", "digits", "mnist", "cifar10", "modular_addition"] = Field(
-        "synthetic", description="synthetic = xcm's built-in multi-task corpus (offline); hub = a Hugging Face "
-                                 "dataset (data.dataset); files = local text, JSONL or Parquet files (data.files); "
-                                 "images: digits (scikit-learn's, offline), mnist or cifar10 (hub, or data.dataset "
-                                 "as a local directory); modular_addition = (a + b) mod data.modulus, generated")
+        "synthetic",
+        description="synthetic = xcm's built-in multi-task corpus (offline); hub = a Hugging Face "
+        "dataset (data.dataset); files = local text, JSONL or Parquet files (data.files); "
+        "images: digits (scikit-learn's, offline), mnist or cifar10 (hub, or data.dataset "
+        "as a local directory); modular_addition = (a + b) mod data.modulus, generated",
+    )
     tasks: list[str] | None = Field(None, description="synthetic tasks to include; all when omitted")
     num_examples: int = Field(20000, gt=0)
     validation_examples: int = Field(1000, ge=0)
@@ -67,42 +72,53 @@ class DataSpec(Section):
     dataset_config: str | None = Field(None, description="hub dataset config, e.g. wikitext-2-raw-v1")
     split: str = Field("train", description="hub split to train on")
     validation_split: str | None = Field(
-        "validation", description="hub split to evaluate on; null holds out validation_fraction of training")
+        "validation", description="hub split to evaluate on; null holds out validation_fraction of training"
+    )
     files: list[str] = Field(default_factory=list, description="local files or glob patterns (source: files)")
     validation_files: list[str] = Field(
-        default_factory=list, description="local validation files; when empty, validation_fraction is held out")
+        default_factory=list, description="local validation files; when empty, validation_fraction is held out"
+    )
     format: Literal["text", "json", "parquet"] | None = Field(
-        None, description="text, json (JSONL too) or parquet; from the files' suffixes when omitted")
+        None, description="text, json (JSONL too) or parquet; from the files' suffixes when omitted"
+    )
     text_field: str = Field("text", description="the column of JSONL/Parquet rows (or hub examples) with the text")
     validation_fraction: float = Field(
-        0.05, ge=0, lt=1, description="share of documents held out for validation when no split or files name one")
+        0.05, ge=0, lt=1, description="share of documents held out for validation when no split or files name one"
+    )
     tokenizer: str | None = Field(
-        None, description="byte, or a local path or hub name for AutoTokenizer; the pretrained model's own "
-                          "tokenizer (or byte for a random model) when omitted")
+        None,
+        description="byte, or a local path or hub name for AutoTokenizer; the pretrained model's own "
+        "tokenizer (or byte for a random model) when omitted",
+    )
     cache_dir: str | None = Field(None, description="token cache (Arrow); xcm-runs/data-cache when omitted")
     modulus: int = Field(113, ge=2, description="p of (a + b) mod p (source: modular_addition)")
 
     def resolved(self, workdir: Path, runs: Path) -> DataSpec:
         """Absolute file paths and cache directory, so every worker reads the same files wherever it runs."""
+
         def absolute(path: str) -> str:
             return str((workdir / Path(path).expanduser()).resolve())
 
         tokenizer = self.tokenizer
         if tokenizer and (workdir / tokenizer).is_dir():  # a local tokenizer; otherwise a hub name or "byte"
             tokenizer = absolute(tokenizer)
-        return self.model_copy(update={
-            "files": [absolute(path) for path in self.files],
-            "validation_files": [absolute(path) for path in self.validation_files],
-            "tokenizer": tokenizer,
-            "cache_dir": absolute(self.cache_dir) if self.cache_dir else str(runs / "data-cache"),
-        })
+        return self.model_copy(
+            update={
+                "files": [absolute(path) for path in self.files],
+                "validation_files": [absolute(path) for path in self.validation_files],
+                "tokenizer": tokenizer,
+                "cache_dir": absolute(self.cache_dir) if self.cache_dir else str(runs / "data-cache"),
+            }
+        )
 
 
 class EvaluationSpec(Section):
     every_steps: int = Field(
-        0, ge=0, description="steps between evaluations on the validation split (and after the last); 0 = off")
+        0, ge=0, description="steps between evaluations on the validation split (and after the last); 0 = off"
+    )
     max_batches: int | None = Field(
-        None, gt=0, description="micro-batches per worker per evaluation; the whole validation split when omitted")
+        None, gt=0, description="micro-batches per worker per evaluation; the whole validation split when omitted"
+    )
     per_task: bool = Field(True, description="also log eval/loss/<task> for the synthetic corpus's tasks")
 
 
@@ -117,42 +133,60 @@ class TrainingSpec(Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip; 0 turns it off")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="fp32; bf16 (CPU, or GPUs that support it); fp16 with dynamic loss scaling (GPUs, or "
-                            "CPUs with native fp16)")
+        "fp32",
+        description="fp32; bf16 (CPU, or GPUs that support it); fp16 with dynamic loss scaling (GPUs, or "
+        "CPUs with native fp16)",
+    )
     initial_loss_scale_power: int = Field(
-        16, ge=0, le=64, description="fp16: dynamic loss scaling starts at 2**power; a step whose gradients overflow "
-                                     "is skipped and halves the scale (hysteresis spares the first), 1000 clean "
-                                     "steps double it")
+        16,
+        ge=0,
+        le=64,
+        description="fp16: dynamic loss scaling starts at 2**power; a step whose gradients overflow "
+        "is skipped and halves the scale (hysteresis spares the first), 1000 clean "
+        "steps double it",
+    )
     seed: int = 0
-    report_every: int = Field(25, gt=0, description="steps between Ray Train reports (a report waits only when the "
-                                                    "previous one is still queued: reports under ~0.5 s apart cost "
-                                                    "~1-2 s each, wider ones nothing measurable)")
+    report_every: int = Field(
+        25,
+        gt=0,
+        description="steps between Ray Train reports (a report waits only when the "
+        "previous one is still queued: reports under ~0.5 s apart cost "
+        "~1-2 s each, wider ones nothing measurable)",
+    )
     betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW's (beta1, beta2), each in [0, 1)")
     lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="after warm-up: constant, or cosine decay to min_lr_ratio * lr at the last step")
+        "constant", description="after warm-up: constant, or cosine decay to min_lr_ratio * lr at the last step"
+    )
     warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up from lr/warmup_steps to lr")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the cosine schedule's final lr, as a share of lr")
     activation_checkpointing: bool = Field(
-        False, description="recompute transformer blocks in backward (non-reentrant): less memory, ~1/3 more compute")
+        False, description="recompute transformer blocks in backward (non-reentrant): less memory, ~1/3 more compute"
+    )
 
 
 class DeepSpeedSpec(Section):
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage, 0-3")
     offload_optimizer: bool = Field(False, description="keep optimizer states in CPU memory (ZeRO 1-3)")
     param_persistence_threshold: int | None = Field(
-        None, ge=0, description="ZeRO-3: parameters under this many elements stay whole on every rank "
-                                "(DeepSpeed's default 100000); 0 shards every parameter")
+        None,
+        ge=0,
+        description="ZeRO-3: parameters under this many elements stay whole on every rank "
+        "(DeepSpeed's default 100000); 0 shards every parameter",
+    )
 
 
 class ModularitySpec(Section):
     k: int = Field(4, ge=2, description="clusters per matrix")
     lambda_: float = Field(20.0, alias="lambda", ge=0, description="weight of the clusterability loss")
-    matrices: list[Literal["mlp_in", "mlp_out"]] = Field(
-        default_factory=lambda: ["mlp_in", "mlp_out"], min_length=1)
+    matrices: list[Literal["mlp_in", "mlp_out"]] = Field(default_factory=lambda: ["mlp_in", "mlp_out"], min_length=1)
     partition: Literal["spectral", "contiguous"] = "spectral"
     partition_at_step: int = Field(0, ge=0, description="step at which the partition is computed")
-    partition_every: int = Field(0, ge=0, description="steps between recomputations of the partition, by the "
-                                                      "partitioner actors; 0 = once, at partition_at_step")
+    partition_every: int = Field(
+        0,
+        ge=0,
+        description="steps between recomputations of the partition, by the "
+        "partitioner actors; 0 = once, at partition_at_step",
+    )
     seed: int = 0
 
 
@@ -162,15 +196,23 @@ class PartitionerSpec(Section):
     actors: int = Field(1, ge=1, description="partitioner actors; each takes a share of the MLP groups")
     cpus: float = Field(0, ge=0, description="CPUs reserved per actor; 0 shares the trainers' (small machines)")
     gpus: float = Field(0, ge=0, description="GPUs per actor; > 0 co-clusters on the GPU")
-    heatmap_every: int = Field(10, ge=1, description="versions between heatmap artifacts (the first and the "
-                                                     "end of training always get one)")
-    delay_s: float = Field(0, ge=0, description="seconds each partition waits before computing: simulates a "
-                                                "slow partitioner in tests and benchmarks")
+    heatmap_every: int = Field(
+        10, ge=1, description="versions between heatmap artifacts (the first and the end of training always get one)"
+    )
+    delay_s: float = Field(
+        0,
+        ge=0,
+        description="seconds each partition waits before computing: simulates a "
+        "slow partitioner in tests and benchmarks",
+    )
     adopt_after_steps: int = Field(
-        0, ge=0, description="0 = every rank adopts a new version at the step after rank 0 sees it (training never "
-                             "waits, but the step depends on timing); N = the version requested at step s is "
-                             "adopted at step s + N exactly, rank 0 waiting for it there if needed, so a resumed "
-                             "run repeats the same sequence; at most modularity.partition_every")
+        0,
+        ge=0,
+        description="0 = every rank adopts a new version at the step after rank 0 sees it (training never "
+        "waits, but the step depends on timing); N = the version requested at step s is "
+        "adopted at step s + N exactly, rank 0 waiting for it there if needed, so a resumed "
+        "run repeats the same sequence; at most modularity.partition_every",
+    )
 
 
 Tau = Annotated[float, Field(gt=0, le=1)]
@@ -180,20 +222,32 @@ class CircuitsSpec(Section):
     """Circuits and cluster specialization of the model being trained (``orchestrator.circuit_report``)."""
 
     method: Literal["greedy", "attribution", "specialization", "all"] = Field(
-        "all", description="greedy: exact per-weight pruning (the small classifiers only); attribution: "
-                           "integrated-gradient-ranked pruning (any model); specialization: cluster ablation; "
-                           "all: every one the model supports")
-    tasks: list[str] = Field(default_factory=list, description="task specs (labels, labels:0+1,2+3, synthetic, "
-                             "synthetic:copy,add, jsonl:FILE, text:FILE); the model's own tasks when empty")
+        "all",
+        description="greedy: exact per-weight pruning (the small classifiers only); attribution: "
+        "integrated-gradient-ranked pruning (any model); specialization: cluster ablation; "
+        "all: every one the model supports",
+    )
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="task specs (labels, labels:0+1,2+3, synthetic, "
+        "synthetic:copy,add, jsonl:FILE, text:FILE); the model's own tasks when empty",
+    )
     every_steps: int = Field(0, ge=0, description="steps between circuit measurements while training; 0 = off")
     taus: list[Tau] = Field([0.8, 0.9, 0.95, 1.0], min_length=1, description="attribution's faithfulness levels")
     ig_steps: int = Field(8, ge=1, le=256, description="attribution's integrated-gradient steps")
-    ablation: Literal["zero", "mean"] = Field("zero", description="a cluster's hidden units set to zero or to "
-                                                                 "their mean over the tasks' inputs")
-    null_draws: int = Field(20, ge=0, le=1000, description="random partitions of the same sizes for the "
-                                                           "specialization index's null (0 = none)")
-    eval_on_find_data: bool = Field(False, description="judge circuits on the examples that found them, as the "
-                                                       "papers do, instead of the held-out half")
+    ablation: Literal["zero", "mean"] = Field(
+        "zero", description="a cluster's hidden units set to zero or to their mean over the tasks' inputs"
+    )
+    null_draws: int = Field(
+        20,
+        ge=0,
+        le=1000,
+        description="random partitions of the same sizes for the specialization index's null (0 = none)",
+    )
+    eval_on_find_data: bool = Field(
+        False,
+        description="judge circuits on the examples that found them, as the papers do, instead of the held-out half",
+    )
     max_examples: int = Field(2000, ge=2, le=100_000, description="examples per task, before the find/judge split")
     seed: int = 0
     cpus: float = Field(0, ge=0, description="CPUs reserved for the circuits actor; 0 shares the trainers'")
@@ -204,20 +258,29 @@ class TrackingSpec(Section):
     uri: str | None = Field(None, description="MLflow tracking URI; a SQLite file under xcm-runs/ when omitted")
     experiment: str = "xcm"
     artifact_location: str | None = Field(None, description="artifact root for a new experiment")
-    run_id: str | None = Field(None, description="an existing MLflow run to log into (set by xcm submit); "
-                                                 "a new run when omitted")
-    log_every_steps: int = Field(1, ge=1, description="steps between the per-step training metrics logged to "
-                                                      "MLflow (loss, clusterability, throughput; the last step "
-                                                      "always): each metric costs the tracking store CPU, and on "
-                                                      "a GPU each logged step a synchronisation")
+    run_id: str | None = Field(
+        None, description="an existing MLflow run to log into (set by xcm submit); a new run when omitted"
+    )
+    log_every_steps: int = Field(
+        1,
+        ge=1,
+        description="steps between the per-step training metrics logged to "
+        "MLflow (loss, clusterability, throughput; the last step "
+        "always): each metric costs the tracking store CPU, and on "
+        "a GPU each logged step a synchronisation",
+    )
 
 
 class CheckpointSpec(Section):
     storage_path: str | None = Field(None, description="Ray Train storage path; xcm-runs/checkpoints when omitted")
     every_steps: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
     keep_last: int = Field(2, ge=1, description="checkpoints kept; 2 or more leaves one to fall back on")
-    max_failures: int = Field(0, ge=-1, description="worker failures survived by restarting from the last "
-                                                     "checkpoint (Ray Train FailureConfig); -1 = no limit")
+    max_failures: int = Field(
+        0,
+        ge=-1,
+        description="worker failures survived by restarting from the last "
+        "checkpoint (Ray Train FailureConfig); -1 = no limit",
+    )
 
 
 class ResourcesSpec(Section):
@@ -225,8 +288,11 @@ class ResourcesSpec(Section):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
     peak_tflops: float | None = Field(
-        None, gt=0, description="peak TFLOP/s of one worker at the job's precision, for the MFU estimate; "
-                                "from the GPU's name (or a CPU default) when omitted")
+        None,
+        gt=0,
+        description="peak TFLOP/s of one worker at the job's precision, for the MFU estimate; "
+        "from the GPU's name (or a CPU default) when omitted",
+    )
 
     @property
     def use_gpu(self) -> bool:
@@ -253,16 +319,21 @@ class JobSpec(Section):
         uri = self.tracking.uri or f"sqlite:///{runs / 'mlflow.db'}"
         # A tracking server chooses its own artifact store; a local store needs one beside it (not ./mlruns).
         local_store = not uri.startswith(("http://", "https://", "databricks"))
-        tracking = self.tracking.model_copy(update={
-            "uri": uri,
-            "artifact_location": self.tracking.artifact_location or (
-                (runs / "artifacts").as_uri() if local_store else None),
-        })
-        checkpointing = self.checkpointing.model_copy(update={
-            "storage_path": self.checkpointing.storage_path or str(runs / "checkpoints"),
-        })
-        return self.model_copy(update={"tracking": tracking, "checkpointing": checkpointing,
-                                       "data": self.data.resolved(workdir, runs)})
+        tracking = self.tracking.model_copy(
+            update={
+                "uri": uri,
+                "artifact_location": self.tracking.artifact_location
+                or ((runs / "artifacts").as_uri() if local_store else None),
+            }
+        )
+        checkpointing = self.checkpointing.model_copy(
+            update={
+                "storage_path": self.checkpointing.storage_path or str(runs / "checkpoints"),
+            }
+        )
+        return self.model_copy(
+            update={"tracking": tracking, "checkpointing": checkpointing, "data": self.data.resolved(workdir, runs)}
+        )
 
     def to_yaml(self) -> str:
         """The spec as a job file: what a run logs as ``spec.yaml`` and a checkpoint keeps as ``job.yaml``,
@@ -296,8 +367,7 @@ def _shown(value: Any) -> str:
     return text if len(text) <= SHOWN_CHARACTERS else text[:SHOWN_CHARACTERS] + "...(cut)"
 
 
-def validate_job(path: Path, overrides: list[str] = ()
-                 ) -> tuple[JobSpec | None, list[SpecProblem], dict[str, int]]:
+def validate_job(path: Path, overrides: list[str] = ()) -> tuple[JobSpec | None, list[SpecProblem], dict[str, int]]:
     """Read, override (``section.key=value``) and validate a job file against the schema alone: the spec (None
     when it does not validate), its problems, and each dotted key's line. The checks between sections and
     against the data, the model and the side jobs are ``orchestrator.train.job_checks.load_spec``'s."""
@@ -314,33 +384,69 @@ def read_job(path: Path) -> tuple[dict, dict[str, int]]:
     SpecError for a missing, oversized, non-UTF-8, empty, malformed or bomb-shaped file or a duplicate key."""
     source = str(path)
     if not path.is_file():
-        raise SpecError(source, [SpecProblem(
-            key="(file)", message=f"no job file at {path.resolve()}",
-            fix="pass the path of a YAML job file, e.g. jobs/tiny.yaml")])
+        raise SpecError(
+            source,
+            [
+                SpecProblem(
+                    key="(file)",
+                    message=f"no job file at {path.resolve()}",
+                    fix="pass the path of a YAML job file, e.g. jobs/tiny.yaml",
+                )
+            ],
+        )
     with path.open("rb") as file:
         data = file.read(MAX_JOB_BYTES + 1)
     if len(data) > MAX_JOB_BYTES:
-        raise SpecError(source, [SpecProblem(
-            key="(file)", message=f"larger than {MAX_JOB_BYTES // 1024} KiB (job files are a few KB)",
-            fix="pass a job file, not a data file; list data files in data.files")])
+        raise SpecError(
+            source,
+            [
+                SpecProblem(
+                    key="(file)",
+                    message=f"larger than {MAX_JOB_BYTES // 1024} KiB (job files are a few KB)",
+                    fix="pass a job file, not a data file; list data files in data.files",
+                )
+            ],
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise SpecError(source, [SpecProblem(
-            key="(file)", message=f"not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start})",
-            fix="save the job file as UTF-8", line=data[:error.start].count(b"\n") + 1)]) from None
+        raise SpecError(
+            source,
+            [
+                SpecProblem(
+                    key="(file)",
+                    message=f"not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start})",
+                    fix="save the job file as UTF-8",
+                    line=data[: error.start].count(b"\n") + 1,
+                )
+            ],
+        ) from None
     try:
         raw, lines, duplicates = _parse_yaml(text)
     except YamlProblem as problem:
         raise SpecError(source, [problem.as_problem("(file)")]) from None
     if raw is None:
-        raise SpecError(source, [SpecProblem(
-            key="(file)", message="the job file is empty",
-            fix="write the job's sections as in jobs/tiny.yaml (`xcm run` with no file runs the default job)")])
+        raise SpecError(
+            source,
+            [
+                SpecProblem(
+                    key="(file)",
+                    message="the job file is empty",
+                    fix="write the job's sections as in jobs/tiny.yaml (`xcm run` with no file runs the default job)",
+                )
+            ],
+        )
     if not isinstance(raw, dict):
-        raise SpecError(source, [SpecProblem(
-            key="(file)", message=f"the top level is a {type(raw).__name__}, not a mapping",
-            fix="write the job as 'section: {key: value}' mappings, as in jobs/tiny.yaml")])
+        raise SpecError(
+            source,
+            [
+                SpecProblem(
+                    key="(file)",
+                    message=f"the top level is a {type(raw).__name__}, not a mapping",
+                    fix="write the job as 'section: {key: value}' mappings, as in jobs/tiny.yaml",
+                )
+            ],
+        )
     if duplicates:
         raise SpecError(source, duplicates)
     return raw, lines
@@ -376,13 +482,15 @@ class _BoundedLoader(yaml.SafeLoader):
         if self.check_event(yaml.AliasEvent):
             node = super().compose_node(parent, index)
             if id(node) not in self._extent:  # a node still being composed: the alias is inside its anchor
-                raise YamlProblem("an alias refers to a node that contains it", "remove the recursive alias",
-                                  mark.line + 1)
+                raise YamlProblem(
+                    "an alias refers to a node that contains it", "remove the recursive alias", mark.line + 1
+                )
             return node
         self._open_nodes += 1
         if self._open_nodes > MAX_NESTING:
-            raise YamlProblem(f"nested more than {MAX_NESTING} deep", "flatten the structure; a job nests 4 deep",
-                              mark.line + 1)
+            raise YamlProblem(
+                f"nested more than {MAX_NESTING} deep", "flatten the structure; a job nests 4 deep", mark.line + 1
+            )
         try:
             node = super().compose_node(parent, index)
         finally:
@@ -394,17 +502,24 @@ class _BoundedLoader(yaml.SafeLoader):
         if isinstance(node, yaml.ScalarNode):
             self._extent[id(node)] = (1, 1)
             return
-        children = ([child for pair in node.value for child in pair] if isinstance(node, yaml.MappingNode)
-                    else node.value)
+        children = (
+            [child for pair in node.value for child in pair] if isinstance(node, yaml.MappingNode) else node.value
+        )
         extents = [self._extent[id(child)] for child in children]
         values = 1 + sum(size for size, _ in extents)
         depth = 1 + max((child_depth for _, child_depth in extents), default=0)
         if values > MAX_VALUES:
-            raise YamlProblem(f"its aliases expand to more than {MAX_VALUES} values",
-                              "write the values out instead of nesting aliases", mark.line + 1)
+            raise YamlProblem(
+                f"its aliases expand to more than {MAX_VALUES} values",
+                "write the values out instead of nesting aliases",
+                mark.line + 1,
+            )
         if depth > MAX_NESTING:
-            raise YamlProblem(f"its aliases expand to more than {MAX_NESTING} levels of nesting",
-                              "flatten the structure; a job nests 4 deep", mark.line + 1)
+            raise YamlProblem(
+                f"its aliases expand to more than {MAX_NESTING} levels of nesting",
+                "flatten the structure; a job nests 4 deep",
+                mark.line + 1,
+            )
         self._extent[id(node)] = (values, depth)
 
 
@@ -414,8 +529,11 @@ def _parse_yaml(text: str) -> tuple[Any, dict[str, int], list[SpecProblem]]:
     try:
         loader = _BoundedLoader(text)  # its reader refuses control characters in the whole text at once
     except yaml.reader.ReaderError as error:
-        raise YamlProblem(f"not valid YAML (the character {chr(error.character)!r} is not allowed)",
-                          "remove it; a job file is plain text", text[:error.position].count("\n") + 1) from None
+        raise YamlProblem(
+            f"not valid YAML (the character {chr(error.character)!r} is not allowed)",
+            "remove it; a job file is plain text",
+            text[: error.position].count("\n") + 1,
+        ) from None
     try:
         root = loader.get_single_node()
         if root is None:
@@ -424,8 +542,11 @@ def _parse_yaml(text: str) -> tuple[Any, dict[str, int], list[SpecProblem]]:
         return loader.construct_document(root), lines, duplicates
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        raise YamlProblem(f"not valid YAML ({getattr(error, 'problem', None) or error})", "correct the YAML syntax",
-                          mark.line + 1 if mark else None) from None
+        raise YamlProblem(
+            f"not valid YAML ({getattr(error, 'problem', None) or error})",
+            "correct the YAML syntax",
+            mark.line + 1 if mark else None,
+        ) from None
     finally:
         loader.dispose()
 
@@ -434,10 +555,15 @@ def param_name_problems(spec: JobSpec) -> list[SpecProblem]:
     """Every key of the spec becomes an MLflow param (``flat_params``), so a key MLflow cannot name (one nested
     in model.config) would fail the run only once it exists: MLflow takes letters, digits, ``_ - . / :`` and
     spaces, at most 250 of them, and no name that path normalisation changes (``a//b``, ``..``)."""
-    return [SpecProblem(key=key, message="MLflow cannot take this key as a param name",
-                        fix="use letters, digits, _ - . / : and spaces, at most 250 characters, no empty or '..' part")
-            for key in spec.flat_params()
-            if not _MLFLOW_PARAM_NAME.fullmatch(key) or posixpath.normpath(key) != key]
+    return [
+        SpecProblem(
+            key=key,
+            message="MLflow cannot take this key as a param name",
+            fix="use letters, digits, _ - . / : and spaces, at most 250 characters, no empty or '..' part",
+        )
+        for key in spec.flat_params()
+        if not _MLFLOW_PARAM_NAME.fullmatch(key) or posixpath.normpath(key) != key
+    ]
 
 
 def _apply_overrides(raw: dict, overrides: list[str]) -> list[SpecProblem]:
@@ -446,13 +572,23 @@ def _apply_overrides(raw: dict, overrides: list[str]) -> list[SpecProblem]:
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep or not key:
-            problems.append(SpecProblem(key=override, message="an override must read section.key=value",
-                                        fix="write e.g. --set training.lr=3e-4"))
+            problems.append(
+                SpecProblem(
+                    key=override,
+                    message="an override must read section.key=value",
+                    fix="write e.g. --set training.lr=3e-4",
+                )
+            )
             continue
         *parents, leaf = key.split(".")
         if len(parents) >= MAX_NESTING or len(value) > MAX_JOB_BYTES:
-            problems.append(SpecProblem(key=key[:SHOWN_CHARACTERS], message="the override is too long",
-                                        fix="override one key of a section, e.g. training.lr=3e-4"))
+            problems.append(
+                SpecProblem(
+                    key=key[:SHOWN_CHARACTERS],
+                    message="the override is too long",
+                    fix="override one key of a section, e.g. training.lr=3e-4",
+                )
+            )
             continue
         try:
             parsed, _, duplicates = _parse_yaml(value)
@@ -460,15 +596,21 @@ def _apply_overrides(raw: dict, overrides: list[str]) -> list[SpecProblem]:
             problems.append(problem.as_problem(key).model_copy(update={"line": None}))
             continue
         if duplicates:
-            problems += [problem.model_copy(update={"key": f"{key}.{problem.key}", "line": None})
-                         for problem in duplicates]
+            problems += [
+                problem.model_copy(update={"key": f"{key}.{problem.key}", "line": None}) for problem in duplicates
+            ]
             continue
         target = raw
         for parent in parents:
             target = target.setdefault(parent, {})
             if not isinstance(target, dict):
-                problems.append(SpecProblem(key=key, message=f"'{parent}' is not a section",
-                                            fix="override a key inside a section, e.g. training.lr"))
+                problems.append(
+                    SpecProblem(
+                        key=key,
+                        message=f"'{parent}' is not a section",
+                        fix="override a key inside a section, e.g. training.lr",
+                    )
+                )
                 break
         else:
             target[leaf] = parsed
@@ -510,7 +652,8 @@ def _field_hint(loc: tuple) -> str:
     field = None
     if model is not None:
         field = model.model_fields.get(str(loc[-1])) or next(
-            (f for f in model.model_fields.values() if f.alias == loc[-1]), None)
+            (f for f in model.model_fields.values() if f.alias == loc[-1]), None
+        )
     if field is not None and field.description:
         return f"expected {field.description}"
     return "see jobs/tiny.yaml for a valid value"
@@ -533,9 +676,14 @@ def _key_lines(root: yaml.Node) -> tuple[dict[str, int], list[SpecProblem]]:
             name = str(key_node.value)
             key, line = f"{prefix}.{name}" if prefix else name, key_node.start_mark.line + 1
             if name in first_lines and id(node) not in checked:
-                duplicates.append(SpecProblem(
-                    key=key, message=f"written twice, on lines {first_lines[name]} and {line}",
-                    fix="keep one of them", line=line))
+                duplicates.append(
+                    SpecProblem(
+                        key=key,
+                        message=f"written twice, on lines {first_lines[name]} and {line}",
+                        fix="keep one of them",
+                        line=line,
+                    )
+                )
             first_lines.setdefault(name, line)
             lines[key] = line
             walk(value_node, key)

@@ -36,8 +36,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # MLflow retries a dead server for ~4 minutes by default; xcm would rather report it at once.
-_CLIENT_ENVIRONMENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+_CLIENT_ENVIRONMENT = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
 # Why a run ended FAILED (or KILLED) before or while training: the error, set by fail_run.
 FAILURE_TAG = "xcm.failure"
 _MAX_TAG_CHARACTERS = 5000  # the smallest limit of MLflow's stores
@@ -69,24 +72,31 @@ def start_run(tracking: TrackingSpec, run_name: str, params: dict[str, str]) -> 
     mlflow = client(tracking.uri)
     try:
         experiment = mlflow.get_experiment_by_name(tracking.experiment)
-        experiment_id = (experiment.experiment_id if experiment else
-                         mlflow.create_experiment(tracking.experiment, artifact_location=tracking.artifact_location))
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else mlflow.create_experiment(tracking.experiment, artifact_location=tracking.artifact_location)
+        )
         run = mlflow.create_run(experiment_id, run_name=run_name, tags={"xcm.job": run_name})
     except Exception as error:  # mlflow raises several types for an unreachable or broken store
-        raise TrackingUnavailable(redact(
-            f"MLflow tracking store {tracking.uri} cannot be used ({type(error).__name__}: {error}). "
-            "Start the tracking server, or set tracking.uri in the job file (omit it for a local SQLite store).")
+        raise TrackingUnavailable(
+            redact(
+                f"MLflow tracking store {tracking.uri} cannot be used ({type(error).__name__}: {error}). "
+                "Start the tracking server, or set tracking.uri in the job file (omit it for a local SQLite store)."
+            )
         ) from error
     from mlflow.entities import Param
 
     items = [Param(key, value[:6000]) for key, value in params.items()]
     try:
         for start in range(0, len(items), 100):
-            mlflow.log_batch(run.info.run_id, params=items[start:start + 100])
+            mlflow.log_batch(run.info.run_id, params=items[start : start + 100])
     except Exception as error:  # the run exists now: it must not stay RUNNING
         fail_run(tracking.uri, run.info.run_id, f"params not logged: {type(error).__name__}: {error}")
-        raise TrackingUnavailable(f"MLflow run {run.info.run_id} in {tracking.uri} refused the job's params "
-                                  f"({type(error).__name__}: {error}); the run is marked FAILED") from error
+        raise TrackingUnavailable(
+            f"MLflow run {run.info.run_id} in {tracking.uri} refused the job's params "
+            f"({type(error).__name__}: {error}); the run is marked FAILED"
+        ) from error
     return run.info.run_id
 
 
@@ -96,9 +106,12 @@ def attach_run(uri: str, run_id: str) -> str:
     try:
         mlflow.update_run(run_id, status="RUNNING")
     except Exception as error:
-        raise TrackingUnavailable(redact(
-            f"MLflow run {run_id} cannot be used in {uri} ({type(error).__name__}: {error}). "
-            "Check tracking.run_id and tracking.uri, or omit tracking.run_id to start a new run.")) from error
+        raise TrackingUnavailable(
+            redact(
+                f"MLflow run {run_id} cannot be used in {uri} ({type(error).__name__}: {error}). "
+                "Check tracking.run_id and tracking.uri, or omit tracking.run_id to start a new run."
+            )
+        ) from error
     return run_id
 
 
@@ -174,8 +187,10 @@ class MetricLogger:
         """Spool the step's metrics (a step that a resumed run recomputes is logged only the first time)."""
         self._spool.append(metrics, step, int(time.time() * 1000))
         if self._sender.poll() is not None and time.monotonic() - self._sender_started > _SENDER_RESTART_S:
-            logger.warning("the metric sender process exited (code %s); starting another, the spool keeps every "
-                           "metric meanwhile", self._sender.returncode)
+            logger.warning(
+                "the metric sender process exited (code %s); starting another, the spool keeps every metric meanwhile",
+                self._sender.returncode,
+            )
             self._sender = self._start_sender()
             self._sender_started = time.monotonic()
 
@@ -202,8 +217,12 @@ class MetricLogger:
             self._sender.wait(timeout_s + self._interval_s + 10)  # it warns itself of what it could not send
         except subprocess.TimeoutExpired:
             self._sender.kill()
-            logger.warning("the metric sender did not finish within %s s; unsent metrics stay in %s and are sent "
-                           "when the run is resumed", timeout_s, self._spool.path)
+            logger.warning(
+                "the metric sender did not finish within %s s; unsent metrics stay in %s and are sent "
+                "when the run is resumed",
+                timeout_s,
+                self._spool.path,
+            )
         self._thread.join(timeout_s + self._interval_s + 5)
         self._log_unspooled_drops()
         self._spool.close()
@@ -232,11 +251,25 @@ class MetricLogger:
 
         package_root = str(Path(orchestrator.__file__).resolve().parents[1])
         uri, carried = credentials.environment_for(self._uri)
-        environment = {**os.environ, **carried, "PYTHONPATH": os.pathsep.join(
-            filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        environment = {
+            **os.environ,
+            **carried,
+            "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+        }
         return subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.metric_sender", uri, self._run_id, str(self._spool.path),
-             "--interval", str(self._interval_s)], stdin=subprocess.PIPE, env=environment)
+            [
+                sys.executable,
+                "-m",
+                "orchestrator.metric_sender",
+                uri,
+                self._run_id,
+                str(self._spool.path),
+                "--interval",
+                str(self._interval_s),
+            ],
+            stdin=subprocess.PIPE,
+            env=environment,
+        )
 
     def _send_artifacts_forever(self) -> None:
         while not self._stop.wait(self._interval_s):

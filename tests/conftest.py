@@ -35,10 +35,21 @@ class MlflowServer:
         self.directory = directory
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
-        self._command = [str(Path(sys.executable).with_name("mlflow")), "server", *arguments, "--host", "127.0.0.1",
-                         "--port", str(self.port), "--workers", "1",
-                         "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
-                         "--artifacts-destination", str(directory / "artifacts")]
+        self._command = [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            *arguments,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{directory / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(directory / "artifacts"),
+        ]
         self._environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(environment or {})}
         self._log = directory / "server.log"
         self._process = None
@@ -49,8 +60,14 @@ class MlflowServer:
         import urllib.request
 
         with self._log.open("a") as log:
-            self._process = subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT, cwd=self.directory,
-                                             start_new_session=True, env=self._environment)
+            self._process = subprocess.Popen(
+                self._command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.directory,
+                start_new_session=True,
+                env=self._environment,
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert self._process.poll() is None, self._log.read_text()[-3000:]
@@ -111,8 +128,15 @@ class CheckpointFiles:
     ATTACKER_KEY = b"the attacker's own key, not the cluster's: 0123456789"
 
     @staticmethod
-    def write(run, step: int, manifest: bool = True, tag: str | None = None, zero_stage: int = 2,
-              session: str = "first-launch", transformers_model: bool = False):
+    def write(
+        run,
+        step: int,
+        manifest: bool = True,
+        tag: str | None = None,
+        zero_stage: int = 2,
+        session: str = "first-launch",
+        transformers_model: bool = False,
+    ):
         """DeepSpeed-like shards, xcm's JSON files, then the manifest signed with this machine's key."""
         import json
 
@@ -125,14 +149,23 @@ class CheckpointFiles:
             (shards / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(bytes([rank, step]) * 1000)
         (shards / "mp_rank_00_model_states.pt").write_bytes(b"model" * 100)
         (directory / "xcm").mkdir()
-        state = store.CheckpointState(step=step, data_position=step, world_size=2, zero_stage=zero_stage,
-                                      run_id="0123456789abcdef0123456789abcdef",
-                                      deepspeed_tag=tag or f"step-{step}", session=session)
+        state = store.CheckpointState(
+            step=step,
+            data_position=step,
+            world_size=2,
+            zero_stage=zero_stage,
+            run_id="0123456789abcdef0123456789abcdef",
+            deepspeed_tag=tag or f"step-{step}",
+            session=session,
+        )
         (directory / store.STATE).write_text(state.to_json())
         (directory / store.PARTITION).write_text("null")
         if transformers_model:
-            (directory / store.MODEL_CONFIG).write_text(json.dumps(
-                {"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 16, "n_positions": 8}))
+            (directory / store.MODEL_CONFIG).write_text(
+                json.dumps(
+                    {"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 16, "n_positions": 8}
+                )
+            )
         if manifest:
             store.write_manifest(directory, store.file_records(directory))
         return directory
@@ -151,8 +184,9 @@ class CheckpointFiles:
         from orchestrator.train import checkpoint_store as store
 
         manifest = json.loads((directory / store.MANIFEST).read_text())
-        manifest["files"] = {name: record for name, record in store.file_records(directory).items()
-                             if name != store.MANIFEST}
+        manifest["files"] = {
+            name: record for name, record in store.file_records(directory).items() if name != store.MANIFEST
+        }
         if key is not None:
             manifest["key_id"] = store.key_id(key)
             manifest["hmac"] = store._signature(manifest, key)

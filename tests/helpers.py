@@ -28,17 +28,39 @@ def tiny_gpt2(vocab_size: int = 64, n_positions: int = 64, **config):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=vocab_size, n_positions=n_positions,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **config))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=2,
+            n_embd=64,
+            n_head=2,
+            vocab_size=vocab_size,
+            n_positions=n_positions,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **config,
+        )
+    )
 
 
-def run_xcm(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None,
-            ) -> subprocess.CompletedProcess:
+def run_xcm(
+    *args: str,
+    cwd: Path,
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """`xcm ARGS...` as a user types it, in ``cwd``, with this checkout's code; ``env`` adds to the environment.
     The exit status is the caller's to assert."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=environment, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment,
+        check=False,
+    )
 
 
 def free_port() -> int:

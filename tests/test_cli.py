@@ -32,12 +32,15 @@ def test_check_of_valid_jobs_exits_0(capsys):
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["measure", "some-model", "--k", "1"], "xcm: --k '1': give a count >= 2"),
-    (["circuits", "some-model", "--k", "1"], "xcm: --k 1: give at least 2 clusters"),
-    (["circuits", "some-model", "--taus", "high"], "xcm: --taus: "),
-    (["circuits", "some-model", "--ig-steps", "0"], "xcm: --ig-steps: "),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["measure", "some-model", "--k", "1"], "xcm: --k '1': give a count >= 2"),
+        (["circuits", "some-model", "--k", "1"], "xcm: --k 1: give at least 2 clusters"),
+        (["circuits", "some-model", "--taus", "high"], "xcm: --taus: "),
+        (["circuits", "some-model", "--ig-steps", "0"], "xcm: --ig-steps: "),
+    ],
+)
 def test_bad_option_values_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
     """A value argparse accepts but the verb cannot use is one line naming the flag, exit 2, no store created."""
     assert cli.main(argv) == 2
@@ -46,12 +49,15 @@ def test_bad_option_values_are_one_line_and_exit_2(argv, message, tmp_path, caps
     assert not (tmp_path / "xcm-runs").exists()
 
 
-@pytest.mark.parametrize("argv", [
-    ["export", "some-run", "--to", "onnx", "out"],  # not a format xcm writes
-    ["export", "some-run", "out"],  # --to is required
-    ["measure", "some-model", "--seed", "one"],  # not an integer
-    ["no-such-verb"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["export", "some-run", "--to", "onnx", "out"],  # not a format xcm writes
+        ["export", "some-run", "out"],  # --to is required
+        ["measure", "some-model", "--seed", "one"],  # not an integer
+        ["no-such-verb"],
+    ],
+)
 def test_what_argparse_refuses_exits_2_with_usage(argv, capsys):
     """Malformed command lines stop in argparse: exit 2 and the usage line, before any verb runs."""
     with pytest.raises(SystemExit) as stopped:
@@ -72,8 +78,11 @@ def test_export_of_an_unknown_run_is_one_line_exit_1(tmp_path, capsys):
 def test_cluster_verbs_with_no_dashboard_are_one_line_exit_1(capsys):
     """`xcm stop/status/list` against an address where no dashboard answers: one line naming the address."""
     address = f"http://127.0.0.1:{free_port()}"
-    for argv in (["stop", "xcm-1", "--address", address], ["status", "xcm-1", "--address", address],
-                 ["list", "--address", address]):
+    for argv in (
+        ["stop", "xcm-1", "--address", address],
+        ["status", "xcm-1", "--address", address],
+        ["list", "--address", address],
+    ):
         assert cli.main(argv) == 1, argv
         err = capsys.readouterr().err
         assert err.startswith(f"xcm: no Ray dashboard answers at {address}") and err.count("\n") == 1, err
@@ -89,12 +98,15 @@ def test_ui_of_a_tracking_server_prints_its_address_without_credentials(tmp_path
     assert "pw-123456" not in out + err
 
 
-@pytest.mark.parametrize(("flag", "environment", "expected"), [
-    ("http://head:8265", "http://other:8265", "http://head:8265"),  # the flag wins
-    (None, "https://head:8265", "https://head:8265"),  # a dashboard address in RAY_ADDRESS
-    (None, "127.0.0.1:6379", cluster_jobs.DEFAULT_ADDRESS),  # a GCS address is not the Jobs API
-    (None, None, cluster_jobs.DEFAULT_ADDRESS),
-])
+@pytest.mark.parametrize(
+    ("flag", "environment", "expected"),
+    [
+        ("http://head:8265", "http://other:8265", "http://head:8265"),  # the flag wins
+        (None, "https://head:8265", "https://head:8265"),  # a dashboard address in RAY_ADDRESS
+        (None, "127.0.0.1:6379", cluster_jobs.DEFAULT_ADDRESS),  # a GCS address is not the Jobs API
+        (None, None, cluster_jobs.DEFAULT_ADDRESS),
+    ],
+)
 def test_cluster_address_comes_from_the_flag_then_an_http_ray_address(flag, environment, expected, monkeypatch):
     """--address, else RAY_ADDRESS when it is a dashboard URL (http[s]://), else the local default."""
     if environment is not None:

@@ -26,11 +26,20 @@ def test_every_job_carries_xcms_code_and_the_stop_grace_the_driver_needs(tmp_pat
 def test_resume_entrypoint_keeps_each_override_one_argument():
     """An override holding spaces, quotes and a `;` reaches `xcm resume` as one argument, not as shell syntax."""
     hostile = "name=a b'; touch /tmp/owned; echo \""
-    entrypoint = cluster_jobs.resume_entrypoint("run dir/step-00000010", "http://mlflow:5000",
-                                                ["training.steps=30", hostile])
-    assert shlex.split(entrypoint) == ["python", "-m", "orchestrator.cli", "resume", "run dir/step-00000010",
-                                       "--tracking-uri", "http://mlflow:5000", "--set=training.steps=30",
-                                       f"--set={hostile}"]
+    entrypoint = cluster_jobs.resume_entrypoint(
+        "run dir/step-00000010", "http://mlflow:5000", ["training.steps=30", hostile]
+    )
+    assert shlex.split(entrypoint) == [
+        "python",
+        "-m",
+        "orchestrator.cli",
+        "resume",
+        "run dir/step-00000010",
+        "--tracking-uri",
+        "http://mlflow:5000",
+        "--set=training.steps=30",
+        f"--set={hostile}",
+    ]
 
 
 def test_a_local_cluster_gets_the_spec_resolved_here(tmp_path):
@@ -49,12 +58,15 @@ def test_a_remote_cluster_places_the_token_cache_itself(tmp_path):
     assert resolved.tracking == spec.resolved(tmp_path).tracking
 
 
-@pytest.mark.parametrize(("error", "expected"), [
-    (RuntimeError("Authentication required: no token"), "wants its authentication token"),
-    (ConnectionError("Connection refused"), "no Ray dashboard answers at http://head:8265"),
-    (ValueError("Failed to resolve 'head'"), "no Ray dashboard answers at http://head:8265"),
-    (RuntimeError("500 Internal Server Error\nTraceback ..."), "failed: RuntimeError: 500 Internal Server Error"),
-])
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (RuntimeError("Authentication required: no token"), "wants its authentication token"),
+        (ConnectionError("Connection refused"), "no Ray dashboard answers at http://head:8265"),
+        (ValueError("Failed to resolve 'head'"), "no Ray dashboard answers at http://head:8265"),
+        (RuntimeError("500 Internal Server Error\nTraceback ..."), "failed: RuntimeError: 500 Internal Server Error"),
+    ],
+)
 def test_ray_errors_read_as_one_line_with_the_fix(error, expected):
     """Token, connection and other errors of Ray's Jobs client become one line that says what to do."""
     explained = cluster_jobs._explain(error, "http://head:8265")
@@ -67,12 +79,15 @@ def test_an_address_with_credentials_is_never_shown():
         assert "pa55word" not in cluster_jobs._explain(error, "http://user:pa55word@head:8265")
 
 
-@pytest.mark.parametrize(("environment", "token_file", "mode"), [
-    ({"RAY_AUTH_TOKEN": "t"}, False, "token"),  # a token in the environment
-    ({}, True, "token"),  # the file `ray start` writes
-    ({"RAY_AUTH_TOKEN": "t", "RAY_AUTH_MODE": "disabled"}, True, "disabled"),  # the user's choice stands
-    ({}, False, None),  # no token at all: Ray's default
-])
+@pytest.mark.parametrize(
+    ("environment", "token_file", "mode"),
+    [
+        ({"RAY_AUTH_TOKEN": "t"}, False, "token"),  # a token in the environment
+        ({}, True, "token"),  # the file `ray start` writes
+        ({"RAY_AUTH_TOKEN": "t", "RAY_AUTH_MODE": "disabled"}, True, "disabled"),  # the user's choice stands
+        ({}, False, None),  # no token at all: Ray's default
+    ],
+)
 def test_the_jobs_client_sends_a_token_only_when_there_is_one(environment, token_file, mode, tmp_path, monkeypatch):
     """RAY_AUTH_MODE=token is set for Ray's client when the user has a token and chose no mode, never otherwise."""
     for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE"):

@@ -43,40 +43,74 @@ def test_every_kind_of_local_path_is_refused_for_a_remote_cluster(tmp_path):
     (tmp_path / "tokenizer").mkdir()
     elsewhere = tmp_path.parent / f"{tmp_path.name}-model"
     elsewhere.mkdir()
-    spec = JobSpec.model_validate({
-        "model": {"init": "pretrained", "pretrained": str(elsewhere)},
-        "data": {"source": "files", "files": ["corpus/*.jsonl"], "validation_files": [str(tmp_path / "corpus/a.jsonl")],
-                 "tokenizer": "tokenizer", "cache_dir": "cache"}})
+    spec = JobSpec.model_validate(
+        {
+            "model": {"init": "pretrained", "pretrained": str(elsewhere)},
+            "data": {
+                "source": "files",
+                "files": ["corpus/*.jsonl"],
+                "validation_files": [str(tmp_path / "corpus/a.jsonl")],
+                "tokenizer": "tokenizer",
+                "cache_dir": "cache",
+            },
+        }
+    )
     problems = unreachable_path_problems(spec, tmp_path, LOCAL_DISKS)
     assert [problem.key for problem in problems] == [
-        "tracking.uri", "checkpointing.storage_path", "data.files", "data.validation_files", "data.tokenizer",
-        "data.cache_dir", "model.pretrained"]
-    images = JobSpec.model_validate({"data": {"source": "mnist", "dataset": "corpus"},
-                                     "tracking": {"uri": "file:///tmp/mlruns"},
-                                     "checkpointing": {"storage_path": str(tmp_path / "checkpoints")}})
+        "tracking.uri",
+        "checkpointing.storage_path",
+        "data.files",
+        "data.validation_files",
+        "data.tokenizer",
+        "data.cache_dir",
+        "model.pretrained",
+    ]
+    images = JobSpec.model_validate(
+        {
+            "data": {"source": "mnist", "dataset": "corpus"},
+            "tracking": {"uri": "file:///tmp/mlruns"},
+            "checkpointing": {"storage_path": str(tmp_path / "checkpoints")},
+        }
+    )
     assert [problem.key for problem in unreachable_path_problems(images, tmp_path, LOCAL_DISKS)] == [
-        "tracking.uri", "checkpointing.storage_path", "data.dataset"]
+        "tracking.uri",
+        "checkpointing.storage_path",
+        "data.dataset",
+    ]
 
 
 def test_places_the_cluster_has_pass(tmp_path):
     """A tracking server, S3, hub names and absolute paths that this machine does not have are the cluster's."""
-    spec = JobSpec.model_validate({
-        "model": {"init": "pretrained", "pretrained": "openai-community/gpt2"},
-        "data": {"source": "files", "files": ["/mnt/xcm/corpus/*.jsonl"], "tokenizer": "gpt2",
-                 "cache_dir": "/mnt/xcm/data-cache"},
-        "tracking": {"uri": "http://mlflow-host:5000", "artifact_location": "mlflow-artifacts:/xcm"},
-        "checkpointing": {"storage_path": "s3://bucket/runs?endpoint_override=minio:9000"}})
+    spec = JobSpec.model_validate(
+        {
+            "model": {"init": "pretrained", "pretrained": "openai-community/gpt2"},
+            "data": {
+                "source": "files",
+                "files": ["/mnt/xcm/corpus/*.jsonl"],
+                "tokenizer": "gpt2",
+                "cache_dir": "/mnt/xcm/data-cache",
+            },
+            "tracking": {"uri": "http://mlflow-host:5000", "artifact_location": "mlflow-artifacts:/xcm"},
+            "checkpointing": {"storage_path": "s3://bucket/runs?endpoint_override=minio:9000"},
+        }
+    )
     assert unreachable_path_problems(spec, tmp_path, LOCAL_DISKS) == []
-    mounted = spec.model_copy(update={"checkpointing": spec.checkpointing.model_copy(
-        update={"storage_path": "/mnt/xcm/checkpoints"})})
+    mounted = spec.model_copy(
+        update={"checkpointing": spec.checkpointing.model_copy(update={"storage_path": "/mnt/xcm/checkpoints"})}
+    )
     assert unreachable_path_problems(mounted, tmp_path, LOCAL_DISKS) == []
 
 
 def test_a_path_on_a_network_filesystem_may_be_the_clusters(tmp_path):
     """The same existing directory is this machine's on a local disk and passes on NFS, which nodes may mount."""
-    spec = JobSpec.model_validate({"tracking": {"uri": "http://mlflow-host:5000"},
-                                   "checkpointing": {"storage_path": str(tmp_path / "checkpoints")}})
+    spec = JobSpec.model_validate(
+        {
+            "tracking": {"uri": "http://mlflow-host:5000"},
+            "checkpointing": {"storage_path": str(tmp_path / "checkpoints")},
+        }
+    )
     assert [problem.key for problem in unreachable_path_problems(spec, tmp_path, LOCAL_DISKS)] == [
-        "checkpointing.storage_path"]
+        "checkpointing.storage_path"
+    ]
     shared = [*LOCAL_DISKS, Mount(str(tmp_path), "nfs4")]
     assert unreachable_path_problems(spec, tmp_path, shared) == []

@@ -16,8 +16,10 @@ from tests.helpers import free_port, tiny_spec
 
 SECRET = "s3cret-9f1c"
 VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-OVERRIDES = [f"tracking.uri=http://alice:{SECRET}@mlflow-host:5000",
-             f"checkpointing.storage_path=s3://AKIAEXAMPLE:{SECRET}%2Fx@bucket/runs?endpoint_override=minio:9000"]
+OVERRIDES = [
+    f"tracking.uri=http://alice:{SECRET}@mlflow-host:5000",
+    f"checkpointing.storage_path=s3://AKIAEXAMPLE:{SECRET}%2Fx@bucket/runs?endpoint_override=minio:9000",
+]
 
 
 @pytest.fixture
@@ -41,8 +43,11 @@ def test_spec_credentials_move_into_the_environment(clean_environment):
 def test_credentials_where_xcm_cannot_pass_them_on_are_refused(clean_environment):
     """Credentials in a key that is not a storage URI, or for a scheme without known variables, stop the job with
     one line per key, neither line showing the secret; nothing is set."""
-    spec = tiny_spec("data.source=hub", f"data.dataset=https://bob:{SECRET}@example.org/corpus",
-                     f"checkpointing.storage_path=gs://bob:{SECRET}@bucket/runs")
+    spec = tiny_spec(
+        "data.source=hub",
+        f"data.dataset=https://bob:{SECRET}@example.org/corpus",
+        f"checkpointing.storage_path=gs://bob:{SECRET}@bucket/runs",
+    )
     with pytest.raises(SpecError) as raised:
         credentials.take_from_spec(spec)
     assert [problem.key for problem in raised.value.problems] == ["data.dataset", "checkpointing.storage_path"]
@@ -65,8 +70,9 @@ def test_stored_forms_of_a_spec_hold_no_credentials(tmp_path):
 def test_redact_masks_every_secret_in_a_text():
     """A message shows the user and masks the password; a user alone (it may be a token) is masked whole."""
     text = f"GET http://alice:{SECRET}@mlflow:5000/api failed; s3://KEY:{SECRET}@b/p; https://{SECRET}@host/x"
-    assert credentials.redact(text) == ("GET http://alice:***@mlflow:5000/api failed; s3://KEY:***@b/p; "
-                                        "https://***@host/x")
+    assert credentials.redact(text) == (
+        "GET http://alice:***@mlflow:5000/api failed; s3://KEY:***@b/p; https://***@host/x"
+    )
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

@@ -11,8 +11,9 @@ from orchestrator.ranks import Rank
 
 def tiny_gpt2():
     torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=8,
-                                                                vocab_size=20))
+    return transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=8, vocab_size=20)
+    )
 
 
 def test_rank_zero_gets_the_groups_and_the_whole_model_it_asks_for():

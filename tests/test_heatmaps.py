@@ -4,8 +4,8 @@ import io
 
 import matplotlib.image
 
-from orchestrator.partitioning.heatmaps import block_heatmap
 from orchestrator.modularity import planted_blocks
+from orchestrator.partitioning.heatmaps import block_heatmap
 
 
 def test_heatmap_is_a_png_and_bounded_in_size_for_large_matrices():

@@ -106,8 +106,18 @@ def test_empty_file_is_an_error_not_the_default_job(tmp_path, content):
     assert "the job file is empty" in single_problem(write(tmp_path, content))
 
 
-@pytest.mark.parametrize("key", ["training.lr", "training.weight_decay", "training.grad_clip", "modularity.lambda",
-                                 "training.min_lr_ratio", "partitioner.delay_s", "resources.peak_tflops"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "training.lr",
+        "training.weight_decay",
+        "training.grad_clip",
+        "modularity.lambda",
+        "training.min_lr_ratio",
+        "partitioner.delay_s",
+        "resources.peak_tflops",
+    ],
+)
 @pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "inf", "nan"])
 def test_non_finite_numbers_are_refused(key, value):
     """inf and nan are refused for every float field, from the file or from --set."""
@@ -121,8 +131,10 @@ def test_model_config_values_must_be_finite(tmp_path):
     assert ":3: model.config.layer_norm_epsilon: not a finite number" in line
 
 
-@pytest.mark.parametrize(("betas", "bad"), [("[1.0, 0.999]", "training.betas.0"), ("[0.9, -0.1]", "training.betas.1"),
-                                        ("[0.9, 1.5]", "training.betas.1")])
+@pytest.mark.parametrize(
+    ("betas", "bad"),
+    [("[1.0, 0.999]", "training.betas.0"), ("[0.9, -0.1]", "training.betas.1"), ("[0.9, 1.5]", "training.betas.1")],
+)
 def test_betas_are_each_in_zero_one(betas, bad):
     """AdamW's betas must each lie in [0, 1)."""
     assert bad in single_problem(TINY, [f"training.betas={betas}"])

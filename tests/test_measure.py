@@ -74,9 +74,14 @@ def test_briefly_trained_model_measures_modular(tmp_path):
     model = tiny_gpt2(vocab_size=40, n_positions=32)
     groups = find_matrix_groups(model)
     regulariser = ClusterabilityRegulariser()
-    regularise_groups(regulariser, groups, {
-        group.name: partition_group([m.weight() for m in group.inputs], [m.weight() for m in group.outputs], K)
-        for group in groups})
+    regularise_groups(
+        regulariser,
+        groups,
+        {
+            group.name: partition_group([m.weight() for m in group.inputs], [m.weight() for m in group.outputs], K)
+            for group in groups
+        },
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     tokens = torch.randint(0, 40, (8, 16), generator=torch.Generator().manual_seed(0))
     for _ in range(40):

@@ -100,8 +100,9 @@ def test_logger_resends_after_a_crash_without_duplicates(tmp_path):
     from mlflow.entities import Metric
 
     records, _ = crashed.unsent(max_metrics=1000)
-    client.log_batch(run_id, metrics=[Metric(k, v, r["timestamp"], r["step"])
-                                      for r in records for k, v in r["metrics"].items()])
+    client.log_batch(
+        run_id, metrics=[Metric(k, v, r["timestamp"], r["step"]) for r in records for k, v in r["metrics"].items()]
+    )
     crashed.close()  # ...and the process died before mark_sent
     logger = MetricLogger(uri, run_id, spool_path, interval_s=0.1)
     logger.log({"loss": 0.5}, 3)
@@ -125,8 +126,10 @@ def test_sender_process_delivers_every_step_once_while_the_writer_compacts(tmp_p
     run_id = client.create_run(client.create_experiment("sender")).info.run_id
     spool_path = tmp_path / "spool.jsonl"
     writer = MetricSpool(spool_path, compact_bytes=2000)
-    sender = subprocess.Popen([sys.executable, "-m", "orchestrator.metric_sender", uri, run_id, str(spool_path),
-                               "--interval", "0.05"], stdin=subprocess.PIPE)
+    sender = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.metric_sender", uri, run_id, str(spool_path), "--interval", "0.05"],
+        stdin=subprocess.PIPE,
+    )
     compactions, steps, deadline = 0, 0, time.monotonic() + 90
     while (steps < 300 or compactions < 3) and time.monotonic() < deadline:  # the sender needs a few s to start
         size = spool_path.stat().st_size if spool_path.exists() else 0
@@ -176,9 +179,13 @@ def run_with_a_full_disk(tmp_path, recover: bool) -> tuple[MlflowClient, str, Pa
     client = MlflowClient(tracking_uri=uri)
     run_id = client.create_run(client.create_experiment("full")).info.run_id
     spool_path = tmp_path / "spool.jsonl"
-    done = subprocess.run([sys.executable, "-c", FULL_DISK_RUN, uri, run_id, str(spool_path),
-                           "recover" if recover else "stay-full"], capture_output=True, text=True, timeout=180,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_RUN, uri, run_id, str(spool_path), "recover" if recover else "stay-full"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     assert done.returncode == 0 and "trained to the end" in done.stdout, done.stderr[-3000:]
     assert "cannot take metrics (OSError: [Errno 27] File too large)" in done.stderr
     return client, run_id, spool_path
@@ -205,8 +212,8 @@ def test_a_disk_full_to_the_end_still_reports_the_dropped_count(tmp_path):
 
 CORRUPT_LINES = [
     b'{"step": 2, "timestamp": 2, "metr\n',  # torn, then written over by the next record
-    b'\xff\xfe not utf-8\n',
-    b'[' * 100_000 + b'\n',  # deeper than Python's recursion limit
+    b"\xff\xfe not utf-8\n",
+    b"[" * 100_000 + b"\n",  # deeper than Python's recursion limit
     b'{"step": "3", "timestamp": 3, "metrics": {"loss": 3.0}}\n',  # wrong type
     b'{"step": 3, "timestamp": 3, "metrics": {"loss": "3.0"}}\n',
     b'{"step": 3, "timestamp": 3, "metrics": {"../../loss": 3.0}}\n',  # a name MLflow refuses, failing the batch
@@ -277,9 +284,24 @@ def test_the_sender_process_sends_every_whole_record_past_corrupt_lines(tmp_path
     run_id = client.create_run(client.create_experiment("corrupt")).info.run_id
     path = tmp_path / "spool.jsonl"
     spool_with_corrupt_lines(path)
-    sender = subprocess.run([sys.executable, "-m", "orchestrator.metric_sender", uri, run_id, str(path),
-                             "--interval", "0.05", "--drain-timeout", "5"],
-                            input=b"", capture_output=True, timeout=120, check=False)
+    sender = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.metric_sender",
+            uri,
+            run_id,
+            str(path),
+            "--interval",
+            "0.05",
+            "--drain-timeout",
+            "5",
+        ],
+        input=b"",
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
     assert sender.returncode == 0, sender.stderr.decode()[-3000:]
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [0, 1, 4, 5]
     assert b"skipped 8 lines" in sender.stderr and b"unsent metrics" not in sender.stderr
@@ -315,8 +337,10 @@ def test_the_lock_of_a_killed_writer_is_free_at_once(tmp_path):
     import sys
 
     path = tmp_path / "spool.jsonl"
-    hold = ("import sys, time; from orchestrator.metric_spool import MetricSpool; "
-            "spool = MetricSpool(sys.argv[1]); print('locked', flush=True); time.sleep(600)")
+    hold = (
+        "import sys, time; from orchestrator.metric_spool import MetricSpool; "
+        "spool = MetricSpool(sys.argv[1]); print('locked', flush=True); time.sleep(600)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", hold, str(path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"

@@ -22,14 +22,20 @@ def test_partition_every_and_partitioner_keys_are_validated(tmp_path):
     job.write_text("modularity:\n  partition_every: -1\npartitioner:\n  cpus: -1\n  heatmap_every: 0\n")
     with pytest.raises(SpecError) as caught:
         load_spec(job)
-    assert {p.key for p in caught.value.problems} == {"modularity.partition_every", "partitioner.cpus",
-                                                      "partitioner.heatmap_every"}
+    assert {p.key for p in caught.value.problems} == {
+        "modularity.partition_every",
+        "partitioner.cpus",
+        "partitioner.heatmap_every",
+    }
 
 
-@pytest.mark.parametrize(("modularity", "problem"), [
-    ("partition_every: 4", "raise modularity.partition_every"),
-    ("partition_every: 0", "partition_every > 0"),
-])
+@pytest.mark.parametrize(
+    ("modularity", "problem"),
+    [
+        ("partition_every: 4", "raise modularity.partition_every"),
+        ("partition_every: 0", "partition_every > 0"),
+    ],
+)
 def test_an_adoption_lag_needs_recomputed_partitions_and_at_most_their_period(tmp_path, modularity, problem):
     """A lag beyond partition_every (or with nothing recomputed) is rejected with the key to change."""
     job = tmp_path / "job.yaml"

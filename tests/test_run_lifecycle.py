@@ -51,9 +51,16 @@ def test_data_check_failure_ends_an_attached_run_failed(tmp_path):
     """A run attached rather than created (a submitted job's, or a resumed one's) whose data check fails where
     the driver runs ends FAILED, naming the missing file."""
     run_id = created_run(tmp_path)
-    spec = load_spec(ROOT / "jobs" / "tiny.yaml", [
-        "data.source=files", "data.files=[absent/*.txt]", "evaluation.every_steps=0",
-        f"tracking.uri={store_uri(tmp_path)}", f"tracking.run_id={run_id}"])
+    spec = load_spec(
+        ROOT / "jobs" / "tiny.yaml",
+        [
+            "data.source=files",
+            "data.files=[absent/*.txt]",
+            "evaluation.every_steps=0",
+            f"tracking.uri={store_uri(tmp_path)}",
+            f"tracking.run_id={run_id}",
+        ],
+    )
     with pytest.raises(SpecError, match=r"data\.files"):
         run_job(spec, tmp_path)
     run = only_run(tmp_path)
@@ -65,8 +72,9 @@ def test_submitted_job_file_that_does_not_load_on_the_cluster_ends_its_run_faile
     """The job file `xcm submit` sends names its run; when it does not load where the driver runs (here a data
     file that only the submitting machine had), `xcm run` exits with the invalid-job code and ends the run FAILED."""
     run_id = created_run(tmp_path)
-    spec = load_spec(ROOT / "jobs" / "tiny.yaml", ["data.source=files", "data.files=[corpus.txt]",
-                                                   "evaluation.every_steps=0"]).resolved(tmp_path)
+    spec = load_spec(
+        ROOT / "jobs" / "tiny.yaml", ["data.source=files", "data.files=[corpus.txt]", "evaluation.every_steps=0"]
+    ).resolved(tmp_path)
     spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"run_id": run_id})})
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(spec.model_dump(mode="json", by_alias=True)))

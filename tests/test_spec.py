@@ -51,8 +51,9 @@ def test_all_field_problems_are_listed_at_once_with_lines_and_fixes(tmp_path):
 
 def test_inconsistent_values_are_listed_at_once(tmp_path):
     """Values valid alone but inconsistent together (k too large, partition after the end) all fail."""
-    path = write(tmp_path, "training:\n  steps: 10\nmodularity:\n  k: 1000\n  partition_at_step: 10\n"
-                           "data:\n  block_size: 4096\n")
+    path = write(
+        tmp_path, "training:\n  steps: 10\nmodularity:\n  k: 1000\n  partition_at_step: 10\ndata:\n  block_size: 4096\n"
+    )
     with pytest.raises(SpecError) as caught:
         load_spec(path)
     keys = {problem.key for problem in caught.value.problems}
@@ -99,9 +100,14 @@ def test_resolved_spec_has_absolute_local_store(tmp_path):
     assert spec.flat_params()["modularity.lambda"] == "20.0"
 
 
-@pytest.mark.parametrize(("family", "key", "close"), [("gpt2", "n_embed", "n_embd"),
-                                                      ("gpt_neox", "hidden_sise", "hidden_size"),
-                                                      ("gemma", "num_kv_heads", "num_key_value_heads")])
+@pytest.mark.parametrize(
+    ("family", "key", "close"),
+    [
+        ("gpt2", "n_embed", "n_embd"),
+        ("gpt_neox", "hidden_sise", "hidden_size"),
+        ("gemma", "num_kv_heads", "num_key_value_heads"),
+    ],
+)
 def test_model_config_keys_are_checked_against_the_family_config_class(tmp_path, family, key, close):
     """A model.config key the family's transformers config class does not take (which its constructor would
     silently keep) is refused with its line and the close matches."""
@@ -114,16 +120,18 @@ def test_model_config_keys_are_checked_against_the_family_config_class(tmp_path,
 
 def test_model_config_accepts_the_class_keys_and_aliases(tmp_path):
     """Constructor keys, PretrainedConfig's common keys and GPT-2's aliases (hidden_size for n_embd) all load."""
-    path = write(tmp_path, "model:\n  config:\n    n_inner: 128\n    tie_word_embeddings: false\n"
-                           "    hidden_size: 64\n")
+    path = write(tmp_path, "model:\n  config:\n    n_inner: 128\n    tie_word_embeddings: false\n    hidden_size: 64\n")
     assert load_spec(path).model.config["hidden_size"] == 64
 
 
 def test_own_model_config_keys_are_checked(tmp_path):
     """xcm's own classifiers take only their own keys: a misspelt one is refused with the right spelling."""
     path = write(tmp_path, "model:\n  family: mnist_mlp\n  config:\n    widht: 32\ndata:\n  source: digits\n")
-    with pytest.raises(SpecError, match=r"job.yaml:4: model.config.widht: xcm's mnist_mlp model has no key "
-                                        r"'widht' \(close matches: width\)"):
+    with pytest.raises(
+        SpecError,
+        match=r"job.yaml:4: model.config.widht: xcm's mnist_mlp model has no key "
+        r"'widht' \(close matches: width\)",
+    ):
         load_spec(path)
 
 
@@ -132,8 +140,11 @@ def test_pretrained_model_config_keys_follow_its_own_config(tmp_path):
     from transformers import GPT2Config
 
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "model")
-    path = write(tmp_path, f"model:\n  init: pretrained\n  pretrained: {tmp_path / 'model'}\n  config:\n"
-                           "    resid_pdrop: 0.0\n    n_embed: 3\n")
+    path = write(
+        tmp_path,
+        f"model:\n  init: pretrained\n  pretrained: {tmp_path / 'model'}\n  config:\n"
+        "    resid_pdrop: 0.0\n    n_embed: 3\n",
+    )
     with pytest.raises(SpecError) as caught:
         load_spec(path)
     assert [problem.key for problem in caught.value.problems] == ["model.config.n_embed"]
@@ -149,10 +160,13 @@ def test_keys_mlflow_cannot_name_are_refused_before_a_run_exists(tmp_path):
     assert problems == {"model.config.id2label.a|b": 4, "model.config.id2label.c//d": 5}
 
 
-@pytest.mark.parametrize(("config", "key", "expected"), [
-    ("{n_layer: [1, 2]}", "model.config.n_layer", "expected int, got list"),
-    ("{activation_function: 5}", "model.config.activation_function", "expected str, got int"),
-])
+@pytest.mark.parametrize(
+    ("config", "key", "expected"),
+    [
+        ("{n_layer: [1, 2]}", "model.config.n_layer", "expected int, got list"),
+        ("{activation_function: 5}", "model.config.activation_function", "expected str, got int"),
+    ],
+)
 def test_model_config_values_of_the_wrong_type_are_refused(tmp_path, config, key, expected):
     """A value the family's config class refuses when built (transformers' strict dataclass fields) is a spec
     problem naming the key, not a traceback."""
@@ -164,9 +178,15 @@ def test_model_config_values_of_the_wrong_type_are_refused(tmp_path, config, key
 
 def test_own_model_config_values_must_be_positive_sizes_and_switches(tmp_path):
     """xcm's own models take positive integer sizes and true/false switches in model.config."""
-    path = write(tmp_path, "model:\n  family: modular_addition\n  config: {regularise_attention: 1, d_mlp: 0, "
-                           "d_model: '64'}\ndata:\n  source: modular_addition\n")
+    path = write(
+        tmp_path,
+        "model:\n  family: modular_addition\n  config: {regularise_attention: 1, d_mlp: 0, "
+        "d_model: '64'}\ndata:\n  source: modular_addition\n",
+    )
     with pytest.raises(SpecError) as caught:
         load_spec(path)
     assert {problem.key for problem in caught.value.problems} == {
-        "model.config.regularise_attention", "model.config.d_mlp", "model.config.d_model"}
+        "model.config.regularise_attention",
+        "model.config.d_mlp",
+        "model.config.d_model",
+    }

@@ -44,8 +44,9 @@ class CircuitsActor:
         self._loaded = None
         self._task_set = None
 
-    def compute(self, step: int, parameters: dict[str, np.ndarray], partitions: dict[str, dict] | None
-                ) -> CircuitsAnswer:
+    def compute(
+        self, step: int, parameters: dict[str, np.ndarray], partitions: dict[str, dict] | None
+    ) -> CircuitsAnswer:
         """Circuits and specialization of the weights of `step`, under `partitions` (GroupPartition dicts by
         group name; a fresh spectral partition when None)."""
         from orchestrator.circuit_report import find_circuits as run_methods
@@ -69,9 +70,14 @@ class CircuitsActor:
         task_set = self._tasks(loaded)
         methods = methods_for(options.method, loaded.kind, fix="circuits.method: attribution")
         result = run_methods(loaded, task_set, chosen, source, methods, options, progress=lambda message: None)
-        return CircuitsAnswer(step, {key: float(value) for key, value in result_metrics(result).items()},
-                              result_artifacts(result, loaded.model, chosen), source,
-                              time.perf_counter() - started, dict(result.skipped))
+        return CircuitsAnswer(
+            step,
+            {key: float(value) for key, value in result_metrics(result).items()},
+            result_artifacts(result, loaded.model, chosen),
+            source,
+            time.perf_counter() - started,
+            dict(result.skipped),
+        )
 
     def _loaded_at(self, step: int, parameters: dict[str, np.ndarray]):
         """The job's model with the weights of `step` (built, with its examples or tokenizer, on first use)."""

@@ -44,9 +44,14 @@ class CircuitsKind:
         """The method must suit the model: greedy is for the small classifiers, not a language model."""
         from orchestrator.circuit_report import job_problems
 
-        return [SpecProblem(key="circuits.method", message=message,
-                            fix="set circuits.method: attribution (or specialization, or all)")
-                for message in job_problems(spec)]
+        return [
+            SpecProblem(
+                key="circuits.method",
+                message=message,
+                fix="set circuits.method: attribution (or specialization, or all)",
+            )
+            for message in job_problems(spec)
+        ]
 
     @staticmethod
     def start_actors(spec: JobSpec) -> dict[str, Any]:
@@ -56,8 +61,14 @@ class CircuitsKind:
 
     @staticmethod
     def build(spec: JobSpec, context: SideJobContext) -> CircuitsJob:
-        return CircuitsJob(spec.circuits.every_steps, spec.training.steps, context.rank, context.actor_names,
-                           context.partitions, context.logger)
+        return CircuitsJob(
+            spec.circuits.every_steps,
+            spec.training.steps,
+            context.rank,
+            context.actor_names,
+            context.partitions,
+            context.logger,
+        )
 
 
 CIRCUITS = CircuitsKind()
@@ -72,8 +83,15 @@ class _InFlight:
 class CircuitsJob:
     """One rank's side: every rank gathers at the same steps; rank 0 alone talks to the actor and logs."""
 
-    def __init__(self, every_steps: int, last_step: int, rank: Rank, actor_names: list[str],
-                 partitions: Callable[[], Mapping[str, GroupPartition] | None], metric_logger: MetricLogger | None):
+    def __init__(
+        self,
+        every_steps: int,
+        last_step: int,
+        rank: Rank,
+        actor_names: list[str],
+        partitions: Callable[[], Mapping[str, GroupPartition] | None],
+        metric_logger: MetricLogger | None,
+    ):
         self._every, self._end = every_steps, last_step
         self._rank, self._actor_names, self._partitions = rank, list(actor_names), partitions
         self._logger = metric_logger
@@ -94,8 +112,11 @@ class CircuitsJob:
 
     def _send(self, step: int, gathered: Gathered | None) -> None:
         if self._resumed_lost:
-            logger.warning("circuits of steps %s were in flight at the checkpoint; measuring step %d instead",
-                           self._resumed_lost, step)
+            logger.warning(
+                "circuits of steps %s were in flight at the checkpoint; measuring step %d instead",
+                self._resumed_lost,
+                step,
+            )
             self._resumed_lost = []
         if not self._rank.leads:
             return
@@ -127,8 +148,11 @@ class CircuitsJob:
         done, late = ray.wait(references, num_returns=len(references), timeout=FINAL_TIMEOUT_S)
         self._take(done)
         if late:
-            logger.warning("circuits of steps %s did not come back within %.0f s; not logged",
-                           [request.step for request in self._in_flight], FINAL_TIMEOUT_S)
+            logger.warning(
+                "circuits of steps %s did not come back within %.0f s; not logged",
+                [request.step for request in self._in_flight],
+                FINAL_TIMEOUT_S,
+            )
 
     def state_dict(self) -> dict | None:
         steps = [request.step for request in self._in_flight]

@@ -1,5 +1,6 @@
 """Data: sources (synthetic corpus, hub datasets, local files) -> tokenized, packed, cached blocks -> per-rank
 resumable batch streams. ``build_training_data`` is the one entry point the trainer uses."""
+
 from orchestrator.data.corpus import build_synthetic_blocks, build_validation_blocks, task_blocks
 from orchestrator.data.loader import ShardedBatches, batch_stream
 from orchestrator.data.packing import pack_texts, split_inputs_and_labels

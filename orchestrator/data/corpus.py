@@ -1,4 +1,5 @@
 """Ready-to-train tensors from the synthetic corpus: training, validation and per-task blocks."""
+
 from collections.abc import Sequence
 
 import torch
@@ -9,7 +10,11 @@ from orchestrator.data.tokenizer import ByteTokenizer, TextTokenizer
 
 
 def _split_blocks(
-    num_examples: int, block_size: int, seed: int, tasks: Sequence[str] | None, split: str,
+    num_examples: int,
+    block_size: int,
+    seed: int,
+    tasks: Sequence[str] | None,
+    split: str,
     tokenizer: TextTokenizer | None,
 ) -> tuple[torch.Tensor, TextTokenizer]:
     tokenizer = tokenizer or ByteTokenizer()
@@ -18,7 +23,10 @@ def _split_blocks(
 
 
 def build_synthetic_blocks(
-    num_examples: int, block_size: int, seed: int, tasks: Sequence[str] | None = None,
+    num_examples: int,
+    block_size: int,
+    seed: int,
+    tasks: Sequence[str] | None = None,
     tokenizer: TextTokenizer | None = None,
 ) -> tuple[torch.Tensor, TextTokenizer]:
     """Return training blocks [n_blocks, block_size + 1] of mixed tasks, and their tokenizer (bytes by default)."""
@@ -26,7 +34,10 @@ def build_synthetic_blocks(
 
 
 def build_validation_blocks(
-    num_examples: int, block_size: int, seed: int, tasks: Sequence[str] | None = None,
+    num_examples: int,
+    block_size: int,
+    seed: int,
+    tasks: Sequence[str] | None = None,
     tokenizer: TextTokenizer | None = None,
 ) -> tuple[torch.Tensor, TextTokenizer]:
     """Return held-out blocks [n_blocks, block_size + 1]: no text in them occurs in training."""

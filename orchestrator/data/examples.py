@@ -4,6 +4,7 @@ The classification counterpart of packed token blocks: images with their digit o
 modular-addition prompts with their sum. Like ``batch_stream``, a batch is a pure function of
 (seed, rank, world_size, step), so a resumed run continues with the next unseen batch.
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,8 +47,9 @@ class ExampleData:
     validation_by_task: dict[str, LabelledExamples] = field(default_factory=dict)  # none: no task tags, unlike text
 
 
-def split_examples(examples: LabelledExamples, validation_fraction: float, seed: int
-                   ) -> tuple[LabelledExamples, LabelledExamples | None]:
+def split_examples(
+    examples: LabelledExamples, validation_fraction: float, seed: int
+) -> tuple[LabelledExamples, LabelledExamples | None]:
     """A seeded random hold-out of ``validation_fraction`` of the examples (none when the fraction is 0)."""
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
     held = round(len(examples) * validation_fraction)
@@ -55,8 +57,9 @@ def split_examples(examples: LabelledExamples, validation_fraction: float, seed:
     return examples.subset(order[held:]), validation
 
 
-def example_stream(examples: LabelledExamples, micro_batch_size: int, rank: int, world_size: int, seed: int,
-                   start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+def example_stream(
+    examples: LabelledExamples, micro_batch_size: int, rank: int, world_size: int, seed: int, start_step: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's micro-batches {"inputs": [B, ...], "labels": [B]} forever, from micro-batch ``start_step``.
 
     Each epoch reshuffles all examples with ``seed + epoch`` and deals them to the ranks in turn, so the ranks'
@@ -65,9 +68,11 @@ def example_stream(examples: LabelledExamples, micro_batch_size: int, rank: int,
     per_rank = len(examples) // world_size
     batches_per_epoch = per_rank // micro_batch_size
     if batches_per_epoch == 0:
-        raise ValueError(f"{len(examples)} examples over {world_size} workers leave {per_rank} per worker, fewer "
-                         f"than micro_batch_size={micro_batch_size}; lower training.micro_batch_size or "
-                         "resources.num_workers, or hold out less for validation")
+        raise ValueError(
+            f"{len(examples)} examples over {world_size} workers leave {per_rank} per worker, fewer "
+            f"than micro_batch_size={micro_batch_size}; lower training.micro_batch_size or "
+            "resources.num_workers, or hold out less for validation"
+        )
 
     @functools.lru_cache(maxsize=1)
     def shard(epoch: int) -> torch.Tensor:  # [per_rank] example indices, in reading order

@@ -4,6 +4,7 @@ Whatever the source, images come out at the shape the model takes (``models.visi
 bilinearly, converted between grey and colour, and standardised with the training images' mean and std.
 scikit-learn's bundled 8x8 digits (1,797 images, 10 classes) are the offline stand-in for MNIST.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -56,8 +57,11 @@ def hub_images(data: DataSpec) -> tuple[LabelledExamples, LabelledExamples | Non
     missing = [split for split in (data.split, data.validation_split) if split and split not in splits]
     if missing:
         key = "data.split" if data.split in missing else "data.validation_split"
-        raise DataError(key, f"{data.dataset or HUB_DATASETS[data.source]} has no split {missing[0]!r} "
-                             f"(it has {', '.join(splits)})", f"name one of {', '.join(splits)}")
+        raise DataError(
+            key,
+            f"{data.dataset or HUB_DATASETS[data.source]} has no split {missing[0]!r} (it has {', '.join(splits)})",
+            f"name one of {', '.join(splits)}",
+        )
     train = _examples(splits[data.split])
     if data.validation_split:
         return train, _examples(splits[data.validation_split])
@@ -71,9 +75,12 @@ def _load(data: DataSpec) -> datasets.DatasetDict:
     try:
         return datasets.load_dataset(name)
     except Exception as error:  # datasets raises several types for a missing, unreachable or unreadable dataset
-        raise DataError("data.dataset", f"image dataset {name!r} cannot be loaded ({type(error).__name__}: {error})",
-                        "name a local directory of the dataset's files (e.g. its Parquet files), a hub dataset "
-                        "that is cached here (offline, the hub is unreachable), or use data.source: digits") from error
+        raise DataError(
+            "data.dataset",
+            f"image dataset {name!r} cannot be loaded ({type(error).__name__}: {error})",
+            "name a local directory of the dataset's files (e.g. its Parquet files), a hub dataset "
+            "that is cached here (offline, the hub is unreachable), or use data.source: digits",
+        ) from error
 
 
 def _examples(split: datasets.Dataset) -> LabelledExamples:
@@ -83,8 +90,11 @@ def _examples(split: datasets.Dataset) -> LabelledExamples:
     image = next((name for name, kind in split.features.items() if isinstance(kind, datasets.Image)), None)
     label = next((name for name, kind in split.features.items() if isinstance(kind, datasets.ClassLabel)), None)
     if image is None or label is None:
-        raise DataError("data.dataset", f"expected an image column and a class-label column, found features "
-                                        f"{dict(split.features)}", "use an image classification dataset")
+        raise DataError(
+            "data.dataset",
+            f"expected an image column and a class-label column, found features {dict(split.features)}",
+            "use an image classification dataset",
+        )
     columns = split.with_format("torch")[:]  # every row, each column one tensor
     pixels = columns[image].float() / 255.0  # [n, H, W] (grey) or [n, H, W, C] (colour)
     pixels = pixels.unsqueeze(1) if pixels.dim() == 3 else pixels.permute(0, 3, 1, 2)  # [n, C, H, W]

@@ -4,6 +4,7 @@ A rank's position is one integer, the number of micro-batches it has consumed. E
 function of (seed, rank, world_size, step), so a resumed run that starts at the saved step sees
 exactly the batches it would have seen without the interruption.
 """
+
 import itertools
 from collections.abc import Iterator
 
@@ -57,9 +58,7 @@ class ShardedBatches:
 def _check_arguments(blocks: torch.Tensor, micro_batch_size: int, rank: int, world_size: int) -> None:
     problems = []
     if blocks.dim() != 2 or blocks.shape[1] < 2:
-        problems.append(
-            f"blocks must be [n_blocks, block_size + 1] with block_size >= 1, got {list(blocks.shape)}"
-        )
+        problems.append(f"blocks must be [n_blocks, block_size + 1] with block_size >= 1, got {list(blocks.shape)}")
     if micro_batch_size < 1:
         problems.append(f"micro_batch_size={micro_batch_size} must be >= 1")
     if world_size < 1:

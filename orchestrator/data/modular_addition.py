@@ -3,6 +3,7 @@
 The grokking task of the papers' algorithmic experiment: all p² pairs exist, a seeded share is held out,
 and a model that generalises to the held-out pairs has learnt the algorithm, not the table.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

@@ -1,4 +1,5 @@
 """Pack tokenized documents into fixed-length blocks for causal language modelling."""
+
 from collections.abc import Sequence
 
 import torch

@@ -4,6 +4,7 @@
 runs on the driver before Ray starts: it looks for the files, loads the tokenizer, then builds the data once,
 which reaches the dataset (hub or files) and fills the token cache that the workers then read.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,9 @@ if TYPE_CHECKING:
 _READERS_OF_KEY = {
     "dataset": ("hub", "mnist", "cifar10"),  # image sources: a hub name or a local directory
     "dataset_config": ("hub",),
-    "files": ("files",), "validation_files": ("files",), "format": ("files",),
+    "files": ("files",),
+    "validation_files": ("files",),
+    "format": ("files",),
     "tasks": ("synthetic",),
 }
 _IMAGE_HUB_SOURCES = ("mnist", "cifar10")  # a validation split of their own, or a held-out share when it is null
@@ -30,21 +33,38 @@ def data_spec_problems(spec: JobSpec) -> list[SpecProblem]:
 
     data, problems = spec.data, []
     if data.source == "hub" and not data.dataset:
-        problems.append(SpecProblem(key="data.dataset", message="source is 'hub' but no dataset is named",
-                                    fix="set data.dataset (e.g. wikitext) and data.dataset_config"))
+        problems.append(
+            SpecProblem(
+                key="data.dataset",
+                message="source is 'hub' but no dataset is named",
+                fix="set data.dataset (e.g. wikitext) and data.dataset_config",
+            )
+        )
     if data.source == "files" and not data.files:
-        problems.append(SpecProblem(key="data.files", message="source is 'files' but no files are listed",
-                                    fix="list text, JSONL or Parquet files (or glob patterns) in data.files"))
+        problems.append(
+            SpecProblem(
+                key="data.files",
+                message="source is 'files' but no files are listed",
+                fix="list text, JSONL or Parquet files (or glob patterns) in data.files",
+            )
+        )
     for key, readers in _READERS_OF_KEY.items():
         if data.source not in readers and getattr(data, key):
-            problems.append(SpecProblem(
-                key=f"data.{key}", message=f"only read for source: {' or '.join(readers)}, but source is "
-                                           f"{data.source!r}",
-                fix=f"set data.source: {readers[0]}, or remove data.{key}"))
+            problems.append(
+                SpecProblem(
+                    key=f"data.{key}",
+                    message=f"only read for source: {' or '.join(readers)}, but source is {data.source!r}",
+                    fix=f"set data.source: {readers[0]}, or remove data.{key}",
+                )
+            )
     if spec.evaluation.every_steps and not _has_validation(spec):
-        problems.append(SpecProblem(
-            key="evaluation.every_steps", message="evaluation is on but the data holds nothing out for validation",
-            fix=_validation_fix(spec) + ", or set evaluation.every_steps: 0"))
+        problems.append(
+            SpecProblem(
+                key="evaluation.every_steps",
+                message="evaluation is on but the data holds nothing out for validation",
+                fix=_validation_fix(spec) + ", or set evaluation.every_steps: 0",
+            )
+        )
     return problems
 
 
@@ -82,13 +102,17 @@ def _has_validation(spec: JobSpec) -> bool:
 
 
 def _validation_fix(spec: JobSpec) -> str:
-    image_split = ("set data.validation_split to a split of the dataset (e.g. test), or data.validation_split: null "
-                   "with data.validation_fraction > 0")
-    return {"synthetic": "set data.validation_examples > 0",
-            "hub": "set data.validation_split to a split of the dataset, or data.validation_fraction > 0",
-            "files": "list data.validation_files, or set data.validation_fraction > 0",
-            "mnist": image_split, "cifar10": image_split,
-            }.get(spec.data.source, "set data.validation_fraction > 0 (the share of examples held out)")
+    image_split = (
+        "set data.validation_split to a split of the dataset (e.g. test), or data.validation_split: null "
+        "with data.validation_fraction > 0"
+    )
+    return {
+        "synthetic": "set data.validation_examples > 0",
+        "hub": "set data.validation_split to a split of the dataset, or data.validation_fraction > 0",
+        "files": "list data.validation_files, or set data.validation_fraction > 0",
+        "mnist": image_split,
+        "cifar10": image_split,
+    }.get(spec.data.source, "set data.validation_fraction > 0 (the share of examples held out)")
 
 
 def missing_file_problems(spec: JobSpec) -> list[SpecProblem]:
@@ -100,9 +124,15 @@ def missing_file_problems(spec: JobSpec) -> list[SpecProblem]:
     data = spec.data
     if data.source != "files":
         return []
-    return [SpecProblem(key=f"data.{key}", message=f"no file matches {pattern}",
-                        fix=f"correct the path (relative paths start at the directory xcm runs in, {os.getcwd()})")
-            for key in ("files", "validation_files") for pattern in missing_patterns(getattr(data, key))]
+    return [
+        SpecProblem(
+            key=f"data.{key}",
+            message=f"no file matches {pattern}",
+            fix=f"correct the path (relative paths start at the directory xcm runs in, {os.getcwd()})",
+        )
+        for key in ("files", "validation_files")
+        for pattern in missing_patterns(getattr(data, key))
+    ]
 
 
 def _tokenizer_problems(spec: JobSpec) -> list[SpecProblem]:
@@ -115,21 +145,29 @@ def _tokenizer_problems(spec: JobSpec) -> list[SpecProblem]:
     try:
         tokenizer = load_tokenizer(spec.data, spec.model)
     except (OSError, ValueError) as error:  # transformers raises OSError for a missing or unreachable tokenizer
-        return [SpecProblem(key="data.tokenizer", message=f"tokenizer {name!r} cannot be loaded ({error})",
-                            fix="name a local tokenizer directory or a hub tokenizer that is cached here (offline, "
-                                "the hub is unreachable), or data.tokenizer: byte")]
+        return [
+            SpecProblem(
+                key="data.tokenizer",
+                message=f"tokenizer {name!r} cannot be loaded ({error})",
+                fix="name a local tokenizer directory or a hub tokenizer that is cached here (offline, "
+                "the hub is unreachable), or data.tokenizer: byte",
+            )
+        ]
     try:
         model_vocabulary = model_config(spec.model, vocab_size=tokenizer.vocab_size).vocab_size
     except (OSError, ValueError):
         return []  # the model itself cannot be configured: the model checks report that
     if model_vocabulary >= tokenizer.vocab_size:
         return []
-    return [SpecProblem(
-        key="data.tokenizer",
-        message=f"tokenizer {name!r} has {tokenizer.vocab_size} tokens but the model's vocabulary holds "
-                f"{model_vocabulary}, so some token ids would have no embedding",
-        fix=f"use the model's own tokenizer (omit data.tokenizer), or raise model.config.vocab_size to >= "
-            f"{tokenizer.vocab_size}")]
+    return [
+        SpecProblem(
+            key="data.tokenizer",
+            message=f"tokenizer {name!r} has {tokenizer.vocab_size} tokens but the model's vocabulary holds "
+            f"{model_vocabulary}, so some token ids would have no embedding",
+            fix=f"use the model's own tokenizer (omit data.tokenizer), or raise model.config.vocab_size to >= "
+            f"{tokenizer.vocab_size}",
+        )
+    ]
 
 
 def _validation_size_problems(spec: JobSpec, data: TrainingData) -> list[SpecProblem]:
@@ -143,12 +181,16 @@ def _validation_size_problems(spec: JobSpec, data: TrainingData) -> list[SpecPro
     workers = spec.resources.num_workers
     sizes = {name: len(items) for name, items in evaluation_sets(data, spec.evaluation.per_task).items()}
     unit, fix = _validation_size_unit_and_fix(spec)
-    return [SpecProblem(
-        key="evaluation.every_steps",
-        message=f"the validation set for {name} holds {size} {unit}, fewer than the {workers} workers that "
-                "evaluate a share each",
-        fix=fix + ", or set evaluation.every_steps: 0")
-        for name, size in (sizes or {metric_names.EVAL_LOSS: 0}).items() if size < workers]
+    return [
+        SpecProblem(
+            key="evaluation.every_steps",
+            message=f"the validation set for {name} holds {size} {unit}, fewer than the {workers} workers that "
+            "evaluate a share each",
+            fix=fix + ", or set evaluation.every_steps: 0",
+        )
+        for name, size in (sizes or {metric_names.EVAL_LOSS: 0}).items()
+        if size < workers
+    ]
 
 
 def _validation_size_unit_and_fix(spec: JobSpec) -> tuple[str, str]:
@@ -157,8 +199,10 @@ def _validation_size_unit_and_fix(spec: JobSpec) -> tuple[str, str]:
 
     data, workers = spec.data, spec.resources.num_workers
     if data.source in TEXT_SOURCES:
-        return (f"blocks of {data.block_size + 1} tokens",
-                _validation_fix(spec) + " (more validation text), lower data.block_size")
+        return (
+            f"blocks of {data.block_size + 1} tokens",
+            _validation_fix(spec) + " (more validation text), lower data.block_size",
+        )
     if data.source in _IMAGE_HUB_SOURCES and data.validation_split:
         return "examples", f"name a data.validation_split with at least {workers} examples"
     return "examples", f"raise data.validation_fraction until at least {workers} examples are held out"

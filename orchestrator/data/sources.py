@@ -4,6 +4,7 @@ A source names a builder in ``BUILDERS``; a new kind of data (images, modular ad
 one entry. The driver calls ``build_training_data`` once before Ray starts (so bad input fails early and the
 token cache is warm), then every worker calls it again and reads the cache.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator

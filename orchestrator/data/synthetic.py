@@ -4,6 +4,7 @@ Each example is one short algorithmic task whose text starts with the task's nam
 (`add: 23+58=81`). The default job therefore runs offline, and an evaluator can later split any
 text by task to ask whether clusters of the model specialise in one.
 """
+
 import random
 import string
 import zlib

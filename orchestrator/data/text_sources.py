@@ -4,6 +4,7 @@ The ``datasets`` library reads the documents; xcm tokenizes them in batches with
 them with its end-of-text token, cuts the stream into blocks of ``block_size + 1`` tokens and caches the
 blocks (``token_cache``), so a second run with the same data, tokenizer and block size skips all of it.
 """
+
 from __future__ import annotations
 
 import glob
@@ -27,8 +28,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FORMATS_BY_SUFFIX = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
-                     ".parquet": "parquet"}
+FORMATS_BY_SUFFIX = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+}
 DEFAULT_CACHE_DIR = Path("xcm-runs") / "data-cache"
 _DOCUMENTS_PER_BATCH = 1000
 
@@ -38,21 +45,38 @@ def build_text_data(data: DataSpec, model: ModelSpec) -> TrainingData:
     tokenizer = load_tokenizer(data, model)
     cache_dir = Path(data.cache_dir) if data.cache_dir else DEFAULT_CACHE_DIR
     cached = cached_blocks(cache_dir, describe(data, tokenizer), lambda: tokenize_splits(data, tokenizer))
-    return TrainingData(train=cached.splits["train"], validation=cached.splits.get("validation"),
-                        tokenizer=tokenizer, cache_hit=not cached.created)
+    return TrainingData(
+        train=cached.splits["train"],
+        validation=cached.splits.get("validation"),
+        tokenizer=tokenizer,
+        cache_hit=not cached.created,
+    )
 
 
 def describe(data: DataSpec, tokenizer: TextTokenizer) -> dict:
     """Everything that decides the blocks' tokens: the token cache's key."""
     held_out = holds_out(data)
-    description = {"source": data.source, "text_field": data.text_field, "block_size": data.block_size,
-                   "tokenizer": tokenizer.identity, "held_out_fraction": data.validation_fraction if held_out else None}
+    description = {
+        "source": data.source,
+        "text_field": data.text_field,
+        "block_size": data.block_size,
+        "tokenizer": tokenizer.identity,
+        "held_out_fraction": data.validation_fraction if held_out else None,
+    }
     if data.source == "hub":
-        return {**description, "dataset": data.dataset, "dataset_config": data.dataset_config,
-                "split": data.split, "validation_split": None if held_out else data.validation_split}
-    return {**description, "format": file_format(data),
-            "files": [_file_identity(path) for path in expand_files(data.files)],
-            "validation_files": [_file_identity(path) for path in expand_files(data.validation_files)]}
+        return {
+            **description,
+            "dataset": data.dataset,
+            "dataset_config": data.dataset_config,
+            "split": data.split,
+            "validation_split": None if held_out else data.validation_split,
+        }
+    return {
+        **description,
+        "format": file_format(data),
+        "files": [_file_identity(path) for path in expand_files(data.files)],
+        "validation_files": [_file_identity(path) for path in expand_files(data.validation_files)],
+    }
 
 
 def separate_validation(data: DataSpec) -> bool:
@@ -77,8 +101,13 @@ def tokenize_splits(data: DataSpec, tokenizer: TextTokenizer) -> dict[str, np.nd
             validation.add(texts)
     splits = {"train": train.blocks("the training documents", "data.block_size")}
     if validation.documents:
-        key = ("data.validation_fraction" if holds_out(data) else
-               "data.validation_split" if data.source == "hub" else "data.validation_files")
+        key = (
+            "data.validation_fraction"
+            if holds_out(data)
+            else "data.validation_split"
+            if data.source == "hub"
+            else "data.validation_files"
+        )
         splits["validation"] = validation.blocks("the validation documents", key)
     logger.info("xcm data: %d training and %d validation documents tokenized", train.documents, validation.documents)
     return splits
@@ -110,8 +139,12 @@ class BlockPacker:
         stream = np.concatenate(self._chunks) if self._chunks else np.empty(0, np.int32)
         n_blocks = len(stream) // self.width
         if n_blocks == 0:
-            raise DataError(key, f"{what} ({self.documents}) give {len(stream)} tokens, fewer than one block of "
-                                 f"block_size + 1 = {self.width}", "add text or lower data.block_size")
+            raise DataError(
+                key,
+                f"{what} ({self.documents}) give {len(stream)} tokens, fewer than one block of "
+                f"block_size + 1 = {self.width}",
+                "add text or lower data.block_size",
+            )
         return stream[: n_blocks * self.width].reshape(n_blocks, self.width)
 
 
@@ -124,15 +157,20 @@ def documents(data: DataSpec, split: str) -> Iterator[list[str]]:
 
 def load_split(data: DataSpec, split: str) -> datasets.Dataset:
     """The split as a ``datasets.Dataset``, checked to hold a text column named ``data.text_field``."""
-    dataset, what = (_load_hub(data, split) if data.source == "hub" else _load_files(data, split))
+    dataset, what = _load_hub(data, split) if data.source == "hub" else _load_files(data, split)
     feature = dataset.features.get(data.text_field)
     if feature is None:
-        raise DataError("data.text_field", f"{what} has no column {data.text_field!r} "
-                                           f"(columns: {', '.join(dataset.column_names)})",
-                        "set data.text_field to the column that holds the text")
+        raise DataError(
+            "data.text_field",
+            f"{what} has no column {data.text_field!r} (columns: {', '.join(dataset.column_names)})",
+            "set data.text_field to the column that holds the text",
+        )
     if getattr(feature, "dtype", None) not in ("string", "large_string"):
-        raise DataError("data.text_field", f"column {data.text_field!r} of {what} holds {feature}, not text",
-                        "set data.text_field to a column of strings")
+        raise DataError(
+            "data.text_field",
+            f"column {data.text_field!r} of {what} holds {feature}, not text",
+            "set data.text_field to a column of strings",
+        )
     return dataset
 
 
@@ -144,11 +182,14 @@ def _load_hub(data: DataSpec, split: str) -> tuple[datasets.Dataset, str]:
     try:
         return datasets.load_dataset(data.dataset, data.dataset_config, split=name), what
     except Exception as error:  # datasets raises many types: unreachable hub, unknown name, config or split
-        raise DataError("data.dataset", f"{what} cannot be loaded ({type(error).__name__}: {error})",
-                        "check data.dataset, data.dataset_config and the split names; offline (HF_HUB_OFFLINE=1 or no "
-                        "network) only datasets already in the Hugging Face cache load, so download it once where "
-                        "the hub is reachable, or save its text to local files and use source: files with "
-                        "data.files") from error
+        raise DataError(
+            "data.dataset",
+            f"{what} cannot be loaded ({type(error).__name__}: {error})",
+            "check data.dataset, data.dataset_config and the split names; offline (HF_HUB_OFFLINE=1 or no "
+            "network) only datasets already in the Hugging Face cache load, so download it once where "
+            "the hub is reachable, or save its text to local files and use source: files with "
+            "data.files",
+        ) from error
 
 
 def _load_files(data: DataSpec, split: str) -> tuple[datasets.Dataset, str]:
@@ -161,17 +202,25 @@ def _load_files(data: DataSpec, split: str) -> tuple[datasets.Dataset, str]:
     options = {"sample_by": "paragraph"} if fmt == "text" else {}
     cache_dir = Path(data.cache_dir) if data.cache_dir else DEFAULT_CACHE_DIR
     try:
-        return datasets.load_dataset(fmt, data_files=paths, split="train", cache_dir=str(cache_dir / "datasets"),
-                                     **options), what
+        return datasets.load_dataset(
+            fmt, data_files=paths, split="train", cache_dir=str(cache_dir / "datasets"), **options
+        ), what
     except Exception as error:  # a malformed file: datasets raises its parser's error types
-        raise DataError("data.files", f"{what} cannot be read as {fmt} ({type(error).__name__}: {error})",
-                        "check the files' contents, or set data.format to their real format") from error
+        raise DataError(
+            "data.files",
+            f"{what} cannot be read as {fmt} ({type(error).__name__}: {error})",
+            "check the files' contents, or set data.format to their real format",
+        ) from error
 
 
 def expand_files(patterns: Sequence[str]) -> list[str]:
     """The files that the paths or glob patterns name, in a stable order; patterns matching nothing drop out."""
-    return [path for pattern in patterns for path in sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-            if os.path.isfile(path)]
+    return [
+        path
+        for pattern in patterns
+        for path in sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if os.path.isfile(path)
+    ]
 
 
 def missing_patterns(patterns: Sequence[str]) -> list[str]:
@@ -186,8 +235,11 @@ def file_format(data: DataSpec) -> str:
     suffixes = {Path(path).suffix.lower() for path in expand_files([*data.files, *data.validation_files])}
     formats = {FORMATS_BY_SUFFIX.get(suffix) for suffix in suffixes}
     if len(formats) != 1 or None in formats:
-        raise DataError("data.format", f"the files' suffixes {sorted(suffixes)} do not name one format",
-                        f"set data.format to text, json or parquet (suffixes known: {', '.join(FORMATS_BY_SUFFIX)})")
+        raise DataError(
+            "data.format",
+            f"the files' suffixes {sorted(suffixes)} do not name one format",
+            f"set data.format to text, json or parquet (suffixes known: {', '.join(FORMATS_BY_SUFFIX)})",
+        )
     return formats.pop()
 
 

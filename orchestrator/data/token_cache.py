@@ -6,6 +6,7 @@ size). It is written under a file lock into a temporary directory and renamed in
 prepare the same data at once tokenize it once and a crash never leaves a half-written entry. Readers
 memory-map the files: a rank touches only the rows of its own shard, and ranks on one machine share pages.
 """
+
 from __future__ import annotations
 
 import fcntl

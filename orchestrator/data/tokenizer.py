@@ -3,6 +3,7 @@
 The byte-level tokenizer needs no vocabulary file or download, so the default job runs offline; a model's
 own tokenizer (``transformers.AutoTokenizer``) is used when the job names one or trains a pretrained model.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,9 +56,7 @@ class ByteTokenizer:
         ids = [int(token) for token in ids]  # accepts tensors and numpy arrays as well as lists
         out_of_range = [token for token in ids if not 0 <= token < self.vocab_size]
         if out_of_range:
-            raise ValueError(
-                f"token ids {out_of_range[:5]} are outside the byte vocabulary [0, {self.vocab_size})"
-            )
+            raise ValueError(f"token ids {out_of_range[:5]} are outside the byte vocabulary [0, {self.vocab_size})")
         return bytes(token for token in ids if token < 256).decode("utf-8", errors="replace")
 
 
@@ -75,8 +74,10 @@ class PretrainedTokenizer:
         self._tokenizer = AutoTokenizer.from_pretrained(name)
         eos_id = self._tokenizer.eos_token_id
         if eos_id is None:
-            raise ValueError(f"tokenizer {name!r} has no end-of-text token, which xcm puts between documents; "
-                             "choose a tokenizer with an eos token (or data.tokenizer: byte)")
+            raise ValueError(
+                f"tokenizer {name!r} has no end-of-text token, which xcm puts between documents; "
+                "choose a tokenizer with an eos token (or data.tokenizer: byte)"
+            )
         self.eos_id = int(eos_id)
         self.vocab_size = len(self._tokenizer)  # counts added tokens too, unlike tokenizer.vocab_size
         vocabulary = json.dumps(sorted(self._tokenizer.get_vocab().items()))

@@ -1,4 +1,5 @@
 """The contract between a data source and the trainer: what every source builder returns, or raises."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

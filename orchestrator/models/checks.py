@@ -8,6 +8,11 @@ from orchestrator.spec import ModelSpec, SpecProblem
 def model_spec_problems(model: ModelSpec) -> list[SpecProblem]:
     """A pretrained start needs a model to start from."""
     if model.init == "pretrained" and not model.pretrained:
-        return [SpecProblem(key="model.pretrained", message="init is 'pretrained' but no model is named",
-                            fix="set model.pretrained to a local path or hub name, or init: random")]
+        return [
+            SpecProblem(
+                key="model.pretrained",
+                message="init is 'pretrained' but no model is named",
+                fix="set model.pretrained to a local path or hub name, or init: random",
+            )
+        ]
     return []

@@ -3,6 +3,7 @@
 They train from scratch through the same Ray Train + DeepSpeed path as the transformer families; their
 sizes default to the papers' and ``model.config`` overrides them (unknown keys are errors).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -27,8 +28,9 @@ def classifier_config(spec: ModelSpec) -> dict[str, Any]:
     defaults = DEFAULTS[spec.family]
     unknown = sorted(set(spec.config) - set(defaults))
     if unknown:
-        raise ValueError(f"model family {spec.family} has no key(s) {', '.join(unknown)} "
-                         f"(it takes {', '.join(defaults)})")
+        raise ValueError(
+            f"model family {spec.family} has no key(s) {', '.join(unknown)} (it takes {', '.join(defaults)})"
+        )
     return {**defaults, **spec.config}
 
 
@@ -57,7 +59,13 @@ def classifier_dimensions(spec: ModelSpec) -> ModelDimensions:
     config = classifier_config(spec)
     if spec.family == "modular_addition":
         groups = 2 if config["regularise_attention"] else 1
-        return ModelDimensions(hidden=config["d_model"], intermediate=config["d_mlp"], max_positions=3,
-                               layers=groups, vocab_size=0)
-    return ModelDimensions(hidden=config["width"], intermediate=min(config["width"], NUM_IMAGE_CLASSES),
-                           max_positions=0, layers=2, vocab_size=0)
+        return ModelDimensions(
+            hidden=config["d_model"], intermediate=config["d_mlp"], max_positions=3, layers=groups, vocab_size=0
+        )
+    return ModelDimensions(
+        hidden=config["width"],
+        intermediate=min(config["width"], NUM_IMAGE_CLASSES),
+        max_positions=0,
+        layers=2,
+        vocab_size=0,
+    )

@@ -4,6 +4,7 @@ Prompt ``[a, b, =]``; the logits at ``=`` classify the sum. No layer norm, ReLU 
 is one clusterability group, and, as in the papers' code, the attention projections another (query, key and
 value are in-projections over the same ``n_heads · d_head`` units that the output projection reads).
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,7 +27,8 @@ class CausalSelfAttention(nn.Module):
             return x.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
 
         mixed = nn.functional.scaled_dot_product_attention(
-            heads(self.query(residual)), heads(self.key(residual)), heads(self.value(residual)), is_causal=True)
+            heads(self.query(residual)), heads(self.key(residual)), heads(self.value(residual)), is_causal=True
+        )
         return self.output(mixed.transpose(1, 2).flatten(2))  # [B, T, d_model]
 
 
@@ -43,8 +45,15 @@ class MLP(nn.Module):
 class ModularAdditionTransformer(nn.Module):
     """Embed + position, one attention and one MLP block on the residual stream, unembed at the last position."""
 
-    def __init__(self, vocab_size: int, d_model: int = 128, n_heads: int = 4, d_mlp: int = 128,
-                 positions: int = 3, regularise_attention: bool = True):
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 128,
+        n_heads: int = 4,
+        d_mlp: int = 128,
+        positions: int = 3,
+        regularise_attention: bool = True,
+    ):
         super().__init__()
         self.regularise_attention = regularise_attention
         self.embed = nn.Embedding(vocab_size, d_model)

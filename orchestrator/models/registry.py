@@ -18,28 +18,75 @@ if TYPE_CHECKING:
     from orchestrator.spec import ModelSpec
 
 # Each family's transformers config classes: the first builds a random model; a pretrained one may be any of them.
-CONFIG_CLASSES = {"gpt2": ("GPT2Config",), "gpt_neox": ("GPTNeoXConfig",),
-                  "gemma": ("GemmaConfig", "Gemma2Config", "Gemma3TextConfig")}
+CONFIG_CLASSES = {
+    "gpt2": ("GPT2Config",),
+    "gpt_neox": ("GPTNeoXConfig",),
+    "gemma": ("GemmaConfig", "Gemma2Config", "Gemma3TextConfig"),
+}
 # Zero dropout everywhere: modularity measurements and resume-equality checks need deterministic forwards.
 PRESETS: dict[str, dict[str, dict]] = {
     "gpt2": {
-        "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128,
-                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
-        "small": {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024, "vocab_size": 50257,
-                  "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+        "tiny": {
+            "n_layer": 2,
+            "n_embd": 64,
+            "n_head": 2,
+            "n_positions": 128,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+        },
+        "small": {
+            "n_layer": 12,
+            "n_embd": 768,
+            "n_head": 12,
+            "n_positions": 1024,
+            "vocab_size": 50257,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+        },
     },
     "gpt_neox": {
-        "tiny": {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 256,
-                 "max_position_embeddings": 128, "hidden_dropout": 0.0, "attention_dropout": 0.0},
-        "small": {"num_hidden_layers": 6, "hidden_size": 512, "num_attention_heads": 8, "intermediate_size": 2048,
-                  "max_position_embeddings": 2048, "vocab_size": 50304, "hidden_dropout": 0.0,
-                  "attention_dropout": 0.0},
+        "tiny": {
+            "num_hidden_layers": 2,
+            "hidden_size": 64,
+            "num_attention_heads": 2,
+            "intermediate_size": 256,
+            "max_position_embeddings": 128,
+            "hidden_dropout": 0.0,
+            "attention_dropout": 0.0,
+        },
+        "small": {
+            "num_hidden_layers": 6,
+            "hidden_size": 512,
+            "num_attention_heads": 8,
+            "intermediate_size": 2048,
+            "max_position_embeddings": 2048,
+            "vocab_size": 50304,
+            "hidden_dropout": 0.0,
+            "attention_dropout": 0.0,
+        },
     },
     "gemma": {
-        "tiny": {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2,
-                 "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 128},
-        "small": {"num_hidden_layers": 18, "hidden_size": 2048, "intermediate_size": 16384, "num_attention_heads": 8,
-                  "num_key_value_heads": 1, "head_dim": 256, "max_position_embeddings": 8192, "vocab_size": 256000},
+        "tiny": {
+            "num_hidden_layers": 2,
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+            "max_position_embeddings": 128,
+        },
+        "small": {
+            "num_hidden_layers": 18,
+            "hidden_size": 2048,
+            "intermediate_size": 16384,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 1,
+            "head_dim": 256,
+            "max_position_embeddings": 8192,
+            "vocab_size": 256000,
+        },
     },
 }
 
@@ -91,12 +138,20 @@ def model_dimensions(spec: ModelSpec) -> ModelDimensions:
         return classifier_dimensions(spec)
     config = model_config(spec)
     if config.model_type == "gpt2":  # by the config, which a pretrained model of another family may not match
-        return ModelDimensions(hidden=config.n_embd, intermediate=config.n_inner or 4 * config.n_embd,
-                               max_positions=config.n_positions, layers=config.n_layer,
-                               vocab_size=config.vocab_size)
-    return ModelDimensions(hidden=config.hidden_size, intermediate=config.intermediate_size,
-                           max_positions=config.max_position_embeddings, layers=config.num_hidden_layers,
-                           vocab_size=config.vocab_size)
+        return ModelDimensions(
+            hidden=config.n_embd,
+            intermediate=config.n_inner or 4 * config.n_embd,
+            max_positions=config.n_positions,
+            layers=config.n_layer,
+            vocab_size=config.vocab_size,
+        )
+    return ModelDimensions(
+        hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
+        max_positions=config.max_position_embeddings,
+        layers=config.num_hidden_layers,
+        vocab_size=config.vocab_size,
+    )
 
 
 def build_model(spec: ModelSpec, vocab_size: int | None, seed: int) -> torch.nn.Module:
@@ -113,7 +168,9 @@ def build_model(spec: ModelSpec, vocab_size: int | None, seed: int) -> torch.nn.
         return transformers.AutoModelForCausalLM.from_pretrained(spec.pretrained, config=model_config(spec))
     config = model_config(spec, vocab_size=vocab_size)
     if config.vocab_size < vocab_size:
-        raise ValueError(f"the model's vocab_size {config.vocab_size} is smaller than the tokenizer's "
-                         f"{vocab_size}: remove model.config.vocab_size or raise it to >= {vocab_size}")
+        raise ValueError(
+            f"the model's vocab_size {config.vocab_size} is smaller than the tokenizer's "
+            f"{vocab_size}: remove model.config.vocab_size or raise it to >= {vocab_size}"
+        )
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config)

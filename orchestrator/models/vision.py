@@ -5,6 +5,7 @@ the clusterability loss as (fc1 rows, fc2 columns) and (fc3 rows, fc4 columns), 
 regularised once and each group's partition pairs the neurons an in-projection writes with those the next
 layer reads.
 """
+
 from __future__ import annotations
 
 import torch
@@ -69,5 +70,7 @@ class CifarCNN(nn.Module):
 
 def _stack_groups(prefix: str) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
     """(group name, in-projections, out-projections) of a FullyConnectedStack, for ``find_matrix_groups``."""
-    return [(f"{prefix}.hidden1", (f"{prefix}.fc1",), (f"{prefix}.fc2",)),
-            (f"{prefix}.hidden3", (f"{prefix}.fc3",), (f"{prefix}.fc4",))]
+    return [
+        (f"{prefix}.hidden1", (f"{prefix}.fc1",), (f"{prefix}.fc2",)),
+        (f"{prefix}.hidden3", (f"{prefix}.fc3",), (f"{prefix}.fc4",)),
+    ]

@@ -30,7 +30,7 @@ def cocluster(weight: Tensor, k: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     # log2 k-dimensional slice of their subspace can merge blocks (bench/cocluster.py shows it at k = 8).
     rows, cols = spectral_embedding(weight, k - 1, seed)  # [n_out, k-1], [n_in, k-1]
     labels = kmeans(torch.cat([rows, cols]), k, seed=seed)
-    return labels[: weight.shape[0]], labels[weight.shape[0]:]
+    return labels[: weight.shape[0]], labels[weight.shape[0] :]
 
 
 def cocluster_separate(weight: Tensor, k: int, seed: int = 0, pairing: str = "label") -> tuple[Tensor, Tensor]:
@@ -76,8 +76,9 @@ def _leading_singular_vectors(matrix: Tensor, n_vectors: int, seed: int) -> tupl
         u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
         return u[:, :n_vectors], vh[:n_vectors].T
     generator = torch.Generator(device=matrix.device).manual_seed(seed)
-    sketch = torch.randn(matrix.shape[1], n_vectors + OVERSAMPLES, generator=generator,
-                         dtype=matrix.dtype, device=matrix.device)  # [n, q]
+    sketch = torch.randn(
+        matrix.shape[1], n_vectors + OVERSAMPLES, generator=generator, dtype=matrix.dtype, device=matrix.device
+    )  # [n, q]
     basis = torch.linalg.qr(matrix @ sketch).Q  # [m, q]
     for _ in range(POWER_ITERATIONS):  # sharpen the basis toward the top singular subspace
         basis = torch.linalg.qr(matrix @ torch.linalg.qr(matrix.T @ basis).Q).Q
@@ -89,5 +90,7 @@ def _check_inputs(weight: Tensor, k: int) -> None:
     if weight.dim() != 2:
         raise ValueError(f"cocluster: weight must be a 2-D matrix [n_out, n_in], got shape {tuple(weight.shape)}")
     if not 2 <= k <= min(weight.shape):
-        raise ValueError(f"cocluster: k={k} must lie in 2..{min(weight.shape)} "
-                         f"(the smaller side of the {tuple(weight.shape)} matrix)")
+        raise ValueError(
+            f"cocluster: k={k} must lie in 2..{min(weight.shape)} "
+            f"(the smaller side of the {tuple(weight.shape)} matrix)"
+        )

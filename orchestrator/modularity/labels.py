@@ -25,8 +25,10 @@ def hungarian_permutation(score: Tensor) -> Tensor:
 def align_labels(new_labels: Tensor, old_labels: Tensor, k: int) -> Tensor:
     """Permutation `[k]` renaming new cluster i to `p[i]` so that the most units keep their old cluster."""
     if new_labels.shape != old_labels.shape:
-        raise ValueError(f"align_labels: labels of different shapes {tuple(new_labels.shape)} and "
-                         f"{tuple(old_labels.shape)}; both must label the same units")
+        raise ValueError(
+            f"align_labels: labels of different shapes {tuple(new_labels.shape)} and "
+            f"{tuple(old_labels.shape)}; both must label the same units"
+        )
     pairs = new_labels.long() * k + old_labels.long().to(new_labels.device)
     overlap = torch.bincount(pairs, minlength=k * k).reshape(k, k)  # [k_new, k_old]
     return hungarian_permutation(overlap)

@@ -39,13 +39,15 @@ class _MatrixState:
     the weight is *stored* in. C(Wᵀ) under (rows, cols) is C(W) under (cols, rows), so a Conv1D weight (stored
     [n_in, n_out]) is measured as it lies in memory rather than through a transposed view: on CPU, for a GPT-2
     124M MLP matrix, C's forward + backward takes ~35% less time and its forward alone ~65% less (measured)."""
+
     dim0_onehot: Tensor  # [weight.shape[0], k]
     dim1_onehot: Tensor  # [weight.shape[1], k]
     transposed: bool  # weight stored [n_in, n_out] (transformers' Conv1D)
 
 
-def _encode(row_labels: Tensor, col_labels: Tensor, k: int, device: torch.device, dtype: torch.dtype,
-            transposed: bool) -> _MatrixState:
+def _encode(
+    row_labels: Tensor, col_labels: Tensor, k: int, device: torch.device, dtype: torch.dtype, transposed: bool
+) -> _MatrixState:
     rows, cols = onehot(row_labels.to(device), k, dtype), onehot(col_labels.to(device), k, dtype)
     return _MatrixState(cols, rows, transposed) if transposed else _MatrixState(rows, cols, transposed)
 
@@ -63,8 +65,9 @@ class ClusterabilityRegulariser:
     at most ``stack_elements`` weights (a matrix larger than that is a batch of its own).
     """
 
-    def __init__(self, differentiable: bool = True, weights_persist: bool = False,
-                 stack_elements: int = STACK_ELEMENTS) -> None:
+    def __init__(
+        self, differentiable: bool = True, weights_persist: bool = False, stack_elements: int = STACK_ELEMENTS
+    ) -> None:
         self.differentiable = differentiable
         self.weights_persist = weights_persist
         self.stack_elements = stack_elements
@@ -76,8 +79,9 @@ class ClusterabilityRegulariser:
         self._pending: dict[str, Tensor] = {}  # weights_persist: modules that ran, C not yet computed
         self._stacked_onehots: dict[tuple[str, ...], tuple[Tensor, Tensor]] = {}
 
-    def add(self, name: str, module: nn.Module, row_labels: Tensor, col_labels: Tensor, k: int,
-            transposed: bool = False) -> None:
+    def add(
+        self, name: str, module: nn.Module, row_labels: Tensor, col_labels: Tensor, k: int, transposed: bool = False
+    ) -> None:
         """Regularise `module.weight` under the partition (rows `[n_out]`, cols `[n_in]`) of its [n_out, n_in] form."""
         if name in self._states:
             raise ValueError(f"ClusterabilityRegulariser: {name!r} is already registered; use set_partition")
@@ -93,8 +97,9 @@ class ClusterabilityRegulariser:
     def set_partition(self, name: str, row_labels: Tensor, col_labels: Tensor, k: int) -> None:
         """Swap the partition of a registered module, e.g. after the partition is recomputed."""
         old = self._states[name]
-        self._states[name] = _encode(row_labels, col_labels, k, old.dim0_onehot.device, old.dim0_onehot.dtype,
-                                     old.transposed)
+        self._states[name] = _encode(
+            row_labels, col_labels, k, old.dim0_onehot.device, old.dim0_onehot.dtype, old.transposed
+        )
         self._stacked_onehots.clear()
 
     def clear(self) -> None:
@@ -135,10 +140,13 @@ class ClusterabilityRegulariser:
             weight = module.weight  # as stored; the one-hots are in the same orientation
             labelled = (state.dim0_onehot.shape[0], state.dim1_onehot.shape[0])
             if weight.shape != labelled:
-                shape, (rows, cols) = ((list(weight.shape[::-1]), labelled[::-1]) if state.transposed
-                                       else (list(weight.shape), labelled))
-                raise ValueError(f"ClusterabilityRegulariser: {name!r} has weight [n_out, n_in] = {shape} but its "
-                                 f"partition labels {rows} rows and {cols} columns")
+                shape, (rows, cols) = (
+                    (list(weight.shape[::-1]), labelled[::-1]) if state.transposed else (list(weight.shape), labelled)
+                )
+                raise ValueError(
+                    f"ClusterabilityRegulariser: {name!r} has weight [n_out, n_in] = {shape} but its "
+                    f"partition labels {rows} rows and {cols} columns"
+                )
             if self.weights_persist:
                 if name not in self._values:  # a recompute after C was taken changes nothing
                     self._pending[name] = weight
@@ -146,6 +154,7 @@ class ClusterabilityRegulariser:
             with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
                 value, total = StackedClusterability.apply(state.dim0_onehot[None], state.dim1_onehot[None], weight)
             self._values[name], self._masses[name] = value[0], total[0]
+
         return record
 
     def _compute_pending(self) -> None:
@@ -172,13 +181,15 @@ class ClusterabilityRegulariser:
         batches = []
         for names in by_shape.values():
             size = max(1, self.stack_elements // self._pending[names[0]].numel())
-            batches += [tuple(names[start:start + size]) for start in range(0, len(names), size)]
+            batches += [tuple(names[start : start + size]) for start in range(0, len(names), size)]
         return batches
 
     def _onehots_of(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
         """The batch's one-hots stacked `[G, dim0, k]`, `[G, dim1, k]`, kept until a partition changes."""
         if names not in self._stacked_onehots:
             states = [self._states[name] for name in names]
-            self._stacked_onehots[names] = (torch.stack([state.dim0_onehot for state in states]),
-                                            torch.stack([state.dim1_onehot for state in states]))
+            self._stacked_onehots[names] = (
+                torch.stack([state.dim0_onehot for state in states]),
+                torch.stack([state.dim1_onehot for state in states]),
+            )
         return self._stacked_onehots[names]

@@ -73,8 +73,11 @@ class StackedClusterability(torch.autograd.Function):
         row_onehots, col_onehots, value, total, *weights = ctx.saved_tensors
         scale = (2 * grad_value / total).view(-1, 1, 1)  # [G, 1, 1]
         # scale (M - C) as one product, M = R Cᵀ, with -scale C as the product's starting value: [G, n_out, n_in]
-        coefficient = torch.baddbmm(-value.view(-1, 1, 1) * scale, row_onehots.to(value.dtype) * scale,
-                                    col_onehots.to(value.dtype).transpose(-2, -1))
+        coefficient = torch.baddbmm(
+            -value.view(-1, 1, 1) * scale,
+            row_onehots.to(value.dtype) * scale,
+            col_onehots.to(value.dtype).transpose(-2, -1),
+        )
         grads = coefficient.mul_(_stacked(weights)).to(weights[0].dtype)
         return None, None, *grads.unbind()
 

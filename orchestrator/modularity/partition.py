@@ -35,9 +35,12 @@ class GroupPartition:
 
     def permuted(self, permutation: Tensor) -> GroupPartition:
         """The same partition with cluster i renamed `permutation[i]` everywhere."""
-        return GroupPartition(self.k, apply_permutation(self.hidden, permutation),
-                              tuple(apply_permutation(labels, permutation) for labels in self.inputs),
-                              tuple(apply_permutation(labels, permutation) for labels in self.outputs))
+        return GroupPartition(
+            self.k,
+            apply_permutation(self.hidden, permutation),
+            tuple(apply_permutation(labels, permutation) for labels in self.inputs),
+            tuple(apply_permutation(labels, permutation) for labels in self.outputs),
+        )
 
     def aligned_to(self, previous: GroupPartition) -> GroupPartition:
         """Renamed so that cluster i keeps, as far as possible, the units of `previous`'s cluster i
@@ -48,24 +51,34 @@ class GroupPartition:
     def to_dict(self) -> dict:
         """Plain ints and lists, the one dict form of a partition: what actors return, checkpoints keep as JSON
         and processes send each other."""
-        return {"k": self.k, "hidden": self.hidden.tolist(),
-                "inputs": [labels.tolist() for labels in self.inputs],
-                "outputs": [labels.tolist() for labels in self.outputs]}
+        return {
+            "k": self.k,
+            "hidden": self.hidden.tolist(),
+            "inputs": [labels.tolist() for labels in self.inputs],
+            "outputs": [labels.tolist() for labels in self.outputs],
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping) -> GroupPartition:
         """Inverse of `to_dict`; the labels may also be numpy arrays."""
+
         def labels(values) -> Tensor:
             return torch.as_tensor(np.asarray(values), dtype=torch.long)
-        return cls(int(data["k"]), labels(data["hidden"]), tuple(labels(v) for v in data["inputs"]),
-                   tuple(labels(v) for v in data["outputs"]))
+
+        return cls(
+            int(data["k"]),
+            labels(data["hidden"]),
+            tuple(labels(v) for v in data["inputs"]),
+            tuple(labels(v) for v in data["outputs"]),
+        )
 
     def _all_labels(self) -> Tensor:
         return torch.cat([self.hidden, *self.inputs, *self.outputs])
 
 
-def partition_group(weights_in: Sequence[Tensor], weights_out: Sequence[Tensor], k: int,
-                    method: str = "spectral", seed: int = 0) -> GroupPartition:
+def partition_group(
+    weights_in: Sequence[Tensor], weights_out: Sequence[Tensor], k: int, method: str = "spectral", seed: int = 0
+) -> GroupPartition:
     """Partition a group from its in-projections (`[d_hidden, n_in]` each) and out-projections
     (`[n_out, d_hidden]` each): spectrally, on the side-by-side matrix, or contiguously."""
     if method not in PARTITION_METHODS:
@@ -84,8 +97,9 @@ def partition_group(weights_in: Sequence[Tensor], weights_out: Sequence[Tensor],
     return GroupPartition(k, hidden, tuple(columns[:n_inputs]), tuple(columns[n_inputs:]))
 
 
-def regularise_groups(regulariser: ClusterabilityRegulariser, groups: Sequence[MatrixGroup],
-                      partitions: Mapping[str, GroupPartition]) -> None:
+def regularise_groups(
+    regulariser: ClusterabilityRegulariser, groups: Sequence[MatrixGroup], partitions: Mapping[str, GroupPartition]
+) -> None:
     """Register every matrix of `groups` with the regulariser under its group's partition (by group name),
     or swap in the new partition where the matrix is already registered."""
     for group in groups:

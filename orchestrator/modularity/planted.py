@@ -9,8 +9,9 @@ from torch import Tensor
 from orchestrator.modularity.labels import contiguous_labels
 
 
-def planted_blocks(n_out: int, n_in: int, k: int, noise: float = 0.3, seed: int = 0,
-                   dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+def planted_blocks(
+    n_out: int, n_in: int, k: int, noise: float = 0.3, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor, Tensor]:
     """`weight` `[n_out, n_in]` with Gaussian entries of std 1 inside the k diagonal blocks and `noise` outside,
     and its true row labels `[n_out]` and column labels `[n_in]` (near-equal block sizes, shuffled)."""
     generator = torch.Generator().manual_seed(seed)

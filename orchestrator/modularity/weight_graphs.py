@@ -65,9 +65,12 @@ def find_matrix_groups(model: nn.Module, matrices: Sequence[str] = MATRIX_KINDS)
             f"find_matrix_groups: no MLP of a known layout {MLP_LAYOUTS} in {type(model).__name__} "
             f"(model_type={getattr(getattr(model, 'config', None), 'model_type', None)!r}); declare its groups with "
             f"a method {type(model).__name__}.modularity_groups() returning "
-            f"[(group_name, [in-projection module names], [out-projection module names])]")
-    return [_build_group(model, name, ins if "mlp_in" in matrices else (), outs if "mlp_out" in matrices else ())
-            for name, ins, outs in declared]
+            f"[(group_name, [in-projection module names], [out-projection module names])]"
+        )
+    return [
+        _build_group(model, name, ins if "mlp_in" in matrices else (), outs if "mlp_out" in matrices else ())
+        for name, ins, outs in declared
+    ]
 
 
 def _mlp_groups(model: nn.Module) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
@@ -83,13 +86,16 @@ def _mlp_groups(model: nn.Module) -> list[tuple[str, tuple[str, ...], tuple[str,
 
 
 def _build_group(model: nn.Module, name: str, ins: Sequence[str], outs: Sequence[str]) -> MatrixGroup:
-    group = MatrixGroup(name, tuple(_matrix(model, path, "in") for path in ins),
-                        tuple(_matrix(model, path, "out") for path in outs))
+    group = MatrixGroup(
+        name, tuple(_matrix(model, path, "in") for path in ins), tuple(_matrix(model, path, "out") for path in outs)
+    )
     hidden = {m.shape[0] for m in group.inputs} | {m.shape[1] for m in group.outputs}
     if len(hidden) > 1:
         shapes = {m.name: list(m.shape) for m in group.matrices}
-        raise ValueError(f"find_matrix_groups: group {name!r} does not share one hidden size; [n_out, n_in] "
-                         f"shapes {shapes} (in-projection rows must equal out-projection columns)")
+        raise ValueError(
+            f"find_matrix_groups: group {name!r} does not share one hidden size; [n_out, n_in] "
+            f"shapes {shapes} (in-projection rows must equal out-projection columns)"
+        )
     return group
 
 
@@ -101,5 +107,7 @@ def _matrix(model: nn.Module, path: str, role: Literal["in", "out"]) -> Regulari
 
     if isinstance(module, Conv1D):
         return RegularisedMatrix(path, module, role, transposed=True)
-    raise ValueError(f"find_matrix_groups: {path} is a {type(module).__name__}; only nn.Linear and "
-                     f"transformers' Conv1D weights can be regularised")
+    raise ValueError(
+        f"find_matrix_groups: {path} is a {type(module).__name__}; only nn.Linear and "
+        f"transformers' Conv1D weights can be regularised"
+    )

@@ -64,8 +64,9 @@ class Partitioner:
         partitions, agreement = {}, {}
         for name, group in snapshot.items():
             weights_in, weights_out = group.tensors(self._device)
-            partition = partition_group(weights_in, weights_out, modularity.k, method=modularity.partition,
-                                        seed=modularity.seed)
+            partition = partition_group(
+                weights_in, weights_out, modularity.k, method=modularity.partition, seed=modularity.seed
+            )
             if previous is not None:
                 before = GroupPartition.from_dict(previous[name])
                 partition = partition.aligned_to(before)
@@ -87,8 +88,9 @@ def draw_heatmaps(snapshot: dict[str, GroupSnapshot], partitions: dict[str, dict
     for name, group in snapshot.items():
         partition = GroupPartition.from_dict(partitions[name])
         weights_in, weights_out = group.tensors()
-        for matrix, weight, (rows, cols) in zip(group.names, weights_in + weights_out, partition.matrix_labels(),
-                                                strict=True):
+        for matrix, weight, (rows, cols) in zip(
+            group.names, weights_in + weights_out, partition.matrix_labels(), strict=True
+        ):
             pictures[matrix] = block_heatmap(weight, rows, cols, partition.k, matrix)
     return pictures
 
@@ -102,9 +104,12 @@ def start_partitioners(modularity: ModularitySpec, settings: PartitionerSpec) ->
     the trainers find them by name, and the driver kills them when the job ends."""
     modularity = modularity.model_dump(mode="json", by_alias=True)
     tag = uuid.uuid4().hex[:12]
-    return {name: Partitioner.options(name=name, num_cpus=settings.cpus, num_gpus=settings.gpus)
-            .remote(modularity, settings.delay_s)
-            for name in (f"xcm-partitioner-{tag}-{index}" for index in range(settings.actors))}
+    return {
+        name: Partitioner.options(name=name, num_cpus=settings.cpus, num_gpus=settings.gpus).remote(
+            modularity, settings.delay_s
+        )
+        for name in (f"xcm-partitioner-{tag}-{index}" for index in range(settings.actors))
+    }
 
 
 class PartitionerPool:
@@ -112,10 +117,11 @@ class PartitionerPool:
 
     def __init__(self, names: list[str], group_names: list[str]):
         self._actors = [ray.get_actor(name) for name in names]
-        self._shares = [group_names[index::len(names)] for index in range(len(names))]
+        self._shares = [group_names[index :: len(names)] for index in range(len(names))]
 
-    def request(self, snapshot: dict[str, GroupSnapshot], previous: dict[str, dict] | None,
-                draw: bool) -> PartitionRequest:
+    def request(
+        self, snapshot: dict[str, GroupSnapshot], previous: dict[str, dict] | None, draw: bool
+    ) -> PartitionRequest:
         """Send every actor its groups (and, with `draw`, ask for heatmaps of them), without waiting."""
         shares, heatmaps = [], []
         for actor, names in zip(self._actors, self._shares, strict=True):
@@ -141,5 +147,6 @@ class PartitionerPool:
     @staticmethod
     def collect_heatmaps(request: PartitionRequest, timeout_s: float = 600) -> dict[str, bytes]:
         """Every actor's heatmaps by matrix name: for the logger's artifact thread, never the training loop."""
-        return {name: png for pictures in ray.get(request.heatmaps, timeout=timeout_s)
-                for name, png in pictures.items()}
+        return {
+            name: png for pictures in ray.get(request.heatmaps, timeout=timeout_s) for name, png in pictures.items()
+        }

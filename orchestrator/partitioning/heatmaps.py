@@ -35,14 +35,19 @@ def block_heatmap(weight: Tensor, row_labels: Tensor, col_labels: Tensor, k: int
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     n_out, n_in = weight.shape
-    shown = axes.imshow(image.numpy(), aspect="auto", cmap="magma", interpolation="nearest",
-                        extent=(0, n_in, n_out, 0), vmax=float(image.quantile(0.99)) or None)  # axes in units
+    shown = axes.imshow(
+        image.numpy(),
+        aspect="auto",
+        cmap="magma",
+        interpolation="nearest",
+        extent=(0, n_in, n_out, 0),
+        vmax=float(image.quantile(0.99)) or None,
+    )  # axes in units
     figure.colorbar(shown, ax=axes, label="|weight|")
     for i in range(k):
         top, bottom = row_edges[i], row_edges[i + 1]
         left, right = col_edges[i], col_edges[i + 1]
-        axes.add_patch(Rectangle((left, top), right - left, bottom - top,
-                                 fill=False, edgecolor="cyan", linewidth=1.2))
+        axes.add_patch(Rectangle((left, top), right - left, bottom - top, fill=False, edgecolor="cyan", linewidth=1.2))
     c = float(clusterability(weight, row_labels, col_labels, k))
     axes.set_title(f"{title}\nC = {c:.3f} (k = {k})", fontsize=9)
     axes.set_xlabel("inputs, sorted by cluster")

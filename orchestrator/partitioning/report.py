@@ -30,37 +30,51 @@ class PartitionReport:
         self._logger = logger
         self._groups = list(groups)
 
-    def adopted(self, version: int, step: int, requested_at: int, partitions: dict[str, GroupPartition],
-                shares: Sequence[PartitionShare], request: PartitionRequest | None, waited_s: float) -> None:
+    def adopted(
+        self,
+        version: int,
+        step: int,
+        requested_at: int,
+        partitions: dict[str, GroupPartition],
+        shares: Sequence[PartitionShare],
+        request: PartitionRequest | None,
+        waited_s: float,
+    ) -> None:
         """Version metrics at the adoption step, the partition as Parquet, and the heatmaps the actors draw
         (none when `request` is None: a version restored from a checkpoint, asked for by the interrupted run)."""
         agreement = {name: value for share in shares for name, value in share.agreement.items()}
-        metrics = {metric_names.PARTITION_VERSION: version,
-                   metric_names.PARTITION_LAG_STEPS: step - requested_at,
-                   metric_names.PARTITION_SECONDS: max(share.seconds for share in shares),
-                   metric_names.PARTITION_WAIT_SECONDS: waited_s}
+        metrics = {
+            metric_names.PARTITION_VERSION: version,
+            metric_names.PARTITION_LAG_STEPS: step - requested_at,
+            metric_names.PARTITION_SECONDS: max(share.seconds for share in shares),
+            metric_names.PARTITION_WAIT_SECONDS: waited_s,
+        }
         if agreement:
             metrics[metric_names.PARTITION_AGREEMENT] = sum(agreement.values()) / len(agreement)
             metrics.update({metric_names.partition_agreement(name): value for name, value in agreement.items()})
         for name, partition in partitions.items():
             sizes = torch.bincount(partition.hidden, minlength=partition.k).tolist()
-            metrics.update({metric_names.partition_cluster_size(name, cluster): size
-                            for cluster, size in enumerate(sizes)})
+            metrics.update(
+                {metric_names.partition_cluster_size(name, cluster): size for cluster, size in enumerate(sizes)}
+            )
         self._logger.log(metrics, step)
         self._logger.log_artifacts_from(
             lambda directory: self._write_table(directory / f"partition-step{step}.parquet", version, partitions),
-            PARTITIONS_DIRECTORY)
+            PARTITIONS_DIRECTORY,
+        )
         if request is not None and request.heatmaps:
             self._logger.log_artifacts_from(
                 lambda directory: _write_pictures(directory, PartitionerPool.collect_heatmaps(request)),
-                f"{HEATMAPS_DIRECTORY}/version-{version}")
+                f"{HEATMAPS_DIRECTORY}/version-{version}",
+            )
 
     def final(self, snapshot: dict[str, GroupSnapshot], partitions: dict[str, GroupPartition]) -> None:
         """Heatmaps of the trained matrices under the last partition, drawn off the training loop."""
         as_dicts = {name: partition.to_dict() for name, partition in partitions.items()}
         self._logger.log_artifacts_from(
             lambda directory: _write_pictures(directory, draw_heatmaps(snapshot, as_dicts)),
-            f"{HEATMAPS_DIRECTORY}/final")
+            f"{HEATMAPS_DIRECTORY}/final",
+        )
 
     def _write_table(self, path: Path, version: int, partitions: dict[str, GroupPartition]) -> None:
         import pyarrow as pa

@@ -73,9 +73,17 @@ class _Request:
 class PartitionSchedule:
     """Owns the current partition of every rank: requests, adoption, the regulariser's labels and baselines."""
 
-    def __init__(self, groups: Sequence[MatrixGroup], regulariser: ClusterabilityRegulariser,
-                 modularity: ModularitySpec, partitioner: PartitionerSpec, rank: Rank, device: torch.device,
-                 actor_names: Sequence[str], metric_logger: MetricLogger | None):
+    def __init__(
+        self,
+        groups: Sequence[MatrixGroup],
+        regulariser: ClusterabilityRegulariser,
+        modularity: ModularitySpec,
+        partitioner: PartitionerSpec,
+        rank: Rank,
+        device: torch.device,
+        actor_names: Sequence[str],
+        metric_logger: MetricLogger | None,
+    ):
         self._groups, self._regulariser = list(groups), regulariser
         self._modularity, self._partitioner = modularity, partitioner
         self._rank, self._device = rank, device
@@ -130,8 +138,13 @@ class PartitionSchedule:
         if self.partitions is None:
             return None
         partitions = {name: partition.to_dict() for name, partition in self.partitions.items()}
-        return {"version": self.version, "last_request": self._last_request, "partitions": partitions,
-                "adoptions": [dict(adoption) for adoption in self.adoptions], "pending": self._pending_state()}
+        return {
+            "version": self.version,
+            "last_request": self._last_request,
+            "partitions": partitions,
+            "adoptions": [dict(adoption) for adoption in self.adoptions],
+            "pending": self._pending_state(),
+        }
 
     def load_state_dict(self, state: dict | None) -> None:
         """Continue from `state_dict()`'s output: the same labels in the regulariser, the same record."""
@@ -141,9 +154,15 @@ class PartitionSchedule:
         self._last_request = state["last_request"]
         self.adoptions = [dict(adoption) for adoption in state["adoptions"]]
         pending = state.get("pending")  # absent from checkpoints written before adopt_after_steps
-        self._request = None if pending is None else _Request(
-            pending["requested_at"], pending["adopt_at"],
-            shares=[PartitionShare(**share) for share in pending["shares"]])
+        self._request = (
+            None
+            if pending is None
+            else _Request(
+                pending["requested_at"],
+                pending["adopt_at"],
+                shares=[PartitionShare(**share) for share in pending["shares"]],
+            )
+        )
         if state["partitions"] is not None:
             self._apply({name: GroupPartition.from_dict(data) for name, data in state["partitions"].items()})
 
@@ -153,8 +172,11 @@ class PartitionSchedule:
         adopt_at = step if self.partitions is None else step + lag if lag > 0 else None
         self._request, self._last_request = _Request(step, adopt_at), step
         if self._pool is not None:
-            previous = None if self.partitions is None else {
-                name: partition.to_dict() for name, partition in self.partitions.items()}
+            previous = (
+                None
+                if self.partitions is None
+                else {name: partition.to_dict() for name, partition in self.partitions.items()}
+            )
             draw = self.version % self._partitioner.heatmap_every == 0  # versions 1, 1 + N, 1 + 2N...
             self._request.sent = self._pool.request(gathered.groups, previous, draw)
 
@@ -175,11 +197,17 @@ class PartitionSchedule:
         self._request = None
         if code == FAILED:
             if self.partitions is None:
-                raise RuntimeError("the partitioner could not compute the first partition"
-                                   + ("" if request.error is None else f": {request.error}")
-                                   + ("" if self._rank.leads else " (rank 0 has the cause)")) from request.error
-            logger.warning("partition requested at step %d failed (%s); keeping version %d", request.step,
-                           request.error, self.version)
+                raise RuntimeError(
+                    "the partitioner could not compute the first partition"
+                    + ("" if request.error is None else f": {request.error}")
+                    + ("" if self._rank.leads else " (rank 0 has the cause)")
+                ) from request.error
+            logger.warning(
+                "partition requested at step %d failed (%s); keeping version %d",
+                request.step,
+                request.error,
+                self.version,
+            )
             return
         shares = request.shares
         payload = [{name: data for share in shares for name, data in share.partitions.items()}]
@@ -207,8 +235,11 @@ class PartitionSchedule:
         request = self._request
         if request is None or request.adopt_at is None or self._observe(request, wait=True) != READY:
             return None
-        return {"requested_at": request.step, "adopt_at": request.adopt_at,
-                "shares": [asdict(share) for share in request.shares]}
+        return {
+            "requested_at": request.step,
+            "adopt_at": request.adopt_at,
+            "shares": [asdict(share) for share in request.shares],
+        }
 
     def _observe(self, request: _Request, wait: bool) -> int:
         """Rank 0: whether the actors have answered (collecting the answers), waiting for them with `wait`.
@@ -231,7 +262,8 @@ class PartitionSchedule:
         self.baselines = {
             matrix.name: float(baseline(rows, cols, partitions[group.name].k))
             for group in self._groups
-            for matrix, (rows, cols) in zip(group.matrices, partitions[group.name].matrix_labels(), strict=True)}
+            for matrix, (rows, cols) in zip(group.matrices, partitions[group.name].matrix_labels(), strict=True)
+        }
 
     def _broadcast_code(self, code: int) -> int:
         """Rank 0's `code` on every rank: one small tensor on the training device (nccl needs it on the GPU)."""

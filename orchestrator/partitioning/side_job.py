@@ -30,16 +30,22 @@ class PartitioningKind:
         modularity, partitioner = spec.modularity, spec.partitioner
         problems = []
         if modularity.partition_at_step >= spec.training.steps:
-            problems.append(SpecProblem(
-                key="modularity.partition_at_step",
-                message=f"{modularity.partition_at_step} is not before the last step ({spec.training.steps})",
-                fix=f"choose a step below training.steps={spec.training.steps}"))
+            problems.append(
+                SpecProblem(
+                    key="modularity.partition_at_step",
+                    message=f"{modularity.partition_at_step} is not before the last step ({spec.training.steps})",
+                    fix=f"choose a step below training.steps={spec.training.steps}",
+                )
+            )
         problems += _adoption_problems(modularity, partitioner)
         if dimensions is not None and partitioner.actors > dimensions.layers:
-            problems.append(SpecProblem(
-                key="partitioner.actors",
-                message=f"{partitioner.actors} actors for {dimensions.layers} MLP layers would leave some idle",
-                fix=f"set partitioner.actors <= {dimensions.layers}"))
+            problems.append(
+                SpecProblem(
+                    key="partitioner.actors",
+                    message=f"{partitioner.actors} actors for {dimensions.layers} MLP layers would leave some idle",
+                    fix=f"set partitioner.actors <= {dimensions.layers}",
+                )
+            )
         return problems
 
     @staticmethod
@@ -52,8 +58,16 @@ class PartitioningKind:
     def build(spec: JobSpec, context: SideJobContext) -> PartitionSchedule:
         from orchestrator.partitioning.schedule import PartitionSchedule
 
-        return PartitionSchedule(context.groups, context.regulariser, spec.modularity, spec.partitioner,
-                                 context.rank, context.device, context.actor_names, context.logger)
+        return PartitionSchedule(
+            context.groups,
+            context.regulariser,
+            spec.modularity,
+            spec.partitioner,
+            context.rank,
+            context.device,
+            context.actor_names,
+            context.logger,
+        )
 
 
 PARTITIONING = PartitioningKind()
@@ -65,15 +79,21 @@ def _adoption_problems(modularity: ModularitySpec, partitioner: PartitionerSpec)
     if lag == 0:
         return []
     if every == 0:
-        return [SpecProblem(
-            key="partitioner.adopt_after_steps",
-            message=f"{lag} applies to recomputed partitions, and modularity.partition_every is 0 (the one "
-                    "partition is always awaited at partition_at_step)",
-            fix="set modularity.partition_every > 0, or partitioner.adopt_after_steps: 0")]
+        return [
+            SpecProblem(
+                key="partitioner.adopt_after_steps",
+                message=f"{lag} applies to recomputed partitions, and modularity.partition_every is 0 (the one "
+                "partition is always awaited at partition_at_step)",
+                fix="set modularity.partition_every > 0, or partitioner.adopt_after_steps: 0",
+            )
+        ]
     if lag > every:
-        return [SpecProblem(
-            key="partitioner.adopt_after_steps",
-            message=f"{lag} is more than modularity.partition_every={every}: no request goes out before the "
-                    f"previous adoption, so versions would come every {lag} steps, not every {every}",
-            fix=f"choose partitioner.adopt_after_steps <= {every}, or raise modularity.partition_every")]
+        return [
+            SpecProblem(
+                key="partitioner.adopt_after_steps",
+                message=f"{lag} is more than modularity.partition_every={every}: no request goes out before the "
+                f"previous adoption, so versions would come every {lag} steps, not every {every}",
+                fix=f"choose partitioner.adopt_after_steps <= {every}, or raise modularity.partition_every",
+            )
+        ]
     return []

@@ -132,6 +132,7 @@ def metric_spool_path(spec: JobSpec, run_id: str) -> Path:
 
 # ---- the key -------------------------------------------------------------------------------------------------
 
+
 def key_file() -> Path:
     return Path.home() / ".config" / "xcm" / "checkpoint.key"
 
@@ -144,8 +145,10 @@ def checkpoint_key(create: bool = False) -> bytes:
     if value is not None:
         value = value.strip()  # a secret read from a file often ends in a newline that a shell's $(...) drops
         if len(value.encode()) < MIN_KEY_BYTES:
-            raise CheckpointKeyError(f"{KEY_ENV} holds {len(value.encode())} bytes; a checkpoint key needs at "
-                                     f"least {MIN_KEY_BYTES}: set it to e.g. the output of `openssl rand -hex 32`")
+            raise CheckpointKeyError(
+                f"{KEY_ENV} holds {len(value.encode())} bytes; a checkpoint key needs at "
+                f"least {MIN_KEY_BYTES}: set it to e.g. the output of `openssl rand -hex 32`"
+            )
         return value.encode()
     path = key_file()
     if create and not os.path.lexists(path):
@@ -180,26 +183,36 @@ def _read_key_file(path: Path) -> bytes:
     except FileNotFoundError:
         raise CheckpointKeyError(
             f"no checkpoint key: set {KEY_ENV} (on a cluster, the Kubernetes secret every Ray pod gets) to the key "
-            f"the run was trained with, or run on the machine whose {path} signed it") from None
+            f"the run was trained with, or run on the machine whose {path} signed it"
+        ) from None
     except OSError as error:
-        raise CheckpointKeyError(f"cannot read the checkpoint key {path} ({error.strerror}): it must be a plain "
-                                 f"file, not a symlink; or set {KEY_ENV}") from None
+        raise CheckpointKeyError(
+            f"cannot read the checkpoint key {path} ({error.strerror}): it must be a plain "
+            f"file, not a symlink; or set {KEY_ENV}"
+        ) from None
     with os.fdopen(descriptor, "rb") as stream:
         info = os.fstat(stream.fileno())
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
-            raise CheckpointKeyError(f"the checkpoint key {path} is not a plain file of this user: remove it "
-                                     f"(a new one is made at the next save) or set {KEY_ENV}")
+            raise CheckpointKeyError(
+                f"the checkpoint key {path} is not a plain file of this user: remove it "
+                f"(a new one is made at the next save) or set {KEY_ENV}"
+            )
         if info.st_mode & 0o077:
-            raise CheckpointKeyError(f"the checkpoint key {path} is open to other users (mode "
-                                     f"{stat.S_IMODE(info.st_mode):03o}): run `chmod 600 {path}`")
+            raise CheckpointKeyError(
+                f"the checkpoint key {path} is open to other users (mode "
+                f"{stat.S_IMODE(info.st_mode):03o}): run `chmod 600 {path}`"
+            )
         key = stream.read(4096)
     if len(key) < MIN_KEY_BYTES:
-        raise CheckpointKeyError(f"the checkpoint key {path} holds {len(key)} bytes, fewer than {MIN_KEY_BYTES}: "
-                                 f"remove it (a new one is made at the next save) or set {KEY_ENV}")
+        raise CheckpointKeyError(
+            f"the checkpoint key {path} holds {len(key)} bytes, fewer than {MIN_KEY_BYTES}: "
+            f"remove it (a new one is made at the next save) or set {KEY_ENV}"
+        )
     return key
 
 
 # ---- the state ------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class CheckpointState:
@@ -238,6 +251,7 @@ class CheckpointState:
 
 # ---- where a checkpoint is ----------------------------------------------------------------------------------
 
+
 class Place(NamedTuple):
     """A location as pyarrow reads it, and the URI query that built its filesystem (kept for later URIs)."""
 
@@ -274,12 +288,15 @@ def resolve(location: str) -> Place:
 
 # ---- writing ------------------------------------------------------------------------------------------------
 
+
 def file_records(directory: Path) -> dict[str, dict]:
     """Every file under a local directory as ``relative path -> {size, sha256}``."""
     records = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         records[path.relative_to(directory).as_posix()] = {
-            "size": path.stat().st_size, "sha256": _sha256(pafs.LocalFileSystem(), str(path))}
+            "size": path.stat().st_size,
+            "sha256": _sha256(pafs.LocalFileSystem(), str(path)),
+        }
     return records
 
 
@@ -301,8 +318,10 @@ def _signature(manifest: dict, key: bytes) -> str:
 
 # ---- verifying ----------------------------------------------------------------------------------------------
 
-def verified(filesystem: pafs.FileSystem, path: str, query: str = "", key: bytes | None = None,
-             name_must_match: bool = True) -> Located:
+
+def verified(
+    filesystem: pafs.FileSystem, path: str, query: str = "", key: bytes | None = None, name_must_match: bool = True
+) -> Located:
     """The checkpoint at ``path`` once it has verified, or NotIntact saying why it must not be used.
 
     Nothing but the manifest is read before the manifest authenticates; nothing is unpickled at all.
@@ -357,21 +376,31 @@ def verify_local(directory: Path, expected: CheckpointState) -> None:
 def _check_manifest(path: str, manifest, key: bytes) -> dict[str, dict]:
     """The manifest's files once its shape and HMAC are right (in that order)."""
     if isinstance(manifest, dict) and manifest.get("format") == 1:
-        raise NotIntact(path, "it predates authenticated checkpoints (manifest format 1): its files are pickles "
-                              "that this xcm does not open; export its weights with the xcm version that wrote "
-                              "it (`xcm export ... --to hf DIR`) and start a new run from DIR")
+        raise NotIntact(
+            path,
+            "it predates authenticated checkpoints (manifest format 1): its files are pickles "
+            "that this xcm does not open; export its weights with the xcm version that wrote "
+            "it (`xcm export ... --to hf DIR`) and start a new run from DIR",
+        )
     expected = {"format", "key_id", "files", "hmac"}
     if not isinstance(manifest, dict) or set(manifest) != expected or manifest["format"] != MANIFEST_FORMAT:
         raise NotIntact(path, f"the manifest is not an xcm format-{MANIFEST_FORMAT} manifest")
     files = manifest["files"]
-    if not (isinstance(files, dict) and isinstance(manifest["hmac"], str) and isinstance(manifest["key_id"], str)
-            and all(_record_shape_ok(record) for record in files.values())):
+    if not (
+        isinstance(files, dict)
+        and isinstance(manifest["hmac"], str)
+        and isinstance(manifest["key_id"], str)
+        and all(_record_shape_ok(record) for record in files.values())
+    ):
         raise NotIntact(path, "the manifest is not an xcm format-2 manifest (its files or signature are malformed)")
     if not hmac.compare_digest(manifest["hmac"].encode(), _signature(manifest, key).encode()):
         signer = "another key" if manifest["key_id"] != key_id(key) else "this key, and altered since"
-        raise NotIntact(path, f"its manifest's signature does not verify: signed with {signer} (this machine's key "
-                              f"is {KEY_ENV}, else {key_file()}; id {key_id(key)}, the manifest's "
-                              f"{manifest['key_id'][:16]!r})")
+        raise NotIntact(
+            path,
+            f"its manifest's signature does not verify: signed with {signer} (this machine's key "
+            f"is {KEY_ENV}, else {key_file()}; id {key_id(key)}, the manifest's "
+            f"{manifest['key_id'][:16]!r})",
+        )
     for name in files:
         if reason := _unsafe_name(name):
             raise NotIntact(path, f"the manifest names {name!r}, {reason}")
@@ -393,8 +422,14 @@ def _file_kind(filesystem: pafs.FileSystem, path: str) -> bool | None:
 
 
 def _record_shape_ok(record) -> bool:
-    return (isinstance(record, dict) and set(record) == {"size", "sha256"} and type(record["size"]) is int
-            and record["size"] >= 0 and isinstance(record["sha256"], str) and bool(_SHA256.fullmatch(record["sha256"])))
+    return (
+        isinstance(record, dict)
+        and set(record) == {"size", "sha256"}
+        and type(record["size"]) is int
+        and record["size"] >= 0
+        and isinstance(record["sha256"], str)
+        and bool(_SHA256.fullmatch(record["sha256"]))
+    )
 
 
 def _unsafe_name(name: str) -> str | None:
@@ -411,10 +446,15 @@ def _unsafe_name(name: str) -> str | None:
 def _check_listing(filesystem: pafs.FileSystem, path: str, files: dict[str, dict]) -> None:
     """Every listed file present with its size, and nothing else: DeepSpeed loads every shard it finds by
     name pattern, listed or not. On a local disk, no symlink anywhere below the checkpoint directory."""
-    present = _local_files(path) if isinstance(filesystem, pafs.LocalFileSystem) else {
-        info.path[len(path) + 1:]: info.size
-        for info in filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
-        if info.type == pafs.FileType.File}
+    present = (
+        _local_files(path)
+        if isinstance(filesystem, pafs.LocalFileSystem)
+        else {
+            info.path[len(path) + 1 :]: info.size
+            for info in filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+            if info.type == pafs.FileType.File
+        }
+    )
     for name, record in files.items():
         if name not in present:
             raise NotIntact(path, f"{name} is missing")
@@ -441,6 +481,7 @@ def _local_files(path: str) -> dict[str, int]:
 
 
 # ---- choosing -----------------------------------------------------------------------------------------------
+
 
 def read_text(located: Located, name: str) -> str:
     """A file of a verified checkpoint."""
@@ -471,8 +512,9 @@ def search(filesystem: pafs.FileSystem, candidate: str, query: str = "") -> tupl
 
 def is_checkpoint_path(location: str) -> bool:
     """Whether ``location`` names one checkpoint (``.../step-N``) rather than a run directory."""
-    return PurePosixPath(urlsplit(location).path if "://" in location else location.rstrip("/")) \
-        .name.startswith(CHECKPOINT_PREFIX)
+    return PurePosixPath(urlsplit(location).path if "://" in location else location.rstrip("/")).name.startswith(
+        CHECKPOINT_PREFIX
+    )
 
 
 def set_aside_newer(located: Located) -> str | None:
@@ -513,9 +555,14 @@ def _move(filesystem: pafs.FileSystem, source: str, destination: str) -> None:
 def _checkpoint_names(filesystem: pafs.FileSystem, parent: str) -> list[str]:
     """The ``step-*`` directories of a run directory, newest first."""
     selector = pafs.FileSelector(parent, allow_not_found=True)
-    return sorted((info.base_name for info in filesystem.get_file_info(selector)
-                   if info.type == pafs.FileType.Directory and info.base_name.startswith(CHECKPOINT_PREFIX)),
-                  reverse=True)
+    return sorted(
+        (
+            info.base_name
+            for info in filesystem.get_file_info(selector)
+            if info.type == pafs.FileType.Directory and info.base_name.startswith(CHECKPOINT_PREFIX)
+        ),
+        reverse=True,
+    )
 
 
 def _candidates(filesystem: pafs.FileSystem, candidate: str) -> list[str]:

@@ -69,7 +69,8 @@ class CheckpointManager:
         if key_id is not None and store.key_id(store.checkpoint_key()) != key_id:
             raise store.CheckpointKeyError(
                 f"this worker's checkpoint key differs from the driver's: set {store.KEY_ENV} to the same key on "
-                "every node (on a cluster, the Kubernetes secret every Ray pod gets)")
+                "every node (on a cluster, the Kubernetes secret every Ray pod gets)"
+            )
 
     def due(self, step: int) -> bool:
         """A checkpoint after step index ``step``: every ``every_steps`` steps and after the last one."""
@@ -89,9 +90,14 @@ class CheckpointManager:
             _write_json(capture_rng_state(), directory / store.rng_file(self.rank.index))
             if self.rank.leads:
                 state = store.CheckpointState(
-                    step=completed, data_position=data_position, world_size=self.rank.world_size,
-                    zero_stage=self.spec.deepspeed.zero_stage, run_id=self.run_id, deepspeed_tag=tag,
-                    session=self.session)
+                    step=completed,
+                    data_position=data_position,
+                    world_size=self.rank.world_size,
+                    zero_stage=self.spec.deepspeed.zero_stage,
+                    run_id=self.run_id,
+                    deepspeed_tag=tag,
+                    session=self.session,
+                )
                 (directory / store.STATE).write_text(state.to_json())
                 (directory / store.JOB).write_text(self.spec.to_yaml())
                 for name, side_job_state in side_job_states.items():
@@ -100,10 +106,14 @@ class CheckpointManager:
                     engine.module.config.to_json_file(directory / store.MODEL_CONFIG)
             records = _all_ranks(store.file_records(directory))
             if self.rank.leads:
-                store.write_manifest(directory, {name: record for rank_records in records
-                                                 for name, record in rank_records.items()})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
-                             checkpoint_dir_name=store.checkpoint_name(completed))
+                store.write_manifest(
+                    directory, {name: record for rank_records in records for name, record in rank_records.items()}
+                )
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+                checkpoint_dir_name=store.checkpoint_name(completed),
+            )
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -133,8 +143,11 @@ class CheckpointManager:
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load {directory / store.DEEPSPEED}")
             restore_rng_state(_read_json(directory / store.rng_file(self.rank.index)))
-            side_job_states = {name: _read_json(directory / store.side_job_file(name)) for name in side_jobs
-                               if (directory / store.side_job_file(name)).is_file()}
+            side_job_states = {
+                name: _read_json(directory / store.side_job_file(name))
+                for name in side_jobs
+                if (directory / store.side_job_file(name)).is_file()
+            }
         if self.rank.leads:
             logger.info("resumed from %s at step %d", located.uri, located.state.step)
         return Restored(located.state.step, located.state.data_position, side_job_states)
@@ -172,8 +185,9 @@ def _verify_on_every_rank(directory: Path, located: store.Located) -> None:
         reason = str(error)
     reasons = [reason for reason in _all_ranks(reason) if reason is not None]
     if reasons:
-        raise CheckpointRefused(f"checkpoint {located.uri} as read on this node does not verify, so nothing of "
-                                f"it is loaded: {reasons[0]}")
+        raise CheckpointRefused(
+            f"checkpoint {located.uri} as read on this node does not verify, so nothing of it is loaded: {reasons[0]}"
+        )
 
 
 def check_resumable(state: store.CheckpointState, world_size: int, where: str) -> None:
@@ -184,17 +198,25 @@ def check_resumable(state: store.CheckpointState, world_size: int, where: str) -
         f"checkpoint {where} was written by {state.world_size} workers and this run has {world_size}; its "
         f"ZeRO-{state.zero_stage} shards are split {state.world_size} ways. Resume with "
         f"--set resources.num_workers={state.world_size}, or start a new run from its consolidated weights: "
-        f"`xcm export {where} --to hf DIR`, then model.init: pretrained with model.pretrained: DIR.")
+        f"`xcm export {where} --to hf DIR`, then model.init: pretrained with model.pretrained: DIR."
+    )
 
 
 def capture_rng_state() -> dict:
     """Python, numpy and torch (and CUDA, when present) random states of this process, as JSON values."""
     version, internal, gauss_next = random.getstate()
     name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    state = {"python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
-             "numpy": {"name": name, "keys": keys.tolist(), "position": int(position), "has_gauss": int(has_gauss),
-                       "cached_gaussian": float(cached_gaussian)},
-             "torch": _bytes_text(torch.get_rng_state())}
+    state = {
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        "numpy": {
+            "name": name,
+            "keys": keys.tolist(),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": _bytes_text(torch.get_rng_state()),
+    }
     if torch.cuda.is_available():
         state["cuda"] = [_bytes_text(device_state) for device_state in torch.cuda.get_rng_state_all()]
     return state
@@ -203,8 +225,15 @@ def capture_rng_state() -> dict:
 def restore_rng_state(state: dict) -> None:
     python, numpy_state = state["python"], state["numpy"]
     random.setstate((python["version"], tuple(python["internal"]), python["gauss_next"]))
-    np.random.set_state((numpy_state["name"], np.asarray(numpy_state["keys"], dtype=np.uint32),
-                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            numpy_state["name"],
+            np.asarray(numpy_state["keys"], dtype=np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(_bytes_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([_bytes_tensor(text) for text in state["cuda"]])

@@ -24,15 +24,20 @@ def deepspeed_config(spec: JobSpec, world_size: int) -> dict:
         "gradient_clipping": training.grad_clip,
         "zero_optimization": zero_section(spec),
         "bf16": {"enabled": training.precision == "bf16"},
-        "fp16": {"enabled": training.precision == "fp16", **_FP16_LOSS_SCALING,
-                 "initial_scale_power": training.initial_loss_scale_power},
+        "fp16": {
+            "enabled": training.precision == "fp16",
+            **_FP16_LOSS_SCALING,
+            "initial_scale_power": training.initial_loss_scale_power,
+        },
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
     if deepspeed_builds_optimizer(spec):
-        config["optimizer"] = {"type": "AdamW", "params": {
-            "lr": training.lr, "weight_decay": training.weight_decay, "betas": list(training.betas)}}
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": training.lr, "weight_decay": training.weight_decay, "betas": list(training.betas)},
+        }
     elif spec.deepspeed.offload_optimizer:
         # DeepSpeed insists on its CPUAdam under offload; on a CPU-only machine the client AdamW already runs
         # where the offloaded states live, so the check only costs a compile.

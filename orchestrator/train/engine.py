@@ -21,9 +21,12 @@ def build_engine(model: torch.nn.Module, spec: JobSpec, world_size: int):
     if training.activation_checkpointing:
         enable_activation_checkpointing(model)
     model.train()  # from_pretrained leaves eval mode, in which transformers skips activation checkpointing
-    engine, *_ = deepspeed.initialize(model=model, optimizer=client_optimizer(model, spec),
-                                      config=deepspeed_config(spec, world_size),
-                                      lr_scheduler=scheduler_factory(training))
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=client_optimizer(model, spec),
+        config=deepspeed_config(spec, world_size),
+        lr_scheduler=scheduler_factory(training),
+    )
     return engine
 
 
@@ -37,8 +40,13 @@ def client_optimizer(model: torch.nn.Module, spec: JobSpec) -> torch.optim.Optim
     if deepspeed_builds_optimizer(spec):
         return None
     training = spec.training
-    return torch.optim.AdamW(model.parameters(), lr=training.lr, weight_decay=training.weight_decay,
-                             betas=tuple(training.betas), fused=spec.resources.use_gpu)
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=training.lr,
+        weight_decay=training.weight_decay,
+        betas=tuple(training.betas),
+        fused=spec.resources.use_gpu,
+    )
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
@@ -49,6 +57,7 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     the non-reentrant kind keeps it.
     """
     if not hasattr(model, "gradient_checkpointing_enable"):
-        raise ValueError(f"{type(model).__name__} has no activation checkpointing; "
-                         "set training.activation_checkpointing: false")
+        raise ValueError(
+            f"{type(model).__name__} has no activation checkpointing; set training.activation_checkpointing: false"
+        )
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

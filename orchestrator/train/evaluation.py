@@ -6,6 +6,7 @@ and metrics by its token or example count, and one ``all_reduce`` turns the sums
 whole set. Rank 0 logs them. For the synthetic corpus each task's held-out blocks are a set of their own
 (``eval/loss/<task>``), so later work can ask which model cluster each task depends on.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,16 +33,28 @@ def rank_shard(items, rank: int, world_size: int):
 class Evaluator:
     """Computes the eval metrics when ``due``; every rank must call ``evaluate`` at the same steps."""
 
-    def __init__(self, model: torch.nn.Module, objective: Objective, sets: dict, evaluation: EvaluationSpec,
-                 micro_batch_size: int, rank: int, world_size: int, last_step: int, device: torch.device):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        objective: Objective,
+        sets: dict,
+        evaluation: EvaluationSpec,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        last_step: int,
+        device: torch.device,
+    ):
         self.model, self.objective, self.evaluation = model, objective, evaluation
         self.micro_batch_size, self.last_step, self.device = micro_batch_size, last_step, device
         self.shards = {name: rank_shard(items, rank, world_size) for name, items in sets.items()}
         too_small = [f"{name} ({len(sets[name])})" for name, shard in self.shards.items() if not len(shard)]
         if too_small and evaluation.every_steps:
-            raise ValueError(f"validation sets {', '.join(too_small)} hold fewer items than the {world_size} ranks "
-                             "that evaluate a share each; hold out more validation data, or set "
-                             "evaluation.every_steps: 0")
+            raise ValueError(
+                f"validation sets {', '.join(too_small)} hold fewer items than the {world_size} ranks "
+                "that evaluate a share each; hold out more validation data, or set "
+                "evaluation.every_steps: 0"
+            )
 
     def due(self, step: int) -> bool:
         """After every ``every_steps`` steps and after the last one, when evaluation is on and there is data."""

@@ -55,16 +55,26 @@ def _write_export(located: store.Located, out_dir: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="xcm-export-") as scratch:
         local = _local_copy(located, Path(scratch))
         if not (local / store.MODEL_CONFIG).is_file():
-            raise ExportError(f"checkpoint {located.uri} holds a model that is not a transformers model (xcm's "
-                              "MLP, CNN or modular-addition transformer): --to hf exports transformers families")
+            raise ExportError(
+                f"checkpoint {located.uri} holds a model that is not a transformers model (xcm's "
+                "MLP, CNN or modular-addition transformer): --to hf exports transformers families"
+            )
         model = _consolidated_model(local, located.state)
         model.save_pretrained(out_dir)
         partition_state = json.loads((local / store.PARTITION).read_text())
         if partition_state is not None:
             _write_partition(model, local, partition_state, out_dir / PARTITION_FILE)
-    (out_dir / PROVENANCE_FILE).write_text(json.dumps({
-        "checkpoint": located.uri, "mlflow_run_id": located.state.run_id, "step": located.state.step,
-        "partition": PARTITION_FILE if partition_state is not None else None}, indent=2))
+    (out_dir / PROVENANCE_FILE).write_text(
+        json.dumps(
+            {
+                "checkpoint": located.uri,
+                "mlflow_run_id": located.state.run_id,
+                "step": located.state.step,
+                "partition": PARTITION_FILE if partition_state is not None else None,
+            },
+            indent=2,
+        )
+    )
 
 
 def _check_destination(out_dir: Path, overwrite: bool) -> None:
@@ -73,8 +83,10 @@ def _check_destination(out_dir: Path, overwrite: bool) -> None:
         return
     if out_dir.is_dir() and not out_dir.is_symlink() and not any(out_dir.iterdir()):
         return
-    raise ExportError(f"{out_dir} exists and is not an empty directory: export to a new directory, or pass "
-                      "--overwrite to replace it (only once the new export is complete)")
+    raise ExportError(
+        f"{out_dir} exists and is not an empty directory: export to a new directory, or pass "
+        "--overwrite to replace it (only once the new export is complete)"
+    )
 
 
 def _put_in_place(staging: Path, out_dir: Path) -> None:
@@ -99,8 +111,9 @@ def consolidated_state_dict(checkpoint: Path, state: store.CheckpointState) -> d
     """The full fp32 weights of a local checkpoint, by parameter name."""
     deepspeed_dir = checkpoint / store.DEEPSPEED
     if state.zero_stage == 0:  # no ZeRO: rank 0's model file holds the whole module
-        module = torch.load(deepspeed_dir / state.deepspeed_tag / "mp_rank_00_model_states.pt",
-                            map_location="cpu", weights_only=True)["module"]
+        module = torch.load(
+            deepspeed_dir / state.deepspeed_tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True
+        )["module"]
         return {name: tensor.float() for name, tensor in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -135,11 +148,13 @@ def _local_copy(located: store.Located, scratch: Path) -> Path:
     it), else a download, verified in turn before anything reads it."""
     if isinstance(located.filesystem, pafs.LocalFileSystem):
         return Path(located.path)
-    pafs.copy_files(located.path, str(scratch), source_filesystem=located.filesystem,
-                    destination_filesystem=pafs.LocalFileSystem())
+    pafs.copy_files(
+        located.path, str(scratch), source_filesystem=located.filesystem, destination_filesystem=pafs.LocalFileSystem()
+    )
     try:
         store.verify_local(scratch, located.state)
     except store.NotIntact as error:
-        raise ExportError(f"the download of {located.uri} does not verify, so nothing of it is read: "
-                          f"{error.reason}") from None
+        raise ExportError(
+            f"the download of {located.uri} does not verify, so nothing of it is read: {error.reason}"
+        ) from None
     return scratch

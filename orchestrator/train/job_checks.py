@@ -72,8 +72,11 @@ def _dimensions(spec: JobSpec, problems: list[SpecProblem]) -> ModelDimensions |
     except OSError:
         return None  # an unreadable pretrained directory: training_spec_problems reported it
     except ValueError as error:
-        problems.append(SpecProblem(key="model.config", message=str(error),
-                                    fix="use config keys of the family's transformers config class"))
+        problems.append(
+            SpecProblem(
+                key="model.config", message=str(error), fix="use config keys of the family's transformers config class"
+            )
+        )
         return None
 
 
@@ -82,12 +85,19 @@ def _model_size_problems(spec: JobSpec, dimensions: ModelDimensions) -> list[Spe
     problems = []
     smallest, k = min(dimensions.hidden, dimensions.intermediate), spec.modularity.k
     if k > smallest:
-        problems.append(SpecProblem(
-            key="modularity.k", message=f"k={k} exceeds the smallest regularised dimension ({smallest})",
-            fix=f"choose k <= {smallest}"))
+        problems.append(
+            SpecProblem(
+                key="modularity.k",
+                message=f"k={k} exceeds the smallest regularised dimension ({smallest})",
+                fix=f"choose k <= {smallest}",
+            )
+        )
     if spec.data.source in TEXT_SOURCES and spec.data.block_size > dimensions.max_positions:
-        problems.append(SpecProblem(
-            key="data.block_size",
-            message=f"{spec.data.block_size} tokens exceed the model's {dimensions.max_positions} positions",
-            fix=f"set data.block_size <= {dimensions.max_positions} or raise the model's position limit"))
+        problems.append(
+            SpecProblem(
+                key="data.block_size",
+                message=f"{spec.data.block_size} tokens exceed the model's {dimensions.max_positions} positions",
+                fix=f"set data.block_size <= {dimensions.max_positions} or raise the model's position limit",
+            )
+        )
     return problems

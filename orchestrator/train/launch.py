@@ -52,17 +52,24 @@ def run_job(spec: JobSpec, workdir: Path | None = None, resume_from: str | None 
         # Bad data input (missing files, an unreachable dataset, a tokenizer too big for the model) stops a new run
         # here, before it exists; a text source's tokens are cached now, and the workers read the cache.
         check_data(spec)
-    run_id = tracking.attach_run(uri, existing_run) if existing_run else tracking.start_run(
-        spec.tracking, spec.name, spec.flat_params())
+    run_id = (
+        tracking.attach_run(uri, existing_run)
+        if existing_run
+        else tracking.start_run(spec.tracking, spec.name, spec.flat_params())
+    )
     with ending_run(uri, run_id):
         if existing_run:
             check_data(spec)  # on the cluster, for a submitted run: its files and caches are the cluster's
         tracking.log_resolved_spec(uri, run_id, spec.to_yaml())
         result = _fit(spec, run_id, checkpoint_key_id, resume_from)
     experiment_id = tracking.client(uri).get_run(run_id).info.experiment_id
-    return RunResult(run_id=run_id, experiment_id=experiment_id, tracking_uri=uri,
-                     checkpoint_path=result.checkpoint.path if result.checkpoint else None,
-                     metrics=dict(result.metrics or {}))
+    return RunResult(
+        run_id=run_id,
+        experiment_id=experiment_id,
+        tracking_uri=uri,
+        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        metrics=dict(result.metrics or {}),
+    )
 
 
 @contextlib.contextmanager
@@ -119,19 +126,25 @@ def _fit(spec: JobSpec, run_id: str, checkpoint_key_id: str, resume_from: str | 
     side_job_actors = start_side_job_actors(spec)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json", by_alias=True), "run_id": run_id,
-                           "progress_actor": board_name,
-                           "side_job_actors": {name: list(actors) for name, actors in side_job_actors.items()},
-                           "resume_from": resume_from, "checkpoint_key_id": checkpoint_key_id,
-                           # names this launch in its checkpoints: a worker-group restart continues from this
-                           # launch's own, not from a later branch of the run that `xcm resume` rolled back
-                           "session": uuid.uuid4().hex},
+        train_loop_config={
+            "spec": spec.model_dump(mode="json", by_alias=True),
+            "run_id": run_id,
+            "progress_actor": board_name,
+            "side_job_actors": {name: list(actors) for name, actors in side_job_actors.items()},
+            "resume_from": resume_from,
+            "checkpoint_key_id": checkpoint_key_id,
+            # names this launch in its checkpoints: a worker-group restart continues from this
+            # launch's own, not from a later branch of the run that `xcm resume` rolled back
+            "session": uuid.uuid4().hex,
+        },
         **worker_group(spec),
         # The same name on every start of the run: Ray Train then restores its checkpoints on `xcm resume`.
         run_config=RunConfig(
-            name=run_directory_name(spec.name, run_id), storage_path=spec.checkpointing.storage_path,
+            name=run_directory_name(spec.name, run_id),
+            storage_path=spec.checkpointing.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpointing.keep_last),
-            failure_config=FailureConfig(max_failures=spec.checkpointing.max_failures)),
+            failure_config=FailureConfig(max_failures=spec.checkpointing.max_failures),
+        ),
     )
     try:
         with ProgressLine(board, spec.training.steps):
@@ -148,11 +161,17 @@ def worker_group(spec: JobSpec) -> dict:
     from ray.train.torch import TorchConfig
 
     resources = spec.resources
-    return {"torch_config": TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
-            "scaling_config": ScalingConfig(
-                num_workers=resources.num_workers, use_gpu=resources.use_gpu,
-                resources_per_worker={"CPU": resources.cpus_per_worker,
-                                      **({"GPU": resources.gpus_per_worker} if resources.use_gpu else {})})}
+    return {
+        "torch_config": TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
+        "scaling_config": ScalingConfig(
+            num_workers=resources.num_workers,
+            use_gpu=resources.use_gpu,
+            resources_per_worker={
+                "CPU": resources.cpus_per_worker,
+                **({"GPU": resources.gpus_per_worker} if resources.use_gpu else {}),
+            },
+        ),
+    }
 
 
 def ensure_ray(spec: JobSpec) -> None:
@@ -169,8 +188,7 @@ def ensure_ray(spec: JobSpec) -> None:
 
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": {**_WORKER_ENVIRONMENT,
-                                "DS_ACCELERATOR": "cuda" if spec.resources.use_gpu else "cpu"}}
+    runtime_env = {"env_vars": {**_WORKER_ENVIRONMENT, "DS_ACCELERATOR": "cuda" if spec.resources.use_gpu else "cpu"}}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env, log_to_driver=True)
         return
@@ -182,10 +200,15 @@ def ensure_ray(spec: JobSpec) -> None:
     try:
         # address="local": a new instance even when a `ray start` cluster runs here (plain init would join it).
         with loopback_only_ray():
-            ray.init(address="local",
-                     num_cpus=max(os.cpu_count() or 1, int(resources.num_workers * resources.cpus_per_worker)),
-                     include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env,
-                     log_to_driver=True, _system_config={"worker_niceness": priority.WORKER_NICENESS})
+            ray.init(
+                address="local",
+                num_cpus=max(os.cpu_count() or 1, int(resources.num_workers * resources.cpus_per_worker)),
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                runtime_env=runtime_env,
+                log_to_driver=True,
+                _system_config={"worker_niceness": priority.WORKER_NICENESS},
+            )
     finally:
         if chosen_here:
             del os.environ["RAY_GCS_SERVER_PORT"]

@@ -3,6 +3,7 @@
 The trainer's loop is the same for both; an objective says how to stream the data it needs, how to turn a
 micro-batch into the task loss (plus metrics such as accuracy), and what throughput counts (tokens or samples).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -21,8 +22,9 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class Objective(Protocol):
     unit: str  # what throughput counts: "tokens" or "samples"
 
-    def batches(self, examples, micro_batch_size: int, rank: int, world_size: int, seed: int,
-                start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(
+        self, examples, micro_batch_size: int, rank: int, world_size: int, seed: int, start_step: int = 0
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's resumable stream of micro-batches over the training split."""
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

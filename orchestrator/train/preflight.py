@@ -6,6 +6,7 @@ driver has none (a CPU head node), the workers' GPUs cannot be asked from here, 
 before it builds anything (``require_precision_support``) and fails the run at once with the same message.
 fp16 on CPU workers (DeepSpeed allows it only on CPUs with native fp16) is checked on both sides the same way.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -16,17 +17,27 @@ if TYPE_CHECKING:
 
 TRANSFORMER_FAMILIES = ("gpt2", "gpt_neox", "gemma")
 # Which model families can train on which data sources (text sources need a language model).
-FAMILIES_OF_SOURCE = {"digits": ("mnist_mlp", "cifar_cnn"), "mnist": ("mnist_mlp", "cifar_cnn"),
-                      "cifar10": ("mnist_mlp", "cifar_cnn"), "modular_addition": ("modular_addition",)}
+FAMILIES_OF_SOURCE = {
+    "digits": ("mnist_mlp", "cifar_cnn"),
+    "mnist": ("mnist_mlp", "cifar_cnn"),
+    "cifar10": ("mnist_mlp", "cifar_cnn"),
+    "modular_addition": ("modular_addition",),
+}
 # Training examples of the sources whose size the spec alone fixes (before the validation hold-out).
 DIGITS_EXAMPLES = 1797
 
 
 def training_spec_problems(spec: JobSpec) -> list[SpecProblem]:
     """Every training-side problem of ``spec`` (an empty list when it can run)."""
-    return [*_model_data_problems(spec), *_pretrained_problems(spec), *model_config_problems(spec),
-            *_zero_problems(spec), *_schedule_problems(spec), *_batch_split_problems(spec),
-            *_precision_problems(spec)]
+    return [
+        *_model_data_problems(spec),
+        *_pretrained_problems(spec),
+        *model_config_problems(spec),
+        *_zero_problems(spec),
+        *_schedule_problems(spec),
+        *_batch_split_problems(spec),
+        *_precision_problems(spec),
+    ]
 
 
 def _problem(key: str, message: str, fix: str) -> SpecProblem:
@@ -41,16 +52,30 @@ def _model_data_problems(spec: JobSpec) -> list[SpecProblem]:
     model, source, problems = spec.model, spec.data.source, []
     families = TRANSFORMER_FAMILIES if source in TEXT_SOURCES else FAMILIES_OF_SOURCE[source]
     if model.family not in families:
-        problems.append(_problem("model.family", f"{model.family} cannot train on data.source {source}",
-                                 f"use model.family {' or '.join(families)} for this source, or another source"))
+        problems.append(
+            _problem(
+                "model.family",
+                f"{model.family} cannot train on data.source {source}",
+                f"use model.family {' or '.join(families)} for this source, or another source",
+            )
+        )
     if model.family not in TRANSFORMER_FAMILIES:
         if model.init == "pretrained":
-            problems.append(_problem("model.init", f"{model.family} is one of xcm's own models, trained from scratch",
-                                     "set model.init: random"))
+            problems.append(
+                _problem(
+                    "model.init",
+                    f"{model.family} is one of xcm's own models, trained from scratch",
+                    "set model.init: random",
+                )
+            )
         if spec.training.activation_checkpointing:
-            problems.append(_problem("training.activation_checkpointing",
-                                     f"{model.family} is too small to need it and has no checkpointed blocks",
-                                     "set training.activation_checkpointing: false"))
+            problems.append(
+                _problem(
+                    "training.activation_checkpointing",
+                    f"{model.family} is too small to need it and has no checkpointed blocks",
+                    "set training.activation_checkpointing: false",
+                )
+            )
     return problems
 
 
@@ -66,15 +91,24 @@ def _pretrained_problems(spec: JobSpec) -> list[SpecProblem]:
     if Path(name).expanduser().is_dir():
         return _pretrained_config_problems(spec)
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:
-        return [_problem("model.pretrained", f"no model directory at {name}",
-                         "name an existing directory (with config.json) or a hub model such as openai-community/gpt2")]
+        return [
+            _problem(
+                "model.pretrained",
+                f"no model directory at {name}",
+                "name an existing directory (with config.json) or a hub model such as openai-community/gpt2",
+            )
+        ]
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(name, "config.json"), str):
-            return [_problem("model.pretrained", f"hub model {name!r} is not in the local cache and the hub is "
-                             "offline (HF_HUB_OFFLINE)", "download it once where the hub is reachable, or name a "
-                             "local directory")]
+            return [
+                _problem(
+                    "model.pretrained",
+                    f"hub model {name!r} is not in the local cache and the hub is offline (HF_HUB_OFFLINE)",
+                    "download it once where the hub is reachable, or name a local directory",
+                )
+            ]
         return _pretrained_config_problems(spec)
     return []  # a hub model that may be fetched: its config is checked when the workers load it
 
@@ -85,13 +119,23 @@ def _pretrained_config_problems(spec: JobSpec) -> list[SpecProblem]:
     try:
         model_type = model_config(spec.model).model_type
     except (OSError, ValueError) as error:
-        return [_problem("model.pretrained", f"{spec.model.pretrained} holds no usable transformers config ({error})",
-                         "name a directory saved with save_pretrained, or a hub model")]
+        return [
+            _problem(
+                "model.pretrained",
+                f"{spec.model.pretrained} holds no usable transformers config ({error})",
+                "name a directory saved with save_pretrained, or a hub model",
+            )
+        ]
     accepted = {"gpt2": ("gpt2",), "gpt_neox": ("gpt_neox",), "gemma": ("gemma", "gemma2", "gemma3_text")}
     if model_type in accepted[spec.model.family]:
         return []
-    return [_problem("model.family", f"{spec.model.pretrained} is a {model_type!r} model, not {spec.model.family}",
-                     f"set model.family to the model's family, or name a {spec.model.family} model")]
+    return [
+        _problem(
+            "model.family",
+            f"{spec.model.pretrained} is a {model_type!r} model, not {spec.model.family}",
+            f"set model.family to the model's family, or name a {spec.model.family} model",
+        )
+    ]
 
 
 def model_config_problems(spec: JobSpec) -> list[SpecProblem]:
@@ -106,11 +150,15 @@ def model_config_problems(spec: JobSpec) -> list[SpecProblem]:
     for key in spec.model.config:
         if key not in keys:
             close = difflib.get_close_matches(key, sorted(keys), n=3, cutoff=0.6)
-            problems.append(_problem(
-                f"model.config.{key}", f"{owner} has no key {key!r}" + (
-                    f" (close matches: {', '.join(close)})" if close else ""),
-                f"use {close[0]}" if close else f"remove it, or use a key of {owner} "
-                                                "(its transformers documentation lists them)"))
+            problems.append(
+                _problem(
+                    f"model.config.{key}",
+                    f"{owner} has no key {key!r}" + (f" (close matches: {', '.join(close)})" if close else ""),
+                    f"use {close[0]}"
+                    if close
+                    else f"remove it, or use a key of {owner} (its transformers documentation lists them)",
+                )
+            )
     return problems or _config_value_problems(spec, owner)
 
 
@@ -122,15 +170,23 @@ def _config_value_problems(spec: JobSpec, owner: str) -> list[SpecProblem]:
     from orchestrator.models.classifiers import DEFAULTS
 
     model = spec.model
-    non_finite = [_problem(f"model.config.{key}", "not a finite number", "give a finite value")
-                  for key, value in model.config.items()
-                  if any(isinstance(item, float) and not math.isfinite(item) for item in _leaves(value))]
+    non_finite = [
+        _problem(f"model.config.{key}", "not a finite number", "give a finite value")
+        for key, value in model.config.items()
+        if any(isinstance(item, float) and not math.isfinite(item) for item in _leaves(value))
+    ]
     if non_finite:
         return non_finite
     if model.family not in TRANSFORMER_FAMILIES:
-        return [_problem(f"model.config.{key}", f"{owner} takes {_kind(DEFAULTS[model.family][key])} here, not "
-                                                f"{value!r}"[:200], f"give {_kind(DEFAULTS[model.family][key])}")
-                for key, value in model.config.items() if not _fits(value, DEFAULTS[model.family][key])]
+        return [
+            _problem(
+                f"model.config.{key}",
+                f"{owner} takes {_kind(DEFAULTS[model.family][key])} here, not {value!r}"[:200],
+                f"give {_kind(DEFAULTS[model.family][key])}",
+            )
+            for key, value in model.config.items()
+            if not _fits(value, DEFAULTS[model.family][key])
+        ]
     return _transformers_value_problems(spec, owner)
 
 
@@ -210,12 +266,21 @@ def _leaves(value):
 def _zero_problems(spec: JobSpec) -> list[SpecProblem]:
     zero, problems = spec.deepspeed, []
     if zero.offload_optimizer and zero.zero_stage == 0:
-        problems.append(_problem("deepspeed.offload_optimizer", "optimizer offload needs ZeRO stage 1, 2 or 3",
-                                 "set deepspeed.zero_stage >= 1, or offload_optimizer: false"))
+        problems.append(
+            _problem(
+                "deepspeed.offload_optimizer",
+                "optimizer offload needs ZeRO stage 1, 2 or 3",
+                "set deepspeed.zero_stage >= 1, or offload_optimizer: false",
+            )
+        )
     if zero.param_persistence_threshold is not None and zero.zero_stage != 3:
-        problems.append(_problem("deepspeed.param_persistence_threshold",
-                                 f"only ZeRO-3 shards parameters, but zero_stage is {zero.zero_stage}",
-                                 "set deepspeed.zero_stage: 3, or remove param_persistence_threshold"))
+        problems.append(
+            _problem(
+                "deepspeed.param_persistence_threshold",
+                f"only ZeRO-3 shards parameters, but zero_stage is {zero.zero_stage}",
+                "set deepspeed.zero_stage: 3, or remove param_persistence_threshold",
+            )
+        )
     return problems
 
 
@@ -223,25 +288,33 @@ def _schedule_problems(spec: JobSpec) -> list[SpecProblem]:
     training = spec.training
     if training.warmup_steps < training.steps:
         return []
-    return [_problem("training.warmup_steps",
-                     f"{training.warmup_steps} warm-up steps leave none of the {training.steps} steps at full lr",
-                     f"choose warmup_steps below training.steps={training.steps}")]
+    return [
+        _problem(
+            "training.warmup_steps",
+            f"{training.warmup_steps} warm-up steps leave none of the {training.steps} steps at full lr",
+            f"choose warmup_steps below training.steps={training.steps}",
+        )
+    ]
 
 
 def _batch_split_problems(spec: JobSpec) -> list[SpecProblem]:
     """A dataset whose size the spec fixes must give every worker at least one micro-batch per epoch."""
     data, workers, batch = spec.data, spec.resources.num_workers, spec.training.micro_batch_size
-    total = {"digits": DIGITS_EXAMPLES, "modular_addition": data.modulus ** 2}.get(data.source)
+    total = {"digits": DIGITS_EXAMPLES, "modular_addition": data.modulus**2}.get(data.source)
     if total is None:
         return []  # text is packed and hub images counted only once loaded: the data check does those
     train = total - round(total * data.validation_fraction)
     if train // workers >= batch:
         return []
-    return [_problem("training.micro_batch_size",
-                     f"{train} training examples split over {workers} workers leave {train // workers} each, "
-                     f"fewer than one micro-batch of {batch}",
-                     f"lower training.micro_batch_size to <= {max(train // workers, 1)} or resources.num_workers, "
-                     "or hold out less (data.validation_fraction)")]
+    return [
+        _problem(
+            "training.micro_batch_size",
+            f"{train} training examples split over {workers} workers leave {train // workers} each, "
+            f"fewer than one micro-batch of {batch}",
+            f"lower training.micro_batch_size to <= {max(train // workers, 1)} or resources.num_workers, "
+            "or hold out less (data.validation_fraction)",
+        )
+    ]
 
 
 def _precision_problems(spec: JobSpec) -> list[SpecProblem]:
@@ -269,9 +342,11 @@ def _local_precision_problem(spec: JobSpec) -> SpecProblem | None:
 
 
 def _bf16_problem(device_name: str) -> SpecProblem:
-    return _problem("training.precision", f"bf16 is not supported by {device_name} (it needs compute capability 8.0+, "
-                                          "e.g. A100, H100, L4, RTX 30xx)", "use precision fp16 (with loss scaling) "
-                                                                            "or fp32 on this GPU")
+    return _problem(
+        "training.precision",
+        f"bf16 is not supported by {device_name} (it needs compute capability 8.0+, e.g. A100, H100, L4, RTX 30xx)",
+        "use precision fp16 (with loss scaling) or fp32 on this GPU",
+    )
 
 
 def cpu_fp16_supported() -> bool:
@@ -286,9 +361,11 @@ def cpu_fp16_supported() -> bool:
 
 
 def _cpu_fp16_problem() -> SpecProblem:
-    return _problem("training.precision", "fp16 on CPU needs native fp16 (AVX512-FP16 or AMX-FP16), which this CPU "
-                                          "lacks (DeepSpeed refuses it)",
-                    "use precision bf16 or fp32 on this CPU, or set resources.gpus_per_worker for a GPU")
+    return _problem(
+        "training.precision",
+        "fp16 on CPU needs native fp16 (AVX512-FP16 or AMX-FP16), which this CPU lacks (DeepSpeed refuses it)",
+        "use precision bf16 or fp32 on this CPU, or set resources.gpus_per_worker for a GPU",
+    )
 
 
 def require_precision_support(spec: JobSpec) -> None:
@@ -297,9 +374,11 @@ def require_precision_support(spec: JobSpec) -> None:
     import torch
 
     if spec.resources.use_gpu and not torch.cuda.is_available():
-        raise RuntimeError(f"resources.gpus_per_worker: the job asks for GPUs but this worker sees none (torch "
-                           f"{torch.__version__}, CUDA {torch.version.cuda}). Fix: install a CUDA build of torch on "
-                           "the GPU nodes, or set resources.gpus_per_worker: 0")
+        raise RuntimeError(
+            f"resources.gpus_per_worker: the job asks for GPUs but this worker sees none (torch "
+            f"{torch.__version__}, CUDA {torch.version.cuda}). Fix: install a CUDA build of torch on "
+            "the GPU nodes, or set resources.gpus_per_worker: 0"
+        )
     problem = _local_precision_problem(spec)
     if problem:
         raise RuntimeError(f"{problem.key}: {problem.message}. Fix: {problem.fix}")

@@ -31,8 +31,11 @@ class ProgressBoard:
 
 
 def format_progress(snapshot: dict, total_steps: int) -> str:
-    parts = [f"step {snapshot['step'] + 1}/{total_steps}", f"loss {snapshot['loss']:.4f}",
-             f"task {snapshot['task_loss']:.4f}"]
+    parts = [
+        f"step {snapshot['step'] + 1}/{total_steps}",
+        f"loss {snapshot['loss']:.4f}",
+        f"task {snapshot['task_loss']:.4f}",
+    ]
     if snapshot.get("clusterability") is not None:
         parts.append(f"C {snapshot['clusterability']:.3f}")
     if snapshot.get("accuracy") is not None:

@@ -43,8 +43,10 @@ def locate(target: str, tracking_uri: str) -> store.Located:
     except store.CheckpointKeyError as error:
         raise ResumeError(str(error)) from None
     except store.NotIntact as error:
-        raise ResumeError(f"checkpoint {error.path} cannot be used: {error.reason}. Name another step-* "
-                          "checkpoint, or the run directory for its newest intact one") from None
+        raise ResumeError(
+            f"checkpoint {error.path} cannot be used: {error.reason}. Name another step-* "
+            "checkpoint, or the run directory for its newest intact one"
+        ) from None
     if located is None:
         raise ResumeError(_nothing_to_resume(place.path, skipped))
     return located
@@ -52,12 +54,16 @@ def locate(target: str, tracking_uri: str) -> store.Located:
 
 def _nothing_to_resume(path: str, skipped: list[store.NotIntact]) -> str:
     if not skipped:
-        return (f"no checkpoint in {path}. Pass a run directory (xcm-runs/checkpoints/<job>-<run id>), one of its "
-                "step-* checkpoints, or an MLflow run id whose run wrote a checkpoint (checkpointing.every_steps "
-                "sets how often).")
+        return (
+            f"no checkpoint in {path}. Pass a run directory (xcm-runs/checkpoints/<job>-<run id>), one of its "
+            "step-* checkpoints, or an MLflow run id whose run wrote a checkpoint (checkpointing.every_steps "
+            "sets how often)."
+        )
     reasons = "; ".join(f"{PurePosixPath(error.path).name}: {error.reason}" for error in skipped[:3])
-    return (f"no intact, authentic checkpoint in {path} ({reasons}). Checkpoints are signed with the key in "
-            f"{store.KEY_ENV} (else {store.key_file()}): use the key the run was trained with.")
+    return (
+        f"no intact, authentic checkpoint in {path} ({reasons}). Checkpoints are signed with the key in "
+        f"{store.KEY_ENV} (else {store.key_file()}): use the key the run was trained with."
+    )
 
 
 def resume_spec(located: store.Located, overrides: list[str] = ()) -> JobSpec:
@@ -81,14 +87,20 @@ def resume_job(target: str, workdir: Path, overrides: list[str] = (), tracking_u
     located = locate(target, tracking_uri or JobSpec().resolved(workdir).tracking.uri)
     spec = resume_spec(located, overrides)
     if located.state.step >= spec.training.steps:
-        raise ResumeError(f"run {located.state.run_id} already trained all {spec.training.steps} steps "
-                          f"(checkpoint {located.uri}); to train on, pass --set training.steps=N with N > "
-                          f"{located.state.step}")
+        raise ResumeError(
+            f"run {located.state.run_id} already trained all {spec.training.steps} steps "
+            f"(checkpoint {located.uri}); to train on, pass --set training.steps=N with N > "
+            f"{located.state.step}"
+        )
     check_resumable(located.state, spec.resources.num_workers, located.uri)
     superseded = store.set_aside_newer(located)
     if superseded is not None:
-        logger.warning("resuming %s from step %d: its later checkpoints are moved to %s", located.state.run_id,
-                       located.state.step, superseded)
+        logger.warning(
+            "resuming %s from step %d: its later checkpoints are moved to %s",
+            located.state.run_id,
+            located.state.step,
+            superseded,
+        )
     return run_job(spec, workdir, resume_from=located.uri)
 
 
@@ -98,10 +110,13 @@ def _run_directory_of(run_id: str, tracking_uri: str) -> str:
 
     try:
         params = tracking.client(tracking_uri).get_run(run_id).data.params
-        spec = JobSpec.model_validate({"name": params["name"],
-                                       "checkpointing": {"storage_path": params["checkpointing.storage_path"]}})
+        spec = JobSpec.model_validate(
+            {"name": params["name"], "checkpointing": {"storage_path": params["checkpointing.storage_path"]}}
+        )
     except Exception as error:  # no such path, no such run, or a run that xcm did not start
-        raise ResumeError(f"{run_id!r} is neither a path nor an xcm run in the MLflow store {tracking_uri} "
-                          f"({type(error).__name__}: {error}); pass the run directory, or --tracking-uri for "
-                          "the store the run is in") from error
+        raise ResumeError(
+            f"{run_id!r} is neither a path nor an xcm run in the MLflow store {tracking_uri} "
+            f"({type(error).__name__}: {error}); pass the run directory, or --tracking-uri for "
+            "the store the run is in"
+        ) from error
     return store.run_directory(spec, run_id)

@@ -7,6 +7,7 @@ that is the familiar ``6·N + 12·L·T·d`` per token. Activation-checkpoint rec
 is the convention for MFU. Peak FLOP/s: ``resources.peak_tflops`` when set, else the GPU's datasheet figure
 by name, else a CPU default per core (a rough figure: read CPU MFU as a trend, not an absolute).
 """
+
 from __future__ import annotations
 
 import resource
@@ -24,9 +25,19 @@ if TYPE_CHECKING:
 # Dense tensor-core TFLOP/s per GPU at 16-bit precision and at fp32 (TF32 off), from the vendors' datasheets;
 # matched against torch.cuda.get_device_name() in this order (the first listed name found wins).
 GPU_PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
-    ("H200", 989.0, 67.0), ("H100 PCIe", 756.0, 51.0), ("H100", 989.0, 67.0), ("GH200", 989.0, 67.0),
-    ("A100", 312.0, 19.5), ("A10G", 70.0, 31.2), ("A10", 125.0, 31.2), ("L40S", 362.0, 91.6), ("L4", 121.0, 30.3),
-    ("RTX 4090", 165.0, 82.6), ("RTX 3090", 71.0, 35.6), ("V100", 125.0, 15.7), ("T4", 65.0, 8.1),
+    ("H200", 989.0, 67.0),
+    ("H100 PCIe", 756.0, 51.0),
+    ("H100", 989.0, 67.0),
+    ("GH200", 989.0, 67.0),
+    ("A100", 312.0, 19.5),
+    ("A10G", 70.0, 31.2),
+    ("A10", 125.0, 31.2),
+    ("L40S", 362.0, 91.6),
+    ("L4", 121.0, 30.3),
+    ("RTX 4090", 165.0, 82.6),
+    ("RTX 3090", 71.0, 35.6),
+    ("V100", 125.0, 15.7),
+    ("T4", 65.0, 8.1),
 )
 CPU_PEAK_TFLOPS_PER_CORE = 0.1  # ~3 GHz × 32 fp32 FLOP/cycle (two AVX2 FMA units)
 
@@ -55,12 +66,20 @@ def peak_flops(resources: ResourcesSpec, precision: str, device: torch.device) -
     return CPU_PEAK_TFLOPS_PER_CORE * resources.cpus_per_worker * 1e12
 
 
-def throughput_meter(spec: JobSpec, flops_per_item: float, world_size: int, unit: str,
-                     device: torch.device) -> ThroughputMeter:
+def throughput_meter(
+    spec: JobSpec, flops_per_item: float, world_size: int, unit: str, device: torch.device
+) -> ThroughputMeter:
     """The meter for a job's workers, with the peak FLOP/s of its hardware at its precision; memory is gathered
     every ``report_every`` steps and at the last."""
-    return ThroughputMeter(flops_per_item, peak_flops(spec.resources, spec.training.precision, device), world_size,
-                           unit, device, memory_every=spec.training.report_every, steps=spec.training.steps)
+    return ThroughputMeter(
+        flops_per_item,
+        peak_flops(spec.resources, spec.training.precision, device),
+        world_size,
+        unit,
+        device,
+        memory_every=spec.training.report_every,
+        steps=spec.training.steps,
+    )
 
 
 class ThroughputMeter:
@@ -74,8 +93,16 @@ class ThroughputMeter:
     queue its kernels.
     """
 
-    def __init__(self, flops_per_item: float, peak_flops_per_worker: float | None, world_size: int, unit: str,
-                 device: torch.device, memory_every: int = 1, steps: int = 0):
+    def __init__(
+        self,
+        flops_per_item: float,
+        peak_flops_per_worker: float | None,
+        world_size: int,
+        unit: str,
+        device: torch.device,
+        memory_every: int = 1,
+        steps: int = 0,
+    ):
         self.flops_per_item = flops_per_item
         self.peak_flops = peak_flops_per_worker * world_size if peak_flops_per_worker else None
         self.world_size, self.device = world_size, device

@@ -46,9 +46,16 @@ def train_worker(config: dict) -> None:
     require_precision_support(spec)  # a GPU without bf16 fails here, not deep inside DeepSpeed
     context = ray.train.get_context()
     rank = Rank(context.get_world_rank(), context.get_world_size())
-    session = TrainingSession(spec, rank, config["run_id"], config.get("progress_actor"),
-                              config.get("resume_from"), config.get("side_job_actors", {}), config["session"],
-                              config.get("checkpoint_key_id"))
+    session = TrainingSession(
+        spec,
+        rank,
+        config["run_id"],
+        config.get("progress_actor"),
+        config.get("resume_from"),
+        config.get("side_job_actors", {}),
+        config["session"],
+        config.get("checkpoint_key_id"),
+    )
     try:
         session.run()
     finally:
@@ -58,9 +65,17 @@ def train_worker(config: dict) -> None:
 class TrainingSession:
     """One rank's engine, data stream, regulariser, side jobs and (on rank 0) logger, stepped from ``run``."""
 
-    def __init__(self, spec: JobSpec, rank: Rank, run_id: str, progress_actor: str | None,
-                 resume_from: str | None = None, side_job_actors: Mapping[str, Sequence[str]] | None = None,
-                 launch_session: str = "", checkpoint_key_id: str | None = None):
+    def __init__(
+        self,
+        spec: JobSpec,
+        rank: Rank,
+        run_id: str,
+        progress_actor: str | None,
+        resume_from: str | None = None,
+        side_job_actors: Mapping[str, Sequence[str]] | None = None,
+        launch_session: str = "",
+        checkpoint_key_id: str | None = None,
+    ):
         from orchestrator.data import build_training_data
         from orchestrator.data.training_data import evaluation_sets
         from orchestrator.models import build_model
@@ -82,8 +97,9 @@ class TrainingSession:
         self.groups = find_matrix_groups(self.engine.module, spec.modularity.matrices)
         # lambda 0 (a control run) still reports C, computed without autograd at the steps that read it. Outside
         # ZeRO-3 the weights stay whole after each forward, so C is computed for all matrices at once, batched.
-        self.regulariser = ClusterabilityRegulariser(differentiable=spec.modularity.lambda_ > 0,
-                                                     weights_persist=spec.deepspeed.zero_stage < 3)
+        self.regulariser = ClusterabilityRegulariser(
+            differentiable=spec.modularity.lambda_ > 0, weights_persist=spec.deepspeed.zero_stage < 3
+        )
         self.logger = self.progress = None
         self.last_progress_post = float("-inf")
         if rank.leads:
@@ -103,11 +119,25 @@ class TrainingSession:
                 self.side_jobs[name].load_state_dict(state)
             if rank.leads:
                 self.logger.log({metric_names.RESUMED_FROM_STEP: restored.step}, restored.step)
-        self.batches = self.objective.batches(data.train, spec.training.micro_batch_size, rank.index, world_size,
-                                              spec.training.seed, start_step=restored.data_position if restored else 0)
-        self.evaluator = Evaluator(self.engine, self.objective, evaluation_sets(data, spec.evaluation.per_task),
-                                   spec.evaluation, spec.training.micro_batch_size, rank.index, world_size,
-                                   last_step=spec.training.steps - 1, device=self.engine.device)
+        self.batches = self.objective.batches(
+            data.train,
+            spec.training.micro_batch_size,
+            rank.index,
+            world_size,
+            spec.training.seed,
+            start_step=restored.data_position if restored else 0,
+        )
+        self.evaluator = Evaluator(
+            self.engine,
+            self.objective,
+            evaluation_sets(data, spec.evaluation.per_task),
+            spec.evaluation,
+            spec.training.micro_batch_size,
+            rank.index,
+            world_size,
+            last_step=spec.training.steps - 1,
+            device=self.engine.device,
+        )
 
     def build_side_jobs(self, actor_names: dict[str, Sequence[str]]) -> dict[str, SideJob]:
         """Every side job the spec enables, by name, with the actors the driver started for it."""
@@ -115,10 +145,15 @@ class TrainingSession:
         from orchestrator.train.side_job_registry import enabled_side_jobs
 
         def context(kind) -> SideJobContext:
-            return SideJobContext(rank=self.rank, device=self.engine.device, groups=self.groups,
-                                  regulariser=self.regulariser,
-                                  actor_names=list(actor_names.get(kind.name, ())), logger=self.logger,
-                                  partitions=lambda: self.partition_schedule.partitions)
+            return SideJobContext(
+                rank=self.rank,
+                device=self.engine.device,
+                groups=self.groups,
+                regulariser=self.regulariser,
+                actor_names=list(actor_names.get(kind.name, ())),
+                logger=self.logger,
+                partitions=lambda: self.partition_schedule.partitions,
+            )
 
         return {kind.name: kind.build(self.spec, context(kind)) for kind in enabled_side_jobs(self.spec)}
 
@@ -193,19 +228,25 @@ class TrainingSession:
             partitioned = self.partition_schedule.partitions is not None
             loss = task_loss + self.regulariser.penalty(lam) if partitioned and lam > 0 else task_loss
             # taken before the optimizer step changes the weights (a no-op where the penalty already took them)
-            values, masses = ((self.regulariser.values(), self.regulariser.masses()) if measure and partitioned
-                              else ({}, {}))
+            values, masses = (
+                (self.regulariser.values(), self.regulariser.masses()) if measure and partitioned else ({}, {})
+            )
             self.engine.backward(loss)
             self.engine.step()
             items += self.objective.count(batch)
         if measure:  # the read-back waits for the device, so the recorded time covers the whole step
             task, values, masses = to_floats(
-                {metric_names.LOSS: loss, metric_names.TASK_LOSS: task_loss, **task_metrics}, values, masses)
+                {metric_names.LOSS: loss, metric_names.TASK_LOSS: task_loss, **task_metrics}, values, masses
+            )
         self.throughput.record(time.perf_counter() - started, items)
         if not measure:
             return {}
-        metrics = {**task, metric_names.LEARNING_RATE: lr, **self.throughput.window_metrics(),
-                   **loss_scaling_metrics(self.engine, self.spec.training.precision)}
+        metrics = {
+            **task,
+            metric_names.LEARNING_RATE: lr,
+            **self.throughput.window_metrics(),
+            **loss_scaling_metrics(self.engine, self.spec.training.precision),
+        }
         if values:
             metrics.update(self.clusterability_metrics(values, masses))
         return metrics
@@ -234,12 +275,17 @@ class TrainingSession:
             self.throughput.restart_window()  # the next logged rates cover the steps from here on
         if self.progress is not None and (step == self.last_step or self.progress_due()):
             self.last_progress_post = time.monotonic()
-            self.progress.post.remote({
-                "step": step, "loss": metrics[metric_names.LOSS], "task_loss": metrics[metric_names.TASK_LOSS],
-                "clusterability": metrics.get(metric_names.CLUSTERABILITY),
-                "tokens_per_s": metrics.get(metric_names.TOKENS_PER_SECOND),
-                "samples_per_s": metrics.get(metric_names.SAMPLES_PER_SECOND),
-                "accuracy": metrics.get(metric_names.ACCURACY)})
+            self.progress.post.remote(
+                {
+                    "step": step,
+                    "loss": metrics[metric_names.LOSS],
+                    "task_loss": metrics[metric_names.TASK_LOSS],
+                    "clusterability": metrics.get(metric_names.CLUSTERABILITY),
+                    "tokens_per_s": metrics.get(metric_names.TOKENS_PER_SECOND),
+                    "samples_per_s": metrics.get(metric_names.SAMPLES_PER_SECOND),
+                    "accuracy": metrics.get(metric_names.ACCURACY),
+                }
+            )
 
     def maybe_report(self, step: int, metrics: dict[str, float]) -> None:
         """Report to Ray Train every ``report_every`` steps; the checkpoint manager reports instead when a
@@ -268,8 +314,10 @@ def loss_scaling_metrics(engine, precision: str) -> dict[str, float]:
     diverging run, not one short of fp16's range. Nothing for fp32 and bf16, which never scale."""
     if precision != "fp16":
         return {}
-    return {metric_names.LOSS_SCALE: float(engine.optimizer.cur_scale),
-            metric_names.SKIPPED_STEPS: float(engine.skipped_steps)}
+    return {
+        metric_names.LOSS_SCALE: float(engine.optimizer.cur_scale),
+        metric_names.SKIPPED_STEPS: float(engine.skipped_steps),
+    }
 
 
 def to_floats(*groups: dict[str, torch.Tensor]) -> list[dict[str, float]]:

@@ -31,16 +31,19 @@ def write_image_dataset(directory, colour: bool):
 
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
     for split, count in (("train", 40), ("test", 10)):
-        rows = {"image": [{"bytes": png(10 * (i % 10)), "path": None} for i in range(count)],
-                "label": [i % 10 for i in range(count)]}
+        rows = {
+            "image": [{"bytes": png(10 * (i % 10)), "path": None} for i in range(count)],
+            "label": [i % 10 for i in range(count)],
+        }
         datasets.Dataset.from_dict(rows, features=features).to_parquet(str(directory / f"{split}-00000.parquet"))
 
 
 def test_local_image_files_load_as_a_dataset(tmp_path):
     """A local directory in the hub's layout (MNIST-like, grey 28x28) loads for the CNN as colour 32x32."""
     write_image_dataset(tmp_path, colour=False)
-    data = build_training_data(DataSpec(source="mnist", dataset=str(tmp_path), validation_split="test"),
-                               ModelSpec(family="cifar_cnn"))
+    data = build_training_data(
+        DataSpec(source="mnist", dataset=str(tmp_path), validation_split="test"), ModelSpec(family="cifar_cnn")
+    )
     assert data.train.inputs.shape == (40, 3, 32, 32) and data.validation.inputs.shape == (10, 3, 32, 32)
     assert torch.equal(data.train.labels, torch.arange(40) % 10)
     brightness = data.train.inputs.mean(dim=(1, 2, 3))  # the images' grey levels survive, standardised

@@ -17,7 +17,8 @@ def test_every_pair_appears_once_with_its_sum():
 
 def test_held_out_pairs_follow_the_validation_fraction():
     """validation_fraction of the pairs are held out; vocabulary is p + 1 tokens and there are p classes."""
-    data = build_modular_addition_data(DataSpec(source="modular_addition", modulus=11, validation_fraction=0.7),
-                                       ModelSpec(family="modular_addition"))
+    data = build_modular_addition_data(
+        DataSpec(source="modular_addition", modulus=11, validation_fraction=0.7), ModelSpec(family="modular_addition")
+    )
     assert (len(data.train), len(data.validation)) == (36, 85)
     assert (data.vocab_size, data.num_classes) == (12, 11)

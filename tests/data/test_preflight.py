@@ -30,8 +30,12 @@ def write_jsonl(path, rows):
 def test_missing_files_are_all_listed_and_no_run_starts(tmp_path, monkeypatch):
     """Every pattern that names no file is reported; run_job raises before creating an MLflow store or Ray."""
     monkeypatch.chdir(tmp_path)
-    spec = job(tmp_path, "data.source=files", "data.files=[absent.jsonl, 'shards/*.parquet']",
-               "data.validation_files=[held.jsonl]")
+    spec = job(
+        tmp_path,
+        "data.source=files",
+        "data.files=[absent.jsonl, 'shards/*.parquet']",
+        "data.validation_files=[held.jsonl]",
+    )
     with pytest.raises(SpecError) as caught:
         run_job(spec, tmp_path)
     messages = [(problem.key, problem.message) for problem in caught.value.problems]
@@ -52,8 +56,9 @@ def test_text_field_not_in_the_file_names_the_columns(tmp_path):
 def test_unreachable_hub_dataset_names_the_dataset_and_the_offline_fix(tmp_path):
     """Offline, a hub dataset not in the cache is an error naming it, its config, and local files as the fix."""
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # set by tests/conftest.py; this machine has no hub anyway
-    problems = problems_of(job(tmp_path, "data.source=hub", "data.dataset=wikitext",
-                               "data.dataset_config=wikitext-2-raw-v1"))
+    problems = problems_of(
+        job(tmp_path, "data.source=hub", "data.dataset=wikitext", "data.dataset_config=wikitext-2-raw-v1")
+    )
     problem = problems["data.dataset"]
     assert "'wikitext'" in problem.message and "wikitext-2-raw-v1" in problem.message
     assert "source: files" in problem.fix and "offline" in problem.fix
@@ -76,15 +81,25 @@ def test_validation_too_small_for_the_workers(tmp_path):
     assert "fewer than one block" in problems["data.validation_examples"].message
 
 
-@pytest.mark.parametrize(("family", "source", "fix"), [
-    ("mnist_mlp", "digits", "set data.validation_fraction > 0"),
-    ("modular_addition", "modular_addition", "set data.validation_fraction > 0"),
-    ("mnist_mlp", "mnist", "set data.validation_split to a split of the dataset (e.g. test)")])
+@pytest.mark.parametrize(
+    ("family", "source", "fix"),
+    [
+        ("mnist_mlp", "digits", "set data.validation_fraction > 0"),
+        ("modular_addition", "modular_addition", "set data.validation_fraction > 0"),
+        ("mnist_mlp", "mnist", "set data.validation_split to a split of the dataset (e.g. test)"),
+    ],
+)
 def test_classifier_evaluation_with_nothing_held_out_is_refused_at_load(tmp_path, family, source, fix):
     """Evaluation of a classifier whose source holds nothing out names evaluation.every_steps and how to hold out."""
     with pytest.raises(SpecError) as caught:
-        job(tmp_path, f"model.family={family}", f"data.source={source}", "data.validation_fraction=0",
-            "data.validation_split=null", "evaluation.every_steps=5")
+        job(
+            tmp_path,
+            f"model.family={family}",
+            f"data.source={source}",
+            "data.validation_fraction=0",
+            "data.validation_split=null",
+            "evaluation.every_steps=5",
+        )
     problem = {problem.key: problem for problem in caught.value.problems}["evaluation.every_steps"]
     assert "the data holds nothing out for validation" in problem.message
     assert fix in problem.fix and "evaluation.every_steps: 0" in problem.fix
@@ -92,8 +107,15 @@ def test_classifier_evaluation_with_nothing_held_out_is_refused_at_load(tmp_path
 
 def test_classifier_validation_smaller_than_the_workers_is_refused(tmp_path):
     """One held-out digit for two workers is reported by the data check, with the hold-out that would suffice."""
-    problem = problems_of(job(tmp_path, "model.family=mnist_mlp", "data.source=digits",
-                              "data.validation_fraction=0.0006", "evaluation.every_steps=5"))["evaluation.every_steps"]
+    problem = problems_of(
+        job(
+            tmp_path,
+            "model.family=mnist_mlp",
+            "data.source=digits",
+            "data.validation_fraction=0.0006",
+            "evaluation.every_steps=5",
+        )
+    )["evaluation.every_steps"]
     assert "eval/loss holds 1 examples, fewer than the 2 workers" in problem.message
     assert "raise data.validation_fraction until at least 2 examples are held out" in problem.fix
 
@@ -101,8 +123,9 @@ def test_classifier_validation_smaller_than_the_workers_is_refused(tmp_path):
 def test_spec_checks_catch_a_source_without_its_inputs_and_ignored_keys(tmp_path):
     """At spec load: files without a list, a key the source ignores, evaluation with nothing held out."""
     path = tmp_path / "job.yaml"
-    path.write_text("data:\n  source: files\n  dataset: wikitext\n  validation_fraction: 0\n"
-                    "evaluation:\n  every_steps: 10\n")
+    path.write_text(
+        "data:\n  source: files\n  dataset: wikitext\n  validation_fraction: 0\nevaluation:\n  every_steps: 10\n"
+    )
     with pytest.raises(SpecError) as caught:
         load_spec(path)
     keys = {problem.key: problem for problem in caught.value.problems}

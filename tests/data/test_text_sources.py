@@ -39,9 +39,11 @@ def test_text_jsonl_and_parquet_files_give_the_same_blocks(tmp_path):
     jsonl_file = write_jsonl(tmp_path / "corpus.jsonl", DOCUMENTS)
     parquet_file = tmp_path / "corpus.parquet"
     pq.write_table(pa.table({"body": DOCUMENTS}), parquet_file)
-    blocks = [build_training_data(files_spec(tmp_path, [text_file]), ModelSpec()).train,
-              build_training_data(files_spec(tmp_path, [jsonl_file]), ModelSpec()).train,
-              build_training_data(files_spec(tmp_path, [parquet_file], text_field="body"), ModelSpec()).train]
+    blocks = [
+        build_training_data(files_spec(tmp_path, [text_file]), ModelSpec()).train,
+        build_training_data(files_spec(tmp_path, [jsonl_file]), ModelSpec()).train,
+        build_training_data(files_spec(tmp_path, [parquet_file], text_field="body"), ModelSpec()).train,
+    ]
     assert blocks[0].shape[1] == 33 and len(blocks[0]) > 100
     assert torch.equal(blocks[0], blocks[1]) and torch.equal(blocks[0], blocks[2])
     whole = decoded_documents(blocks[0])
@@ -94,8 +96,9 @@ def test_validation_files_are_the_validation_split(tmp_path):
     """With validation_files, validation holds exactly those documents and training keeps all of its own."""
     corpus = write_jsonl(tmp_path / "train.jsonl", DOCUMENTS[:200])
     held = write_jsonl(tmp_path / "validation.jsonl", DOCUMENTS[200:])
-    data = build_training_data(files_spec(tmp_path, [corpus], validation_files=[str(held)],
-                                          validation_fraction=0.5), ModelSpec())
+    data = build_training_data(
+        files_spec(tmp_path, [corpus], validation_files=[str(held)], validation_fraction=0.5), ModelSpec()
+    )
     assert set(decoded_documents(data.validation)) <= set(DOCUMENTS[200:])
     assert set(decoded_documents(data.train)) <= set(DOCUMENTS[:200])
 

@@ -21,11 +21,24 @@ def test_cnn_trains_on_digits_under_zero3_bf16_and_logs_throughput(tmp_path, loc
     """The CIFAR CNN on the offline digits, ZeRO-3 + bf16 + accumulation + warm-up/cosine: it learns, C rises, and
     MLflow gets accuracy, samples/s, MFU and the scheduled lr at each step, every worker's peak memory and the
     held-out digits' eval loss and accuracy (above chance) every 8."""
-    spec = load_spec(ROOT / "jobs" / "cifar_cnn.yaml", [
-        "data.source=digits", f"training.steps={STEPS}", "training.report_every=8", "evaluation.every_steps=8",
-        "training.lr=0.003", "training.micro_batch_size=32", "training.gradient_accumulation_steps=2",
-        "training.precision=bf16", "training.warmup_steps=4", "training.lr_schedule=cosine",
-        "modularity.partition_at_step=0", "deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0"])
+    spec = load_spec(
+        ROOT / "jobs" / "cifar_cnn.yaml",
+        [
+            "data.source=digits",
+            f"training.steps={STEPS}",
+            "training.report_every=8",
+            "evaluation.every_steps=8",
+            "training.lr=0.003",
+            "training.micro_batch_size=32",
+            "training.gradient_accumulation_steps=2",
+            "training.precision=bf16",
+            "training.warmup_steps=4",
+            "training.lr_schedule=cosine",
+            "modularity.partition_at_step=0",
+            "deepspeed.zero_stage=3",
+            "deepspeed.param_persistence_threshold=0",
+        ],
+    )
     result = run_job(spec, tmp_path)
     client = MlflowClient(tracking_uri=result.tracking_uri)
     assert client.get_run(result.run_id).info.status == "FINISHED"

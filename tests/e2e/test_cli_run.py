@@ -10,8 +10,9 @@ from tests.helpers import ROOT, TINY_JOB, run_xcm
 @pytest.mark.slow
 def test_xcm_run_default_job_prints_run_and_ui_command(tmp_path):
     """`xcm run jobs/tiny.yaml` trains, tracks a FINISHED run in ./xcm-runs and prints its id and the UI command."""
-    result = run_xcm("run", str(TINY_JOB), "--set", "training.steps=12", "--set",
-                 "training.report_every=12", cwd=tmp_path)
+    result = run_xcm(
+        "run", str(TINY_JOB), "--set", "training.steps=12", "--set", "training.report_every=12", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = next(line.split()[2] for line in result.stdout.splitlines() if line.startswith("xcm: run "))
     assert "mlflow ui --backend-store-uri sqlite:///" in result.stdout
@@ -46,12 +47,19 @@ def test_check_validates_shipped_jobs(tmp_path):
             assert f"{job}: ok" in result.stdout
 
 
-@pytest.mark.parametrize(("job_text", "problem"), [
-    ("data:\n  source: files\n  files: [corpus/*.txt]\n  validation_fraction: 0.1\n", "data.files: no file matches"),
-    ("training:\n  lr: .inf\n", "training.lr: input should be a finite number"),
-    ("model:\n  config:\n    n_embed: 32\n", "model.config.n_embed: GPT2Config has no key 'n_embed'"),
-    ("", "the job file is empty"),
-], ids=["absent data file", "infinite lr", "unknown config key", "empty file"])
+@pytest.mark.parametrize(
+    ("job_text", "problem"),
+    [
+        (
+            "data:\n  source: files\n  files: [corpus/*.txt]\n  validation_fraction: 0.1\n",
+            "data.files: no file matches",
+        ),
+        ("training:\n  lr: .inf\n", "training.lr: input should be a finite number"),
+        ("model:\n  config:\n    n_embed: 32\n", "model.config.n_embed: GPT2Config has no key 'n_embed'"),
+        ("", "the job file is empty"),
+    ],
+    ids=["absent data file", "infinite lr", "unknown config key", "empty file"],
+)
 def test_check_and_run_refuse_an_invalid_job_alike(tmp_path, job_text, problem):
     """`xcm check` and `xcm run` give the same line and the same exit code (2) for the same invalid job, absent
     data files included, and `run` creates nothing."""

@@ -31,16 +31,35 @@ def started_head(log_directory: Path, wrapper: list[str] = ()):
     dashboard_port = free_port()
     # Short: Ray's socket paths under it must stay within the 107 characters of a Unix socket name.
     ray_tmpdir = tempfile.mkdtemp(prefix="xcm-head-", dir="/tmp")
-    command = [*wrapper, str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address",
-               "127.0.0.1", "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port",
-               str(dashboard_port), "--dashboard-agent-listen-port", str(free_port()), "--num-cpus", "2",
-               "--disable-usage-stats", "--temp-dir", ray_tmpdir]
+    command = [
+        *wrapper,
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard_port),
+        "--dashboard-agent-listen-port",
+        str(free_port()),
+        "--num-cpus",
+        "2",
+        "--disable-usage-stats",
+        "--temp-dir",
+        ray_tmpdir,
+    ]
     log = log_directory / "head.log"
     with open(log, "w") as output:
         # As a user would: the head runs in the environment where xcm is installed, so `python` finds it.
         environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-        head = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=environment)
+        head = subprocess.Popen(
+            command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env=environment
+        )
     address = f"http://127.0.0.1:{dashboard_port}"
     deadline = time.monotonic() + 90
     try:
@@ -68,8 +87,14 @@ def ray_head(tmp_path_factory):
 def ray_head_elsewhere(tmp_path_factory):
     """A real Ray head that is another machine to xcm, reached at 127.0.0.1 as through a tunnel: it runs in a UTS
     namespace of its own, under another hostname (root, or unprivileged user namespaces, needed)."""
-    wrapper = ["unshare", "--uts", *([] if os.geteuid() == 0 else ["--map-root-user"]), "sh", "-c",
-               'hostname xcm-remote-head && exec "$0" "$@"']
+    wrapper = [
+        "unshare",
+        "--uts",
+        *([] if os.geteuid() == 0 else ["--map-root-user"]),
+        "sh",
+        "-c",
+        'hostname xcm-remote-head && exec "$0" "$@"',
+    ]
     if subprocess.run([*wrapper, "true"], capture_output=True, check=False).returncode != 0:
         pytest.skip("unshare --uts is not permitted here")
     yield from started_head(tmp_path_factory.mktemp("ray-head-elsewhere"), wrapper)
@@ -94,8 +119,17 @@ def submitted_ids(output: str) -> tuple[str, str]:
 @pytest.mark.slow
 def test_submitted_job_succeeds_and_is_tracked(ray_head, tmp_path):
     """A submitted tiny job runs on the head, its logs can be followed, and MLflow's client reads its metrics."""
-    submitted = xcm("submit", str(ROOT / "jobs" / "tiny.yaml"), "--set", "training.steps=12",
-                    "--set", "training.report_every=12", "--address", ray_head, cwd=tmp_path)
+    submitted = xcm(
+        "submit",
+        str(ROOT / "jobs" / "tiny.yaml"),
+        "--set",
+        "training.steps=12",
+        "--set",
+        "training.report_every=12",
+        "--address",
+        ray_head,
+        cwd=tmp_path,
+    )
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     job_id, run_id = submitted_ids(submitted.stdout)
     followed = xcm("logs", job_id, "--follow", "--address", ray_head, cwd=tmp_path, timeout=400)
@@ -111,9 +145,19 @@ def test_submitted_job_succeeds_and_is_tracked(ray_head, tmp_path):
 def test_stopped_job_ends_killed_keeps_its_checkpoint_and_resumes(ray_head, tmp_path):
     """`xcm stop` ends the job STOPPED, its MLflow run KILLED, and the checkpoints written so far stay; `xcm resume
     RUN_ID --address` continues that run on the cluster from its newest checkpoint to the end, each step once."""
-    submitted = xcm("submit", str(ROOT / "jobs" / "tiny.yaml"), "--set", "training.steps=100000",
-                    "--set", "checkpointing.every_steps=5", "--set", "training.report_every=5",
-                    "--address", ray_head, cwd=tmp_path)
+    submitted = xcm(
+        "submit",
+        str(ROOT / "jobs" / "tiny.yaml"),
+        "--set",
+        "training.steps=100000",
+        "--set",
+        "checkpointing.every_steps=5",
+        "--set",
+        "training.report_every=5",
+        "--address",
+        ray_head,
+        cwd=tmp_path,
+    )
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     job_id, run_id = submitted_ids(submitted.stdout)
     checkpoints = tmp_path / "xcm-runs" / "checkpoints"
@@ -171,8 +215,9 @@ def test_head_elsewhere_behind_localhost_is_refused_local_paths(ray_head_elsewhe
     assert not (tmp_path / "xcm-runs").exists()
 
 
-def test_resume_on_a_head_elsewhere_refuses_a_checkpoint_on_this_machine(ray_head_elsewhere, tmp_path,
-                                                                         checkpoint_files):
+def test_resume_on_a_head_elsewhere_refuses_a_checkpoint_on_this_machine(
+    ray_head_elsewhere, tmp_path, checkpoint_files
+):
     """`xcm resume --address` through 127.0.0.1 to a head on another machine refuses a checkpoint whose job keeps
     its checkpoints and token cache on this machine, naming each key."""
     run = tmp_path / "xcm-runs" / "checkpoints" / "tiny-01234567"
@@ -180,8 +225,17 @@ def test_resume_on_a_head_elsewhere_refuses_a_checkpoint_on_this_machine(ray_hea
     spec = tiny_spec("tracking.uri=http://mlflow-host:5000").resolved(tmp_path)
     (checkpoint / store.JOB).write_text(spec.to_yaml())
     store.write_manifest(checkpoint, store.file_records(checkpoint))
-    result = xcm("resume", str(run), "--set", "training.steps=20", "--tracking-uri", "http://mlflow-host:5000",
-                 "--address", ray_head_elsewhere, cwd=tmp_path)
+    result = xcm(
+        "resume",
+        str(run),
+        "--set",
+        "training.steps=20",
+        "--tracking-uri",
+        "http://mlflow-host:5000",
+        "--address",
+        ray_head_elsewhere,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "checkpointing.storage_path" in result.stderr and "data.cache_dir" in result.stderr
 
@@ -193,7 +247,8 @@ def test_cluster_that_cannot_be_asked_is_taken_as_remote(tmp_path):
     assert result.returncode == 2
     assert "tracking.uri" in result.stderr and "checkpointing.storage_path" in result.stderr
     assert next(line for line in result.stderr.splitlines() if "warning" in line).startswith(
-        "xcm: warning: cannot ask the cluster at http://ray-head.invalid:8265")
+        "xcm: warning: cannot ask the cluster at http://ray-head.invalid:8265"
+    )
     assert not (tmp_path / "xcm-runs").exists()
 
 
@@ -223,12 +278,20 @@ BUCKET = "xcm-e2e"
 def auth_mlflow(mlflow_server, tmp_path):
     """A real MLflow server running its basic-auth app: a request without the admin's password gets 401."""
     config = tmp_path / "basic_auth.ini"
-    config.write_text("[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///basic_auth.db\n"
-                      "admin_username = admin\n"
-                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    return mlflow_server("auth-server", ["--app-name", "basic-auth"], {
-        "MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only"})
+    config.write_text(
+        "[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///basic_auth.db\n"
+        "admin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    return mlflow_server(
+        "auth-server",
+        ["--app-name", "basic-auth"],
+        {
+            "MLFLOW_AUTH_CONFIG_PATH": str(config),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only",
+        },
+    )
 
 
 @pytest.fixture
@@ -244,8 +307,14 @@ def s3_bucket(monkeypatch):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    filesystem = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1",
-                                   access_key=ACCESS_KEY, secret_key=PASSWORD, allow_bucket_creation=True)
+    filesystem = pafs.S3FileSystem(
+        endpoint_override=f"{host}:{port}",
+        scheme="http",
+        region="us-east-1",
+        access_key=ACCESS_KEY,
+        secret_key=PASSWORD,
+        allow_bucket_creation=True,
+    )
     filesystem.create_dir(BUCKET)
     yield filesystem, f"endpoint_override={host}:{port}&scheme=http&region=us-east-1"
     server.stop()
@@ -256,8 +325,9 @@ def stored_objects(filesystem, prefix: str) -> dict[str, bytes]:
     import pyarrow.fs as pafs
 
     infos = filesystem.get_file_info(pafs.FileSelector(prefix, recursive=True))
-    return {info.path: filesystem.open_input_stream(info.path).read() for info in infos
-            if info.type == pafs.FileType.File}
+    return {
+        info.path: filesystem.open_input_stream(info.path).read() for info in infos if info.type == pafs.FileType.File
+    }
 
 
 @pytest.mark.slow
@@ -274,33 +344,57 @@ def test_credentials_in_uris_are_neither_stored_nor_shown(ray_head, auth_mlflow,
     filesystem, query = s3_bucket
     uri = auth_mlflow.uri.replace("http://", f"http://admin:{PASSWORD}@")
     storage = f"s3://{ACCESS_KEY}:{PASSWORD}@{BUCKET}/runs?{query}"
-    ran = xcm("run", str(ROOT / "jobs" / "tiny.yaml"), "--set", "training.steps=3", "--set", "training.report_every=3",
-              "--set", "evaluation.every_steps=0", "--set", f"tracking.uri={uri}",
-              "--set", f"checkpointing.storage_path={storage}", cwd=tmp_path, timeout=400)
+    ran = xcm(
+        "run",
+        str(ROOT / "jobs" / "tiny.yaml"),
+        "--set",
+        "training.steps=3",
+        "--set",
+        "training.report_every=3",
+        "--set",
+        "evaluation.every_steps=0",
+        "--set",
+        f"tracking.uri={uri}",
+        "--set",
+        f"checkpointing.storage_path={storage}",
+        cwd=tmp_path,
+        timeout=400,
+    )
     assert ran.returncode == 0, ran.stderr[-3000:]
     run_id = next(line.split()[2] for line in ran.stdout.splitlines() if line.startswith("xcm: run "))
     run_directory = f"s3://{ACCESS_KEY}:{PASSWORD}@{BUCKET}/runs/{store.run_directory_name('tiny', run_id)}?{query}"
-    resumed = xcm("resume", run_directory, "--set", "training.steps=6", "--tracking-uri", uri,
-                  "--address", ray_head, cwd=tmp_path)
-    submitted = xcm("submit", str(ROOT / "jobs" / "tiny.yaml"), "--set", f"tracking.uri={uri}", "--address", ray_head,
-                    cwd=tmp_path)
+    resumed = xcm(
+        "resume", run_directory, "--set", "training.steps=6", "--tracking-uri", uri, "--address", ray_head, cwd=tmp_path
+    )
+    submitted = xcm(
+        "submit", str(ROOT / "jobs" / "tiny.yaml"), "--set", f"tracking.uri={uri}", "--address", ray_head, cwd=tmp_path
+    )
     assert resumed.returncode == 0 and submitted.returncode == 0, resumed.stderr[-2000:] + submitted.stderr[-2000:]
     assert "the cluster's nodes must have MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_USERNAME" in submitted.stderr
     job_ids = [submitted_ids(resumed.stdout)[0], submitted_ids(submitted.stdout)[0]]
     xcm("stop", job_ids[0], "--address", ray_head, cwd=tmp_path)
     assert wait_for_status(ray_head, job_ids[1], {"FAILED", "SUCCEEDED"}, tmp_path, 300) == "FAILED"
     jobs = cluster_jobs.connect(ray_head)
-    shown = [ran.stdout, ran.stderr, resumed.stdout, resumed.stderr, submitted.stdout, submitted.stderr,
-             *(repr(jobs.get_job_info(job_id)) for job_id in job_ids),
-             *(xcm("status", job_id, "--address", ray_head, cwd=tmp_path).stdout for job_id in job_ids),
-             xcm("list", "--address", ray_head, cwd=tmp_path).stdout, jobs.get_job_logs(job_ids[1])]
+    shown = [
+        ran.stdout,
+        ran.stderr,
+        resumed.stdout,
+        resumed.stderr,
+        submitted.stdout,
+        submitted.stderr,
+        *(repr(jobs.get_job_info(job_id)) for job_id in job_ids),
+        *(xcm("status", job_id, "--address", ray_head, cwd=tmp_path).stdout for job_id in job_ids),
+        xcm("list", "--address", ray_head, cwd=tmp_path).stdout,
+        jobs.get_job_logs(job_ids[1]),
+    ]
     assert "401" in shown[-1] or "nauthorized" in shown[-1], shown[-1][-3000:]
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
     client = MlflowClient(tracking_uri=auth_mlflow.uri)
     params = client.get_run(run_id).data.params
     assert params["tracking.uri"] == auth_mlflow.uri and params["checkpointing.storage_path"] == storage.replace(
-        f"{ACCESS_KEY}:{PASSWORD}@", "")
+        f"{ACCESS_KEY}:{PASSWORD}@", ""
+    )
     assert [m.step for m in client.get_metric_history(run_id, TASK_LOSS)] == [0, 1, 2]
     objects = stored_objects(filesystem, f"{BUCKET}/runs")
     assert [path for path in objects if path.endswith("/xcm/job.yaml")]

@@ -23,8 +23,13 @@ def server(mlflow_server):
 @pytest.mark.slow
 def test_metrics_logged_while_the_server_is_down_reach_it_afterwards(tmp_path, server, local_ray):
     """Training goes on through a server outage; afterwards every step's metrics are in MLflow, once."""
-    spec = tiny_spec(f"training.steps={STEPS}", f"training.report_every={STEPS}", "evaluation.every_steps=0",
-                     f"tracking.uri={server.uri}", "tracking.experiment=outage")
+    spec = tiny_spec(
+        f"training.steps={STEPS}",
+        f"training.report_every={STEPS}",
+        "evaluation.every_steps=0",
+        f"tracking.uri={server.uri}",
+        "tracking.experiment=outage",
+    )
     outcome: dict = {}
     job = threading.Thread(target=lambda: outcome.update(result=run_job(spec, tmp_path)))
     job.start()
@@ -39,9 +44,13 @@ def test_metrics_logged_while_the_server_is_down_reach_it_afterwards(tmp_path, s
     wait_for(lambda: any(tmp_path.glob("xcm-runs/checkpoints/tiny-*")), "Ray Train never started")
     server.stop()
     down_ms = time.time() * 1000
-    wait_for(lambda: any(spool.read_text().count('"step"') >= 5
-                         for spool in tmp_path.glob(f"xcm-runs/checkpoints/tiny-*/{store.METRIC_SPOOL}")),
-             "no steps trained while the server was down")
+    wait_for(
+        lambda: any(
+            spool.read_text().count('"step"') >= 5
+            for spool in tmp_path.glob(f"xcm-runs/checkpoints/tiny-*/{store.METRIC_SPOOL}")
+        ),
+        "no steps trained while the server was down",
+    )
     server.start()  # down until it answers again
     up_ms = time.time() * 1000
     job.join(600)

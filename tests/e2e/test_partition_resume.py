@@ -20,9 +20,16 @@ DELAY_S = 1.0  # each version takes at least this long: the request of step 8 is
 def tiny(*overrides: str):
     """The default job, 20 steps, a version asked for every 4 steps (0, 4, 8...) and adopted 2 steps later
     (6, 10...), a checkpoint every 10 steps, no evaluation."""
-    return tiny_spec(f"training.steps={STEPS}", "training.report_every=10", "checkpointing.every_steps=10",
-                     "modularity.partition_every=4", "partitioner.adopt_after_steps=2",
-                     f"partitioner.delay_s={DELAY_S}", "evaluation.every_steps=0", *overrides)
+    return tiny_spec(
+        f"training.steps={STEPS}",
+        "training.report_every=10",
+        "checkpointing.every_steps=10",
+        "modularity.partition_every=4",
+        "partitioner.adopt_after_steps=2",
+        f"partitioner.delay_s={DELAY_S}",
+        "evaluation.every_steps=0",
+        *overrides,
+    )
 
 
 @pytest.mark.slow

@@ -19,8 +19,12 @@ from tests.helpers import metric_history, tiny_spec
 STEPS = 300  # enough for version 2 to come back from a restarted actor (~5-10 s) even at ~0.03 s a step
 EVERY = 10  # steps between partition requests
 DELAY_S = 1.0  # the slow partitioner: each version takes at least this long (tens of steps)
-MATRICES = ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj",
-            "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
+MATRICES = [
+    "transformer.h.0.mlp.c_fc",
+    "transformer.h.0.mlp.c_proj",
+    "transformer.h.1.mlp.c_fc",
+    "transformer.h.1.mlp.c_proj",
+]
 
 
 class PartitionerKiller(threading.Thread):
@@ -46,8 +50,7 @@ class PartitionerKiller(threading.Thread):
         import ray
 
         def named(prefix: str):
-            return next((ray.get_actor(name) for name in ray.util.list_named_actors() if name.startswith(prefix)),
-                        None)
+            return next((ray.get_actor(name) for name in ray.util.list_named_actors() if name.startswith(prefix)), None)
 
         def step_past_request() -> int | None:
             # Rank 0 posts a step after training it; version 2's request went out before step EVERY trained.
@@ -79,10 +82,17 @@ def killed_slow_run(tmp_path_factory, local_ray):
     """The tiny job under real ZeRO-3 sharding, recomputing its partition every 10 steps with two partitioner
     actors (one per layer) that take >= 1 s a version; one is killed mid-version."""
     workdir = tmp_path_factory.mktemp("partitioner")
-    spec = tiny_spec(f"training.steps={STEPS}", f"training.report_every={STEPS}", "deepspeed.zero_stage=3",
-                     "deepspeed.param_persistence_threshold=0", f"modularity.partition_every={EVERY}",
-                     f"partitioner.delay_s={DELAY_S}", "partitioner.heatmap_every=2", "partitioner.actors=2",
-                     "evaluation.every_steps=0")
+    spec = tiny_spec(
+        f"training.steps={STEPS}",
+        f"training.report_every={STEPS}",
+        "deepspeed.zero_stage=3",
+        "deepspeed.param_persistence_threshold=0",
+        f"modularity.partition_every={EVERY}",
+        f"partitioner.delay_s={DELAY_S}",
+        "partitioner.heatmap_every=2",
+        "partitioner.actors=2",
+        "evaluation.every_steps=0",
+    )
     killer = PartitionerKiller()
     killer.start()
     result = run_job(spec, workdir)
@@ -119,8 +129,11 @@ def test_killed_partitioner_is_restarted_and_continues_from_the_last_version(kil
     assert agreement[second.step] > 0.5  # renamed to agree with version 1, not a fresh numbering
     for group in ("transformer.h.0.mlp", "transformer.h.1.mlp"):  # each layer from its own actor
         assert client.get_metric_history(result.run_id, metric_names.partition_agreement(group))
-    kept = [m.value for m in metric_history(client, result.run_id, metric_names.CLUSTERABILITY)
-            if killer.killed_at_step <= m.step < second.step]
+    kept = [
+        m.value
+        for m in metric_history(client, result.run_id, metric_names.CLUSTERABILITY)
+        if killer.killed_at_step <= m.step < second.step
+    ]
     assert len(kept) == second.step - killer.killed_at_step  # the loss ran under version 1 all the while,
     assert min(kept) > 0.5  # and kept the matrices modular under it
     assert client.get_run(result.run_id).info.status == "FINISHED"

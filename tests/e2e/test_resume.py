@@ -30,8 +30,14 @@ STEPS = 20
 
 # The default job, 20 steps, partition at step 0, a checkpoint every 10 steps, no evaluation; an 8-step warm-up,
 # so that a resumed run whose LR schedule restarted (at lr/8) would show in the loss.
-TINY = (f"training.steps={STEPS}", "training.report_every=10", "checkpointing.every_steps=10",
-        "training.warmup_steps=8", "modularity.partition_at_step=0", "evaluation.every_steps=0")
+TINY = (
+    f"training.steps={STEPS}",
+    "training.report_every=10",
+    "checkpointing.every_steps=10",
+    "training.warmup_steps=8",
+    "modularity.partition_at_step=0",
+    "evaluation.every_steps=0",
+)
 
 
 def tiny(*overrides: str):
@@ -113,12 +119,24 @@ def test_killed_driver_is_resumed_to_the_uninterrupted_result(workdir, client, u
     """`kill -9` of `xcm run` with all its Ray processes past a checkpoint, then `xcm resume` of the run directory:
     the same MLflow run FINISHED, the steps logged before the kill not logged twice, the same losses and weights."""
     settings = [*TINY, "name=driver-killed", "checkpointing.every_steps=5"]
-    command = [sys.executable, "-m", "orchestrator.cli", "run", str(ROOT / "jobs" / "tiny.yaml"),
-               *(argument for setting in settings for argument in ("--set", setting))]
+    command = [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "run",
+        str(ROOT / "jobs" / "tiny.yaml"),
+        *(argument for setting in settings for argument in ("--set", setting)),
+    ]
     log = workdir / "driver-killed.log"
     with log.open("w") as output:
-        driver = subprocess.Popen(command, cwd=workdir, stdout=output, stderr=subprocess.STDOUT,
-                                  start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        driver = subprocess.Popen(
+            command,
+            cwd=workdir,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
     try:
         # Kill once the second checkpoint (step 10) is intact and rank 0 has logged a step after it, a step that
         # the resumed run recomputes and must not log again. Ray Train may not list that checkpoint yet (it does
@@ -128,8 +146,11 @@ def test_killed_driver_is_resumed_to_the_uninterrupted_result(workdir, client, u
             assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             run_directory = next(workdir.glob("xcm-runs/checkpoints/driver-killed-*"), None)
             located = run_directory and store.newest_intact(*store.resolve(str(run_directory)))
-            if located and located.state.step >= 10 and \
-                    max(spooled_loss_steps(run_directory), default=-1) >= located.state.step:
+            if (
+                located
+                and located.state.step >= 10
+                and max(spooled_loss_steps(run_directory), default=-1) >= located.state.step
+            ):
                 break
             time.sleep(0.1)
     finally:
@@ -143,8 +164,9 @@ def test_killed_driver_is_resumed_to_the_uninterrupted_result(workdir, client, u
     resumed = resume_job(str(run_directory), workdir)
     assert resumed.run_id == newest.state.run_id
     assert client.get_run(resumed.run_id).info.status == "FINISHED"
-    assert [(m.step, m.value) for m in client.get_metric_history(resumed.run_id, metric_names.RESUMED_FROM_STEP)] \
-        == [(newest.state.step, float(newest.state.step))]
+    assert [(m.step, m.value) for m in client.get_metric_history(resumed.run_id, metric_names.RESUMED_FROM_STEP)] == [
+        (newest.state.step, float(newest.state.step))
+    ]
     assert_same_training(client, uninterrupted, resumed)
 
 
@@ -156,19 +178,34 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(workdir, client, un
 
     def workers(state: str) -> list:
         # This test's own Ray, by address: without one the state API may pick another Ray running on the machine.
-        return list_actors(address=ray.get_runtime_context().gcs_address, limit=1000,
-                           filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", state)])
+        return list_actors(
+            address=ray.get_runtime_context().gcs_address,
+            limit=1000,
+            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", state)],
+        )
 
     workers_before = len(workers("ALIVE")) + len(workers("DEAD"))
     outcome: dict = {}
-    job = threading.Thread(target=lambda: outcome.update(result=run_job(
-        tiny("name=killed", "checkpointing.every_steps=5", "checkpointing.keep_last=2",
-             "checkpointing.max_failures=1"), workdir)))
+    job = threading.Thread(
+        target=lambda: outcome.update(
+            result=run_job(
+                tiny(
+                    "name=killed",
+                    "checkpointing.every_steps=5",
+                    "checkpointing.keep_last=2",
+                    "checkpointing.max_failures=1",
+                ),
+                workdir,
+            )
+        )
+    )
     job.start()
     # Kill once Ray Train has registered the first checkpoint (its snapshot lists it), well before the end.
     deadline = time.monotonic() + 300
-    while not any("step-00000005" in snapshot.read_text()
-                  for snapshot in workdir.glob("xcm-runs/checkpoints/killed-*/checkpoint_manager_snapshot.json")):
+    while not any(
+        "step-00000005" in snapshot.read_text()
+        for snapshot in workdir.glob("xcm-runs/checkpoints/killed-*/checkpoint_manager_snapshot.json")
+    ):
         assert time.monotonic() < deadline and job.is_alive(), "the run never registered its first checkpoint"
         time.sleep(0.1)
     victim = workers("ALIVE")[0].pid
@@ -196,16 +233,19 @@ def test_export_loads_with_from_pretrained_and_matches_the_trained_model(tmp_pat
     # The trained model as DeepSpeed's own module file holds it (ZeRO-2: rank 0 saves the whole module),
     # a different source from the optimizer partitions that zero_to_fp32 consolidates.
     trained = transformers.AutoModelForCausalLM.from_config(
-        transformers.AutoConfig.from_pretrained(checkpoint / "xcm")).eval()
-    module = torch.load(checkpoint / "deepspeed" / f"step-{STEPS}" / "mp_rank_00_model_states.pt",
-                        weights_only=True)["module"]
+        transformers.AutoConfig.from_pretrained(checkpoint / "xcm")
+    ).eval()
+    module = torch.load(checkpoint / "deepspeed" / f"step-{STEPS}" / "mp_rank_00_model_states.pt", weights_only=True)[
+        "module"
+    ]
     trained.load_state_dict(module)
     tokens = torch.randint(0, exported.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(exported(tokens).logits, trained(tokens).logits, rtol=0, atol=1e-5)
     partition = pq.read_table(directory / PARTITION_FILE).to_pydict()
-    hidden = [cluster for side, cluster in zip(partition["side"], partition["cluster"], strict=True)
-              if side == "hidden"]
+    hidden = [
+        cluster for side, cluster in zip(partition["side"], partition["cluster"], strict=True) if side == "hidden"
+    ]
     assert len(hidden) == 2 * 256 and set(hidden) == {0, 1, 2, 3}  # 2 blocks x MLP width 256, k = 4
 
 
@@ -242,14 +282,17 @@ def test_resuming_an_older_checkpoint_continues_exactly_there(workdir, client, u
     abandoned = store.verified(*store.resolve(first.checkpoint_path))
     resumed = resume_job(str(run_directory / "step-00000010"), workdir)
     assert resumed.run_id == first.run_id
-    assert [(m.step, m.value) for m in client.get_metric_history(resumed.run_id, metric_names.RESUMED_FROM_STEP)] \
-        == [(10, 10.0)]
+    assert [(m.step, m.value) for m in client.get_metric_history(resumed.run_id, metric_names.RESUMED_FROM_STEP)] == [
+        (10, 10.0)
+    ]
     reference, weights = final_weights(uninterrupted.checkpoint_path), final_weights(resumed.checkpoint_path)
     for name, tensor in reference.items():
         torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-6, msg=name)
     superseded = next(run_directory.glob(f"{store.SUPERSEDED_PREFIX}*"))
-    assert sorted(p.name for p in superseded.iterdir() if p.name.startswith("step-")) == ["step-00000015",
-                                                                                         "step-00000020"]
+    assert sorted(p.name for p in superseded.iterdir() if p.name.startswith("step-")) == [
+        "step-00000015",
+        "step-00000020",
+    ]
     aside = store.verified(*store.resolve(str(superseded / "step-00000020")))
     assert aside.state == abandoned.state
     assert store.verified(*store.resolve(resumed.checkpoint_path)).state.session != abandoned.state.session
@@ -262,16 +305,20 @@ def test_tampered_checkpoint_runs_no_code_anywhere(tmp_path, workdir, uninterrup
     (as if the driver's check were bypassed): the payload never runs."""
     tampered = tmp_path / "run" / "step-00000020"
     shutil.copytree(uninterrupted.checkpoint_path, tampered)
-    checkpoint_files.plant_payload(tampered / "deepspeed" / "step-20" / "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-                                   marker)
+    checkpoint_files.plant_payload(
+        tampered / "deepspeed" / "step-20" / "zero_pp_rank_1_mp_rank_00_optim_states.pt", marker
+    )
     checkpoint_files.recompute_manifest(tampered)
     with pytest.raises(ResumeError, match="signature does not verify"):
         export_hf(str(tampered), tmp_path / "hf", "unused")
     with pytest.raises(ResumeError, match="signature does not verify"):
         measure.load_model(str(tampered), "unused")
     with pytest.raises(Exception) as refused:  # noqa: PT011 - Ray Train may wrap the error; the assert reads both
-        run_job(tiny("name=tampered", "training.steps=30", "checkpointing.max_failures=0"), workdir,
-                resume_from=str(tampered))
+        run_job(
+            tiny("name=tampered", "training.steps=30", "checkpointing.max_failures=0"),
+            workdir,
+            resume_from=str(tampered),
+        )
     assert "does not verify" in str(refused.value) or "does not verify" in repr(refused.value.__cause__)
     assert not marker.exists()
 

@@ -13,8 +13,7 @@ STEPS = 40
 
 
 def tiny_run(workdir: Path, *overrides: str):
-    spec = tiny_spec(f"training.steps={STEPS}", f"training.report_every={STEPS}",
-                     *overrides)
+    spec = tiny_spec(f"training.steps={STEPS}", f"training.report_every={STEPS}", *overrides)
     return run_job(spec, workdir)
 
 

@@ -21,8 +21,9 @@ def save_tokenizer(directory: Path) -> None:
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50, trainer)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", unk_token="<unk>").save_pretrained(directory)
 
@@ -33,11 +34,23 @@ def test_jsonl_files_train_under_zero3_with_eval_loss_and_perplexity(tmp_path, l
     documents = [f"record {index}: the quick brown fox jumps over {index % 11} lazy dogs" for index in range(2000)]
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"content": text}) + "\n" for text in documents))
     save_tokenizer(tmp_path / "tokenizer")
-    spec = load_spec(ROOT / "jobs" / "tiny.yaml", [
-        "name=text-files", "data.source=files", "data.files=[corpus.jsonl]", "data.text_field=content",
-        "data.tokenizer=tokenizer", "data.validation_fraction=0.1", "data.block_size=32",
-        "deepspeed.zero_stage=3", f"training.steps={STEPS}", f"training.report_every={STEPS}",
-        f"evaluation.every_steps={EVAL_EVERY}", "modularity.partition_at_step=0"])
+    spec = load_spec(
+        ROOT / "jobs" / "tiny.yaml",
+        [
+            "name=text-files",
+            "data.source=files",
+            "data.files=[corpus.jsonl]",
+            "data.text_field=content",
+            "data.tokenizer=tokenizer",
+            "data.validation_fraction=0.1",
+            "data.block_size=32",
+            "deepspeed.zero_stage=3",
+            f"training.steps={STEPS}",
+            f"training.report_every={STEPS}",
+            f"evaluation.every_steps={EVAL_EVERY}",
+            "modularity.partition_at_step=0",
+        ],
+    )
     result = run_job(spec, tmp_path)
 
     client = MlflowClient(tracking_uri=result.tracking_uri)

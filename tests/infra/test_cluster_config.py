@@ -73,9 +73,13 @@ BROKEN_COPIES = [
 ]
 
 
-@pytest.mark.parametrize(("break_config", "message"), [
-    pytest.param(function, message, id=function.__name__.removeprefix("break_"))
-    for function, message in BROKEN_COPIES])
+@pytest.mark.parametrize(
+    ("break_config", "message"),
+    [
+        pytest.param(function, message, id=function.__name__.removeprefix("break_"))
+        for function, message in BROKEN_COPIES
+    ],
+)
 def test_a_broken_copy_fails_ray_validation(break_config, message):
     """Each kind of mistake in a copy of cluster.yaml is rejected by Ray's validation (so the check can fail)."""
     broken = copy.deepcopy(CLUSTER)

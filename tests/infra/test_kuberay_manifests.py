@@ -39,8 +39,11 @@ def as_pod_template(group: dict) -> dict:
 
 
 def containers(cluster_spec: dict) -> list[dict]:
-    return [container for group in group_specs(cluster_spec).values()
-            for container in group["template"]["spec"]["containers"]]
+    return [
+        container
+        for group in group_specs(cluster_spec).values()
+        for container in group["template"]["spec"]["containers"]
+    ]
 
 
 def pod_templates() -> dict[str, dict]:
@@ -64,8 +67,11 @@ def test_shared_volume_claim_is_valid_kubernetes():
     assert SHARED_STORAGE["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
-@pytest.mark.parametrize(("field", "value"), [("imagePulPolicy", "IfNotPresent"), ("ports", [{"containerPort": "80"}])],
-                         ids=["misspelt-field", "port-as-text"])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("imagePulPolicy", "IfNotPresent"), ("ports", [{"containerPort": "80"}])],
+    ids=["misspelt-field", "port-as-text"],
+)
 def test_a_broken_pod_template_fails_validation(field, value):
     """A misspelt or mistyped container field fails the schema check (so the check can fail)."""
     template = as_pod_template(copy.deepcopy(group_specs(RAYCLUSTER["spec"])["gpu"]))
@@ -139,8 +145,11 @@ def test_entrypoint_job_is_a_valid_multi_node_gpu_spec():
     assert spec.resources.num_workers <= gpu_group["maxReplicas"] * gpus_per_pod / spec.resources.gpus_per_worker
 
 
-RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                        "capabilities": {"drop": ["ALL"]}}
+RESTRICTED_CONTAINER = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
 
 
 @pytest.mark.parametrize("name", ["head", "gpu", "submitter"])
@@ -176,14 +185,20 @@ def test_a_read_only_root_leaves_the_writable_paths_on_volumes(name):
         assert all(mounts.get(path) in empty_dirs for path in wanted), mounts
         if name != "submitter":
             environment = {item["name"]: item.get("value", "") for item in container["env"]}
-            assert all(environment[variable].startswith("/home/ray/.cache/")
-                       for variable in ("TRITON_CACHE_DIR", "MPLCONFIGDIR"))
+            assert all(
+                environment[variable].startswith("/home/ray/.cache/")
+                for variable in ("TRITON_CACHE_DIR", "MPLCONFIGDIR")
+            )
 
 
-@pytest.mark.parametrize(("variable", "secret", "key"), [
-    ("XCM_CHECKPOINT_KEY", "xcm-checkpoint-key", "key"),
-    ("MLFLOW_TRACKING_USERNAME", "xcm-mlflow-credentials", "username"),
-    ("MLFLOW_TRACKING_PASSWORD", "xcm-mlflow-credentials", "password")])
+@pytest.mark.parametrize(
+    ("variable", "secret", "key"),
+    [
+        ("XCM_CHECKPOINT_KEY", "xcm-checkpoint-key", "key"),
+        ("MLFLOW_TRACKING_USERNAME", "xcm-mlflow-credentials", "username"),
+        ("MLFLOW_TRACKING_PASSWORD", "xcm-mlflow-credentials", "password"),
+    ],
+)
 def test_every_ray_container_takes_its_secrets_from_kubernetes_secrets(variable, secret, key):
     """The checkpoint key and MLflow's credentials reach every Ray container (where xcm's driver and workers run)
     from a Secret, required (a pod without them does not start), never as a literal value in the manifest."""
@@ -209,6 +224,7 @@ def admitted(source_labels: dict, namespace_labels: dict, same_namespace: bool, 
     """Whether the NetworkPolicy admits a connection from such a pod to a Ray pod's port (Kubernetes' rules: any
     ingress rule that matches both the peer and the port admits it; a peer with a podSelector alone means this
     namespace; an empty selector matches everything)."""
+
     def matches(selector: dict | None, labels: dict) -> bool:
         return selector is not None and selector.get("matchLabels", {}).items() <= labels.items()
 
@@ -217,8 +233,9 @@ def admitted(source_labels: dict, namespace_labels: dict, same_namespace: bool, 
         if ports and port not in ports:
             continue
         for peer in rule["from"]:
-            namespace_ok = (matches(peer["namespaceSelector"], namespace_labels) if "namespaceSelector" in peer
-                            else same_namespace)
+            namespace_ok = (
+                matches(peer["namespaceSelector"], namespace_labels) if "namespaceSelector" in peer else same_namespace
+            )
             if namespace_ok and matches(peer.get("podSelector", {}), source_labels):
                 return True
     return False
@@ -229,20 +246,24 @@ CLIENT = {"xcm-ray-client": "true"}
 OPERATOR = {"app.kubernetes.io/name": "kuberay-operator"}
 
 
-@pytest.mark.parametrize(("who", "source", "namespace", "same", "port", "allowed"), [
-    ("ray pod, GCS", RAY_POD, {}, True, 6379, True),
-    ("ray pod, any port", RAY_POD, {}, True, 45123, True),
-    ("labelled client, Jobs API", CLIENT, {}, True, 8265, True),
-    ("labelled client, Ray Client", CLIENT, {}, True, 10001, True),
-    ("labelled client, GCS", CLIENT, {}, True, 6379, False),
-    ("labelled client in a labelled namespace", CLIENT, CLIENT, False, 8265, True),
-    ("labelled client in another namespace", CLIENT, {}, False, 8265, False),
-    ("operator, Jobs API", OPERATOR, {"kubernetes.io/metadata.name": "kuberay"}, False, 8265, True),
-    ("operator, GCS", OPERATOR, {}, False, 6379, False),
-    ("unlabelled pod, Jobs API", {"app": "other"}, {}, True, 8265, False),
-    ("unlabelled pod, GCS", {"app": "other"}, {}, True, 6379, False),
-    ("the submitter", RAYJOB["spec"]["submitterPodTemplate"]["metadata"]["labels"], {}, True, 8265, True),
-], ids=lambda value: value if isinstance(value, str) else None)
+@pytest.mark.parametrize(
+    ("who", "source", "namespace", "same", "port", "allowed"),
+    [
+        ("ray pod, GCS", RAY_POD, {}, True, 6379, True),
+        ("ray pod, any port", RAY_POD, {}, True, 45123, True),
+        ("labelled client, Jobs API", CLIENT, {}, True, 8265, True),
+        ("labelled client, Ray Client", CLIENT, {}, True, 10001, True),
+        ("labelled client, GCS", CLIENT, {}, True, 6379, False),
+        ("labelled client in a labelled namespace", CLIENT, CLIENT, False, 8265, True),
+        ("labelled client in another namespace", CLIENT, {}, False, 8265, False),
+        ("operator, Jobs API", OPERATOR, {"kubernetes.io/metadata.name": "kuberay"}, False, 8265, True),
+        ("operator, GCS", OPERATOR, {}, False, 6379, False),
+        ("unlabelled pod, Jobs API", {"app": "other"}, {}, True, 8265, False),
+        ("unlabelled pod, GCS", {"app": "other"}, {}, True, 6379, False),
+        ("the submitter", RAYJOB["spec"]["submitterPodTemplate"]["metadata"]["labels"], {}, True, 8265, True),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
 def test_network_policy_admits_the_cluster_and_labelled_clients_only(who, source, namespace, same, port, allowed):
     """The dashboard and Jobs API, the GCS and the Ray Client port are reachable from the cluster's own pods, from
     explicitly labelled clients (Jobs API and Ray Client only) and from the KubeRay operator (Jobs API only), and

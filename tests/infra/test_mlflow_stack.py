@@ -31,8 +31,10 @@ TEST_SECRETS = {name: f"test{index}secret0123456789" for index, name in enumerat
 # The Compose Specification's interpolation: $$ (a literal $), ${NAME}, $NAME, and ${NAME<op><argument>} with the
 # operators :- - (default), :? ? (required, with an error message), :+ + (replacement); ':' also counts an empty
 # value as missing.
-INTERPOLATION = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[A-Za-z_]\w*)(?:(?P<operator>:?[-?+])"
-                           r"(?P<argument>[^}]*))?\}|(?P<named>[A-Za-z_]\w*))")
+INTERPOLATION = re.compile(
+    r"\$(?:(?P<escaped>\$)|\{(?P<braced>[A-Za-z_]\w*)(?:(?P<operator>:?[-?+])"
+    r"(?P<argument>[^}]*))?\}|(?P<named>[A-Za-z_]\w*))"
+)
 
 
 class MissingVariable(ValueError):
@@ -83,8 +85,9 @@ def variables() -> list[re.Match]:
 
 
 def compose_schema_validator() -> jsonschema.protocols.Validator:
-    schema = json.loads(importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
-                        .joinpath("compose-spec.json").read_text())
+    schema = json.loads(
+        importlib.resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text()
+    )
     validator = jsonschema.validators.validator_for(schema)
     validator.check_schema(schema)
     return validator(schema, format_checker=validator.FORMAT_CHECKER)
@@ -202,8 +205,10 @@ def test_mlflow_command_is_accepted_by_mlflow_and_uses_auth_postgres_and_minio(m
     monkeypatch.setenv("MLFLOW_BACKEND_STORE_URI", service["environment"]["MLFLOW_BACKEND_STORE_URI"])
     options = server.make_context("server", list(arguments)).params
     assert options["app_name"] == "basic-auth"
-    assert options["backend_store_uri"] == (f"postgresql+psycopg2://{values['POSTGRES_USER']}:"
-                                            f"{values['POSTGRES_PASSWORD']}@postgres:5432/{values['POSTGRES_DB']}")
+    assert options["backend_store_uri"] == (
+        f"postgresql+psycopg2://{values['POSTGRES_USER']}:"
+        f"{values['POSTGRES_PASSWORD']}@postgres:5432/{values['POSTGRES_DB']}"
+    )
     assert options["serve_artifacts"] and options["artifacts_destination"] == f"s3://{values['MLFLOW_BUCKET']}"
     assert options["host"] == "0.0.0.0" and options["port"] == 5000
     assert service["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
@@ -216,8 +221,10 @@ def dockerfile_values(instruction: str) -> list[str]:
 def auth_environment() -> dict[str, str]:
     """The mlflow container's basic-auth settings: the compose file's, and the image's config path."""
     environment = interpolated(COMPOSE, configured())["services"]["mlflow"]["environment"]
-    return {**{key: value for key, value in environment.items() if "AUTH" in key or "SECRET" in key},
-            "MLFLOW_AUTH_CONFIG_PATH": DOCKERFILE.envs["MLFLOW_AUTH_CONFIG_PATH"]}
+    return {
+        **{key: value for key, value in environment.items() if "AUTH" in key or "SECRET" in key},
+        "MLFLOW_AUTH_CONFIG_PATH": DOCKERFILE.envs["MLFLOW_AUTH_CONFIG_PATH"],
+    }
 
 
 def test_basic_auth_config_is_read_by_mlflow_with_the_admin_from_the_environment(monkeypatch):

@@ -12,8 +12,13 @@ YAML_FILES = sorted([ROOT / "cluster.yaml", *(ROOT / "infra").rglob("*.yaml"), *
 def test_the_deployment_files_are_found():
     """The glob finds the launcher config, the KubeRay manifests and network policy, and the Compose file."""
     names = {path.relative_to(ROOT).as_posix() for path in YAML_FILES}
-    assert {"cluster.yaml", "infra/kuberay/raycluster.yaml", "infra/kuberay/rayjob.yaml",
-            "infra/kuberay/networkpolicy.yaml", "infra/mlflow/docker-compose.yaml"} <= names
+    assert {
+        "cluster.yaml",
+        "infra/kuberay/raycluster.yaml",
+        "infra/kuberay/rayjob.yaml",
+        "infra/kuberay/networkpolicy.yaml",
+        "infra/mlflow/docker-compose.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", YAML_FILES, ids=lambda path: path.relative_to(ROOT).as_posix())

@@ -32,7 +32,8 @@ def test_vision_groups_cover_every_fc_layer_once():
     groups = find_matrix_groups(model)
     assert [(g.name, [m.name for m in g.inputs], [m.name for m in g.outputs]) for g in groups] == [
         ("classifier.hidden1", ["classifier.fc1"], ["classifier.fc2"]),
-        ("classifier.hidden3", ["classifier.fc3"], ["classifier.fc4"])]
+        ("classifier.hidden3", ["classifier.fc3"], ["classifier.fc4"]),
+    ]
 
 
 def test_modular_addition_transformer_regularises_mlp_and_attention():
@@ -40,8 +41,10 @@ def test_modular_addition_transformer_regularises_mlp_and_attention():
     model = build_model(ModelSpec(family="modular_addition"), vocab_size=114, seed=0)
     assert model(torch.tensor([[3, 5, 113]])).shape == (1, 114)
     groups = {g.name: [m.name for m in g.matrices] for g in find_matrix_groups(model)}
-    assert groups == {"mlp": ["mlp.w_in", "mlp.w_out"],
-                      "attention": ["attention.query", "attention.key", "attention.value", "attention.output"]}
+    assert groups == {
+        "mlp": ["mlp.w_in", "mlp.w_out"],
+        "attention": ["attention.query", "attention.key", "attention.value", "attention.output"],
+    }
     mlp_only = build_model(ModelSpec(family="modular_addition", config={"regularise_attention": False}), 114, 0)
     assert [g.name for g in find_matrix_groups(mlp_only)] == ["mlp"]
 

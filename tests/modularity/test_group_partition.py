@@ -64,8 +64,9 @@ def test_dict_round_trip_is_exact():
     arrays = {**data, "hidden": np.asarray(data["hidden"])}
     for restored in (GroupPartition.from_dict(data), GroupPartition.from_dict(arrays)):
         assert restored.k == 3 and torch.equal(restored.hidden, partition.hidden)
-        assert torch.equal(restored.inputs[0], partition.inputs[0]) and torch.equal(restored.outputs[0],
-                                                                                   partition.outputs[0])
+        assert torch.equal(restored.inputs[0], partition.inputs[0]) and torch.equal(
+            restored.outputs[0], partition.outputs[0]
+        )
 
 
 def test_unknown_method_is_rejected():

@@ -25,8 +25,10 @@ def _conv1d_and_linear(tiny_gpt2):
 
 def _partitions(groups) -> dict:
     """Each matrix group's spectral partition into k = 4 clusters (computed in float32, whatever the weights')."""
-    return {g.name: partition_group([m.weight().float() for m in g.inputs], [m.weight().float() for m in g.outputs], 4)
-            for g in groups}
+    return {
+        g.name: partition_group([m.weight().float() for m in g.inputs], [m.weight().float() for m in g.outputs], 4)
+        for g in groups
+    }
 
 
 def test_conv1d_and_equivalent_linear_give_same_clusterability(tiny_gpt2):
@@ -120,11 +122,17 @@ def test_batched_regulariser_matches_the_per_matrix_hooks_in_value_mass_and_grad
         assert regulariser.values().keys() == values.keys()
         assert all(torch.equal(regulariser.values()[name], value) for name, value in values.items())
         penalty.backward()
-        recorded[weights_persist] = (values, masses, penalty.detach(),
-                                     [matrix.module.weight.grad.clone() for matrix in matrices])
+        recorded[weights_persist] = (
+            values,
+            masses,
+            penalty.detach(),
+            [matrix.module.weight.grad.clone() for matrix in matrices],
+        )
         regulariser.remove()
     (values, masses, penalty, grads), (batched_values, batched_masses, batched_penalty, batched_grads) = (
-        recorded[False], recorded[True])
+        recorded[False],
+        recorded[True],
+    )
     assert len(batched_values) == len(matrices) == 4 and batched_values.keys() == values.keys()
     for name in values:
         assert torch.allclose(batched_values[name], values[name], atol=1e-6)
@@ -176,8 +184,11 @@ def test_the_batched_path_bounds_its_stacks_without_changing_values_or_gradients
         penalty = regulariser.penalty(20.0)
         assert _nodes_named(penalty, "StackedClusterabilityBackward") == stacks, stack_elements
         penalty.backward()
-        recorded[stack_elements] = (penalty.detach(), regulariser.masses(),
-                                    [matrix.module.weight.grad.clone() for matrix in matrices])
+        recorded[stack_elements] = (
+            penalty.detach(),
+            regulariser.masses(),
+            [matrix.module.weight.grad.clone() for matrix in matrices],
+        )
         regulariser.remove()
     (penalty, masses, grads), *bounded = recorded.values()
     for bounded_penalty, bounded_masses, bounded_grads in bounded:

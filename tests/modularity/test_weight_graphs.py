@@ -14,8 +14,9 @@ def _shapes(groups):
 def test_gpt2_groups_are_conv1d_mlps_transposed(tiny_gpt2):
     """GPT-2: c_fc (in) and c_proj (out) per block, flagged transposed, with [n_out, n_in] shapes."""
     groups = find_matrix_groups(tiny_gpt2)
-    assert _shapes(groups) == [(f"transformer.h.{i}.mlp", [("c_fc", "in", (256, 64)), ("c_proj", "out", (64, 256))])
-                               for i in range(2)]
+    assert _shapes(groups) == [
+        (f"transformer.h.{i}.mlp", [("c_fc", "in", (256, 64)), ("c_proj", "out", (64, 256))]) for i in range(2)
+    ]
     c_fc = groups[0].inputs[0]
     assert c_fc.transposed and torch.equal(c_fc.weight(), c_fc.module.weight.T)
 
@@ -24,22 +25,45 @@ def test_gpt_neox_groups():
     """Pythia / GPT-NeoX: dense_h_to_4h (in) and dense_4h_to_h (out) per layer, as nn.Linear."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2,
-                                             intermediate_size=256, vocab_size=64, max_position_embeddings=64))
+    model = GPTNeoXForCausalLM(
+        GPTNeoXConfig(
+            num_hidden_layers=2,
+            hidden_size=64,
+            num_attention_heads=2,
+            intermediate_size=256,
+            vocab_size=64,
+            max_position_embeddings=64,
+        )
+    )
     assert _shapes(find_matrix_groups(model)) == [
         (f"gpt_neox.layers.{i}.mlp", [("dense_h_to_4h", "in", (256, 64)), ("dense_4h_to_h", "out", (64, 256))])
-        for i in range(2)]
+        for i in range(2)
+    ]
 
 
 def test_gemma_groups_share_hidden_neurons_across_gate_and_up():
     """Gemma: gate_proj and up_proj are both in-projections over the hidden neurons down_proj reads."""
     from transformers import GemmaConfig, GemmaForCausalLM
 
-    model = GemmaForCausalLM(GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=64))
+    model = GemmaForCausalLM(
+        GemmaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            vocab_size=64,
+        )
+    )
     groups = find_matrix_groups(model)
-    assert _shapes(groups) == [(f"model.layers.{i}.mlp", [("gate_proj", "in", (128, 64)), ("up_proj", "in", (128, 64)),
-                                                          ("down_proj", "out", (64, 128))]) for i in range(2)]
+    assert _shapes(groups) == [
+        (
+            f"model.layers.{i}.mlp",
+            [("gate_proj", "in", (128, 64)), ("up_proj", "in", (128, 64)), ("down_proj", "out", (64, 128))],
+        )
+        for i in range(2)
+    ]
     assert not any(m.transposed for g in groups for m in g.matrices)
 
 
@@ -70,8 +94,9 @@ class _DeclaredModel(nn.Module):
 
 def test_declared_groups_are_used_as_declared():
     """A model's modularity_groups() decides the groups, module names and roles."""
-    assert _shapes(find_matrix_groups(_DeclaredModel())) == [("block", [("query", "in", (16, 8)),
-                                                                        ("output", "out", (8, 16))])]
+    assert _shapes(find_matrix_groups(_DeclaredModel())) == [
+        ("block", [("query", "in", (16, 8)), ("output", "out", (8, 16))])
+    ]
 
 
 def test_unknown_model_error_names_class_and_fix():

@@ -25,11 +25,16 @@ def planted_group(seed: int, hidden: int = 32, width: int = 16) -> tuple[GroupSn
 
     units, inputs, outputs = labels(hidden), labels(width), labels(width)
     weight_in = torch.randn(hidden, width, generator=generator) * torch.where(
-        units[:, None] == inputs[None, :], 1.0, 0.05)  # [hidden, n_in]
+        units[:, None] == inputs[None, :], 1.0, 0.05
+    )  # [hidden, n_in]
     weight_out = torch.randn(width, hidden, generator=generator) * torch.where(
-        outputs[:, None] == units[None, :], 1.0, 0.05)  # [n_out, hidden]
-    snapshot = GroupSnapshot(weights_in=(weight_in.numpy(),), weights_out=(weight_out.numpy(),),
-                             names=(f"group{seed}.in", f"group{seed}.out"))
+        outputs[:, None] == units[None, :], 1.0, 0.05
+    )  # [n_out, hidden]
+    snapshot = GroupSnapshot(
+        weights_in=(weight_in.numpy(),),
+        weights_out=(weight_out.numpy(),),
+        names=(f"group{seed}.in", f"group{seed}.out"),
+    )
     return snapshot, units
 
 

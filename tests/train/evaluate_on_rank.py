@@ -4,6 +4,7 @@ A separate process rather than a fork: the pytest process may hold Ray's threads
 Each rank evaluates a token set and a labelled-example set; rank 0 also computes the references from one
 forward over every item in one process, and writes both outcomes.
 """
+
 import json
 import sys
 from types import SimpleNamespace
@@ -56,9 +57,17 @@ def uneven_examples(model: TinyClassifier) -> LabelledExamples:
 
 
 def evaluate(model, objective, items, rank: int, world_size: int) -> dict[str, float]:
-    evaluator = Evaluator(model, objective, {metric_names.EVAL_LOSS: items}, EvaluationSpec(every_steps=1),
-                          micro_batch_size=4, rank=rank, world_size=world_size, last_step=9,
-                          device=torch.device("cpu"))
+    evaluator = Evaluator(
+        model,
+        objective,
+        {metric_names.EVAL_LOSS: items},
+        EvaluationSpec(every_steps=1),
+        micro_batch_size=4,
+        rank=rank,
+        world_size=world_size,
+        last_step=9,
+        device=torch.device("cpu"),
+    )
     return evaluator.evaluate()
 
 
@@ -77,7 +86,8 @@ def main(rank: int, world_size: int, init_file: str, result_file: str) -> None:
         references = {
             "token_loss": torch.nn.functional.cross_entropy(token_logits.flatten(0, 1), blocks[:, 1:].flatten()).item(),
             "example_loss": torch.nn.functional.cross_entropy(class_logits, examples.labels).item(),
-            "accuracy": (class_logits.argmax(-1) == examples.labels).float().mean().item()}
+            "accuracy": (class_logits.argmax(-1) == examples.labels).float().mean().item(),
+        }
         with open(result_file, "w") as handle:
             json.dump({"language": language, "classification": classification, "references": references}, handle)
     torch.distributed.destroy_process_group()

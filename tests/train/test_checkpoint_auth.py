@@ -33,9 +33,11 @@ def forged(tmp_path, checkpoint_files, marker):
 
 def test_forged_checkpoint_runs_no_code_on_resume_export_or_measure(tmp_path, forged, marker):
     """A payload planted with a recomputed manifest is refused by resume, export and measure, and never runs."""
-    for attempt in (lambda: resume_job(str(forged), tmp_path),
-                    lambda: export_hf(str(forged), tmp_path / "hf", "unused"),
-                    lambda: measure.load_model(str(forged), "unused")):
+    for attempt in (
+        lambda: resume_job(str(forged), tmp_path),
+        lambda: export_hf(str(forged), tmp_path / "hf", "unused"),
+        lambda: measure.load_model(str(forged), "unused"),
+    ):
         with pytest.raises(ResumeError, match="signature does not verify"):
             attempt()
     assert not marker.exists()
@@ -67,13 +69,21 @@ def test_format_1_checkpoint_is_refused_with_the_way_out(tmp_path, checkpoint_fi
         locate(str(directory), "unused")
 
 
-@pytest.mark.parametrize("manifest", [
-    "[]", "null", '"text"', "{", '{"format": 2}', "[" * 100_000 + "]" * 100_000,
-    '{"format": 2, "key_id": "", "hmac": "", "files": []}',
-    '{"format": 2, "key_id": "", "hmac": "", "files": {"xcm/state.json": {"size": "12", "sha256": "00"}}}',
-    '{"format": 2, "key_id": "", "hmac": 5, "files": {}}',
-    '{"format": "2", "key_id": "", "hmac": "", "files": {}}',
-])
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        "[]",
+        "null",
+        '"text"',
+        "{",
+        '{"format": 2}',
+        "[" * 100_000 + "]" * 100_000,
+        '{"format": 2, "key_id": "", "hmac": "", "files": []}',
+        '{"format": 2, "key_id": "", "hmac": "", "files": {"xcm/state.json": {"size": "12", "sha256": "00"}}}',
+        '{"format": 2, "key_id": "", "hmac": 5, "files": {}}',
+        '{"format": "2", "key_id": "", "hmac": "", "files": {}}',
+    ],
+)
 def test_manifest_of_the_wrong_shape_falls_back_to_the_previous(tmp_path, checkpoint_files, manifest):
     """Any manifest that is not a format-2 manifest makes its checkpoint a bad one, skipped; never a traceback."""
     checkpoint_files.write(tmp_path, 10)
@@ -151,8 +161,9 @@ def test_a_deepspeed_tag_that_is_not_one_plain_component_is_refused(tmp_path, ch
 def test_a_file_the_manifest_does_not_list_is_refused(tmp_path, checkpoint_files, marker):
     """An extra shard dropped beside the listed ones (DeepSpeed loads shards by name pattern) is refused."""
     directory = checkpoint_files.write(tmp_path, 10)
-    checkpoint_files.plant_payload(directory / "deepspeed" / "step-10" / "zero_pp_rank_2_mp_rank_00_optim_states.pt",
-                                   marker)
+    checkpoint_files.plant_payload(
+        directory / "deepspeed" / "step-10" / "zero_pp_rank_2_mp_rank_00_optim_states.pt", marker
+    )
     assert "zero_pp_rank_2_mp_rank_00_optim_states.pt is not in the manifest" in store.problem(LOCAL, str(directory))
 
 
@@ -251,8 +262,9 @@ def test_a_worker_whose_key_differs_from_the_drivers_stops_at_once():
     driver_key_id = store.key_id(b"the driver's key, which this worker does not hold")
     with pytest.raises(store.CheckpointKeyError, match="differs from the driver's: set XCM_CHECKPOINT_KEY"):
         CheckpointManager(JobSpec(), rank=Rank(1, 2), run_id="r" * 32, session="s", key_id=driver_key_id)
-    CheckpointManager(JobSpec(), rank=Rank(1, 2), run_id="r" * 32, session="s",
-                      key_id=store.key_id(store.checkpoint_key()))
+    CheckpointManager(
+        JobSpec(), rank=Rank(1, 2), run_id="r" * 32, session="s", key_id=store.key_id(store.checkpoint_key())
+    )
 
 
 def test_xcm_run_with_a_key_file_open_to_others_stops_before_the_run(home):

@@ -19,8 +19,14 @@ def s3_endpoint():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1", access_key="testing",
-                      secret_key="testing", allow_bucket_creation=True).create_dir(BUCKET)
+    pafs.S3FileSystem(
+        endpoint_override=f"{host}:{port}",
+        scheme="http",
+        region="us-east-1",
+        access_key="testing",
+        secret_key="testing",
+        allow_bucket_creation=True,
+    ).create_dir(BUCKET)
     yield f"{host}:{port}"
     server.stop()
 
@@ -36,8 +42,12 @@ def s3_run(s3_endpoint, tmp_path, monkeypatch, checkpoint_files):
     run_name = f"job-{tmp_path.name[-8:]}"
     for step in (10, 20):
         checkpoint_files.write(tmp_path / run_name, step, zero_stage=0, transformers_model=True)
-    pafs.copy_files(str(tmp_path / run_name), f"{BUCKET}/runs/{run_name}", source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=filesystem)
+    pafs.copy_files(
+        str(tmp_path / run_name),
+        f"{BUCKET}/runs/{run_name}",
+        source_filesystem=pafs.LocalFileSystem(),
+        destination_filesystem=filesystem,
+    )
     return store.join(storage, run_name)
 
 
@@ -65,12 +75,14 @@ def test_forged_checkpoint_on_s3_is_skipped(s3_run, checkpoint_files, marker, tm
     """A payload uploaded over a shard, with a recomputed manifest, is skipped for the authentic previous one."""
     newest = resume.locate(s3_run, "unused")
     local = tmp_path / "download"
-    pafs.copy_files(newest.path, str(local), source_filesystem=newest.filesystem,
-                    destination_filesystem=pafs.LocalFileSystem())
+    pafs.copy_files(
+        newest.path, str(local), source_filesystem=newest.filesystem, destination_filesystem=pafs.LocalFileSystem()
+    )
     checkpoint_files.plant_payload(local / "deepspeed" / "step-20" / "mp_rank_00_model_states.pt", marker)
     checkpoint_files.recompute_manifest(local)
-    pafs.copy_files(str(local), newest.path, source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=newest.filesystem)
+    pafs.copy_files(
+        str(local), newest.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=newest.filesystem
+    )
     assert resume.locate(s3_run, "unused").state.step == 10
     assert not marker.exists()
 
@@ -85,8 +97,9 @@ def test_export_verifies_its_download_not_only_the_store(s3_run, checkpoint_file
         swapped = tmp_path / "swapped.pt"
         checkpoint_files.plant_payload(swapped, marker)
         # the attacker writes the store between the check and the download
-        with located.filesystem.open_output_stream(f"{located.path}/deepspeed/step-20/mp_rank_00_model_states.pt") \
-                as stream:
+        with located.filesystem.open_output_stream(
+            f"{located.path}/deepspeed/step-20/mp_rank_00_model_states.pt"
+        ) as stream:
             stream.write(swapped.read_bytes())
         return located
 

@@ -28,11 +28,14 @@ def test_complete_checkpoint_is_intact_and_newest(tmp_path, checkpoint_files):
     assert located.state.step == 20 and located.state.run_id == "0123456789abcdef0123456789abcdef"
 
 
-@pytest.mark.parametrize(("damage", "reason"), [
-    (lambda shard: shard.write_bytes(shard.read_bytes()[:-10]), "bytes"),  # truncated upload
-    (lambda shard: shard.write_bytes(b"\xff" + shard.read_bytes()[1:]), "sha256"),  # same size, corrupted
-    (lambda shard: shard.unlink(), "missing"),  # a rank's file never arrived
-])
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda shard: shard.write_bytes(shard.read_bytes()[:-10]), "bytes"),  # truncated upload
+        (lambda shard: shard.write_bytes(b"\xff" + shard.read_bytes()[1:]), "sha256"),  # same size, corrupted
+        (lambda shard: shard.unlink(), "missing"),  # a rank's file never arrived
+    ],
+)
 def test_damaged_checkpoint_is_skipped_for_the_previous(tmp_path, caplog, checkpoint_files, damage, reason):
     """A truncated, corrupted or incomplete newest checkpoint is skipped, with a warning, for the one before."""
     checkpoint_files.write(tmp_path, 10)
@@ -97,19 +100,29 @@ def test_rollback_sets_the_later_checkpoints_aside_whole(tmp_path, checkpoint_fi
     (tmp_path / store.RAY_SNAPSHOT).write_text("{}")
     moved = store.set_aside_newer(store.verified(LOCAL, str(tmp_path / "step-00000010")))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["step-00000005", "step-00000010", moved.rsplit("/", 1)[1]])
-    assert sorted(p.name for p in (tmp_path / moved).iterdir()) == [store.RAY_SNAPSHOT, "step-00000020",
-                                                                   "step-00000030"]
+        ["step-00000005", "step-00000010", moved.rsplit("/", 1)[1]]
+    )
+    assert sorted(p.name for p in (tmp_path / moved).iterdir()) == [
+        store.RAY_SNAPSHOT,
+        "step-00000020",
+        "step-00000030",
+    ]
     assert store.problem(LOCAL, f"{moved}/step-00000030") is None
     assert store.set_aside_newer(store.verified(LOCAL, str(tmp_path / "step-00000010"))) is None
 
 
 def test_storage_query_stays_after_the_run_directory():
     """A storage path with a query (MinIO's endpoint) gets the run directory before the query, not inside it."""
-    spec = JobSpec.model_validate({"name": "job", "checkpointing": {
-        "storage_path": "s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http"}})
-    assert store.run_directory(spec, "0123456789abcdef") == \
-        "s3://bucket/runs/job-01234567?endpoint_override=127.0.0.1:9000&scheme=http"
+    spec = JobSpec.model_validate(
+        {
+            "name": "job",
+            "checkpointing": {"storage_path": "s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http"},
+        }
+    )
+    assert (
+        store.run_directory(spec, "0123456789abcdef")
+        == "s3://bucket/runs/job-01234567?endpoint_override=127.0.0.1:9000&scheme=http"
+    )
 
 
 def test_rng_states_round_trip_through_json():

@@ -1,6 +1,5 @@
 """The DeepSpeed config derived from the spec: ZeRO stage and offload, batch geometry, precision, optimizer."""
 
-
 from orchestrator.train.deepspeed_config import deepspeed_config
 from tests.helpers import tiny_spec
 
@@ -12,16 +11,23 @@ def config_for(*overrides: str, world_size: int = 2) -> dict:
 def test_batch_geometry_multiplies_micro_batch_accumulation_and_workers():
     """The global batch DeepSpeed checks is micro-batch × accumulation steps × workers."""
     config = config_for("training.micro_batch_size=4", "training.gradient_accumulation_steps=3", world_size=2)
-    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
-            config["train_batch_size"]) == (4, 3, 24)
+    assert (
+        config["train_micro_batch_size_per_gpu"],
+        config["gradient_accumulation_steps"],
+        config["train_batch_size"],
+    ) == (4, 3, 24)
 
 
 def test_zero3_options_reach_the_zero_section():
     """ZeRO-3's stage, optimizer offload and persistence threshold land in zero_optimization."""
-    config = config_for("deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true",
-                        "deepspeed.param_persistence_threshold=0")
-    assert config["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False},
-                                           "stage3_param_persistence_threshold": 0}
+    config = config_for(
+        "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.param_persistence_threshold=0"
+    )
+    assert config["zero_optimization"] == {
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu", "pin_memory": False},
+        "stage3_param_persistence_threshold": 0,
+    }
     assert config["zero_force_ds_cpu_optimizer"] is False  # the client AdamW is allowed under offload on CPU
 
 
@@ -52,10 +58,13 @@ def test_the_trainer_brings_torchs_adamw_unless_deepspeed_insists_on_its_own():
         assert isinstance(optimizer, torch.optim.AdamW)
         group = optimizer.param_groups[0]
         assert (group["lr"], group["weight_decay"], group["betas"], bool(group["fused"])) == (
-            0.0003, 0.1, (0.9, 0.95), fused)
+            0.0003,
+            0.1,
+            (0.9, 0.95),
+            fused,
+        )
         assert "optimizer" not in deepspeed_config(spec, 2)
-    offloaded = tiny_spec(*hyperparameters, "resources.gpus_per_worker=1",
-                          "deepspeed.offload_optimizer=true")
+    offloaded = tiny_spec(*hyperparameters, "resources.gpus_per_worker=1", "deepspeed.offload_optimizer=true")
     assert client_optimizer(model, offloaded) is None
     config = deepspeed_config(offloaded, 2)
     assert config["optimizer"] == {"type": "AdamW", "params": {"lr": 0.0003, "weight_decay": 0.1, "betas": [0.9, 0.95]}}

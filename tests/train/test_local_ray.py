@@ -69,9 +69,15 @@ finally:
 def probed() -> dict:
     # Short: Ray's socket paths under it must stay within the 107 characters of a Unix socket name.
     with tempfile.TemporaryDirectory(prefix="xcm-ray-", dir="/tmp") as ray_tmpdir:
-        done = subprocess.run([sys.executable, "-c", PROBE, str(ROOT / "jobs" / "tiny.yaml")], cwd=ROOT,
-                              capture_output=True, text=True, timeout=240, check=False,
-                              env={**os.environ, "RAY_TMPDIR": ray_tmpdir, "PYTHONPATH": str(ROOT)})
+        done = subprocess.run(
+            [sys.executable, "-c", PROBE, str(ROOT / "jobs" / "tiny.yaml")],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+            env={**os.environ, "RAY_TMPDIR": ray_tmpdir, "PYTHONPATH": str(ROOT)},
+        )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-3000:]
     return json.loads(lines[0].removeprefix("RESULT "))

@@ -1,6 +1,5 @@
 """Objectives: which one a job gets, the task loss and metrics of a micro-batch, and what throughput counts."""
 
-
 import pytest
 import torch
 
@@ -51,6 +50,7 @@ def test_classification_reports_accuracy_and_casts_pixels_to_the_compute_precisi
     loss, metrics = Classification(torch.bfloat16).loss(model, batch)
     assert metrics[metric_names.ACCURACY].item() == 0.5 and model.seen_dtype == torch.bfloat16
     assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(model.logits, batch["labels"]).item())
-    Classification(torch.bfloat16).loss(model, {"inputs": torch.zeros(4, 3, dtype=torch.long),
-                                                "labels": batch["labels"]})
+    Classification(torch.bfloat16).loss(
+        model, {"inputs": torch.zeros(4, 3, dtype=torch.long), "labels": batch["labels"]}
+    )
     assert model.seen_dtype == torch.long

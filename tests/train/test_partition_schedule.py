@@ -26,8 +26,9 @@ LEAD, OTHER = Rank(0, 1), Rank(1, 2)  # rank 0 (with the actors' answers) and an
 
 def tiny_gpt2():
     torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=16,
-                                                                vocab_size=40))
+    return transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=16, vocab_size=40)
+    )
 
 
 @pytest.fixture
@@ -37,9 +38,16 @@ def model():
 
 def schedule_for(model, regulariser=None, **modularity) -> PartitionSchedule:
     """Rank 1 of a world that is not started: the schedule's own logic, no Ray, no collectives."""
-    return PartitionSchedule(find_matrix_groups(model), regulariser or ClusterabilityRegulariser(),
-                             ModularitySpec(**modularity), PartitionerSpec(), rank=OTHER,
-                             device=torch.device("cpu"), actor_names=(), metric_logger=None)
+    return PartitionSchedule(
+        find_matrix_groups(model),
+        regulariser or ClusterabilityRegulariser(),
+        ModularitySpec(**modularity),
+        PartitionerSpec(),
+        rank=OTHER,
+        device=torch.device("cpu"),
+        actor_names=(),
+        metric_logger=None,
+    )
 
 
 def at_boundary(schedule: PartitionSchedule, model, step: int, rank: Rank = LEAD) -> int | None:
@@ -50,14 +58,23 @@ def at_boundary(schedule: PartitionSchedule, model, step: int, rank: Rank = LEAD
 
 
 def saved_state(model) -> dict:
-    partitions = {group.name: partition_group([m.weight() for m in group.inputs],
-                                                  [m.weight() for m in group.outputs], 4, seed=1).to_dict()
-                  for group in find_matrix_groups(model)}
-    return {"version": 3, "last_request": 20, "partitions": partitions,
-            "adoptions": [{"version": 1, "requested_at": 0, "adopted_at": 0},
-                          {"version": 2, "requested_at": 10, "adopted_at": 14},
-                          {"version": 3, "requested_at": 20, "adopted_at": 23}],
-            "pending": None}
+    partitions = {
+        group.name: partition_group(
+            [m.weight() for m in group.inputs], [m.weight() for m in group.outputs], 4, seed=1
+        ).to_dict()
+        for group in find_matrix_groups(model)
+    }
+    return {
+        "version": 3,
+        "last_request": 20,
+        "partitions": partitions,
+        "adoptions": [
+            {"version": 1, "requested_at": 0, "adopted_at": 0},
+            {"version": 2, "requested_at": 10, "adopted_at": 14},
+            {"version": 3, "requested_at": 20, "adopted_at": 23},
+        ],
+        "pending": None,
+    }
 
 
 def test_state_round_trips_and_drives_the_regulariser(model):
@@ -130,9 +147,16 @@ def local_pool(monkeypatch):
 
 def rank_zero_schedule(model, lag: int) -> PartitionSchedule:
     """Rank 0 of a world that is not started, its actors replaced by `LocalPool`: every 4 steps, `lag` to adopt."""
-    return PartitionSchedule(find_matrix_groups(model), ClusterabilityRegulariser(),
-                             ModularitySpec(partition_every=4), PartitionerSpec(adopt_after_steps=lag),
-                             rank=LEAD, device=torch.device("cpu"), actor_names=(), metric_logger=None)
+    return PartitionSchedule(
+        find_matrix_groups(model),
+        ClusterabilityRegulariser(),
+        ModularitySpec(partition_every=4),
+        PartitionerSpec(adopt_after_steps=lag),
+        rank=LEAD,
+        device=torch.device("cpu"),
+        actor_names=(),
+        metric_logger=None,
+    )
 
 
 def train(schedule, model, steps, labels: dict) -> None:
@@ -156,7 +180,12 @@ def test_a_fixed_lag_adopts_each_version_that_many_steps_after_its_request(local
     schedule = rank_zero_schedule(model, lag=2)
     train(schedule, model, range(20), {})
     assert [(a["version"], a["requested_at"], a["adopted_at"]) for a in schedule.adoptions] == [
-        (1, 0, 0), (2, 4, 6), (3, 8, 10), (4, 12, 14), (5, 16, 18)]
+        (1, 0, 0),
+        (2, 4, 6),
+        (3, 8, 10),
+        (4, 12, 14),
+        (5, 16, 18),
+    ]
 
 
 def test_without_a_lag_slow_actors_never_hold_up_training(local_pool, model):

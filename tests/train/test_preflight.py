@@ -20,10 +20,18 @@ def problems(*overrides: str) -> dict[str, str]:
 
 def test_shipped_classifier_jobs_and_options_are_valid():
     """Every new option, and each classifier with its own data, loads without a problem."""
-    assert problems("deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true",
-                    "deepspeed.param_persistence_threshold=0", "training.lr_schedule=cosine",
-                    "training.warmup_steps=5", "training.activation_checkpointing=true",
-                    "training.precision=bf16") == {}
+    assert (
+        problems(
+            "deepspeed.zero_stage=3",
+            "deepspeed.offload_optimizer=true",
+            "deepspeed.param_persistence_threshold=0",
+            "training.lr_schedule=cosine",
+            "training.warmup_steps=5",
+            "training.activation_checkpointing=true",
+            "training.precision=bf16",
+        )
+        == {}
+    )
     assert problems("model.family=cifar_cnn", "data.source=digits") == {}
     assert problems("model.family=modular_addition", "data.source=modular_addition") == {}
     assert problems("model.family=mnist_mlp", "data.source=digits", "evaluation.every_steps=5") == {}
@@ -38,15 +46,21 @@ def test_model_and_data_must_fit_each_other():
 
 def test_own_models_refuse_options_they_cannot_take():
     """xcm's classifiers train from scratch, without activation checkpointing."""
-    found = problems("model.family=mnist_mlp", "data.source=digits", "model.init=pretrained",
-                     "model.pretrained=x", "training.activation_checkpointing=true")
+    found = problems(
+        "model.family=mnist_mlp",
+        "data.source=digits",
+        "model.init=pretrained",
+        "model.pretrained=x",
+        "training.activation_checkpointing=true",
+    )
     assert {"model.init", "training.activation_checkpointing"} <= set(found)
 
 
 def test_zero_options_need_their_stage():
     """Optimizer offload needs ZeRO 1-3; the persistence threshold is ZeRO-3's alone."""
-    found = problems("deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true",
-                     "deepspeed.param_persistence_threshold=0")
+    found = problems(
+        "deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true", "deepspeed.param_persistence_threshold=0"
+    )
     assert "stage 1, 2 or 3" in found["deepspeed.offload_optimizer"]
     assert "zero_stage: 3" in found["deepspeed.param_persistence_threshold"]
     assert "less than or equal to 3" in problems("deepspeed.zero_stage=4")["deepspeed.zero_stage"]
@@ -59,8 +73,13 @@ def test_warmup_longer_than_training_is_refused():
 
 def test_a_dataset_the_workers_cannot_split_is_refused():
     """Too few examples for one micro-batch per worker is refused before start, with the largest batch that fits."""
-    found = problems("model.family=modular_addition", "data.source=modular_addition", "data.modulus=7",
-                     "data.validation_fraction=0.5", "training.micro_batch_size=16")
+    found = problems(
+        "model.family=modular_addition",
+        "data.source=modular_addition",
+        "data.modulus=7",
+        "data.validation_fraction=0.5",
+        "training.micro_batch_size=16",
+    )
     assert "25 training examples split over 2 workers leave 12 each" in found["training.micro_batch_size"]
     assert "<= 12" in found["training.micro_batch_size"]
 
@@ -69,9 +88,17 @@ def test_unknown_pretrained_model_is_refused(tmp_path, monkeypatch):
     """A missing directory, a model of another family, and an uncached hub model offline are each refused."""
     found = problems("model.init=pretrained", "model.pretrained=/absent/gpt2")
     assert "no model directory" in found["model.pretrained"]
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "hidden_size": 64,
-                                                      "intermediate_size": 256, "num_hidden_layers": 2,
-                                                      "num_attention_heads": 2}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "gpt_neox",
+                "hidden_size": 64,
+                "intermediate_size": 256,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+            }
+        )
+    )
     found = problems("model.init=pretrained", f"model.pretrained={tmp_path}")
     assert "is a 'gpt_neox' model, not gpt2" in found["model.family"]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -82,8 +109,9 @@ def test_unknown_pretrained_model_is_refused(tmp_path, monkeypatch):
 def test_worker_without_a_gpu_stops_before_building():
     """A worker of a GPU job that sees no CUDA GPU stops at once, naming the key and the fix (bf16 is checked next)."""
     spec = tiny_spec("training.precision=bf16", "resources.gpus_per_worker=1")
-    with pytest.raises(RuntimeError,
-                       match=r"resources\.gpus_per_worker: the job asks for GPUs but this worker sees none"):
+    with pytest.raises(
+        RuntimeError, match=r"resources\.gpus_per_worker: the job asks for GPUs but this worker sees none"
+    ):
         require_precision_support(spec)
     require_precision_support(tiny_spec("training.precision=bf16"))  # CPU bf16: fine
 

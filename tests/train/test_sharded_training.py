@@ -25,12 +25,21 @@ TOLERANCE = 1e-5  # fp32, as the issue asks
 
 EXACTNESS = {  # case name -> overrides of jobs/tiny.yaml; the ZeRO-3 cases shard every parameter
     "zero3": ["deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0"],
-    "zero3_accumulation": ["deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0",
-                           "training.gradient_accumulation_steps=2"],
-    "zero3_checkpointing": ["deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0",
-                            "training.activation_checkpointing=true"],
-    "zero3_offload": ["deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0",
-                      "deepspeed.offload_optimizer=true"],
+    "zero3_accumulation": [
+        "deepspeed.zero_stage=3",
+        "deepspeed.param_persistence_threshold=0",
+        "training.gradient_accumulation_steps=2",
+    ],
+    "zero3_checkpointing": [
+        "deepspeed.zero_stage=3",
+        "deepspeed.param_persistence_threshold=0",
+        "training.activation_checkpointing=true",
+    ],
+    "zero3_offload": [
+        "deepspeed.zero_stage=3",
+        "deepspeed.param_persistence_threshold=0",
+        "deepspeed.offload_optimizer=true",
+    ],
     "zero2": ["deepspeed.zero_stage=2"],
     "zero1": ["deepspeed.zero_stage=1"],
     "zero3_bf16": ["deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0", "training.precision=bf16"],
@@ -39,24 +48,49 @@ FAMILY_STEPS = 5
 # case name -> overrides: each transformer family under ZeRO-2 and under ZeRO-3 (really sharded), xcm's own models
 # under ZeRO-3; the CIFAR CNN trains under ZeRO-3 in tests/e2e/test_classifier_run.py (each case costs seconds here).
 FAMILIES = {
-    **{f"{family}_zero3": [f"model.family={family}", "deepspeed.zero_stage=3",
-                           "deepspeed.param_persistence_threshold=0"]
-       for family in ("gpt2", "gpt_neox", "gemma")},
-    **{f"{family}_zero2": [f"model.family={family}", "deepspeed.zero_stage=2"]
-       for family in ("gpt2", "gpt_neox", "gemma")},
-    "mnist_mlp_zero3": ["model.family=mnist_mlp", "data.source=digits", "deepspeed.zero_stage=3",
-                        "deepspeed.param_persistence_threshold=0"],
-    "modular_addition_zero3": ["model.family=modular_addition", "data.source=modular_addition", "data.modulus=23",
-                               "deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0"],
+    **{
+        f"{family}_zero3": [
+            f"model.family={family}",
+            "deepspeed.zero_stage=3",
+            "deepspeed.param_persistence_threshold=0",
+        ]
+        for family in ("gpt2", "gpt_neox", "gemma")
+    },
+    **{
+        f"{family}_zero2": [f"model.family={family}", "deepspeed.zero_stage=2"]
+        for family in ("gpt2", "gpt_neox", "gemma")
+    },
+    "mnist_mlp_zero3": [
+        "model.family=mnist_mlp",
+        "data.source=digits",
+        "deepspeed.zero_stage=3",
+        "deepspeed.param_persistence_threshold=0",
+    ],
+    "modular_addition_zero3": [
+        "model.family=modular_addition",
+        "data.source=modular_addition",
+        "data.modulus=23",
+        "deepspeed.zero_stage=3",
+        "deepspeed.param_persistence_threshold=0",
+    ],
 }
 # fp16 with dynamic loss scaling from 2^20 (the first steps' scaled gradients overflow), a fast warm-up so the LR
 # differs at every optimizer step, and enough steps to learn after the scale has come down.
 FP16_STEPS = 14
-FP16 = {name: [*zero, "training.initial_loss_scale_power=20", "training.warmup_steps=10"] for name, zero in {
-    "zero2_fp16": ["deepspeed.zero_stage=2"],
-    "zero3_fp16": ["deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0"]}.items()}
-COMMON = ["training.lr=0.01", "training.micro_batch_size=8", "data.num_examples=2000", "evaluation.every_steps=0",
-          "modularity.lambda=20"]
+FP16 = {
+    name: [*zero, "training.initial_loss_scale_power=20", "training.warmup_steps=10"]
+    for name, zero in {
+        "zero2_fp16": ["deepspeed.zero_stage=2"],
+        "zero3_fp16": ["deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0"],
+    }.items()
+}
+COMMON = [
+    "training.lr=0.01",
+    "training.micro_batch_size=8",
+    "data.num_examples=2000",
+    "evaluation.every_steps=0",
+    "modularity.lambda=20",
+]
 
 
 def case_spec(overrides: list[str]) -> JobSpec:
@@ -86,9 +120,16 @@ def global_batch() -> torch.Tensor:
 def initial_partitions(model: torch.nn.Module, spec: JobSpec) -> dict:
     """Spectral partitions of the freshly built model's matrix groups, as plain dicts (they travel by file)."""
     modularity = spec.modularity
-    return {group.name: partition_group([m.weight() for m in group.inputs], [m.weight() for m in group.outputs],
-                                        modularity.k, method=modularity.partition, seed=modularity.seed).to_dict()
-            for group in find_matrix_groups(model, modularity.matrices)}
+    return {
+        group.name: partition_group(
+            [m.weight() for m in group.inputs],
+            [m.weight() for m in group.outputs],
+            modularity.k,
+            method=modularity.partition,
+            seed=modularity.seed,
+        ).to_dict()
+        for group in find_matrix_groups(model, modularity.matrices)
+    }
 
 
 def sharded_cases(config: dict) -> None:
@@ -119,8 +160,11 @@ def engine_with_loss(spec: JobSpec, model: torch.nn.Module, partitions: dict, wo
 
     engine = build_engine(model, spec, world_size)
     regulariser = ClusterabilityRegulariser()
-    regularise_groups(regulariser, find_matrix_groups(engine.module, spec.modularity.matrices),
-                      {name: GroupPartition.from_dict(data) for name, data in partitions.items()})
+    regularise_groups(
+        regulariser,
+        find_matrix_groups(engine.module, spec.modularity.matrices),
+        {name: GroupPartition.from_dict(data) for name, data in partitions.items()},
+    )
     return engine, regulariser
 
 
@@ -146,8 +190,10 @@ def exactness_case(spec: JobSpec, rank: int, world_size: int) -> dict:
         task_losses.append(task_loss.item())
         penalties.append(penalty.item())
     # A collective under ZeRO-3 (every rank gathers), one parameter at a time.
-    grads = {name: safe_get_full_grad(parameter).detach().float().clone()
-             for name, parameter in engine.module.named_parameters()}
+    grads = {
+        name: safe_get_full_grad(parameter).detach().float().clone()
+        for name, parameter in engine.module.named_parameters()
+    }
     every_rank = [None] * world_size
     dist.all_gather_object(every_rank, {"task_losses": task_losses, "penalties": penalties})
     engine.step()
@@ -195,13 +241,19 @@ def sharded(tmp_path_factory, local_ray):
     directory = tmp_path_factory.mktemp("sharded")
     ensure_ray(case_spec([]))  # the session's Ray, started as xcm starts it (or joined)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module
-    config = {"output": str(directory / "results.pt"),
-              "exactness": {name: case_spec(o).model_dump(mode="json", by_alias=True) for name, o in EXACTNESS.items()},
-              "families": {name: case_spec(o).model_dump(mode="json", by_alias=True) for name, o in FAMILIES.items()},
-              "fp16": {name: fp16_case_spec(name).model_dump(mode="json", by_alias=True) for name in FP16}}
-    TorchTrainer(sharded_cases, train_loop_config=config, torch_config=TorchConfig(backend="gloo"),
-                 scaling_config=ScalingConfig(num_workers=WORKERS),
-                 run_config=RunConfig(name="sharded-cases", storage_path=str(directory / "ray"))).fit()
+    config = {
+        "output": str(directory / "results.pt"),
+        "exactness": {name: case_spec(o).model_dump(mode="json", by_alias=True) for name, o in EXACTNESS.items()},
+        "families": {name: case_spec(o).model_dump(mode="json", by_alias=True) for name, o in FAMILIES.items()},
+        "fp16": {name: fp16_case_spec(name).model_dump(mode="json", by_alias=True) for name in FP16},
+    }
+    TorchTrainer(
+        sharded_cases,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=WORKERS),
+        run_config=RunConfig(name="sharded-cases", storage_path=str(directory / "ray")),
+    ).fit()
     return torch.load(directory / "results.pt", weights_only=False)
 
 
@@ -225,8 +277,11 @@ def single_process_reference(name: str, partitions: dict) -> tuple[float, dict[s
 
 def sharded_loss(result: dict) -> float:
     """The global batch's loss from the ranks' micro-batch losses (equal sizes, so the plain mean)."""
-    values = [task + penalty for rank in result["ranks"] for task, penalty in zip(rank["task_losses"],
-                                                                                  rank["penalties"], strict=True)]
+    values = [
+        task + penalty
+        for rank in result["ranks"]
+        for task, penalty in zip(rank["task_losses"], rank["penalties"], strict=True)
+    ]
     return sum(values) / len(values)
 
 
@@ -234,13 +289,13 @@ def regularised(name: str) -> list[str]:
     """Parameter names of the case's regularised matrices."""
     spec = case_spec(EXACTNESS[name])
     model = build_model(spec.model, VOCAB, seed=0)
-    return [f"{m.name}.weight" for group in find_matrix_groups(model, spec.modularity.matrices)
-            for m in group.matrices]
+    return [f"{m.name}.weight" for group in find_matrix_groups(model, spec.modularity.matrices) for m in group.matrices]
 
 
 def largest_gradient_error(result: dict, reference: dict[str, torch.Tensor]) -> dict[str, float]:
-    return {name: (result["grads"][name].reshape(grad.shape) - grad).abs().max().item()
-            for name, grad in reference.items()}
+    return {
+        name: (result["grads"][name].reshape(grad.shape) - grad).abs().max().item() for name, grad in reference.items()
+    }
 
 
 @pytest.mark.slow
@@ -304,7 +359,7 @@ def test_fp16_loss_scaling_skips_overflowing_steps_then_trains(sharded, case):
     scales = [step[metric_names.LOSS_SCALE] for step in curve["loss_scaling"]]
     skipped = [int(step[metric_names.SKIPPED_STEPS]) for step in curve["loss_scaling"]]
     assert skipped[0] == 1 and skipped[-1] >= 2, skipped  # 2^20 overflows at once
-    assert scales[-1] < 2.0 ** 20 and scales == sorted(scales, reverse=True), scales  # halved, never raised
+    assert scales[-1] < 2.0**20 and scales == sorted(scales, reverse=True), scales  # halved, never raised
     applied = FP16_STEPS - skipped[-1]
     assert applied >= FP16_STEPS // 2, skipped  # the scale came down within a few steps
     # The schedule counts applied steps.
