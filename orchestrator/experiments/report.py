@@ -34,10 +34,29 @@ DEFAULT_METRICS = (
     metric_names.TOKENS_PER_SECOND,
     metric_names.SAMPLES_PER_SECOND,
 )
-# Every metric under these is compared too, when a run has it: per-task eval losses, and the circuits side
-# job's circuit sizes and specialization index (``circuits/size/<task>``, ``specialization/index``, ...).
-DEFAULT_PREFIXES = (metric_names.EVAL_TASK_LOSS_PREFIX, "circuits/", "specialization/")
+# The circuits side job's headline figures, compared when a run has them: the specialization index with its
+# null over random partitions of the same sizes, and (computed here from each run's per-task sizes) the mean
+# circuit size over the tasks: the exact greedy circuit's where it ran, and attribution's at each τ.
+SPECIALIZATION_METRICS = (
+    metric_names.SPECIALIZATION_INDEX,
+    metric_names.SPECIALIZATION_INDEX_Z,
+    metric_names.SPECIALIZATION_INDEX_NULL_MEAN,
+    "specialization/index_null_sd",
+    "specialization/sufficiency_index",
+)
 CIRCUIT_SIZE_PREFIX = "circuits/size/"
+MEAN_CIRCUIT_SIZE = "circuits/mean_size"  # + "/tau<τ>" for attribution's sizes at one faithfulness level
+# Families of one metric per task, each compared per task and shown as one table with a task column: per-task
+# eval losses, circuit sizes (``circuits/size/<task>``, ``circuits/size/<task>/tau0.9``), circuit locality and
+# each task's concentration on one cluster. The methods' detail (``circuits/greedy/...``, timings, the
+# dependence histogram) stays in the child runs.
+TASK_FAMILY_PREFIXES = (
+    metric_names.EVAL_TASK_LOSS_PREFIX,
+    CIRCUIT_SIZE_PREFIX,
+    "circuits/locality/",
+    "specialization/concentration/",
+)
+TASK_PLACEHOLDER = "<task>"
 # The task metric of the trade-off plot: the first of these a run has.
 TASK_METRICS = (
     metric_names.EVAL_ACCURACY,
@@ -90,11 +109,43 @@ def read_trials(client, parent_run_id: str) -> list[TrialRun]:
             seed=int(run.data.tags.get(SEED_TAG, -1)),
             run_id=run.info.run_id,
             status=run.info.status,
-            metrics=dict(run.data.metrics),
+            metrics=with_mean_circuit_sizes(dict(run.data.metrics)),
         )
         for run in runs
     ]
     return sorted(trials, key=lambda trial: (trial.variant, trial.seed))
+
+
+def task_family(metric: str) -> tuple[str, str] | None:
+    """A per-task metric's family and task: ``circuits/size/add/tau0.9`` -> (``circuits/size/<task>/tau0.9``,
+    ``add``); None for a metric of no task."""
+    for prefix in TASK_FAMILY_PREFIXES:
+        task, _, rest = metric.removeprefix(prefix).partition("/") if metric.startswith(prefix) else ("", "", "")
+        if task:
+            return prefix + TASK_PLACEHOLDER + (f"/{rest}" if rest else ""), task
+    return None
+
+
+def compared(metric: str) -> bool:
+    """Whether the report compares this metric by default (when a run has it)."""
+    return (
+        metric in DEFAULT_METRICS
+        or metric in SPECIALIZATION_METRICS
+        or metric.startswith(MEAN_CIRCUIT_SIZE)
+        or task_family(metric) is not None
+    )
+
+
+def with_mean_circuit_sizes(metrics: dict[str, float]) -> dict[str, float]:
+    """A run's metrics with its mean circuit size over the tasks, one per kind of size (the bare size, each τ):
+    the paired comparison of one figure per run, where one table per task would leave the answer to the eye."""
+    sizes: dict[str, list[float]] = {}
+    for key, value in metrics.items():
+        family = task_family(key)
+        if family is not None and family[0].startswith(CIRCUIT_SIZE_PREFIX):
+            kind = family[0].removeprefix(CIRCUIT_SIZE_PREFIX + TASK_PLACEHOLDER)
+            sizes.setdefault(MEAN_CIRCUIT_SIZE + kind, []).append(value)
+    return metrics | {key: sum(values) / len(values) for key, values in sizes.items()}
 
 
 def read_plan(client, parent_run_id: str) -> dict:
@@ -104,14 +155,14 @@ def read_plan(client, parent_run_id: str) -> dict:
 
 
 def chosen_metrics(asked: list[str] | None, trials: list[TrialRun]) -> list[str]:
-    """The metrics asked for, else the defaults that some finished run logged, then every key under the
-    default prefixes that one did."""
+    """The metrics asked for, else the defaults that some finished run logged, the specialization index and mean
+    circuit sizes, then every per-task metric, by family and task."""
     if asked:
         return list(asked)
     present = {key for trial in trials if trial.status == "FINISHED" for key in trial.metrics}
-    return [key for key in DEFAULT_METRICS if key in present] + sorted(
-        key for key in present if key.startswith(DEFAULT_PREFIXES)
-    )
+    headline = [key for key in (*DEFAULT_METRICS, *SPECIALIZATION_METRICS) if key in present]
+    means = sorted(key for key in present if key.startswith(MEAN_CIRCUIT_SIZE))
+    return headline + means + sorted((key for key in present if task_family(key)), key=task_family)
 
 
 def build_report(client, parent_run_id: str) -> Report:
@@ -204,19 +255,37 @@ def _markdown(parent_run_id: str, plan: dict, trials: list[TrialRun], tables: di
             + ", ".join(f"{t.variant} seed {t.seed} ({t.status}, run {t.run_id})" for t in unfinished),
             "",
         ]
-    for metric, rows in tables.items():
-        lines += [f"## {metric}", "", TABLE_HEADER, "|---|---|---|---|---|---|---|---|"]
-        lines += [
-            f"| {r['variant']} | {r['n']} | {_mean_sd(r['mean'], r['sd'])} | {r['control'] or NO_VALUE} | "
-            f"{_mean_sd(r['control_mean'], r['control_sd']) if r['control'] else NO_VALUE} | "
-            f"{_number(r['difference'])} | [{_number(r['difference_low'])}, {_number(r['difference_high'])}]"
-            f" | {r['pairs']} |"
-            for r in rows
-        ]
+    for title, per_task in _sections(tables):
+        if len(per_task) == 1 and per_task[0][0] is None:
+            lines += [f"## {title}", "", TABLE_HEADER, "|---|---|---|---|---|---|---|---|"]
+            lines += [_row_cells(r) for r in per_task[0][1]]
+        else:
+            lines += [f"## {title}", "", "| task " + TABLE_HEADER, "|---" * 9 + "|"]
+            lines += [f"| {task} " + _row_cells(r) for task, rows in per_task for r in rows]
         lines.append("")
     lines += ["## Trials", "", "| variant | seed | status | run |", "|---|---|---|---|"]
     lines += [f"| {t.variant} | {t.seed} | {t.status} | {t.run_id} |" for t in trials]
     return "\n".join(lines) + "\n"
+
+
+def _sections(tables: dict[str, list[dict]]) -> list[tuple[str, list[tuple[str | None, list[dict]]]]]:
+    """The Markdown's sections in the tables' order: one per metric, except that a family of per-task metrics
+    (``circuits/size/<task>``) is one section with a row per task and variant."""
+    sections: dict[str, list[tuple[str | None, list[dict]]]] = {}
+    for metric, rows in tables.items():
+        family = task_family(metric)
+        title, task = family if family else (metric, None)
+        sections.setdefault(title, []).append((task, rows))
+    return list(sections.items())
+
+
+def _row_cells(r: dict) -> str:
+    return (
+        f"| {r['variant']} | {r['n']} | {_mean_sd(r['mean'], r['sd'])} | {r['control'] or NO_VALUE} | "
+        f"{_mean_sd(r['control_mean'], r['control_sd']) if r['control'] else NO_VALUE} | "
+        f"{_number(r['difference'])} | [{_number(r['difference_low'])}, {_number(r['difference_high'])}]"
+        f" | {r['pairs']} |"
+    )
 
 
 def _plot_tradeoff(root: Path, trials: list[TrialRun]) -> None:
@@ -246,7 +315,8 @@ def _plot_tradeoff(root: Path, trials: list[TrialRun]) -> None:
 
 def _plot_circuit_sizes(root: Path, report: Report) -> None:
     """Mean circuit size per task (± sd over seeds), one bar per variant, when the runs logged circuit sizes."""
-    metrics = [m for m in report.tables if m.startswith(CIRCUIT_SIZE_PREFIX)]
+    bare = CIRCUIT_SIZE_PREFIX + TASK_PLACEHOLDER
+    metrics = [m for m in report.tables if (task_family(m) or ("",))[0] == bare]
     if not metrics:
         return
     from matplotlib.figure import Figure
@@ -266,7 +336,7 @@ def _plot_circuit_sizes(root: Path, report: Report) -> None:
         )
     axes.set_xticks(
         [i + width * (len(variants) - 1) / 2 for i in range(len(metrics))],
-        [m.removeprefix(CIRCUIT_SIZE_PREFIX) for m in metrics],
+        [task_family(m)[1] for m in metrics],
         rotation=30,
     )
     axes.set_ylabel("circuit size")

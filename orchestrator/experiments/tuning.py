@@ -139,13 +139,7 @@ def run_trial(config: dict, trials: dict, parent_run_id: str, workdir: str) -> N
         _keep_failure_as_previous(uri, run_id)
         _continue_run(_in_run(spec, run_id), Path(workdir))
     final = tracking.client(uri).get_run(run_id).data.metrics
-    tune.report(
-        {
-            key: value
-            for key, value in final.items()
-            if key in reporting.DEFAULT_METRICS or key.startswith(reporting.DEFAULT_PREFIXES)
-        }
-    )
+    tune.report({key: value for key, value in final.items() if reporting.compared(key)})
 
 
 def _start_child_run(spec: JobSpec, parent_run_id: str, variant: str, seed: int) -> str:
