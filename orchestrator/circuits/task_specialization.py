@@ -179,11 +179,22 @@ def _null(model, layers, tasks, k, fills, evaluate, batch_size, ablation, draws,
         damage, _, _ = damage_matrices(ablate_tasks(model, shuffled, tasks, k, fills, evaluate, batch_size))
         values.append(cluster_specialization(damage, used=used).index)
     values = np.array(values)
-    return NullModel(values, float(np.nanmean(values)), float(np.nanstd(values, ddof=1)), float("nan"))
+    defined = values[~np.isnan(values)]  # a draw whose damage no task feels has no index
+    mean = float(defined.mean()) if len(defined) else float("nan")
+    sd = float(defined.std(ddof=1)) if len(defined) > 1 else float("nan")
+    return NullModel(values, mean, sd, float("nan"))
 
 
 def _with_z(null: NullModel, index: float) -> NullModel:
-    return NullModel(null.values, null.mean, null.sd, (index - null.mean) / null.sd if null.sd > 0 else float("inf"))
+    """z is undefined (NaN) where the index or the null's spread is; a null without spread puts any other index
+    infinitely far from it."""
+    if np.isnan(index) or np.isnan(null.sd) or (null.sd == 0 and index == null.mean):
+        z = float("nan")
+    elif null.sd == 0:
+        z = float(np.copysign(np.inf, index - null.mean))
+    else:
+        z = (index - null.mean) / null.sd
+    return NullModel(null.values, null.mean, null.sd, z)
 
 
 def dependence(

@@ -133,6 +133,16 @@ def test_module_scope_switches_a_cluster_in_every_layer():
     assert not mean.used.any() and np.isnan(mean.index)
 
 
+def test_an_index_no_task_enters_has_an_undefined_null_and_z():
+    """A hidden layer whose zeroing changes no task's output: the index, its null and its z are all NaN (never an
+    infinite z that a tracker would log as a certainty)."""
+    with torch.no_grad():
+        dead = nn.Sequential(nn.Linear(8, 8).double(), nn.ReLU(), nn.Linear(8, 4).double())
+        dead[2].weight.zero_()
+    result = ablation_specialization(dead, [HiddenLayer("2", CLASS_CLUSTERS)], TASKS, null_draws=3, bootstraps=0)["2"]
+    assert np.isnan(result.index) and np.isnan(result.null.mean) and np.isnan(result.null.z)
+
+
 def test_hooks_reach_a_transformers_mlp_through_its_out_projection(tiny_gpt2):
     """On GPT-2, the hidden layer of a group partition is c_proj's input: ablating every cluster equals
     zeroing c_proj's weight."""
