@@ -10,6 +10,11 @@ A trial that fails (its Ray Train run gives up, the trial's process dies) is ret
 experiment's ``max_failures``: the first thing a trial does is create its child MLflow run and report that run's
 id to Tune as the trial's checkpoint, so the retry finds the run and continues it as ``xcm resume`` would, from
 its newest intact xcm checkpoint (or from the start, into the same run, when none was written yet).
+
+Ctrl-C stops Tune, which ends the running trials' processes (and with them their Ray Train runs) before their
+child runs are ended, and reports those trials as finished: so when Tune returns, a child run still RUNNING is
+ended here, KILLED when its trial did not fail (it was stopped) and the parent run then ends KILLED too, FAILED
+when its trial failed after its retries (its process died before it could say so).
 """
 
 from __future__ import annotations
@@ -114,8 +119,44 @@ def _fit(plan: ExperimentPlan, specs: dict[str, JobSpec], parent_run_id: str, wo
             verbose=1,
         ),
     )
-    results = tuner.fit()
-    return sorted(result.config["trial"] for result in results if result.error is not None)
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:  # a second Ctrl-C, while Tune stops the trials
+        _end_unended_children(first.tracking.uri, parent_run_id, trials, failed=[])
+        raise
+    failed = sorted(result.config["trial"] for result in results if result.error is not None)
+    if _end_unended_children(first.tracking.uri, parent_run_id, trials, failed):
+        raise KeyboardInterrupt
+    return failed
+
+
+STOPPED_REASON = "xcm experiment was stopped (Ctrl-C) before this trial ended"
+DIED_REASON = "the trial's process ended without ending its run, and Tune's retries are spent"
+
+
+def _end_unended_children(uri: str, parent_run_id: str, trials: dict, failed: list[str]) -> bool:
+    """End every child run still RUNNING once Tune has stopped the trials: FAILED for a trial that failed, else
+    KILLED. True when a trial was stopped before its end: one still RUNNING or never started."""
+    client = tracking.client(uri)
+    parent = client.get_run(parent_run_id)
+    children = {
+        (run.data.tags.get(reporting.VARIANT_TAG), run.data.tags.get(reporting.SEED_TAG)): run
+        for run in client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.`{reporting.PARENT_TAG}` = '{parent_run_id}'",
+            max_results=5000,
+        )
+    }
+    stopped = False
+    for key, trial in trials.items():
+        run = children.get((trial["variant"], str(trial["seed"])))
+        unended = run is None or run.info.status == "RUNNING"
+        stopped |= unended and key not in failed
+        if run is not None and unended:
+            reason, status = (DIED_REASON, "FAILED") if key in failed else (STOPPED_REASON, "KILLED")
+            logger.warning("trial %s: MLflow run %s ends %s: %s", key, run.info.run_id, status, reason)
+            tracking.fail_run(uri, run.info.run_id, reason, status)
+    return stopped
 
 
 def run_trial(config: dict, trials: dict, parent_run_id: str, workdir: str) -> None:

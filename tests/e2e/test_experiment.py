@@ -6,6 +6,8 @@ import itertools
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ from mlflow import MlflowClient
 from orchestrator import metric_names
 from orchestrator.experiments import report as reporting
 from orchestrator.experiments.plan import load_experiment
-from orchestrator.experiments.tuning import PREVIOUS_FAILURE_TAG, run_experiment
+from orchestrator.experiments.tuning import PREVIOUS_FAILURE_TAG, STOPPED_REASON, run_experiment
 from orchestrator.tracking import FAILURE_TAG
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,3 +141,55 @@ def test_trial_whose_worker_is_killed_is_retried_and_the_experiment_finishes(tmp
     assert list(tmp_path.glob("xcm-runs/checkpoints/experiment-killed-*/*/error.txt"))  # Tune's record of the failure
     report = Path(client.download_artifacts(result.parent_run_id, "comparison/comparison.md", str(tmp_path / "r")))
     assert "| control | 1 |" in report.read_text()  # the retried trial counts, once
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_xcm_experiment_ends_the_running_child_and_the_parent_killed(tmp_path):
+    """SIGINT to `xcm experiment` while its first trial trains: Tune stops the trial, and its child run and the
+    parent run end KILLED (the child saying why), not RUNNING; the trial not yet started has no run."""
+    path = experiment_file(
+        tmp_path,
+        (
+            "name: interrupted\nbase: ../tiny.yaml\n"
+            "overrides: {training.steps: 100000, evaluation.every_steps: 0, tracking.log_every_steps: 1,\n"
+            "            resources.num_workers: 2}\n"
+            "variants:\n  control: {modularity.lambda: 0}\n  clustered: {modularity.lambda: 40}\nseeds: [0]\n"
+        ),
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "experiment", str(path)],
+        cwd=tmp_path,
+        env={**environment, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'xcm-runs' / 'mlflow.db'}")
+        deadline = time.monotonic() + 300
+        while not (training := _training_children(client)):
+            assert time.monotonic() < deadline and process.poll() is None, "no trial started training"
+            time.sleep(1)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=180)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    [child] = training
+    parent_run_id = child.data.tags[reporting.PARENT_TAG]
+    assert client.get_run(parent_run_id).info.status == "KILLED"
+    children = {run.info.run_id: run for run in child_runs(client, parent_run_id)}
+    stopped = children[child.info.run_id]
+    assert stopped.info.status == "KILLED" and stopped.data.tags[FAILURE_TAG] == STOPPED_REASON
+    assert len(children) == 1, [(run.data.tags, run.info.status) for run in children.values()]
+
+
+def _training_children(client: MlflowClient) -> list:
+    """The child runs that are RUNNING and have logged a training step (none while the store is not created)."""
+    try:
+        runs = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()], f"tags.`{reporting.PARENT_TAG}` != ''"
+        )
+    except Exception:  # the store's tables are not made yet
+        return []
+    return [run for run in runs if run.info.status == "RUNNING" and metric_names.LOSS in run.data.metrics]
