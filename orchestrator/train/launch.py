@@ -6,11 +6,14 @@ import contextlib
 import logging
 import os
 import socket
+import sys
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator import credentials, priority, tracking
+from orchestrator.console import Console
 from orchestrator.spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -29,16 +32,23 @@ class RunResult:
     metrics: dict
 
 
-def run_job(spec: JobSpec, workdir: Path | None = None, resume_from: str | None = None) -> RunResult:
-    """Train the job on Ray (local, or the cluster at RAY_ADDRESS) and track it in one MLflow run.
+def run_job(
+    spec: JobSpec, workdir: Path | None = None, resume_from: str | None = None, console: Console | None = None
+) -> RunResult:
+    """Train the job on Ray (local, or the cluster at RAY_ADDRESS) and track it in one MLflow run; what runs
+    where, the progress and the notes of the run go to ``console`` (stdout when None).
 
     The run is created (or, for ``xcm submit``'s and ``xcm resume``'s, attached) before anything else can fail,
     so whatever fails later ends it FAILED with the reason as its ``xcm.failure`` tag; a run never stays RUNNING.
     ``resume_from`` (a checkpoint, from ``xcm resume``) is exactly where the workers start; after a worker-group
-    restart they continue from this launch's newest checkpoint instead.
+    restart they continue from this launch's newest checkpoint instead. Stopped (Ctrl-C, SIGTERM), it says how
+    to resume the run before the interruption goes on up.
     """
     from orchestrator.data.preflight import check_data
     from orchestrator.train.checkpoint_store import checkpoint_key, key_id
+    from orchestrator.train.model_logging import log_trained_model
+
+    console = console or Console(sys.stdout)
 
     # Made here when missing (a local run's workers share this machine's key file); a key that cannot be used
     # stops the run before it exists, not at its first checkpoint.
@@ -55,14 +65,16 @@ def run_job(spec: JobSpec, workdir: Path | None = None, resume_from: str | None 
     run_id = (
         tracking.attach_run(uri, existing_run)
         if existing_run
-        else tracking.start_run(spec.tracking, spec.name, spec.flat_params())
+        else tracking.start_run(spec.tracking, spec.name, spec.flat_params(), job=spec)
     )
-    with ending_run(uri, run_id):
+    with resume_hint(console, spec, run_id), ending_run(uri, run_id):
+        experiment_id = tracking.client(uri).get_run(run_id).info.experiment_id
+        announce_run(console, spec, run_id, experiment_id)
         if existing_run:
             check_data(spec)  # on the cluster, for a submitted run: its files and caches are the cluster's
         tracking.log_resolved_spec(uri, run_id, spec.to_yaml())
-        result = _fit(spec, run_id, checkpoint_key_id, resume_from)
-    experiment_id = tracking.client(uri).get_run(run_id).info.experiment_id
+        result = _fit(spec, run_id, checkpoint_key_id, console, resume_from)
+        log_trained_model(spec, run_id, console.say)
     return RunResult(
         run_id=run_id,
         experiment_id=experiment_id,
@@ -88,6 +100,59 @@ def ending_run(uri: str, run_id: str):
     tracking.end_run(uri, run_id, "FINISHED")
 
 
+def announce_run(console: Console, spec: JobSpec, run_id: str, experiment_id: str) -> None:
+    """Where the run is tracked and where its log is, first thing: a run stopped early is still found."""
+    from orchestrator.train.checkpoint_store import run_directory, run_directory_name
+
+    uri = spec.tracking.uri
+    console.say(f"xcm: MLflow run {run_id}: {tracking.run_link(uri, experiment_id, run_id)}")
+    console.say(f"  open the MLflow UI:  {tracking.ui_command(uri)}")
+    if console.log_path is not None:
+        location = run_directory(spec, run_id)
+        local = "://" not in location
+        console.keep_log_in(
+            Path(location) if local else console.log_path.parent / run_directory_name(spec.name, run_id)
+        )
+        console.say(f"  log of Ray, DeepSpeed and the workers: {shown(console.log_path)} (--verbose shows it here)")
+
+
+@contextlib.contextmanager
+def resume_hint(console: Console, spec: JobSpec, run_id: str):
+    """A run stopped on purpose (Ctrl-C; SIGTERM from `xcm stop` or `ray job stop`) says how to go on with it,
+    after ``ending_run`` has marked it KILLED."""
+    from orchestrator.train.checkpoint_store import run_directory
+
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        location = run_directory(spec, run_id)
+        console.end_live()
+        console.say(f"xcm: stopped; MLflow run {run_id} is KILLED{newest_checkpoint_note(location)}")
+        console.say(f"  resume it:  xcm resume {shown(location) if '://' not in location else location}")
+        raise
+
+
+def newest_checkpoint_note(run_directory: str) -> str:
+    """What the stop line adds about a local run directory's newest checkpoint (names listed, nothing verified)."""
+    if "://" in run_directory:
+        return ""
+    from orchestrator.train.checkpoint_store import CHECKPOINT_PREFIX
+
+    names = sorted(path.name for path in Path(run_directory).glob(f"{CHECKPOINT_PREFIX}*") if path.is_dir())
+    if not names:
+        return "; no checkpoint was written: resuming starts it over"
+    return f"; its newest checkpoint is {names[-1]}"
+
+
+def shown(path: str | Path) -> str:
+    """A path as the user types it: relative to the working directory when under it."""
+    path = Path(path)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def failure_reason(error: BaseException) -> str:
     """What a FAILED run's tag says: the error's type and message (Ray Train's carries the worker's traceback)."""
     return f"{type(error).__name__}: {error}"
@@ -110,17 +175,20 @@ def fail_submitted_run(job_file: str, error: Exception) -> None:
         tracking.fail_run(section.uri, section.run_id, failure_reason(error))
 
 
-def _fit(spec: JobSpec, run_id: str, checkpoint_key_id: str, resume_from: str | None = None):
+def _fit(spec: JobSpec, run_id: str, checkpoint_key_id: str, console: Console, resume_from: str | None = None):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.train.checkpoint_store import run_directory_name
-    from orchestrator.train.progress import ProgressBoard, ProgressLine
+    from orchestrator.console import ProgressDisplay
+    from orchestrator.train.checkpoint_store import run_directory, run_directory_name
+    from orchestrator.train.progress import ProgressBoard
     from orchestrator.train.side_job_registry import start_side_job_actors, stop_side_job_actors
+    from orchestrator.train.stopping import StopOnInterrupt
     from orchestrator.train.worker import train_worker
 
-    ensure_ray(spec)
+    dashboard = ensure_ray(spec)
+    announce_placement(console, spec, dashboard)
     board_name = f"xcm-progress-{uuid.uuid4().hex[:12]}"
     board = ProgressBoard.options(name=board_name).remote()
     side_job_actors = start_side_job_actors(spec)
@@ -147,11 +215,79 @@ def _fit(spec: JobSpec, run_id: str, checkpoint_key_id: str, resume_from: str | 
         ),
     )
     try:
-        with ProgressLine(board, spec.training.steps):
-            return trainer.fit()
+        with (
+            ProgressDisplay(console, board, spec.training.steps) as display,
+            StopOnInterrupt(console, display, spec, run_directory(spec, run_id)) as stopping,
+        ):
+            return fit_in_background(trainer, stopping)
+    except KeyboardInterrupt:
+        # The workers, their controller and the side jobs are this driver's actors: disconnecting ends them
+        # (and a local Ray with them) now, while Ray's output still goes where the console sends it.
+        disconnect_ray()
+        raise
     finally:
-        ray.kill(board)
-        stop_side_job_actors(side_job_actors)
+        if ray.is_initialized():
+            ray.kill(board)
+            stop_side_job_actors(side_job_actors)
+
+
+def fit_in_background(trainer, stopping):
+    """``trainer.fit()`` on a thread, the main thread waiting for it: Ray Train installs its own Ctrl-C handler
+    when fit runs on the main thread (abort at once, a third Ctrl-C exits), which would replace xcm's
+    (``StopOnInterrupt``); on another thread it installs none, as under Ray Tune."""
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # re-raised on the main thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="xcm-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+        stopping.check()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def announce_placement(console: Console, spec: JobSpec, dashboard: str | None) -> None:
+    """What runs where: the Ray instance, the worker group and DeepSpeed's setup; and the first-use wait."""
+    import ray
+
+    resources, training = spec.resources, spec.training
+    kind = "a local Ray" if not os.environ.get("RAY_ADDRESS") else "the Ray cluster"
+    console.say(
+        f"xcm: on {kind} at {ray.get_runtime_context().gcs_address}"
+        + (f" (dashboard {dashboard if '://' in dashboard else 'http://' + dashboard})" if dashboard else "")
+    )
+    per_worker = f"{resources.gpus_per_worker:g} GPU" if resources.use_gpu else f"{resources.cpus_per_worker:g} CPU"
+    console.say(
+        f"  {resources.num_workers} workers × {per_worker} ({'nccl' if resources.use_gpu else 'gloo'}), "
+        f"DeepSpeed ZeRO-{spec.deepspeed.zero_stage}, {training.precision}, {training.steps} steps"
+    )
+    if not resources.use_gpu and not os.environ.get("RAY_ADDRESS") and not cpu_comm_op_built():
+        console.say("xcm: compiling DeepSpeed's CPU communication op (once per machine, ~1-2 minutes)…")
+
+
+def cpu_comm_op_built() -> bool:
+    """Whether DeepSpeed's CPU communication op (``deepspeed_shm_comm``) is built for this Python in this
+    machine's torch extensions directory, where the local workers (this process's environment) load it."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    version = f"py{sys.version_info.major}{sys.version_info.minor}_cpu"
+    return (Path(get_default_build_root()) / version / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").exists()
+
+
+def disconnect_ray() -> None:
+    """Leave Ray (a local instance stops with it) when this process has joined it: what Ray still forwards from
+    the workers is written before this returns."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def worker_group(spec: JobSpec) -> dict:
@@ -174,8 +310,9 @@ def worker_group(spec: JobSpec) -> dict:
     }
 
 
-def ensure_ray(spec: JobSpec) -> None:
-    """Join the cluster at RAY_ADDRESS when set, else start a local Ray sized to the job.
+def ensure_ray(spec: JobSpec) -> str | None:
+    """Join the cluster at RAY_ADDRESS when set, else start a local Ray sized to the job; its dashboard's URL
+    when this call connected and the dashboard runs.
 
     A local instance's own processes are told its address (RAY_ADDRESS, on a GCS port chosen here). Without it,
     Ray's state API inside them (Ray Train's placement-group cleaner asks it whether the controller lives) takes
@@ -187,11 +324,10 @@ def ensure_ray(spec: JobSpec) -> None:
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     runtime_env = {"env_vars": {**_WORKER_ENVIRONMENT, "DS_ACCELERATOR": "cuda" if spec.resources.use_gpu else "cpu"}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env, log_to_driver=True)
-        return
+        return ray.init(runtime_env=runtime_env, log_to_driver=True).dashboard_url or None
     resources = spec.resources
     chosen_here = not os.environ.get("RAY_GCS_SERVER_PORT")  # read by the GCS that ray.init starts
     if chosen_here:
@@ -200,7 +336,7 @@ def ensure_ray(spec: JobSpec) -> None:
     try:
         # address="local": a new instance even when a `ray start` cluster runs here (plain init would join it).
         with loopback_only_ray():
-            ray.init(
+            context = ray.init(
                 address="local",
                 num_cpus=max(os.cpu_count() or 1, int(resources.num_workers * resources.cpus_per_worker)),
                 include_dashboard=True,
@@ -212,6 +348,7 @@ def ensure_ray(spec: JobSpec) -> None:
     finally:
         if chosen_here:
             del os.environ["RAY_GCS_SERVER_PORT"]
+    return context.dashboard_url or None
 
 
 @contextlib.contextmanager

@@ -100,19 +100,27 @@ class TrainingSession:
         self.regulariser = ClusterabilityRegulariser(
             differentiable=spec.modularity.lambda_ > 0, weights_persist=spec.deepspeed.zero_stage < 3
         )
-        self.logger = self.progress = None
+        self.logger = self.progress = self.forwarded_warnings = None
         self.last_progress_post = float("-inf")
         if rank.leads:
             from orchestrator.tracking import MetricLogger
             from orchestrator.train.checkpoint_store import metric_spool_path
 
-            self.logger = MetricLogger(spec.tracking.uri, run_id, metric_spool_path(spec, run_id))
+            self.logger = MetricLogger(
+                spec.tracking.uri,
+                run_id,
+                metric_spool_path(spec, run_id),
+                system_metrics_every_s=spec.tracking.system_metrics_every_s,
+            )
             if progress_actor:
+                from orchestrator.train.announcements import forward_warnings
+
                 self.progress = ray_actor(progress_actor)
+                self.forwarded_warnings = forward_warnings(self.progress)  # to the user's terminal
         self.side_jobs = self.build_side_jobs(dict(side_job_actors or {}))
         self.partition_schedule = self.side_jobs[PARTITIONING.name]  # its labels drive the loss and C's baselines
         self.checkpoints = CheckpointManager(spec, rank, run_id, launch_session, checkpoint_key_id)
-        restored = self.checkpoints.restore(self.engine, resume_from, list(self.side_jobs))
+        restored = self.checkpoints.restore(self.engine, resume_from, list(self.side_jobs), self.logger)
         self.start_step = restored.step if restored else 0
         if restored is not None:
             for name, state in restored.side_job_states.items():
@@ -151,11 +159,18 @@ class TrainingSession:
                 groups=self.groups,
                 regulariser=self.regulariser,
                 actor_names=list(actor_names.get(kind.name, ())),
-                logger=self.logger,
+                logger=self.side_job_logger(),
                 partitions=lambda: self.partition_schedule.partitions,
             )
 
         return {kind.name: kind.build(self.spec, context(kind)) for kind in enabled_side_jobs(self.spec)}
+
+    def side_job_logger(self):
+        """Rank 0's logger, through which a partition version or circuit results also reach the user's
+        terminal as a line (the progress board's notes); None on the other ranks."""
+        from orchestrator.train.announcements import AnnouncingLogger
+
+        return self.logger if self.progress is None else AnnouncingLogger(self.logger, self.progress)
 
     def gather(self, needs: Needs) -> Gathered | None:
         """What a side job needs of the weights, on rank 0 (a collective under ZeRO-3: every rank calls it)."""
@@ -303,7 +318,11 @@ class TrainingSession:
         self.checkpoints.save(self.engine, step, reported, states, data_position)
 
     def close(self) -> None:
+        from orchestrator.train.announcements import stop_forwarding
+
         self.regulariser.remove()
+        if self.forwarded_warnings is not None:
+            stop_forwarding(self.forwarded_warnings)
         if self.logger is not None:
             self.logger.close()
 

@@ -1,5 +1,7 @@
 """The `xcm` command as a user types it: the default job end to end, and bad input."""
 
+import re
+
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -9,14 +11,18 @@ from tests.helpers import ROOT, TINY_JOB, run_xcm
 
 @pytest.mark.slow
 def test_xcm_run_default_job_prints_run_and_ui_command(tmp_path):
-    """`xcm run jobs/tiny.yaml` trains, tracks a FINISHED run in ./xcm-runs and prints its id and the UI command."""
+    """`xcm run jobs/tiny.yaml` trains, tracks a FINISHED run in ./xcm-runs and prints its id and the UI command;
+    off a terminal the progress comes as plain lines, and Ray's worker lines go to the log file, not the output."""
     result = run_xcm(
         "run", str(TINY_JOB), "--set", "training.steps=12", "--set", "training.report_every=12", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = next(line.split()[2] for line in result.stdout.splitlines() if line.startswith("xcm: run "))
     assert "mlflow ui --backend-store-uri sqlite:///" in result.stdout
-    assert "step 12/12" in result.stdout  # the progress line reached the terminal
+    assert re.search(r"^\[xcm \d\d:\d\d:\d\d\] step 12/12 \| loss ", result.stdout, re.MULTILINE), result.stdout
+    for noise in ("RayTrainWorker", "TrainController", "Reporting training result"):
+        assert noise not in result.stdout + result.stderr, noise
+    assert "RayTrainWorker" in (tmp_path / "xcm-runs" / "checkpoints" / f"tiny-{run_id[:8]}" / "xcm.log").read_text()
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'xcm-runs' / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
