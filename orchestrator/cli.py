@@ -29,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="override a spec key, e.g. --set training.steps=100 (repeatable)",
     )
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's, DeepSpeed's and the workers' output live (also XCM_VERBOSE=1); "
+        "by default it goes to xcm.log in the run's directory",
+    )
     run.set_defaults(handler=_run)
 
     check = verbs.add_parser("check", help="validate job files without running them")
@@ -66,8 +72,12 @@ def _take_credentials(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    """Train the job; the terminal shows xcm's lines, everything else goes to the run's log file
+    (``orchestrator.console``). Ctrl-C stops it KILLED, with exit code 130 as for any interrupted command."""
     from orchestrator import tracking
-    from orchestrator.train.launch import fail_submitted_run, run_job
+    from orchestrator.console import terminal_session, verbose_requested
+    from orchestrator.spec import RUNS_DIRECTORY
+    from orchestrator.train.launch import disconnect_ray, fail_submitted_run, run_job
 
     try:
         spec = load_spec(args.job, args.overrides, files_from=Path.cwd())
@@ -75,10 +85,16 @@ def _run(args: argparse.Namespace) -> int:
         fail_submitted_run(args.job, error)
         raise
     try:
-        result = run_job(spec, Path.cwd())
+        with terminal_session(verbose_requested(args.verbose), Path.cwd() / RUNS_DIRECTORY / "logs") as console:
+            try:
+                result = run_job(spec, Path.cwd(), console=console)
+            finally:
+                disconnect_ray()  # Ray's last forwarded lines land in the log, not after the summary
     except tracking.TrackingUnavailable as error:
         print(f"xcm: {redact(str(error))}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     _print_result(result)
     return 0
 
