@@ -31,3 +31,31 @@ def test_a_resumed_run_measures_its_first_step_for_the_measurements_in_flight_at
     assert job.due(4)
     job.submit(4, None)
     assert [step for step in range(4, 10) if job.due(step)] == [6, 9]
+
+
+def test_the_actor_computes_on_cuda_only_when_given_a_gpu_that_it_sees():
+    """The circuits actor's device: cuda for any share of a GPU with CUDA visible; the CPU with no GPU given (even
+    when one is visible) or with none visible."""
+    from orchestrator.circuit_job.device import circuits_device
+
+    assert circuits_device(1, cuda_available=True).type == "cuda"
+    assert circuits_device(0.25, cuda_available=True).type == "cuda"
+    assert circuits_device(0, cuda_available=True).type == "cpu"
+    assert circuits_device(1, cuda_available=False).type == "cpu"
+
+
+def test_a_placed_model_takes_cpu_inputs_and_a_cpu_copy_of_it_its_own():
+    """A model placed on another device (here "meta", which needs no GPU) is called with the CPU tensors the
+    tasks hold and computes there; a copy moved back to the CPU, as the greedy finder's is, computes on the CPU."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from orchestrator.circuit_job.device import on_device
+
+    model = on_device(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), torch.device("meta"))
+    inputs = torch.ones(5, 4)
+    assert model(inputs).device.type == "meta"
+    assert model(input=inputs).device.type == "meta"
+    assert copy.deepcopy(model).to_empty(device="cpu")(inputs).device.type == "cpu"

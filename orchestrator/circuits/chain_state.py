@@ -61,9 +61,10 @@ class ChainState:
 
     @classmethod
     def from_model(cls, model: nn.Module, chain: LinearChain, inputs: Tensor, targets: Tensor) -> ChainState:
-        """The chain on the model's own features for `inputs` (computed in float64 by a copy of the model),
-        checked against the model's output so that a chain read wrongly from the graph cannot go unnoticed."""
-        reference = copy.deepcopy(model).double().eval()
+        """The chain on the model's own features for `inputs` (computed in float64 by a CPU copy of the model, as
+        the search itself is), checked against the model's output so that a chain read wrongly from the graph
+        cannot go unnoticed."""
+        reference = copy.deepcopy(model).double().cpu().eval()
         captured = {}
         first = reference.get_submodule(chain.names[0])
         handle = first.register_forward_pre_hook(lambda _module, args: captured.setdefault("x", args[0]))
