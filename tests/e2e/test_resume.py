@@ -299,6 +299,31 @@ def test_resuming_an_older_checkpoint_continues_exactly_there(workdir, client, u
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("zero_stage", "precision"), [(3, "bf16"), (2, "bf16")])
+def test_resume_continues_exactly_at_every_sharding_and_precision(workdir, zero_stage, precision):
+    """A run resumed from its step-10 checkpoint ends at step 20 with the same loss and the same (fp32 master)
+    weights as its own first, uninterrupted branch, under ZeRO-3 (parameters sharded) and in bf16 too."""
+    first = run_job(
+        tiny(
+            f"name=exact-z{zero_stage}-{precision}",
+            f"deepspeed.zero_stage={zero_stage}",
+            f"training.precision={precision}",
+        ),
+        workdir,
+    )
+    run_directory = Path(first.checkpoint_path).parent
+    resumed = resume_job(str(run_directory / "step-00000010"), workdir)
+    assert resumed.run_id == first.run_id
+    assert resumed.metrics["step"] == first.metrics["step"] == STEPS - 1
+    assert resumed.metrics[metric_names.LOSS] == first.metrics[metric_names.LOSS]
+    uninterrupted_branch = next(run_directory.glob(f"{store.SUPERSEDED_PREFIX}*")) / "step-00000020"
+    reference, weights = final_weights(str(uninterrupted_branch)), final_weights(resumed.checkpoint_path)
+    assert reference.keys() == weights.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
 def test_tampered_checkpoint_runs_no_code_anywhere(tmp_path, workdir, uninterrupted, checkpoint_files, marker):
     """A pickle payload planted over a rank's optimizer shard of a real checkpoint, with every sha256 of the
     manifest recomputed, is refused by export, measure, and the workers themselves when handed it directly
