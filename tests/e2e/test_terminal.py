@@ -88,9 +88,10 @@ def test_terminal_shows_xcm_lines_and_a_progress_bar_only(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_keeps_a_checkpoint_due_soon_ends_killed_and_prints_the_resume_command(tmp_path):
-    """Ctrl-C (SIGINT to the process group) during training waits for the checkpoint due within seconds, then
-    stops: exit code 130, the run KILLED in MLflow, the checkpoint intact, and `xcm resume` printed."""
+def test_ctrl_c_ends_the_run_killed_with_its_checkpoint_and_the_resume_command(tmp_path):
+    """Ctrl-C (SIGINT to the process group) during training stops `xcm run` with exit code 130: the run KILLED in
+    MLflow, `xcm resume` printed with the newest checkpoint, which verifies; when the next checkpoint was due within
+    seconds (every 10 steps here, at the pace seen), the stop waited for it and that one is the newest."""
     from orchestrator.train import checkpoint_store as store
 
     returncode, screen = run_on_terminal(
@@ -102,14 +103,19 @@ def test_ctrl_c_keeps_a_checkpoint_due_soon_ends_killed_and_prints_the_resume_co
         "checkpointing.every_steps=10",
         cwd=tmp_path,
         timeout=400,
-        interrupt_when=lambda screen: re.search(r"step (\d{2,})/5000", screen) is not None,
+        interrupt_when=lambda screen: re.search(r"step (1[2-9]|[2-9]\d|\d{3,})/5000", screen) is not None,
     )
     assert returncode == 130, screen[-3000:]
-    written = re.search(r"xcm: checkpoint at step (\d+) written: stopping", screen)
-    assert written, screen[-3000:]
+    stopped = re.search(
+        r"xcm: stopped; MLflow run ([0-9a-f]{32}) is KILLED; its newest checkpoint is (step-\d+)", screen
+    )
+    assert stopped, screen[-3000:]
     resume = re.search(r"resume it:  xcm resume (\S+)", screen).group(1)
-    run_id = re.search(r"xcm: stopped; MLflow run ([0-9a-f]{32}) is KILLED", screen).group(1)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'xcm-runs' / 'mlflow.db'}")
-    assert client.get_run(run_id).info.status == "KILLED"
-    checkpoint = tmp_path / resume / store.checkpoint_name(int(written.group(1)))
-    assert store.problem(*store.resolve(str(checkpoint))[:2]) is None
+    assert client.get_run(stopped.group(1)).info.status == "KILLED"
+    newest = tmp_path / resume / stopped.group(2)
+    assert store.problem(*store.resolve(str(newest))[:2]) is None
+    awaited = re.search(r"xcm: stopping after the checkpoint at step (\d+)", screen)
+    if awaited:
+        assert f"xcm: checkpoint at step {awaited.group(1)} written: stopping" in screen
+        assert newest.name == store.checkpoint_name(int(awaited.group(1)))
