@@ -56,7 +56,7 @@ def submit(job_file: str, overrides: list[str], address: str, workdir: Path) -> 
     spec = _resolved_for_cluster(spec, workdir, local)
     _tell_where_credentials_come_from(moved)
     client = connect(address)
-    run_id = tracking.start_run(spec.tracking, spec.name, spec.flat_params())
+    run_id = tracking.start_run(spec.tracking, spec.name, spec.flat_params(), job=spec)
     spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"run_id": run_id})})
     job_id = f"xcm-{spec.name}-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="xcm-submit-") as staging:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from orchestrator.spec_problems import SHOWN_CHARACTERS, SpecError, SpecProblem
 
@@ -269,6 +270,38 @@ class TrackingSpec(Section):
         "always): each metric costs the tracking store CPU, and on "
         "a GPU each logged step a synchronisation",
     )
+    system_metrics_every_s: float = Field(
+        10,
+        ge=0,
+        description="seconds between samples of CPU, memory, disk, network and GPU use on rank 0's node, "
+        "logged as MLflow system metrics by a thread beside the training loop; 0 = none",
+    )
+    log_model: bool | None = Field(
+        None,
+        description="log the trained model to the run as an MLflow model at the end (transformers with its "
+        "tokenizer for language models, PyTorch for xcm's classifiers), from the last checkpoint; when "
+        "omitted, logged if its fp32 weights fit tracking.log_model_max_gb",
+    )
+    log_model_max_gb: float = Field(
+        4.0, gt=0, description="GB of fp32 weights above which the model is logged only when tracking.log_model: true"
+    )
+    register_model: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,250}$",
+        description="a Model Registry name (letters, digits, _ . -): the logged model becomes its next version "
+        "(logged whatever its size); a run whose model cannot be registered ends FAILED",
+    )
+
+    @field_validator("register_model")
+    @classmethod
+    def _registered_models_are_logged(cls, name: str | None, info: ValidationInfo) -> str | None:
+        if name is not None and info.data.get("log_model") is False:
+            raise PydanticCustomError(
+                "register_unlogged",
+                "cannot register a model that is not logged (tracking.log_model: false): "
+                "remove tracking.log_model, or tracking.register_model",
+            )
+        return name
 
 
 class CheckpointSpec(Section):

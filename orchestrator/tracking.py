@@ -5,6 +5,12 @@ mark it FAILED; rank 0 spools metrics to local disk and a sender process (``metr
 ``log_batch`` (every call is an HTTP round trip, so per-metric calls from the loop would dominate a tiny model's
 step).
 
+Experiments xcm creates are of MLflow 3's "custom model development" kind, which the UI opens in its model-training
+view (its GenAI view is the default for experiments without a kind), and the links xcm prints ask for that view
+too (the UI's switch between the views is per browser, not per experiment). A run is named
+``<job>-<UTC date and time>-<run id[:8]>`` (names sort by start; the id's prefix is also its checkpoint
+directory's) and carries a description and its dataset as an MLflow input.
+
 The tracking store must answer when a run starts or resumes (``start_run``/``attach_run`` raise
 ``TrackingUnavailable`` at once, before any worker starts: a run with no MLflow run would have nowhere to put
 its metrics); once training runs, an outage only delays them (see ``metric_spool``).
@@ -31,7 +37,7 @@ if TYPE_CHECKING:
 
     from mlflow import MlflowClient
 
-    from orchestrator.spec import TrackingSpec
+    from orchestrator.spec import JobSpec, TrackingSpec
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +46,22 @@ _CLIENT_ENVIRONMENT = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_DISABLE_TELEMETRY": "true",  # MLflow 3 reports usage to its makers' servers unless told not to
 }
 # Why a run ended FAILED (or KILLED) before or while training: the error, set by fail_run.
 FAILURE_TAG = "xcm.failure"
 _MAX_TAG_CHARACTERS = 5000  # the smallest limit of MLflow's stores
 # A metric sender that died is restarted by the next log call, at most this often (the spool holds the metrics).
 _SENDER_RESTART_S = 30.0
+# How long closing the logger waits for the system-metrics thread's last batch (a store that is down retries).
+_SYSTEM_METRICS_FINISH_S = 5.0
+# MLflow 3 records an experiment's kind in this tag; the UI opens "custom_model_development" ones in its
+# model-training view. Experiments a user gave another kind keep it.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT_KIND = "custom_model_development"
+# The UI's view switch, as a link's query: without it a browser that never chose shows the GenAI view.
+TRAINING_VIEW_QUERY = "?workflowType=machine_learning"
+DESCRIPTION_TAG = "mlflow.note.content"  # the run's description, shown at the top of its page
 
 
 class TrackingUnavailable(RuntimeError):
@@ -66,18 +82,16 @@ def prepare_local_store(uri: str) -> None:
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
 
-def start_run(tracking: TrackingSpec, run_name: str, params: dict[str, str]) -> str:
-    """Create the job's MLflow run (and its experiment when new), log the resolved spec, return the run id."""
+def start_run(tracking: TrackingSpec, job_name: str, params: dict[str, str], job: JobSpec | None = None) -> str:
+    """Create the job's MLflow run (and its experiment when new), log the resolved spec, return the run id.
+    ``job`` (absent for an experiment's parent run) gives the run its description and dataset input."""
     prepare_local_store(tracking.uri)
     mlflow = client(tracking.uri)
     try:
-        experiment = mlflow.get_experiment_by_name(tracking.experiment)
-        experiment_id = (
-            experiment.experiment_id
-            if experiment
-            else mlflow.create_experiment(tracking.experiment, artifact_location=tracking.artifact_location)
-        )
-        run = mlflow.create_run(experiment_id, run_name=run_name, tags={"xcm.job": run_name})
+        experiment_id = training_experiment(mlflow, tracking)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        run = mlflow.create_run(experiment_id, run_name=f"{job_name}-{stamp}", tags={"xcm.job": job_name})
+        mlflow.update_run(run.info.run_id, name=sortable_run_name(job_name, stamp, run.info.run_id))
     except Exception as error:  # mlflow raises several types for an unreachable or broken store
         raise TrackingUnavailable(
             redact(
@@ -91,6 +105,8 @@ def start_run(tracking: TrackingSpec, run_name: str, params: dict[str, str]) -> 
     try:
         for start in range(0, len(items), 100):
             mlflow.log_batch(run.info.run_id, params=items[start : start + 100])
+        if job is not None:
+            describe_run(mlflow, run.info.run_id, job)
     except Exception as error:  # the run exists now: it must not stay RUNNING
         fail_run(tracking.uri, run.info.run_id, f"params not logged: {type(error).__name__}: {error}")
         raise TrackingUnavailable(
@@ -98,6 +114,80 @@ def start_run(tracking: TrackingSpec, run_name: str, params: dict[str, str]) -> 
             f"({type(error).__name__}: {error}); the run is marked FAILED"
         ) from error
     return run.info.run_id
+
+
+def sortable_run_name(job_name: str, stamp: str, run_id: str) -> str:
+    """``<job>-<YYYYMMDD-HHMMSS, UTC>-<run id[:8]>``: a job's runs sort by start, and the suffix is the one its
+    checkpoint directory ends with."""
+    return f"{job_name}-{stamp}-{run_id[:8]}"
+
+
+def training_experiment(mlflow: MlflowClient, tracking: TrackingSpec) -> str:
+    """The id of the job's experiment, created of the model-training kind when missing; an experiment without
+    a kind (made before, or by hand) gets it, one with a kind keeps its own."""
+    experiment = mlflow.get_experiment_by_name(tracking.experiment)
+    if experiment is None:
+        return mlflow.create_experiment(
+            tracking.experiment,
+            artifact_location=tracking.artifact_location,
+            tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND},
+        )
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        mlflow.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
+def describe_run(mlflow: MlflowClient, run_id: str, job: JobSpec) -> None:
+    """The run's description (what trains, how) and its training data as an MLflow dataset input."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    mlflow.set_tag(run_id, DESCRIPTION_TAG, run_description(job))
+    dataset = training_dataset(job)._to_mlflow_entity()
+    mlflow.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
+
+
+def run_description(job: JobSpec) -> str:
+    """One paragraph: the job, its model, data, objective and parallelism, as the run's page shows it."""
+    model, training = job.model, job.training
+    init = f"from {model.pretrained}" if model.init == "pretrained" else "random init"
+    regulariser = (
+        f"clusterability loss lambda {job.modularity.lambda_:g}, k {job.modularity.k}"
+        if job.modularity.lambda_ > 0
+        else "control run (lambda 0: clusterability measured, not trained for)"
+    )
+    return (
+        f"xcm job **{job.name}**: {model.family} {model.size} ({init}) on {dataset_name(job)}; "
+        f"{training.steps} steps, {regulariser}; DeepSpeed ZeRO stage {job.deepspeed.zero_stage}, "
+        f"{job.resources.num_workers} workers, {training.precision}."
+    )
+
+
+def dataset_name(job: JobSpec) -> str:
+    data = job.data
+    if data.source == "hub" or (data.source in ("mnist", "cifar10") and data.dataset):
+        return data.dataset if not data.dataset_config else f"{data.dataset}/{data.dataset_config}"
+    if data.source == "files":
+        return "files " + ", ".join(Path(path).name for path in data.files)[:200]
+    if data.source == "modular_addition":
+        return f"modular addition mod {data.modulus}"
+    return data.source if data.source != "synthetic" else "xcm's synthetic corpus"
+
+
+def training_dataset(job: JobSpec):
+    """The job's training data as MLflow describes a dataset: a Hugging Face one by its name, config and split;
+    any other by the data section's keys (xcm builds it, from files or generated)."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    data = job.data
+    if data.source == "hub":
+        source = HuggingFaceDatasetSource(path=data.dataset, config_name=data.dataset_config, split=data.split)
+    else:
+        described = data.model_dump(mode="json", exclude={"cache_dir"})
+        source = CodeDatasetSource(tags={key: str(value)[:500] for key, value in described.items()})
+    return MetaDataset(source, name=dataset_name(job)[:500])
 
 
 def attach_run(uri: str, run_id: str) -> str:
@@ -151,9 +241,30 @@ def ui_command(uri: str) -> str:
 
 
 def run_link(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the UI's model-training view."""
     uri = credentials.strip(uri)
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}{TRAINING_VIEW_QUERY}"
+
+
+def start_system_metrics(uri: str, run_id: str, every_s: float):
+    """MLflow's own system-metrics monitor (``system/cpu_utilization_percentage``, memory, disk, network, and per
+    GPU utilisation and memory where NVML answers), sampling this node every ``every_s`` seconds on a daemon
+    thread that logs each sample as one batch; continues the step count of a resumed run. None when off or when
+    it cannot start (training goes on without it)."""
+    if every_s <= 0:
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            run_id, sampling_interval=every_s, samples_before_logging=1, resume_logging=True, tracking_uri=uri
+        )
+        monitor.start()
+    except Exception as error:  # psutil missing, a store that refuses: the run's own metrics matter more
+        logger.warning("system metrics are not logged for MLflow run %s: %s", run_id, error)
+        return None
+    return monitor
 
 
 class MetricLogger:
@@ -167,9 +278,12 @@ class MetricLogger:
     left. ``close`` drains both before the run is marked finished.
     """
 
-    def __init__(self, uri: str, run_id: str, spool_path: Path, interval_s: float = 1.0):
+    def __init__(
+        self, uri: str, run_id: str, spool_path: Path, interval_s: float = 1.0, system_metrics_every_s: float = 0
+    ):
         from orchestrator.metric_spool import MetricSpool
 
+        self._system_metrics = start_system_metrics(uri, run_id, system_metrics_every_s)
         self._client = client(uri)
         self._uri, self._run_id = uri, run_id
         self._interval_s = interval_s
@@ -194,6 +308,22 @@ class MetricLogger:
             self._sender = self._start_sender()
             self._sender_started = time.monotonic()
 
+    def continue_run(self, unsent_metrics: Path | None) -> None:
+        """A resumed run: spool the metrics its checkpoint kept unsent (``unsent_metrics``, when it kept any).
+        A spool that remembers nothing of the run (a node that never ran it) first takes the steps MLflow holds
+        as logged, so the steps recomputed after the checkpoint are logged once; without an answer from MLflow
+        they may be logged twice, never lost."""
+        if not self._spool.last_steps:
+            try:
+                latest = self._client.get_run(self._run_id).data.to_proto().metrics  # each metric's latest step
+                self._spool.remember_logged({metric.key: metric.step for metric in latest})
+            except Exception as error:
+                logger.warning(
+                    "could not read which steps MLflow holds (%s): recomputed steps may be logged twice", error
+                )
+        if unsent_metrics is not None:
+            self._spool.import_unsent(unsent_metrics)
+
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         """Queue a small file for upload; it is read now, so the caller may delete it as soon as this returns."""
         name, data = Path(local_path).name, Path(local_path).read_bytes()
@@ -206,6 +336,10 @@ class MetricLogger:
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Send what is queued, retrying for up to ``timeout_s``; report what could not be sent."""
+        if self._system_metrics is not None:  # its last samples, unless the store keeps them waiting
+            finishing = threading.Thread(target=self._system_metrics.finish, name="xcm-system-metrics", daemon=True)
+            finishing.start()
+            finishing.join(_SYSTEM_METRICS_FINISH_S)
         self._close_timeout_s = timeout_s
         self._stop.set()
         try:

@@ -184,7 +184,7 @@ def run_trial(config: dict, trials: dict, parent_run_id: str, workdir: str) -> N
 
 
 def _start_child_run(spec: JobSpec, parent_run_id: str, variant: str, seed: int) -> str:
-    run_id = tracking.start_run(spec.tracking, spec.name, spec.flat_params())
+    run_id = tracking.start_run(spec.tracking, spec.name, spec.flat_params(), job=spec)
     client = tracking.client(spec.tracking.uri)
     for key, value in (
         (reporting.PARENT_TAG, parent_run_id),

@@ -1,0 +1,308 @@
+"""The trained model as an MLflow model of its run, logged by the driver once training has ended.
+
+A language model goes in MLflow's transformers flavour with its tokenizer (xcm's byte vocabulary as a
+``transformers`` fast tokenizer of the same ids), so ``mlflow.transformers.load_model`` gives a working model and
+tokenizer; xcm's classifiers go in the PyTorch flavour as a ``torch.export`` program (MLflow's "pt2": loading it
+runs no pickled code and needs no xcm). The partition the model was trained under goes beside it in the logged
+model's artifacts as ``partition.parquet``; ``tracking.register_model`` registers the logged model.
+
+The weights come from the run's newest checkpoint (the one written at the last step), verified and consolidated as
+``xcm export`` does. A language model's consolidated weights are written to safetensors shards and freed before
+the model is loaded from them, so the process never holds two copies; a model whose fp32 weights exceed
+``tracking.log_model_max_gb`` is logged only when the spec asks for it (``tracking.log_model: true``, or a
+``register_model`` name).
+
+It runs in a child process: loading and uploading a model can take a lot of memory and a long time, and a child
+that fails, or is killed for memory, leaves the driver and the run as they were. A model that is not logged is a
+warning on a FINISHED run whose metrics and checkpoints are all there, unless the spec asked for registration:
+then the run ends FAILED, with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from orchestrator import credentials, tracking
+from orchestrator.train import checkpoint_store as store
+
+if TYPE_CHECKING:
+    import torch
+
+    from orchestrator.spec import JobSpec
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "model"  # the logged model's name in its run
+PARTITION_FILE = "partition.parquet"
+FAILURE_TAG = "xcm.model_logging_failure"  # on a run whose model could not be logged, why
+TOO_LARGE_EXIT_CODE = 3  # the child's exit status for a model over the size limit that nobody asked for
+_TEXT_GENERATION = "text-generation"
+_LAST_LINES = 15  # of the child's output, quoted in the warning when it fails
+
+
+class ModelNotRegistered(RuntimeError):
+    """The spec asked for the model in the Model Registry and it is not there: the run fails with this."""
+
+
+def log_trained_model(spec: JobSpec, run_id: str, say: Callable[[str], object] = print) -> None:
+    """Log the run's trained model (see the module's docstring), saying what became of it in one line."""
+    if spec.tracking.log_model is False:
+        return
+    started = time.monotonic()
+    child = subprocess.run(
+        [sys.executable, "-m", __name__, store.run_directory(spec, run_id), run_id],
+        env=_child_environment(spec.tracking.uri, run_id),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    output = (child.stdout + child.stderr).strip()
+    if child.returncode == 0:
+        say(_logged_line(json.loads(child.stdout.strip().splitlines()[-1]), time.monotonic() - started))
+    elif child.returncode == TOO_LARGE_EXIT_CODE:
+        say(f"xcm: {child.stdout.strip().splitlines()[-1]}")
+    else:
+        _not_logged(spec, run_id, child.returncode, output)
+
+
+def _logged_line(logged: dict, seconds: float) -> str:
+    registered = (
+        f", registered as {logged['registered_name']} version {logged['registered_version']}"
+        if logged.get("registered_version")
+        else ""
+    )
+    return f"xcm: trained model logged to MLflow as {logged['model_uri']}{registered} ({seconds:.0f} s)"
+
+
+def _not_logged(spec: JobSpec, run_id: str, returncode: int, output: str) -> None:
+    """A child that failed: the run FAILS if registration was asked for, else keeps going with a warning."""
+    last_lines = "\n".join(output.splitlines()[-_LAST_LINES:])
+    reason = f"logging the trained model failed (exit status {returncode}):\n{last_lines}"
+    if spec.tracking.register_model:
+        raise ModelNotRegistered(f"{reason}\nso it is not registered as {spec.tracking.register_model}")
+    try:
+        tracking.client(spec.tracking.uri).set_tag(run_id, FAILURE_TAG, credentials.redact(reason)[-5000:])
+    except Exception as error:
+        logger.warning("could not tag MLflow run %s with %s: %s", run_id, FAILURE_TAG, error)
+    logger.warning(
+        "%s\nThe run's metrics and checkpoints are kept (`xcm export %s --to hf DIR` writes a language model "
+        "from its last checkpoint).",
+        reason,
+        run_id,
+    )
+
+
+def _child_environment(uri: str, run_id: str) -> dict[str, str]:
+    """This environment, the package's import path, and the run's store and experiment for MLflow's fluent
+    model logging; credentials of the URI travel in the environment, never on the command line."""
+    import orchestrator
+
+    package_root = str(Path(orchestrator.__file__).resolve().parents[1])
+    bare_uri, carried = credentials.environment_for(uri)
+    experiment_id = tracking.client(uri).get_run(run_id).info.experiment_id
+    return {
+        **os.environ,  # holds tracking's client settings too, since tracking.client has just run
+        **carried,
+        "MLFLOW_TRACKING_URI": bare_uri,
+        "MLFLOW_EXPERIMENT_ID": experiment_id,
+        "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+    }
+
+
+# ---- the child process -----------------------------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> int:
+    """``python -m orchestrator.train.model_logging RUN_DIRECTORY RUN_ID``: log the newest checkpoint's model into
+    the run; print one JSON line (the model's URI, its registered version) or, for a model over the size limit,
+    the reason it was not logged."""
+    import tempfile
+
+    from orchestrator.train.export import checkpoint_spec, local_copy
+    from orchestrator.train.resume import locate
+
+    run_directory, run_id = argv
+    located = locate(run_directory, os.environ["MLFLOW_TRACKING_URI"])
+    with tempfile.TemporaryDirectory(prefix="xcm-model-") as scratch:
+        checkpoint = local_copy(located, Path(scratch) / "checkpoint")
+        spec = checkpoint_spec(checkpoint)
+        skeleton = _skeleton(spec, checkpoint)
+        size_gb = sum(parameter.numel() for parameter in skeleton.parameters()) * 4 / 1e9
+        wanted = spec.tracking.log_model or spec.tracking.register_model
+        if size_gb > spec.tracking.log_model_max_gb and not wanted:
+            print(
+                f"trained model not logged to MLflow: its fp32 weights ({size_gb:.1f} GB) exceed "
+                f"tracking.log_model_max_gb ({spec.tracking.log_model_max_gb:g}); set tracking.log_model: true "
+                "to log it, or export it with `xcm export`"
+            )
+            return TOO_LARGE_EXIT_CODE
+        if (checkpoint / store.MODEL_CONFIG).is_file():
+            info = _log_language_model(spec, checkpoint, located.state, run_id, Path(scratch))
+        else:
+            info = _log_classifier(spec, checkpoint, located.state, run_id, Path(scratch))
+    version = info.registered_model_version
+    print(
+        json.dumps(
+            {
+                "model_uri": info.model_uri,
+                "registered_name": spec.tracking.register_model,
+                "registered_version": version.version if version is not None else None,
+            }
+        )
+    )
+    return 0
+
+
+def _skeleton(spec: JobSpec, checkpoint: Path) -> torch.nn.Module:
+    """The model without its weights (on the meta device: no memory), to count its parameters."""
+    import torch
+
+    with torch.device("meta"):
+        if (checkpoint / store.MODEL_CONFIG).is_file():
+            import transformers
+
+            return transformers.AutoModelForCausalLM.from_config(_transformers_config(checkpoint))
+        return _classifier(spec)
+
+
+def _transformers_config(checkpoint: Path):
+    import transformers
+
+    return transformers.AutoConfig.from_pretrained(checkpoint / Path(store.MODEL_CONFIG).parent)
+
+
+def _log_language_model(spec: JobSpec, checkpoint: Path, state: store.CheckpointState, run_id: str, scratch: Path):
+    import mlflow
+    import transformers
+
+    weights = scratch / "weights"
+    _write_weights(checkpoint, state, weights)
+    model = transformers.AutoModelForCausalLM.from_pretrained(weights).eval()
+    info = mlflow.transformers.log_model(
+        {"model": model, "tokenizer": hf_tokenizer(spec)},
+        name=MODEL_NAME,
+        task=_TEXT_GENERATION,
+        run_id=run_id,
+        step=spec.training.steps - 1,
+        registered_model_name=spec.tracking.register_model,
+        pip_requirements=_requirements("torch", "transformers", "tokenizers", "safetensors"),
+    )
+    _log_partition(model, spec, checkpoint, info.model_id, scratch)
+    return info
+
+
+def _write_weights(checkpoint: Path, state: store.CheckpointState, directory: Path) -> None:
+    """The consolidated fp32 weights as a transformers checkpoint (config and safetensors shards); the
+    consolidated copy is freed before anything else is loaded."""
+    from huggingface_hub import save_torch_state_dict
+
+    from orchestrator.train.export import consolidated_state_dict
+
+    weights = consolidated_state_dict(checkpoint, state)
+    directory.mkdir()
+    save_torch_state_dict(weights, directory)
+    del weights
+    _transformers_config(checkpoint).save_pretrained(directory)
+
+
+def _log_classifier(spec: JobSpec, checkpoint: Path, state: store.CheckpointState, run_id: str, scratch: Path):
+    import mlflow
+
+    from orchestrator.train.export import consolidated_state_dict
+
+    model = _classifier(spec)
+    model.load_state_dict(consolidated_state_dict(checkpoint, state), strict=True)
+    model.eval()
+    info = mlflow.pytorch.log_model(
+        model,
+        name=MODEL_NAME,
+        run_id=run_id,
+        step=spec.training.steps - 1,
+        input_example=classifier_input_example(spec).numpy(),
+        serialization_format="pt2",
+        registered_model_name=spec.tracking.register_model,
+        pip_requirements=_requirements("torch"),
+    )
+    _log_partition(model, spec, checkpoint, info.model_id, scratch)
+    return info
+
+
+def _classifier(spec: JobSpec) -> torch.nn.Module:
+    from orchestrator.models import build_model
+
+    vocabulary = spec.data.modulus + 1 if spec.model.family == "modular_addition" else None  # its "=" token
+    return build_model(spec.model, vocabulary, seed=spec.training.seed)
+
+
+def classifier_input_example(spec: JobSpec) -> torch.Tensor:
+    """Two inputs of the classifier's shape (the batch dimension stays dynamic in the exported program): blank
+    images, or the prompts ``0 1 =`` and ``2 3 =``."""
+    import torch
+
+    if spec.model.family == "modular_addition":
+        equals = spec.data.modulus
+        return torch.tensor([[0, 1, equals], [2, 3, equals]])
+    from orchestrator.models.vision import input_shape
+
+    return torch.zeros(2, *input_shape(spec.model.family))
+
+
+def hf_tokenizer(spec: JobSpec):
+    """The job's tokenizer as ``transformers`` saves and loads it: a pretrained one as it is; xcm's byte
+    vocabulary as a byte-level BPE without merges, so each byte is its own token with the same id (0-255, then
+    pad, bos and eos)."""
+    import transformers
+
+    from orchestrator.data.tokenizer import BYTE_TOKENIZER, ByteTokenizer, tokenizer_name
+
+    name = tokenizer_name(spec.data, spec.model)
+    if name != BYTE_TOKENIZER:
+        return transformers.AutoTokenizer.from_pretrained(name)
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    specials = {"<pad>": ByteTokenizer.pad_id, "<s>": ByteTokenizer.bos_id, "</s>": ByteTokenizer.eos_id}
+    vocabulary = {character: byte for byte, character in bytes_to_unicode().items()} | specials
+    tokenizer = Tokenizer(models.BPE(vocab=vocabulary, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def _log_partition(model, spec: JobSpec, checkpoint: Path, model_id: str, scratch: Path) -> None:
+    """The partition the model was trained under (one row per unit), in the logged model's artifacts."""
+    import mlflow
+    import pyarrow.parquet as pq
+
+    from orchestrator.modularity import GroupPartition, find_matrix_groups
+    from orchestrator.partitioning.table import partition_table
+
+    saved = json.loads((checkpoint / store.PARTITION).read_text())
+    if saved is None:
+        return
+    partitions = {name: GroupPartition.from_dict(data) for name, data in saved["partitions"].items()}
+    path = scratch / PARTITION_FILE
+    pq.write_table(partition_table(find_matrix_groups(model, spec.modularity.matrices), partitions), path)
+    mlflow.MlflowClient().log_model_artifact(model_id, str(path))
+
+
+def _requirements(*packages: str) -> list[str]:
+    """Pinned to the versions that wrote the model (a local build's ``+cpu`` suffix dropped)."""
+    from importlib.metadata import version
+
+    return [f"{package}=={version(package).split('+')[0]}" for package in packages]
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(main(sys.argv[1:]))
