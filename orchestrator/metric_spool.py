@@ -22,11 +22,14 @@ dies, so a restarted rank 0 takes it over; a second live writer is refused after
 
 The file also remembers the last step logged per metric, across restarts and ``xcm resume``: a run that
 continues from a checkpoint recomputes the steps after it, and ``append`` drops the ones already logged, so
-every step appears once in MLflow. Once the sent part of the file is large, the writer replaces it by that
-memory (one ``{"last_steps": ...}`` line) before its next append, keeping the unsent rest. Only the writer
-compacts (its append handle would otherwise write into the replaced file), so a batch the sender is sending
-meanwhile was read at the file's previous *generation*: the sent marker keeps the generation and how far the
-compaction moved the bytes, and ``mark_sent`` translates the sender's offset.
+every step appears once in MLflow. A spool out of reach of the node that resumes (a machine-local one, when the
+checkpoints are on remote storage) is carried over by the checkpoints instead: each keeps the lines unsent when it
+was written (``copy_unsent``), the resumed run spools them again (``import_unsent``), and takes the latest step
+MLflow holds of each metric as logged (``remember_logged``). Once the sent part of the file is large, the writer
+replaces it by that memory (one ``{"last_steps": ...}`` line) before its next append, keeping the unsent rest.
+Only the writer compacts (its append handle would otherwise write into the replaced file), so a batch the sender
+is sending meanwhile was read at the file's previous *generation*: the sent marker keeps the generation and how
+far the compaction moved the bytes, and ``mark_sent`` translates the sender's offset.
 """
 
 from __future__ import annotations
@@ -198,6 +201,44 @@ class MetricSpool:
         if self.dropped == self._dropped_logged:
             return None
         return float(self.dropped), self._last_step
+
+    def copy_unsent(self, destination: Path) -> bool:
+        """Copy the whole lines not yet sent to ``destination``, for a checkpoint to keep: a run resumed on another
+        node, where this spool is out of reach, sends them from there (``import_unsent``). False, and nothing
+        written, when everything was sent."""
+        with self._locked():
+            start = self._read_marker().offset
+            end = self._end_of_whole_lines(start)
+            if end <= start:
+                return False
+            with self.path.open("rb") as source, destination.open("wb") as target:
+                source.seek(start)
+                while start < end:
+                    chunk = source.read(min(_TAIL_CHUNK, end - start))
+                    target.write(chunk)
+                    start += len(chunk)
+        return True
+
+    def import_unsent(self, source: Path) -> int:
+        """Spool the records a checkpoint kept unsent (``copy_unsent``), with their own timestamps, so that MLflow
+        stores a record that the dead run did send after all only once; the steps this spool already holds are
+        skipped as in ``append``. Lines that are not records are skipped and counted, and no more than the
+        unsent bound is read. The number of records spooled."""
+        spooled = 0
+        with source.open("rb") as stream:
+            for offset, line in _bounded_lines(stream, self._max_unsent_bytes):
+                record = self._parse(line, offset)
+                if record is not None and "metrics" in record:
+                    self.append(record["metrics"], record["step"], record["timestamp"])
+                    spooled += 1
+        return spooled
+
+    def remember_logged(self, last_steps: dict[str, int]) -> None:
+        """Take the latest step that the tracking store holds of each metric as logged: a resumed run on a node
+        without this run's spool then does not log again the steps the dead run sent after its checkpoint."""
+        for key, step in last_steps.items():
+            if _is_metric_name(key) and _is_count(step):
+                self.last_steps[key] = max(step, self.last_steps.get(key, -1))
 
     def close(self) -> None:
         """Release the files (and the writer lock)."""
@@ -380,6 +421,17 @@ def _hold_writer_lock(path: Path, wait_s: float):
         lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         lock.flush()
     return lock
+
+
+def _bounded_lines(stream, limit: int):
+    """``(offset, line)`` of a binary stream's whole lines within its first ``limit`` bytes."""
+    offset = 0
+    while offset < limit:
+        line = stream.readline(limit - offset)  # never more than the bound, however long a line is
+        if not line.endswith(b"\n"):
+            return
+        yield offset, line
+        offset += len(line)
 
 
 def _record(line: bytes) -> dict | None:

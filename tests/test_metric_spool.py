@@ -352,3 +352,65 @@ def test_the_lock_of_a_killed_writer_is_free_at_once(tmp_path):
     started = time.monotonic()
     MetricSpool(path, writer_wait_s=0).close()
     assert time.monotonic() - started < 1
+
+
+def send_until(spool: MetricSpool, client: MlflowClient, run_id: str, last_step: int) -> None:
+    """What a sender process does, up to ``last_step``: each record to MLflow, then marked sent."""
+    from mlflow.entities import Metric
+
+    while True:
+        records, marker = spool.unsent(max_metrics=1)
+        if not records or records[0]["step"] > last_step:
+            return
+        client.log_batch(
+            run_id, metrics=[Metric(k, v, r["timestamp"], r["step"]) for r in records for k, v in r["metrics"].items()]
+        )
+        spool.mark_sent(marker)
+
+
+@pytest.mark.parametrize("sent_before_death", [3, 7])
+def test_a_resume_on_another_node_sends_what_the_dead_node_spooled_once(tmp_path, sent_before_death):
+    """Run A spools steps 0-8 on its node, keeps its unsent lines in the step-7 checkpoint (after step index 6)
+    and dies having sent steps up to 3 (MLflow went down) or up to 7 (past the checkpoint); run B, a fresh process
+    on another node with an empty spool, resumes there, recomputes steps 7-9: MLflow holds every step exactly once."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("moved")).info.run_id
+    run_a = MetricSpool(tmp_path / "node-a" / "spool.jsonl")
+    sender_a = MetricSpool(run_a.path, writer=False)
+    checkpoint = tmp_path / "storage" / "unsent-metrics.jsonl"
+    checkpoint.parent.mkdir()
+    for step in range(9):
+        run_a.append({"loss": 10.0 - step}, step, timestamp_ms=1000 + step)
+        if step == 6:
+            send_until(sender_a, client, run_id, min(sent_before_death, 3))
+            assert sender_a.copy_unsent(checkpoint)
+    send_until(sender_a, client, run_id, sent_before_death)  # ...and node A is lost with steps 8 (and more) unsent
+    run_b = f"""
+import sys
+from pathlib import Path
+from orchestrator.tracking import MetricLogger
+logger = MetricLogger({uri!r}, {run_id!r}, Path({str(tmp_path / "node-b" / "spool.jsonl")!r}), interval_s=0.1)
+logger.continue_run(Path({str(checkpoint)!r}))
+for step in range(7, 10):
+    logger.log({{"loss": 10.0 - step}}, step)
+logger.close(timeout_s=300)  # a loaded machine starts the sender process slowly
+"""
+    finished = subprocess.run([sys.executable, "-c", run_b], capture_output=True, text=True, timeout=120, check=False)
+    assert finished.returncode == 0, finished.stderr
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+    assert history == [(step, 10.0 - step) for step in range(10)]
+
+
+def test_unsent_lines_kept_by_a_checkpoint_are_bounded_and_checked(tmp_path):
+    """Importing a checkpoint's unsent lines reads no more than the spool's bound and skips lines that are not
+    records (counted), as the spool does with its own file."""
+    source = tmp_path / "unsent-metrics.jsonl"
+    good = [json.dumps({"step": step, "timestamp": step, "metrics": {"loss": 1.0}}) for step in range(3)]
+    source.write_text("\n".join([good[0], '{"step": -1, "timestamp": 0, "metrics": {}}', good[1], "x" * 500, good[2]]))
+    spool = MetricSpool(tmp_path / "spool.jsonl", max_unsent_bytes=len(good[0]) * 2 + 60)
+    assert spool.import_unsent(source) == 2  # the third record lies past the bound
+    assert spool.skipped_lines == 1 and spool.last_steps == {"loss": 1}

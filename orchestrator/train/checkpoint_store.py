@@ -11,6 +11,7 @@ One checkpoint, as Ray Train stores it under the run directory ``<storage_path>/
       xcm/config.json       the model's transformers config (what ``xcm export`` rebuilds the model from)
       xcm/<side job>.json   each side job's state (xcm/partition.json: the partition)
       xcm/rng-rank-<r>.json python, numpy and torch RNG states of rank r
+      xcm/unsent-metrics.jsonl  rank 0's metric spool lines not yet in MLflow when it was written (when any)
       manifest.json         every file above with its size and sha256, and an HMAC-SHA256 over that list
 
 Ranks upload to storage independently and in no fixed order, so "written last" cannot be an upload order:
@@ -57,6 +58,7 @@ MANIFEST_FORMAT = 2
 STATE = "xcm/state.json"
 JOB = "xcm/job.yaml"
 MODEL_CONFIG = "xcm/config.json"
+UNSENT_METRICS = "xcm/unsent-metrics.jsonl"
 PARTITION = "xcm/partition.json"  # the partitioner's side-job state, side_job_file("partition")
 DEEPSPEED = "deepspeed"
 CHECKPOINT_PREFIX = "step-"
@@ -122,8 +124,9 @@ def join(location: str, name: str) -> str:
 
 
 def metric_spool_path(spec: JobSpec, run_id: str) -> Path:
-    """Rank 0's metric spool: in the run directory on local storage, so ``xcm resume`` finds what a dead run
-    left unsent; in the local temporary directory when the storage is remote (a spool is appended to)."""
+    """Rank 0's metric spool: in the run directory on local (or shared) storage, so ``xcm resume`` finds what a
+    dead run left unsent; in the local temporary directory when the storage is remote (a spool is appended to
+    and locked), where every checkpoint carries its unsent lines over (``UNSENT_METRICS``)."""
     directory = run_directory(spec, run_id)
     if "://" in directory:
         return Path(tempfile.gettempdir()) / "xcm-spool" / run_directory_name(spec.name, run_id) / METRIC_SPOOL

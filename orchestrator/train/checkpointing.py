@@ -104,6 +104,7 @@ class CheckpointManager:
                     _write_json(side_job_state, directory / store.side_job_file(name))
                 if isinstance(engine.module, transformers.PreTrainedModel):  # xcm's own models have no HF config
                     engine.module.config.to_json_file(directory / store.MODEL_CONFIG)
+                self._keep_unsent_metrics(directory / store.UNSENT_METRICS)
             records = _all_ranks(store.file_records(directory))
             if self.rank.leads:
                 store.write_manifest(
@@ -117,9 +118,27 @@ class CheckpointManager:
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
-    def restore(self, engine, resume_from: str | None, side_jobs: Sequence[str]) -> Restored | None:
+    def _keep_unsent_metrics(self, destination: Path) -> None:
+        """Rank 0: the metric spool's unsent lines into the checkpoint, for a resume on a node without this spool
+        (the metrics of the steps up to the checkpoint are never recomputed). A failure costs nothing but them."""
+        from orchestrator.metric_spool import MetricSpool
+
+        try:
+            spool = MetricSpool(store.metric_spool_path(self.spec, self.run_id), writer=False)
+            try:
+                spool.copy_unsent(destination)
+            finally:
+                spool.close()
+        except OSError as error:
+            destination.unlink(missing_ok=True)
+            logger.warning("the checkpoint keeps no unsent metrics (%s); they stay in the local spool", error)
+
+    def restore(
+        self, engine, resume_from: str | None, side_jobs: Sequence[str], metrics_logger=None
+    ) -> Restored | None:
         """Every rank: load the checkpoint to continue from into ``engine``, with the states it kept of the
-        side jobs named; None for a fresh start."""
+        side jobs named; None for a fresh start. Rank 0 hands ``metrics_logger`` (its ``MetricLogger``) the
+        metrics the checkpoint kept unsent."""
         import ray.train
 
         choice = None
@@ -148,6 +167,9 @@ class CheckpointManager:
                 for name in side_jobs
                 if (directory / store.side_job_file(name)).is_file()
             }
+            if metrics_logger is not None:
+                unsent = directory / store.UNSENT_METRICS
+                metrics_logger.continue_run(unsent if unsent.is_file() else None)
         if self.rank.leads:
             logger.info("resumed from %s at step %d", located.uri, located.state.step)
         return Restored(located.state.step, located.state.data_position, side_job_states)
