@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -29,12 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="override a spec key, e.g. --set training.steps=100 (repeatable)",
     )
-    run.add_argument(
-        "--verbose",
-        action="store_true",
-        help="show Ray's, DeepSpeed's and the workers' output live (also XCM_VERBOSE=1); "
-        "by default it goes to xcm.log in the run's directory",
-    )
+    _add_verbose(run)
     run.set_defaults(handler=_run)
 
     check = verbs.add_parser("check", help="validate job files without running them")
@@ -71,13 +67,20 @@ def _take_credentials(args: argparse.Namespace) -> None:
             setattr(args, name, credentials.take(getattr(args, name)))
 
 
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's, DeepSpeed's and the workers' output live (also XCM_VERBOSE=1); "
+        "by default it goes to xcm.log in the run's directory",
+    )
+
+
 def _run(args: argparse.Namespace) -> int:
     """Train the job; the terminal shows xcm's lines, everything else goes to the run's log file
     (``orchestrator.console``). Ctrl-C stops it KILLED, with exit code 130 as for any interrupted command."""
     from orchestrator import tracking
-    from orchestrator.console import terminal_session, verbose_requested
-    from orchestrator.spec import RUNS_DIRECTORY
-    from orchestrator.train.launch import disconnect_ray, fail_submitted_run, run_job
+    from orchestrator.train.launch import fail_submitted_run, run_job
 
     try:
         spec = load_spec(args.job, args.overrides, files_from=Path.cwd())
@@ -85,11 +88,8 @@ def _run(args: argparse.Namespace) -> int:
         fail_submitted_run(args.job, error)
         raise
     try:
-        with terminal_session(verbose_requested(args.verbose), Path.cwd() / RUNS_DIRECTORY / "logs") as console:
-            try:
-                result = run_job(spec, Path.cwd(), console=console)
-            finally:
-                disconnect_ray()  # Ray's last forwarded lines land in the log, not after the summary
+        with _quiet_unless_verbose(args) as console:
+            result = run_job(spec, Path.cwd(), console=console)
     except tracking.TrackingUnavailable as error:
         print(f"xcm: {redact(str(error))}", file=sys.stderr)
         return 1
@@ -97,6 +97,22 @@ def _run(args: argparse.Namespace) -> int:
         return 130
     _print_result(result)
     return 0
+
+
+@contextlib.contextmanager
+def _quiet_unless_verbose(args: argparse.Namespace):
+    """The terminal session of a training command (``orchestrator.console``): xcm's lines on the terminal, the
+    rest in the run's log file, unless --verbose or XCM_VERBOSE; Ray is left before the session ends, so that its
+    last forwarded lines land in the log, not after the summary."""
+    from orchestrator.console import terminal_session, verbose_requested
+    from orchestrator.spec import RUNS_DIRECTORY
+    from orchestrator.train.launch import disconnect_ray
+
+    with terminal_session(verbose_requested(args.verbose), Path.cwd() / RUNS_DIRECTORY / "logs") as console:
+        try:
+            yield console
+        finally:
+            disconnect_ray()
 
 
 def _print_result(result) -> None:
@@ -146,6 +162,7 @@ def _add_checkpoint_verbs(verbs) -> None:
         help="override a key of the run's spec, e.g. --set training.steps=200 (repeatable)",
     )
     resume.add_argument("--tracking-uri", default=None, help=store_help)
+    _add_verbose(resume)
     resume.add_argument(
         "--address",
         default=None,
@@ -174,10 +191,13 @@ def _resume(args: argparse.Namespace) -> int:
             cluster_jobs.submit_resume(args.target, args.overrides, args.tracking_uri, args.address)
         )
     try:
-        result = resume_job(args.target, Path.cwd(), args.overrides, args.tracking_uri)
+        with _quiet_unless_verbose(args) as console:
+            result = resume_job(args.target, Path.cwd(), args.overrides, args.tracking_uri, console=console)
     except (ResumeError, ResumeMismatch, tracking.TrackingUnavailable) as error:
         print(f"xcm: {redact(str(error))}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     _print_result(result)
     return 0
 
