@@ -102,15 +102,33 @@ def terminal_session(verbose: bool, log_directory: Path) -> Iterator[Console]:
         with _warnings_shown(Console(sys.stdout)) as console:
             yield console
         return
+    made = [directory for directory in (log_directory, *log_directory.parents) if not directory.exists()]
     log_directory.mkdir(parents=True, exist_ok=True)
     log_path = log_directory / f"xcm-{os.getpid()}.log"
-    with _descriptors_into(log_path) as terminal, _warnings_shown(Console(terminal, log_path)) as console:
-        try:
-            yield console
-        except Exception:
-            console.end_live()
-            console.say(f"xcm: failed; the output of Ray, DeepSpeed and the workers is in {console.log_path}")
-            raise
+    try:
+        with _descriptors_into(log_path) as terminal, _warnings_shown(Console(terminal, log_path)) as console:
+            try:
+                yield console
+            except Exception:
+                console.end_live()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                if console.log_path.stat().st_size:
+                    console.say(f"xcm: failed; the output of Ray, DeepSpeed and the workers is in {console.log_path}")
+                raise
+    finally:
+        _remove_if_unused(log_path, made)
+
+
+def _remove_if_unused(log_path: Path, made: list[Path]) -> None:
+    """A command that stopped before anything wrote to its log (a refused key file, a finished run to resume)
+    leaves no log behind, nor the directories made for it."""
+    with contextlib.suppress(OSError):
+        if log_path.stat().st_size == 0:
+            log_path.unlink()
+    for directory in made:  # deepest first
+        with contextlib.suppress(OSError):
+            directory.rmdir()
 
 
 @contextlib.contextmanager

@@ -79,9 +79,9 @@ def resume_spec(located: store.Located, overrides: list[str] = ()) -> JobSpec:
     return spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"run_id": located.state.run_id})})
 
 
-def resume_job(target: str, workdir: Path, overrides: list[str] = (), tracking_uri: str | None = None):
-    """Continue ``target``'s run where the checkpoint ``locate`` finds left it; the run's ``RunResult``."""
-    from orchestrator.train.checkpointing import check_resumable
+def resume_job(target: str, workdir: Path, overrides: list[str] = (), tracking_uri: str | None = None, console=None):
+    """Continue ``target``'s run where the checkpoint ``locate`` finds left it; the run's ``RunResult``. The
+    run's lines go to ``console`` (``orchestrator.console``; stdout when None)."""
     from orchestrator.train.launch import run_job
 
     located = locate(target, tracking_uri or JobSpec().resolved(workdir).tracking.uri)
@@ -92,7 +92,9 @@ def resume_job(target: str, workdir: Path, overrides: list[str] = (), tracking_u
             f"(checkpoint {located.uri}); to train on, pass --set training.steps=N with N > "
             f"{located.state.step}"
         )
-    check_resumable(located.state, spec.resources.num_workers, located.uri)
+    resized = located.state.world_size != spec.resources.num_workers
+    if resized:
+        spec = keep_global_batch(spec, resume_spec(located), located)
     superseded = store.set_aside_newer(located)
     if superseded is not None:
         logger.warning(
@@ -101,7 +103,42 @@ def resume_job(target: str, workdir: Path, overrides: list[str] = (), tracking_u
             located.state.step,
             superseded,
         )
-    return run_job(spec, workdir, resume_from=located.uri)
+    if resized:
+        from orchestrator.train.universal import universal_checkpoint
+
+        located = universal_checkpoint(located)
+    return run_job(spec, workdir, resume_from=located.uri, console=console)
+
+
+def keep_global_batch(spec: JobSpec, written_by: JobSpec, located: store.Located) -> JobSpec:
+    """``spec`` on its worker count with the global batch of the job that wrote the checkpoint: the gradient
+    accumulation makes up for the worker count, so the optimizer steps, the LR schedule and the data position
+    mean what they meant. ResumeError, naming the worker counts that work, when none can."""
+    state, old, new = located.state, written_by.training, spec.training
+    global_batch = old.micro_batch_size * old.gradient_accumulation_steps * state.world_size
+    workers = spec.resources.num_workers
+    if state.zero_stage == 0:
+        raise ResumeError(
+            f"checkpoint {located.uri} was written by {state.world_size} workers without ZeRO; a resume on another "
+            f"worker count needs ZeRO 1-3: resume with --set resources.num_workers={state.world_size}"
+        )
+    accumulation, remainder = divmod(global_batch, new.micro_batch_size * workers)
+    if remainder or accumulation < 1:
+        fitting = [n for n in range(1, global_batch + 1) if global_batch % (new.micro_batch_size * n) == 0]
+        raise ResumeError(
+            f"{workers} workers of micro_batch_size {new.micro_batch_size} cannot keep the run's global batch of "
+            f"{global_batch} ({old.micro_batch_size} x {old.gradient_accumulation_steps} accumulated x "
+            f"{state.world_size} workers): use --set resources.num_workers=N with N in {fitting}"
+        )
+    if accumulation != new.gradient_accumulation_steps:
+        logger.warning(
+            "resuming on %d workers instead of %d: gradient accumulation %d keeps the global batch of %d",
+            workers,
+            state.world_size,
+            accumulation,
+            global_batch,
+        )
+    return spec.model_copy(update={"training": new.model_copy(update={"gradient_accumulation_steps": accumulation})})
 
 
 def _run_directory_of(run_id: str, tracking_uri: str) -> str:
