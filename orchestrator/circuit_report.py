@@ -1,20 +1,16 @@
-"""``xcm circuits``: what a model's clusters buy. Per task, the circuit the exact greedy finder or attribution-ranked
-pruning keeps (its size and how much of it lies inside the clusters), and how task-specialised the clusters are
-(the specialization index against its null, each task's concentration), printed and logged to one MLflow run.
+"""What a model's clusters buy. Per task, the circuit the exact greedy finder or attribution-ranked pruning keeps
+(its size and how much of it lies inside the clusters), and how task-specialised the clusters are (the
+specialization index against its null, each task's concentration), printed and logged to one MLflow run.
 
-The model is loaded as ``xcm measure`` loads it: a ``save_pretrained`` directory (with the ``partition.parquet``
-``xcm export`` writes beside it, when there), a hub name, or an xcm checkpoint (a run directory, a ``step-*``
-checkpoint or the MLflow run id), which is located and verified against its signed manifest before any of its
-files is read. The partition is the checkpoint's (or the export's) when it has one, else a fresh spectral one.
+This is the half that computes and reports, for ``xcm circuits`` (``circuit_command``, which loads the model) and
+for the circuits side job (``circuit_job``, which rebuilds the model being trained from the spec). It stands
+below ``orchestrator.train`` and reads no checkpoint.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
-import re
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,10 +24,13 @@ from torch import nn
 
 from orchestrator import metric_names
 from orchestrator.circuit_tasks import (
+    Kind,
     TaskContext,
     TaskData,
+    TaskError,
     TaskSet,
     build_task_set,
+    check_task_specs,
     classifier_metric,
     language_examples,
     language_metric,
@@ -49,9 +48,7 @@ EXPERIMENT = "xcm-circuits"
 BATCH_SIZE = 64
 BOOTSTRAPS = 200
 HEADLINE_TAU = 0.9  # attribution's size and locality under the bare names, when 0.9 is among the taus
-MAX_PARTITION_BYTES = 64 << 20
 MIN_HELD_OUT_PER_CLASS = 100
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 Progress = Callable[[str], None]
 
 
@@ -64,7 +61,7 @@ class LoadedModel:
     """A model ready for circuits, with what its tasks and partition come from."""
 
     model: nn.Module
-    kind: str  # "classifier" or "language"
+    kind: Kind
     partitions: dict[str, GroupPartition] | None  # the checkpoint's or the export's
     matrices: tuple[str, ...] = ("mlp_in", "mlp_out")
     tokenizer: TextTokenizer | None = None
@@ -87,7 +84,7 @@ class CircuitsResult:
     skipped: dict[str, str] = field(default_factory=dict)  # "method task" -> why
 
 
-# ---- the methods a model gets -----------------------------------------------------------------------------------
+# ---- the methods and tasks a model gets -------------------------------------------------------------------------
 
 
 def methods_for(method: str, kind: str, fix: str = "--method attribution") -> list[str]:
@@ -105,49 +102,95 @@ def methods_for(method: str, kind: str, fix: str = "--method attribution") -> li
 
 def job_problems(spec: JobSpec) -> list[str]:
     """The circuits section's problems for a job that trains `spec.model`: greedy for a transformers family."""
-    from orchestrator.models.classifiers import CLASSIFIER_FAMILIES
-
-    kind = "classifier" if spec.model.family in CLASSIFIER_FAMILIES else "language"
     try:
-        methods_for(spec.circuits.method, kind, fix="circuits.method: attribution")
+        methods_for(spec.circuits.method, model_kind(spec), fix="circuits.method: attribution")
     except CircuitsError as error:
         return [str(error)]
     return []
 
 
-# ---- loading ----------------------------------------------------------------------------------------------------
+def task_problems(spec: JobSpec, base_dir: Path | None) -> list[str]:
+    """The problems of the tasks a job's circuits would measure, found from the spec alone (and the task files
+    under `base_dir`, where given) before anything starts, rather than by the actor after the first steps."""
+    if spec.circuits.every_steps == 0 and not spec.circuits.tasks:
+        return []  # the default of a side job that does not run
+    specs = spec.circuits.tasks or list(own_tasks(spec))
+    if not specs:
+        return ["the model has no tasks of its own (it does not train on the synthetic corpus) and none are named"]
+    try:
+        check_task_specs(specs, model_kind(spec), _class_count(spec), base_dir)
+    except TaskError as error:
+        return [str(error)]
+    return []
 
 
-def load_for_circuits(source: str, tracking_uri: str) -> LoadedModel:
-    """The model `source` names, the way ``xcm measure`` takes it, with its partition, tokenizer and data."""
-    from orchestrator import measure
-
-    path = Path(source)
-    if (path / "config.json").is_file():
-        return _from_directory(path, measure.load_model(source, tracking_uri))
-    if "://" in source or path.exists() or _RUN_ID.fullmatch(source):
-        return _from_checkpoint(source, tracking_uri)
-    return _language_model(measure.load_model(source, tracking_uri), None, None, {"source": source})
+# ---- the job's model --------------------------------------------------------------------------------------------
 
 
-def _from_directory(path: Path, model: nn.Module) -> LoadedModel:
-    from orchestrator.train.export import PARTITION_FILE
+def model_kind(spec: JobSpec) -> Kind:
+    from orchestrator.models.classifiers import CLASSIFIER_FAMILIES
 
-    partition_file = path / PARTITION_FILE
-    partitions = read_partition_table(partition_file, model) if partition_file.is_file() else None
-    return _language_model(model, partitions, _directory_tokenizer(path, model), {"source": str(path)})
+    return "classifier" if spec.model.family in CLASSIFIER_FAMILIES else "language"
 
 
-def _directory_tokenizer(path: Path, model: nn.Module) -> TextTokenizer | None:
-    """The directory's own tokenizer, else xcm's byte tokenizer for a model with exactly its vocabulary."""
-    from orchestrator.data.tokenizer import ByteTokenizer, PretrainedTokenizer
+def own_tasks(spec: JobSpec) -> tuple[str, ...]:
+    """The tasks a job's model is measured on when none are named: a classifier's labels, the synthetic corpus's
+    tasks it trained on; none for a language model trained on other text."""
+    if model_kind(spec) == "classifier":
+        return ("labels",)
+    if spec.data.source != "synthetic":
+        return ()
+    return ("synthetic" + (f":{','.join(spec.data.tasks)}" if spec.data.tasks else ""),)
 
-    if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        return PretrainedTokenizer(str(path))
-    return ByteTokenizer() if model.config.vocab_size == ByteTokenizer.vocab_size else None
+
+def _class_count(spec: JobSpec) -> int:
+    from orchestrator.models.classifiers import NUM_IMAGE_CLASSES
+
+    return spec.data.modulus if spec.model.family == "modular_addition" else NUM_IMAGE_CLASSES
 
 
-def _language_model(model, partitions, tokenizer, provenance, matrices=("mlp_in", "mlp_out"), step=0, tasks=()):
+def fresh_model(spec: JobSpec, tokenizer: TextTokenizer | None = None) -> nn.Module:
+    """The job's model with seed-0 weights, for trained weights to be loaded into: a language model at its
+    tokenizer's vocabulary, modular addition at its modulus's."""
+    from orchestrator.models.registry import build_model
+
+    if spec.model.family == "modular_addition":
+        return build_model(spec.model, spec.data.modulus + 1, seed=0)
+    return build_model(spec.model, None if tokenizer is None else tokenizer.vocab_size, seed=0)
+
+
+def loaded_model_from_spec(
+    spec: JobSpec,
+    model: nn.Module | None = None,
+    partitions: dict[str, GroupPartition] | None = None,
+    step: int = 0,
+    provenance: dict[str, str] | None = None,
+) -> LoadedModel:
+    """A job's model as circuits hold it, with its kind, matrices, own tasks and data (a classifier's examples, a
+    language model's tokenizer) from the spec: `model` (a checkpoint's), or the spec's built by `fresh_model`."""
+    matrices = tuple(spec.modularity.matrices)
+    provenance = provenance or {}
+    if model_kind(spec) == "language":
+        from orchestrator.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(spec.data, spec.model)
+        model = model if model is not None else fresh_model(spec, tokenizer)
+        return language_loaded(model, partitions, tokenizer, provenance, matrices, step, own_tasks(spec))
+    return LoadedModel(
+        (model if model is not None else fresh_model(spec)).eval(),
+        "classifier",
+        partitions,
+        matrices,
+        labelled=_classifier_examples(spec),
+        label_prefix="answer" if spec.data.source == "modular_addition" else "label",
+        default_tasks=own_tasks(spec),
+        step=step,
+        provenance=provenance,
+    )
+
+
+def language_loaded(model, partitions, tokenizer, provenance, matrices=("mlp_in", "mlp_out"), step=0, tasks=()):
+    """A language model as circuits hold it; its context length from its config."""
     config = model.config
     positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
     return LoadedModel(
@@ -161,66 +204,6 @@ def _language_model(model, partitions, tokenizer, provenance, matrices=("mlp_in"
         step=step,
         provenance=provenance,
     )
-
-
-def _from_checkpoint(source: str, tracking_uri: str) -> LoadedModel:
-    """Located and verified (signature, then every file's hash) before anything in it is read, as export does."""
-    from orchestrator.train import checkpoint_store as store
-    from orchestrator.train.export import _local_copy
-    from orchestrator.train.resume import locate
-
-    located = locate(source, tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="xcm-circuits-") as scratch:
-        local = _local_copy(located, Path(scratch))
-        spec = _checkpoint_spec(local / store.JOB)
-        model = _checkpoint_model(local, located.state, spec)
-        partition_file = local / store.PARTITION
-        state = json.loads(partition_file.read_text()) if partition_file.is_file() else None
-    partitions = _partitions_from_state(state)
-    provenance = {"source": source, "checkpoint": located.uri, "trained_run_id": located.state.run_id}
-    from orchestrator.models.classifiers import CLASSIFIER_FAMILIES
-
-    matrices = tuple(spec.modularity.matrices)
-    step = located.state.step
-    if spec.model.family not in CLASSIFIER_FAMILIES:
-        from orchestrator.data.tokenizer import load_tokenizer
-
-        tasks = ("synthetic" + (f":{','.join(spec.data.tasks)}" if spec.data.tasks else ""),)
-        tasks = tasks if spec.data.source == "synthetic" else ()
-        tokenizer = load_tokenizer(spec.data, spec.model)
-        return _language_model(model, partitions, tokenizer, provenance, matrices, step, tasks)
-    return LoadedModel(
-        model.eval(),
-        "classifier",
-        partitions,
-        matrices,
-        labelled=_classifier_examples(spec),
-        label_prefix="answer" if spec.data.source == "modular_addition" else "label",
-        default_tasks=("labels",),
-        step=step,
-        provenance=provenance,
-    )
-
-
-def _checkpoint_spec(path: Path) -> JobSpec:
-    from orchestrator.spec import JobSpec, read_job
-
-    raw, _ = read_job(path)  # a job file's bounds (size, aliases, nesting) hold for a checkpoint's
-    return JobSpec.model_validate(raw)
-
-
-def _checkpoint_model(local: Path, state, spec: JobSpec) -> nn.Module:
-    from orchestrator.train import checkpoint_store as store
-    from orchestrator.train.export import _consolidated_model, consolidated_state_dict
-
-    if (local / store.MODEL_CONFIG).is_file():
-        return _consolidated_model(local, state)
-    from orchestrator.models.registry import build_model
-
-    vocab_size = spec.data.modulus + 1 if spec.model.family == "modular_addition" else None
-    model = build_model(spec.model, vocab_size, seed=0)
-    model.load_state_dict(consolidated_state_dict(local, state), strict=True)
-    return model
 
 
 def _classifier_examples(spec: JobSpec) -> LabelledExamples:
@@ -239,58 +222,7 @@ def _classifier_examples(spec: JobSpec) -> LabelledExamples:
     )
 
 
-def _partitions_from_state(state) -> dict[str, GroupPartition] | None:
-    from orchestrator.modularity import GroupPartition
-
-    if state is None or state.get("partitions") is None:
-        return None
-    return {name: GroupPartition.from_dict(data) for name, data in state["partitions"].items()}
-
-
-def read_partition_table(path: Path, model: nn.Module) -> dict[str, GroupPartition]:
-    """The group partitions of an export's ``partition.parquet`` (group, matrix, side, unit, cluster), each
-    checked against the model's matrices: a table that does not fit the model is refused, not guessed at."""
-    import pyarrow.parquet as pq
-
-    from orchestrator.modularity import find_matrix_groups
-
-    if path.stat().st_size > MAX_PARTITION_BYTES:
-        raise CircuitsError(f"{path} is over {MAX_PARTITION_BYTES} bytes; it is not a partition xcm export wrote")
-    try:
-        table = pq.read_table(path, columns=["group", "matrix", "side", "unit", "cluster"]).to_pydict()
-    except Exception as error:  # pyarrow raises several types for a file that is not the expected Parquet
-        raise CircuitsError(f"{path} is not a partition table ({type(error).__name__}: {error})") from None
-    groups = {group.name: group for group in find_matrix_groups(model)}
-    labels: dict[tuple[str, str, str], list[tuple[int, int]]] = {}
-    for group, matrix, side, unit, cluster in zip(*table.values(), strict=True):
-        labels.setdefault((group, matrix, side), []).append((unit, cluster))
-    partitions = {}
-    for name in sorted({group for group, _, _ in labels}):
-        if name not in groups:
-            raise CircuitsError(f"{path} partitions a group {name!r} the model does not have; re-export the model")
-        partitions[name] = _group_partition(path, groups[name], labels)
-    return partitions
-
-
-def _group_partition(path, group, labels) -> GroupPartition:
-    from orchestrator.modularity import GroupPartition
-
-    def column(matrix: str, side: str, size: int) -> torch.Tensor:
-        rows = sorted(labels.get((group.name, matrix, side), []))
-        values = torch.tensor([cluster for _, cluster in rows], dtype=torch.long)
-        if [unit for unit, _ in rows] != list(range(size)) or (values < 0).any():
-            raise CircuitsError(
-                f"{path}: {group.name} {side} {matrix} does not label units 0..{size - 1} with "
-                "clusters >= 0; re-export the model"
-            )
-        return values
-
-    d_hidden = group.matrices[0].shape[0] if group.inputs else group.matrices[0].shape[1]
-    hidden = column("", "hidden", d_hidden)
-    inputs = tuple(column(m.name, "input", m.shape[1]) for m in group.inputs)
-    outputs = tuple(column(m.name, "output", m.shape[0]) for m in group.outputs)
-    k = int(torch.cat([hidden, *inputs, *outputs]).max()) + 1
-    return GroupPartition(k, hidden, inputs, outputs)
+# ---- computing --------------------------------------------------------------------------------------------------
 
 
 def fresh_partitions(model: nn.Module, k: int, matrices: Sequence[str]) -> dict[str, GroupPartition]:
@@ -307,9 +239,6 @@ def fresh_partitions(model: nn.Module, k: int, matrices: Sequence[str]) -> dict[
             outputs = [m.weight().detach().float() for m in group.outputs]
             partitions[group.name] = partition_group(inputs, outputs, k)
     return partitions
-
-
-# ---- computing --------------------------------------------------------------------------------------------------
 
 
 def task_set_for(loaded: LoadedModel, specs: Sequence[str], options: CircuitsSpec, base_dir: Path) -> TaskSet:
@@ -629,62 +558,3 @@ def log_result(
         raise
     tracking.end_run(store.tracking.uri, run_id, "FINISHED")
     return run_id
-
-
-def run_circuits_command(
-    source: str,
-    task_specs: Sequence[str],
-    options: CircuitsSpec,
-    k: int,
-    tracking_uri: str,
-    experiment: str = EXPERIMENT,
-    workdir: Path | None = None,
-) -> int:
-    """``xcm circuits``: load, choose the partition and tasks, compute, print the table, log the run; the exit
-    status (1 with one line on stderr for a model, task or store it cannot use)."""
-    from orchestrator import tracking
-    from orchestrator.credentials import redact
-    from orchestrator.data.training_data import DataError
-    from orchestrator.train.export import ExportError
-    from orchestrator.train.resume import ResumeError
-
-    workdir = workdir or Path.cwd()
-    try:
-        progress(f"loading {source}")
-        loaded = load_for_circuits(source, tracking_uri)
-        methods = methods_for(options.method, loaded.kind)
-        task_set = task_set_for(loaded, task_specs, options, workdir)
-        if loaded.partitions is not None:
-            origin = "the checkpoint's" if "checkpoint" in loaded.provenance else "partition.parquet beside the model"
-            partitions, partition_source = loaded.partitions, origin
-        else:
-            partitions, partition_source = fresh_partitions(loaded.model, k, loaded.matrices), "fresh spectral"
-        result = find_circuits(loaded, task_set, partitions, partition_source, methods, options, progress)
-        print(format_table(result))
-        params = loaded.provenance | _params(options, methods, task_specs, task_set, partition_source, k)
-        run_id = log_result(result, loaded, partitions, params, tracking_uri, experiment, workdir)
-    except (OSError, ValueError, ResumeError, ExportError, DataError, tracking.TrackingUnavailable) as error:
-        print(redact(f"xcm circuits: {error}").splitlines()[0], file=sys.stderr)
-        return 1
-    print(f"\nxcm: logged to MLflow run {run_id} (experiment {experiment}) in {tracking_uri}")
-    return 0
-
-
-def _params(options, methods, task_specs, task_set, partition_source, k) -> dict[str, str]:
-    return {
-        "methods": ",".join(methods),
-        "tasks": ",".join(task_set.names()),
-        "task_specs": " ".join(task_specs) or "(the model's own)",
-        "partition": partition_source,
-        "k": str(k),
-        "taus": ",".join(f"{tau:g}" for tau in options.taus),
-        "ig_steps": str(options.ig_steps),
-        "ablation": options.ablation,
-        "null_draws": str(options.null_draws),
-        "eval_on_find_data": str(options.eval_on_find_data),
-        "seed": str(options.seed),
-    }
-
-
-def progress(message: str) -> None:
-    print(f"xcm circuits: {message}", file=sys.stderr, flush=True)

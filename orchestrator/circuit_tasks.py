@@ -38,6 +38,8 @@ MAX_TASK_FILE_BYTES = 16 << 20
 MAX_EXAMPLES = 2000  # per task, before the split: the first ones of a file, a class's first ones
 SYNTHETIC_EXAMPLES = 200  # per synthetic task
 TEXT_BLOCK = 64  # tokens per block of a text domain (at most the model's context)
+SOURCES = ("labels", "synthetic", "jsonl", "text")
+FORMS = "labels, labels:0+1,2+3, synthetic, synthetic:copy,add, jsonl:FILE, text:FILE"  # every form of a task spec
 _TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 Kind = Literal["classifier", "language"]
 
@@ -94,33 +96,65 @@ class TaskContext:
 
 def build_task_set(specs: Sequence[str], context: TaskContext) -> TaskSet:
     """The tasks of every spec, in order; names unique, at most `MAX_TASKS`, all of the model's kind."""
-    tasks: list[Task] = []
-    for spec in specs:
-        tasks += _tasks_of(spec.strip(), context)
-    names = [task.name for task in tasks]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise TaskError(f"tasks {duplicates} are named twice; give each task file a different name")
-    if not tasks or len(tasks) > MAX_TASKS:
-        raise TaskError(f"{len(tasks)} tasks: give between 1 and {MAX_TASKS} (fewer label groups or files)")
+    tasks = [task for spec in specs for task in _tasks_of(spec.strip(), context)]
+    _check_names([task.name for task in tasks])
     return TaskSet(context.kind, tuple(tasks))
 
 
-def _tasks_of(spec: str, context: TaskContext) -> list[Task]:
+def check_task_specs(specs: Sequence[str], kind: Kind, classes: int, base_dir: Path | None = None) -> None:
+    """Refuse what `build_task_set` would refuse in the specs themselves, without building any task: a source
+    unknown or not for a model of `kind`, a class or synthetic task that does not exist (a classifier has
+    classes 0..`classes`-1), a task named twice, too many; and, when `base_dir` is given, a task file not
+    under it. What only the files' contents tell (their records, their tokens) is left to the build."""
+    names = []
+    for spec in specs:
+        source, argument = _source_of(spec.strip(), kind)
+        names += _task_names(source, argument, classes, base_dir)
+    _check_names(names)
+
+
+def _source_of(spec: str, kind: Kind) -> tuple[str, str]:
+    """A spec's source and argument, refused when the source is unknown or needs the other kind of model."""
     source, _, argument = spec.partition(":")
-    sources = {"labels": label_tasks, "synthetic": synthetic_tasks, "jsonl": jsonl_tasks, "text": text_tasks}
-    if source not in sources:
-        raise TaskError(
-            f"task spec {spec!r}: start it with one of {', '.join(s + ':' for s in sources)} "
-            "(labels, labels:0+1,2+3, synthetic, synthetic:copy,add, jsonl:FILE, text:FILE)"
-        )
+    if source not in SOURCES:
+        raise TaskError(f"task spec {spec!r}: start it with one of {', '.join(s + ':' for s in SOURCES)} ({FORMS})")
     needed: Kind = "classifier" if source == "labels" else "language"
-    if context.kind != needed:
+    if kind != needed:
         raise TaskError(
-            f"task spec {spec!r} needs a {needed} model, and this one is a {context.kind}; "
-            f"use {'labels' if context.kind == 'classifier' else 'synthetic, jsonl:FILE or text:FILE'}"
+            f"task spec {spec!r} needs a {needed} model, and this one is a {kind}; "
+            f"use {'labels' if kind == 'classifier' else 'synthetic, jsonl:FILE or text:FILE'}"
         )
-    return sources[source](argument, context)
+    return source, argument
+
+
+def _tasks_of(spec: str, context: TaskContext) -> list[Task]:
+    source, argument = _source_of(spec, context.kind)
+    builders = {"labels": label_tasks, "synthetic": synthetic_tasks, "jsonl": jsonl_tasks, "text": text_tasks}
+    return builders[source](argument, context)
+
+
+def _task_names(source: str, argument: str, classes: int, base_dir: Path | None) -> list[str]:
+    """The names a spec's tasks will have (labels under the generic prefix, which is enough to find twins)."""
+    if source == "labels":
+        present = list(range(classes))
+        return [_label_name("label", group) for group in _label_groups(argument, present)]
+    if source == "synthetic":
+        return _synthetic_names(argument)
+    if base_dir is None:
+        _require_path(argument)
+        return [_task_name(Path(argument))]
+    return [_task_name(task_file(argument, base_dir))]
+
+
+def _check_names(names: Sequence[str]) -> None:
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise TaskError(
+            f"tasks {duplicates} are named twice; name each class, group and synthetic task once, and give "
+            "task files different names"
+        )
+    if not names or len(names) > MAX_TASKS:
+        raise TaskError(f"{len(names)} tasks: give between 1 and {MAX_TASKS} (fewer label groups or files)")
 
 
 def split_task(name: str, data: TaskData, context: TaskContext) -> Task:
@@ -152,16 +186,22 @@ def label_tasks(argument: str, context: TaskContext) -> list[Task]:
     if labelled is None:
         raise TaskError("labels: this model has no labelled data here; pass --tasks for its kind of data")
     present = sorted(int(label) for label in labelled.labels.unique())
-    groups = _label_groups(argument, present) if argument else [[label] for label in present]
     tasks = []
-    for group in groups:
+    for group in _label_groups(argument, present):
         rows = torch.nonzero(torch.isin(labelled.labels, torch.tensor(group)), as_tuple=True)[0][: context.max_examples]
-        name = f"{context.label_prefix}_{'_'.join(map(str, group))}"
+        name = _label_name(context.label_prefix, group)
         tasks.append(split_task(name, TaskData(labelled.inputs[rows], labelled.labels[rows]), context))
     return tasks
 
 
+def _label_name(prefix: str, group: Sequence[int]) -> str:
+    return f"{prefix}_{'_'.join(map(str, group))}"
+
+
 def _label_groups(argument: str, present: list[int]) -> list[list[int]]:
+    """Each class present on its own, or the groups `argument` names (every class in them present)."""
+    if not argument:
+        return [[label] for label in present]
     groups = []
     for part in argument.split(","):
         if not re.fullmatch(r"\d{1,6}(\+\d{1,6})*", part.strip()):
@@ -180,19 +220,26 @@ def _label_groups(argument: str, present: list[int]) -> list[list[int]]:
 
 def synthetic_tasks(argument: str, context: TaskContext) -> list[Task]:
     """The corpus's held-out texts of each task, prompt = the text up to its answer separator."""
-    from orchestrator.data.synthetic import TASKS, generate_examples
+    from orchestrator.data.synthetic import generate_examples
+
+    count = min(SYNTHETIC_EXAMPLES, context.max_examples)
+    tasks = []
+    for name in _synthetic_names(argument):
+        examples = generate_examples(count, context.seed, [name], split="validation")
+        pairs = [synthetic_prompt_answer(example.text) for example in examples]
+        tasks.append(split_task(name, _answer_data(pairs, context, f"synthetic task {name}"), context))
+    return tasks
+
+
+def _synthetic_names(argument: str) -> list[str]:
+    """The corpus's tasks `argument` names (every one when empty), each a task the corpus has."""
+    from orchestrator.data.synthetic import TASKS
 
     names = [name.strip() for name in argument.split(",")] if argument else list(TASKS)
     unknown = [name for name in names if name not in TASKS]
     if unknown:
         raise TaskError(f"synthetic:{argument}: no task(s) {unknown}; choose from {', '.join(TASKS)}")
-    count = min(SYNTHETIC_EXAMPLES, context.max_examples)
-    tasks = []
-    for name in names:
-        examples = generate_examples(count, context.seed, [name], split="validation")
-        pairs = [synthetic_prompt_answer(example.text) for example in examples]
-        tasks.append(split_task(name, _answer_data(pairs, context, f"synthetic task {name}"), context))
-    return tasks
+    return names
 
 
 def synthetic_prompt_answer(text: str) -> tuple[str, str]:
@@ -284,8 +331,7 @@ def _tokenizer(context: TaskContext) -> TextTokenizer:
 
 def task_file(argument: str, base_dir: Path) -> Path:
     """`argument` as a regular file inside `base_dir` (relative paths from it; symlinks followed first)."""
-    if not argument:
-        raise TaskError("a task file spec needs a path: jsonl:FILE or text:FILE")
+    _require_path(argument)
     base = base_dir.resolve()
     path = (base / argument).resolve()
     if not path.is_relative_to(base):
@@ -293,6 +339,11 @@ def task_file(argument: str, base_dir: Path) -> Path:
     if not path.is_file():
         raise TaskError(f"task file {argument!r} is not a regular file under {base}")
     return path
+
+
+def _require_path(argument: str) -> None:
+    if not argument:
+        raise TaskError("a task file spec needs a path: jsonl:FILE or text:FILE")
 
 
 def _read_text(path: Path) -> str:

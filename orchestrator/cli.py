@@ -22,14 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run = verbs.add_parser("run", help="run a job on a local Ray (or the cluster at RAY_ADDRESS)")
     run.add_argument("job", nargs="?", default=str(DEFAULT_JOB), help=f"job file (default {DEFAULT_JOB})")
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a spec key, e.g. --set training.steps=100 (repeatable)",
-    )
+    _add_overrides(run, "override a spec key, e.g. --set training.steps=100 (repeatable)")
     _add_verbose(run)
     run.set_defaults(handler=_run)
 
@@ -128,6 +121,17 @@ def _print_result(result) -> None:
     print(f"  then the run:        {tracking.run_link(result.tracking_uri, result.experiment_id, result.run_id)}")
 
 
+def _add_overrides(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text)
+
+
+def _tracking_uri(given: str | None) -> str:
+    """The tracking URI given on the command line, else the default job's store under this directory."""
+    from orchestrator.spec import JobSpec
+
+    return given or JobSpec().resolved(Path.cwd()).tracking.uri
+
+
 def _check(args: argparse.Namespace) -> int:
     """Each job as `xcm run` would load it here (its data files included), with `xcm run`'s exit code."""
     failed = 0
@@ -153,14 +157,7 @@ def _add_checkpoint_verbs(verbs) -> None:
         "exactly the step-* named), same MLflow run",
     )
     resume.add_argument("target", help=target_help)
-    resume.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of the run's spec, e.g. --set training.steps=200 (repeatable)",
-    )
+    _add_overrides(resume, "override a key of the run's spec, e.g. --set training.steps=200 (repeatable)")
     resume.add_argument("--tracking-uri", default=None, help=store_help)
     _add_verbose(resume)
     resume.add_argument(
@@ -203,11 +200,10 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from orchestrator.spec import JobSpec
     from orchestrator.train.export import ExportError, export_hf
     from orchestrator.train.resume import ResumeError
 
-    uri = args.tracking_uri or JobSpec().resolved(Path.cwd()).tracking.uri
+    uri = _tracking_uri(args.tracking_uri)
     try:
         directory = export_hf(args.target, Path(args.directory), uri, overwrite=args.overwrite)
     except (ResumeError, ExportError) as error:
@@ -230,14 +226,7 @@ def _add_cluster_verbs(verbs) -> None:
 
     submit = with_address(verbs.add_parser("submit", help="submit a job to a Ray cluster through Ray's Jobs API"))
     submit.add_argument("job", help="job file")
-    submit.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a spec key (repeatable)",
-    )
+    _add_overrides(submit, "override a spec key (repeatable)")
     submit.set_defaults(handler=_submit)
     status = with_address(verbs.add_parser("status", help="a submitted job's status (the newest when omitted)"))
     status.add_argument("job_id", nargs="?")
@@ -339,11 +328,7 @@ def _ui(args: argparse.Namespace) -> int:
 
 def _add_measure_verb(verbs) -> None:
     measure = verbs.add_parser("measure", help="clusterability of any model's MLP matrices under four partitions")
-    measure.add_argument(
-        "model",
-        help="a save_pretrained directory, an xcm checkpoint (run directory, step-* "
-        "checkpoint or MLflow run id), or a Hugging Face hub name",
-    )
+    _add_model_argument(measure)
     measure.add_argument("--k", default="4", help="clusters: 4, a sweep 2..20, or a list 2,4,8 (default 4)")
     measure.add_argument(
         "--matrices",
@@ -353,18 +338,31 @@ def _add_measure_verb(verbs) -> None:
         help="which MLP matrices (default both)",
     )
     measure.add_argument("--seed", type=int, default=0, help="seed of the spectral and random partitions")
-    measure.add_argument(
+    _add_tracking_options(measure, "xcm-measure")
+    measure.set_defaults(handler=_measure)
+
+
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """The model `measure` and `circuits` take, in every form ``measure.load_model`` reads."""
+    parser.add_argument(
+        "model",
+        help="a save_pretrained directory, an xcm checkpoint (run directory, step-* "
+        "checkpoint or MLflow run id), or a Hugging Face hub name",
+    )
+
+
+def _add_tracking_options(parser: argparse.ArgumentParser, experiment: str) -> None:
+    """Where a verb that logs its results as an MLflow run logs them, and looks run ids up."""
+    parser.add_argument(
         "--tracking-uri",
         default=None,
         help="MLflow store for the results and for run-id lookups (default ./xcm-runs/mlflow.db)",
     )
-    measure.add_argument("--experiment", default="xcm-measure", help="MLflow experiment (default xcm-measure)")
-    measure.set_defaults(handler=_measure)
+    parser.add_argument("--experiment", default=experiment, help=f"MLflow experiment (default {experiment})")
 
 
 def _measure(args: argparse.Namespace) -> int:
     from orchestrator import measure, tracking
-    from orchestrator.spec import JobSpec
     from orchestrator.train.export import ExportError
     from orchestrator.train.resume import ResumeError
 
@@ -373,7 +371,7 @@ def _measure(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"xcm: {error}", file=sys.stderr)
         return 2
-    uri = args.tracking_uri or JobSpec().resolved(Path.cwd()).tracking.uri
+    uri = _tracking_uri(args.tracking_uri)
     try:
         model = measure.load_model(args.model, uri)
     except (OSError, ResumeError, ExportError) as error:
@@ -391,23 +389,21 @@ def _measure(args: argparse.Namespace) -> int:
 
 
 def _add_circuits_verb(verbs) -> None:
+    from orchestrator.circuit_report import EXPERIMENT
+    from orchestrator.circuit_tasks import FORMS
+
     circuits = verbs.add_parser(
         "circuits",
         help="circuit sizes and locality per task, and how task-specialised the "
         "clusters are, for a checkpoint, run id or model directory",
     )
-    circuits.add_argument(
-        "model",
-        help="a save_pretrained directory, an xcm checkpoint (run directory, step-* "
-        "checkpoint or MLflow run id), or a Hugging Face hub name",
-    )
+    _add_model_argument(circuits)
     circuits.add_argument(
         "--tasks",
         nargs="+",
         default=[],
         metavar="SPEC",
-        help="labels, labels:0+1,2+3, synthetic, synthetic:copy,add, jsonl:FILE, text:FILE "
-        "(files under the current directory); default: the model's own tasks",
+        help=f"{FORMS} (files under the current directory); default: the model's own tasks",
     )
     circuits.add_argument(
         "--method",
@@ -434,20 +430,15 @@ def _add_circuits_verb(verbs) -> None:
         help="judge circuits on the examples that found them, as the papers do",
     )
     circuits.add_argument("--seed", type=int, default=0, help="seed of the find/judge split and the null")
-    circuits.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow store for the results and for run-id lookups (default ./xcm-runs/mlflow.db)",
-    )
-    circuits.add_argument("--experiment", default="xcm-circuits", help="MLflow experiment (default xcm-circuits)")
+    _add_tracking_options(circuits, EXPERIMENT)
     circuits.set_defaults(handler=_circuits)
 
 
 def _circuits(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from orchestrator.circuit_report import run_circuits_command
-    from orchestrator.spec import CircuitsSpec, JobSpec
+    from orchestrator.circuit_command import run_circuits_command
+    from orchestrator.spec import CircuitsSpec
 
     try:
         options = CircuitsSpec.model_validate(
@@ -469,8 +460,9 @@ def _circuits(args: argparse.Namespace) -> int:
     if args.k < 2:
         print(f"xcm: --k {args.k}: give at least 2 clusters", file=sys.stderr)
         return 2
-    uri = args.tracking_uri or JobSpec().resolved(Path.cwd()).tracking.uri
-    return run_circuits_command(args.model, args.tasks, options, args.k, uri, args.experiment)
+    return run_circuits_command(
+        args.model, args.tasks, options, args.k, _tracking_uri(args.tracking_uri), args.experiment
+    )
 
 
 def _add_experiment_verbs(verbs) -> None:
@@ -481,14 +473,7 @@ def _add_experiment_verbs(verbs) -> None:
         "and write the comparison into one parent MLflow run",
     )
     experiment.add_argument("file", nargs="?", help="experiment file (jobs/experiments/*.yaml)")
-    experiment.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of every trial's job, e.g. --set training.steps=100 (repeatable)",
-    )
+    _add_overrides(experiment, "override a key of every trial's job, e.g. --set training.steps=100 (repeatable)")
     experiment.add_argument(
         "--report",
         metavar="PARENT_RUN_ID",
@@ -516,14 +501,7 @@ def _add_experiment_verbs(verbs) -> None:
     )
     sweep.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per grid point (default 3)")
     sweep.add_argument("--max-failures", type=int, default=1, help="Ray Tune's retries of a failed trial")
-    sweep.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of every trial's job (repeatable)",
-    )
+    _add_overrides(sweep, "override a key of every trial's job (repeatable)")
     sweep.set_defaults(handler=_sweep)
 
 
@@ -573,9 +551,8 @@ def _run_experiment(plan) -> int:
 def _rebuild_report(parent_run_id: str, tracking_uri: str | None) -> int:
     from orchestrator import tracking
     from orchestrator.experiments.report import write_report
-    from orchestrator.spec import JobSpec
 
-    uri = tracking_uri or JobSpec().resolved(Path.cwd()).tracking.uri
+    uri = _tracking_uri(tracking_uri)
     try:
         report = write_report(tracking.client(uri), parent_run_id)
     except Exception as error:  # mlflow raises several types for a missing run or artifact

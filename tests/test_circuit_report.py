@@ -9,7 +9,8 @@ import torch
 from mlflow import MlflowClient
 
 from orchestrator import metric_names
-from orchestrator.circuit_report import CircuitsError, job_problems, methods_for, read_partition_table
+from orchestrator.circuit_command import read_partition_table
+from orchestrator.circuit_report import CircuitsError, job_problems, methods_for
 from orchestrator.cli import main
 from orchestrator.data.synthetic import generate_examples
 from orchestrator.data.tokenizer import ByteTokenizer

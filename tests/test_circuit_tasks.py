@@ -14,6 +14,7 @@ from orchestrator.circuit_tasks import (
     TaskError,
     answer_losses,
     build_task_set,
+    check_task_specs,
     synthetic_prompt_answer,
 )
 from orchestrator.data.examples import LabelledExamples
@@ -172,3 +173,47 @@ def test_hostile_task_files_are_refused_in_one_line(tmp_path, spec, message):
     with pytest.raises(TaskError, match=message) as error:
         build_task_set([spec], language_context(base))
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("specs", "kind", "message"),
+    [
+        (["synthetic:copy,nope"], "language", r"no task\(s\) \['nope'\]"),
+        (["labels"], "language", r"needs a classifier model"),
+        (["synthetic"], "classifier", r"needs a language model"),
+        (["labels:0+1,2+3"], "classifier", r"classes \[3\] have no examples"),
+        (["lables"], "classifier", r"start it with one of labels:"),
+        (["labels:0,1", "labels:1+2,0"], "classifier", r"tasks \['label_0'\] are named twice"),
+        (["synthetic:add", "synthetic:add,copy"], "language", r"tasks \['add'\] are named twice"),
+        (["jsonl:a/qa.jsonl", "text:b/qa.txt"], "language", r"tasks \['qa'\] are named twice"),
+        (["jsonl:missing.jsonl"], "language", r"not a regular file"),
+        (["jsonl:../outside.jsonl"], "language", r"resolves outside"),
+        (["text:"], "language", r"needs a path"),
+        ([], "language", r"0 tasks: give between 1 and 64"),
+    ],
+)
+def test_task_specs_are_checked_without_building_a_task(tmp_path, specs, kind, message):
+    """What the specs alone tell is refused in one line before any example is built: an unknown source, class or
+    synthetic task, a spec for the other kind of model, a task named twice, a task file outside the base
+    directory or missing, no task at all."""
+    base = tmp_path / "tasks"
+    for name in ("a/qa.jsonl", "b/qa.txt"):
+        (base / name).parent.mkdir(parents=True, exist_ok=True)
+        (base / name).write_text("")
+    (tmp_path / "outside.jsonl").write_text("")
+    with pytest.raises(TaskError, match=message) as error:
+        check_task_specs(specs, kind, classes=3, base_dir=base)
+    assert "\n" not in str(error.value)
+
+
+def test_task_specs_that_build_pass_the_check(tmp_path):
+    """Specs that build_task_set builds pass the check, with and without the task files' directory at hand."""
+    good = json.dumps({"prompt": "p", "answer": "a"})
+    (tmp_path / "qa.jsonl").write_text(f"{good}\n{good}\n")
+    language = ["synthetic:add,copy", "jsonl:qa.jsonl"]
+    assert build_task_set(language, language_context(tmp_path)).names() == ["add", "copy", "qa"]
+    check_task_specs(language, "language", classes=0, base_dir=tmp_path)
+    check_task_specs(language, "language", classes=0)
+    classifier = ["labels:0+1", "labels:2"]
+    assert build_task_set(classifier, classifier_context()).names() == ["label_0_1", "label_2"]
+    check_task_specs(classifier, "classifier", classes=3)

@@ -6,7 +6,7 @@ import pytest
 
 from orchestrator import cli, cluster_jobs
 from orchestrator.spec import INVALID_JOB_EXIT_CODE
-from tests.helpers import TINY_JOB, free_port
+from tests.helpers import ROOT, TINY_JOB, free_port
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +30,56 @@ def test_check_of_valid_jobs_exits_0(capsys):
     """Only valid jobs: exit 0 and nothing on stderr."""
     assert cli.main(["check", str(TINY_JOB)]) == 0
     assert capsys.readouterr().err == ""
+
+
+TEXT_FILES = ("  source: synthetic\n", "  source: files\n  files: [corpus.txt]\n")  # tiny.yaml on a text file
+
+
+def job_with_circuits(tmp_path, base: str, circuits: str, edit: tuple[str, str] = ("", "")):
+    """`jobs/<base>.yaml` (with `edit`'s text replaced) and a circuits section measuring every 30 steps, as a job
+    file under `tmp_path`."""
+    job = tmp_path / f"{base}-circuits-{len(list(tmp_path.glob('*.yaml')))}.yaml"
+    text = (ROOT / "jobs" / f"{base}.yaml").read_text().replace(*edit)
+    job.write_text(text + f"circuits:\n  every_steps: 30\n{circuits}")
+    return job
+
+
+@pytest.mark.parametrize(
+    ("base", "circuits", "edit", "message"),
+    [
+        ("tiny", "  tasks: [synthetic:add, synthetic:nope]\n", ("", ""), "no task(s) ['nope']; choose from"),
+        ("tiny", "  tasks: [labels]\n", ("", ""), "needs a classifier model, and this one is a language"),
+        ("tiny", "  tasks: [synthetic:add, 'synthetic:copy,add']\n", ("", ""), "tasks ['add'] are named twice"),
+        ("tiny", "  tasks: [jsonl:qa.jsonl]\n", ("", ""), "task file 'qa.jsonl' is not a regular file"),
+        ("tiny", "", TEXT_FILES, "the model has no tasks of its own"),
+        ("mnist_mlp", "  tasks: ['labels:0+1,10']\n", ("", ""), "classes [10] have no examples"),
+        ("modular_addition", "", ("", ""), "113 tasks: give between 1 and 64"),
+    ],
+)
+def test_check_and_run_refuse_circuit_tasks_the_job_cannot_measure(tmp_path, capsys, base, circuits, edit, message):
+    """A circuits task that does not exist for the model or its data, one named twice, a missing task file, or no
+    task at all (a language model not trained on the synthetic corpus; modular addition's 113 answers are over
+    the 64 tasks a set holds): `xcm check` and `xcm run` refuse the job in one line on circuits.tasks, with its
+    fix, before anything starts."""
+    (tmp_path / "corpus.txt").write_text("some text to train on\n" * 100)
+    job = job_with_circuits(tmp_path, base, circuits, edit)
+    for verb in ("check", "run"):
+        assert cli.main([verb, str(job)]) == INVALID_JOB_EXIT_CODE
+        (line,) = capsys.readouterr().err.splitlines()
+        assert ": circuits.tasks: " in line and message in line and "Fix: list tasks this model" in line, line
+    assert not (tmp_path / "xcm-runs").exists()
+
+
+def test_check_passes_circuit_tasks_the_job_can_measure(tmp_path, capsys):
+    """Tasks the model and its data have, and a task file in the directory the job runs from, pass `xcm check`."""
+    (tmp_path / "qa.jsonl").write_text('{"prompt": "p", "answer": "a"}\n' * 2)
+    (tmp_path / "corpus.txt").write_text("some text to train on\n" * 100)
+    jobs = [
+        job_with_circuits(tmp_path, "tiny", ""),
+        job_with_circuits(tmp_path, "tiny", "  tasks: [jsonl:qa.jsonl]\n", TEXT_FILES),
+        job_with_circuits(tmp_path, "mnist_mlp", "  tasks: ['labels:0+1+2,3']\n"),
+    ]
+    assert cli.main(["check", *map(str, jobs)]) == 0, capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

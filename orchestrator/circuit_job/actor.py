@@ -84,7 +84,11 @@ class CircuitsActor:
         from dataclasses import replace
 
         if self._loaded is None:
-            self._loaded = loaded_model(self._spec)
+            from orchestrator.circuit_job.device import circuits_device, on_device
+            from orchestrator.circuit_report import loaded_model_from_spec
+
+            self._loaded = loaded_model_from_spec(self._spec)
+            on_device(self._loaded.model, circuits_device(self._spec.circuits.gpus))
         missing = sorted(set(dict(self._loaded.model.named_parameters())) - set(parameters))
         if missing:
             raise ValueError(f"the gathered weights lack {missing[:3]}: not this job's model")
@@ -99,33 +103,6 @@ class CircuitsActor:
         if self._task_set is None:
             self._task_set = task_set_for(loaded, self._spec.circuits.tasks, self._spec.circuits, self._base_dir)
         return self._task_set
-
-
-def loaded_model(spec: JobSpec):
-    """The spec's model, untrained, as ``xcm circuits`` holds a checkpoint's: its kind, tasks and data."""
-    from orchestrator.circuit_report import LoadedModel, _classifier_examples, _language_model
-    from orchestrator.models.classifiers import CLASSIFIER_FAMILIES
-    from orchestrator.models.registry import build_model
-
-    matrices = tuple(spec.modularity.matrices)
-    if spec.model.family not in CLASSIFIER_FAMILIES:
-        from orchestrator.data.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(spec.data, spec.model)
-        model = build_model(spec.model, tokenizer.vocab_size, seed=0)
-        tasks = ("synthetic" + (f":{','.join(spec.data.tasks)}" if spec.data.tasks else ""),)
-        tasks = tasks if spec.data.source == "synthetic" else ()
-        return _language_model(model, None, tokenizer, {}, matrices, 0, tasks)
-    vocab_size = spec.data.modulus + 1 if spec.model.family == "modular_addition" else None
-    return LoadedModel(
-        build_model(spec.model, vocab_size, seed=0).eval(),
-        "classifier",
-        None,
-        matrices,
-        labelled=_classifier_examples(spec),
-        label_prefix="answer" if spec.data.source == "modular_addition" else "label",
-        default_tasks=("labels",),
-    )
 
 
 def start_circuits_actor(spec: JobSpec) -> dict[str, ray.actor.ActorHandle]:

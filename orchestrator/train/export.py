@@ -19,11 +19,15 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 import torch
 
 from orchestrator.train import checkpoint_store as store
+
+if TYPE_CHECKING:
+    from orchestrator.spec import JobSpec
 
 PARTITION_FILE = "partition.parquet"
 PROVENANCE_FILE = "xcm-export.json"
@@ -53,13 +57,13 @@ def export_hf(target: str, out_dir: Path, tracking_uri: str, overwrite: bool = F
 
 def _write_export(located: store.Located, out_dir: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="xcm-export-") as scratch:
-        local = _local_copy(located, Path(scratch))
+        local = local_copy(located, Path(scratch))
         if not (local / store.MODEL_CONFIG).is_file():
             raise ExportError(
                 f"checkpoint {located.uri} holds a model that is not a transformers model (xcm's "
                 "MLP, CNN or modular-addition transformer): --to hf exports transformers families"
             )
-        model = _consolidated_model(local, located.state)
+        model = consolidated_model(local, located.state)
         model.save_pretrained(out_dir)
         partition_state = json.loads((local / store.PARTITION).read_text())
         if partition_state is not None:
@@ -120,7 +124,8 @@ def consolidated_state_dict(checkpoint: Path, state: store.CheckpointState) -> d
     return get_fp32_state_dict_from_zero_checkpoint(str(deepspeed_dir), tag=state.deepspeed_tag)
 
 
-def _consolidated_model(checkpoint: Path, state: store.CheckpointState) -> torch.nn.Module:
+def consolidated_model(checkpoint: Path, state: store.CheckpointState) -> torch.nn.Module:
+    """The transformers model of a local checkpoint: its saved config with the full fp32 weights."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(checkpoint / Path(store.MODEL_CONFIG).parent)
@@ -134,16 +139,21 @@ def _write_partition(model: torch.nn.Module, checkpoint: Path, partition_state: 
 
     from orchestrator.modularity import GroupPartition, find_matrix_groups
     from orchestrator.partitioning.table import partition_table
-    from orchestrator.spec import JobSpec, read_job
 
-    raw, _ = read_job(checkpoint / store.JOB)  # a job file's bounds (size, aliases, nesting) hold for a checkpoint's
-    spec = JobSpec.model_validate(raw)
-    groups = find_matrix_groups(model, spec.modularity.matrices)
+    groups = find_matrix_groups(model, checkpoint_spec(checkpoint).modularity.matrices)
     partitions = {name: GroupPartition.from_dict(data) for name, data in partition_state["partitions"].items()}
     pq.write_table(partition_table(groups, partitions), path)
 
 
-def _local_copy(located: store.Located, scratch: Path) -> Path:
+def checkpoint_spec(checkpoint: Path) -> JobSpec:
+    """The job a local checkpoint was trained with, as it saved it."""
+    from orchestrator.spec import JobSpec, read_job
+
+    raw, _ = read_job(checkpoint / store.JOB)  # a job file's bounds (size, aliases, nesting) hold for a checkpoint's
+    return JobSpec.model_validate(raw)
+
+
+def local_copy(located: store.Located, scratch: Path) -> Path:
     """The checkpoint as a verified local directory: itself on local storage (``locate`` has just verified
     it), else a download, verified in turn before anything reads it."""
     if isinstance(located.filesystem, pafs.LocalFileSystem):

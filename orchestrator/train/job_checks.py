@@ -4,7 +4,8 @@ checks between sections.
 Each component owns its section's checks: the data's in ``orchestrator.data.preflight``, training's in
 ``orchestrator.train.preflight``, the model's in ``orchestrator.models.checks``, each side job's in its kind
 (``SideJobKind.spec_problems``). What only two sections together decide (k against the model's widths, a text
-block against its positions) is checked here, beside ``load_spec``; the schema module imports none of them.
+block against its positions, the circuits' tasks against the model and its data) is checked here, beside
+``load_spec``; the schema module imports none of them.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def load_spec(path: str | Path | None = None, overrides: list[str] = (), files_f
     path = Path(path) if path is not None else DEFAULT_JOB
     spec, problems, lines = validate_job(path, list(overrides))
     if spec is not None:
-        found = consistency_problems(spec)
+        found = consistency_problems(spec) + circuit_task_problems(spec, files_from)
         if files_from is not None:
             found += missing_file_problems(spec.resolved(files_from))
         problems += [p.model_copy(update={"line": lines.get(p.key)}) for p in found]
@@ -57,6 +58,22 @@ def consistency_problems(spec: JobSpec) -> list[SpecProblem]:
     if dimensions is not None:
         problems += _model_size_problems(spec, dimensions)
     return problems
+
+
+def circuit_task_problems(spec: JobSpec, files_from: Path | None) -> list[SpecProblem]:
+    """The circuits section's tasks against the model and its data (and the task files, from `files_from`,
+    where the circuits actor reads them), so that a task it cannot build stops the job before it starts."""
+    from orchestrator.circuit_report import task_problems
+    from orchestrator.circuit_tasks import FORMS
+
+    return [
+        SpecProblem(
+            key="circuits.tasks",
+            message=message,
+            fix=f"list tasks this model and its data have, in the forms {FORMS}",
+        )
+        for message in task_problems(spec, files_from)
+    ]
 
 
 def _dimensions(spec: JobSpec, problems: list[SpecProblem]) -> ModelDimensions | None:
