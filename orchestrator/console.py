@@ -99,8 +99,7 @@ def terminal_session(verbose: bool, log_directory: Path) -> Iterator[Console]:
     """The console of one command: quiet (everything but xcm's lines into a log file under ``log_directory``,
     until the run's directory takes it) or, verbose, everything on the terminal as it comes."""
     if verbose:
-        with _warnings_shown(Console(sys.stdout)) as console:
-            yield console
+        yield Console(sys.stdout)
         return
     made = [directory for directory in (log_directory, *log_directory.parents) if not directory.exists()]
     log_directory.mkdir(parents=True, exist_ok=True)
@@ -167,8 +166,7 @@ class _ConsoleHandler(logging.Handler):
 
 @contextlib.contextmanager
 def _warnings_shown(console: Console) -> Iterator[Console]:
-    """The ``orchestrator`` loggers' warnings on the console, and (with their origin) on stderr: the log file
-    when quiet."""
+    """The ``orchestrator`` loggers' warnings on the console, and (with their origin) on stderr, the log file."""
     package = logging.getLogger("orchestrator")
     handlers = [_ConsoleHandler(console), logging.StreamHandler(sys.stderr)]
     handlers[1].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
