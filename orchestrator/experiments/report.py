@@ -314,17 +314,32 @@ def _plot_tradeoff(root: Path, trials: list[TrialRun]) -> None:
 
 
 def _plot_circuit_sizes(root: Path, report: Report) -> None:
-    """Mean circuit size per task (± sd over seeds), one bar per variant, when the runs logged circuit sizes."""
-    bare = CIRCUIT_SIZE_PREFIX + TASK_PLACEHOLDER
-    metrics = [m for m in report.tables if (task_family(m) or ("",))[0] == bare]
-    if not metrics:
+    """Mean circuit size per task (± sd over seeds), one bar per variant, one panel per kind of size (the bare
+    size, attribution's at each τ: the finders' sizes differ by orders of magnitude), when runs logged them."""
+    families: dict[str, list[str]] = {}
+    for metric in report.tables:
+        family = task_family(metric)
+        if family is not None and family[0].startswith(CIRCUIT_SIZE_PREFIX):
+            families.setdefault(family[0], []).append(metric)
+    if not families:
         return
     from matplotlib.figure import Figure
 
+    widest = max(len(metrics) for metrics in families.values())
+    figure = Figure(figsize=(max(6, 1.2 * widest), 4 * len(families)))
+    panels = figure.subplots(len(families), 1, squeeze=False)[:, 0]
+    for axes, (family, metrics) in zip(panels, families.items(), strict=True):
+        _circuit_size_bars(axes, report, metrics)
+        kind = family.removeprefix(CIRCUIT_SIZE_PREFIX + TASK_PLACEHOLDER).lstrip("/")
+        axes.set_ylabel(f"circuit size {kind}".strip())
+    figure.axes[0].set_title("circuit size per task, each variant against the control")
+    figure.tight_layout()
+    figure.savefig(root / "circuit-size.png", dpi=120)
+
+
+def _circuit_size_bars(axes, report: Report, metrics: list[str]) -> None:
     variants = [row["variant"] for row in report.tables[metrics[0]]]
     width = 0.8 / max(len(variants), 1)
-    figure = Figure(figsize=(max(6, 1.2 * len(metrics)), 4.5))
-    axes = figure.subplots()
     for index, variant in enumerate(variants):
         rows = [next(r for r in report.tables[m] if r["variant"] == variant) for m in metrics]
         axes.bar(
@@ -339,8 +354,4 @@ def _plot_circuit_sizes(root: Path, report: Report) -> None:
         [task_family(m)[1] for m in metrics],
         rotation=30,
     )
-    axes.set_ylabel("circuit size")
-    axes.set_title("circuit size per task, each variant against the control")
     axes.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(root / "circuit-size.png", dpi=120)
