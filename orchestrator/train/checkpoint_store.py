@@ -14,6 +14,10 @@ One checkpoint, as Ray Train stores it under the run directory ``<storage_path>/
       xcm/unsent-metrics.jsonl  rank 0's metric spool lines not yet in MLflow when it was written (when any)
       manifest.json         every file above with its size and sha256, and an HMAC-SHA256 over that list
 
+Beside a checkpoint, ``universal-<step>/`` holds its DeepSpeed state in the universal form (made once by
+``orchestrator.train.universal`` for a resume on another worker count), with the same layout, its state marked
+``universal``, and a manifest of its own, verified like any checkpoint's.
+
 Ranks upload to storage independently and in no fixed order, so "written last" cannot be an upload order:
 a checkpoint counts only when its manifest is there and every file it lists is present with the listed size
 and hash. A crash mid-upload, a truncated or corrupted file, a missing manifest: the checkpoint is skipped for
@@ -62,6 +66,7 @@ UNSENT_METRICS = "xcm/unsent-metrics.jsonl"
 PARTITION = "xcm/partition.json"  # the partitioner's side-job state, side_job_file("partition")
 DEEPSPEED = "deepspeed"
 CHECKPOINT_PREFIX = "step-"
+UNIVERSAL_PREFIX = "universal-"  # a checkpoint's DeepSpeed universal form, beside it (orchestrator.train.universal)
 SUPERSEDED_PREFIX = "superseded-"
 METRIC_SPOOL = "mlflow-spool.jsonl"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints, in the run directory
@@ -102,6 +107,10 @@ def side_job_file(name: str) -> str:
 def checkpoint_name(step: int) -> str:
     """Zero-padded, so that name order is step order (the newest checkpoint sorts last)."""
     return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def universal_name(step: int) -> str:
+    return f"{UNIVERSAL_PREFIX}{step:08d}"
 
 
 def run_directory_name(job_name: str, run_id: str) -> str:
@@ -228,6 +237,7 @@ class CheckpointState:
     run_id: str  # the MLflow run the metrics go to
     deepspeed_tag: str  # DeepSpeed's directory of this checkpoint under deepspeed/: one path component
     session: str  # the launch (``xcm run`` / ``xcm resume``) that wrote it
+    universal: bool = False  # its DeepSpeed state is in the universal form (loads at any worker count)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -237,8 +247,12 @@ class CheckpointState:
         """Parsed and checked field by field: a state of any other shape is a ValueError."""
         data = json.loads(text)
         names = {field.name for field in fields(cls)}
+        if isinstance(data, dict):
+            data.setdefault("universal", False)  # written before universal checkpoints
         if not isinstance(data, dict) or set(data) != names:
             raise ValueError(f"expected the fields {sorted(names)}")
+        if type(data["universal"]) is not bool:
+            raise ValueError("universal must be true or false")
         counts = ("step", "data_position", "world_size", "zero_stage")
         if not all(type(data[name]) is int and data[name] >= 0 for name in counts):
             raise ValueError(f"{', '.join(counts)} must be whole numbers >= 0")
@@ -354,8 +368,9 @@ def verified(
     if not any(name.startswith(f"{DEEPSPEED}/{state.deepspeed_tag}/") for name in files):
         raise NotIntact(path, f"the DeepSpeed tag {state.deepspeed_tag!r} names no file of the manifest")
     name = PurePosixPath(path).name
-    if name_must_match and name.startswith(CHECKPOINT_PREFIX) and name != checkpoint_name(state.step):
-        raise NotIntact(path, f"it holds step {state.step}, not the step its name says")
+    expected_name = universal_name(state.step) if state.universal else checkpoint_name(state.step)
+    if name_must_match and name.startswith((CHECKPOINT_PREFIX, UNIVERSAL_PREFIX)) and name != expected_name:
+        raise NotIntact(path, f"it holds {expected_name}, not what its name says")
     return Located(filesystem, path, state, query)
 
 

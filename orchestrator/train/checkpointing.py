@@ -158,10 +158,10 @@ class CheckpointManager:
         with checkpoint.as_directory() as local:
             directory = Path(local)
             _verify_on_every_rank(directory, located)
-            load_path, _ = engine.load_checkpoint(str(directory / store.DEEPSPEED), tag=located.state.deepspeed_tag)
-            if load_path is None:
-                raise RuntimeError(f"DeepSpeed could not load {directory / store.DEEPSPEED}")
-            restore_rng_state(_read_json(directory / store.rng_file(self.rank.index)))
+            _load_engine(engine, directory / store.DEEPSPEED, located.state)
+            rng = directory / store.rng_file(self.rank.index)
+            if rng.is_file():  # a rank the checkpoint's smaller worker group did not have keeps its seeded state
+                restore_rng_state(_read_json(rng))
             side_job_states = {
                 name: _read_json(directory / store.side_job_file(name))
                 for name in side_jobs
@@ -172,7 +172,7 @@ class CheckpointManager:
                 metrics_logger.continue_run(unsent if unsent.is_file() else None)
         if self.rank.leads:
             logger.info("resumed from %s at step %d", located.uri, located.state.step)
-        return Restored(located.state.step, located.state.data_position, side_job_states)
+        return Restored(located.state.step, data_position(located.state, self.rank.world_size), side_job_states)
 
     def _choose(self, resume_from: str | None) -> store.Located | str | None:
         """Rank 0: the verified checkpoint to continue from, None for a fresh start, or why it must not start.
@@ -212,15 +212,37 @@ def _verify_on_every_rank(directory: Path, located: store.Located) -> None:
         )
 
 
+def _load_engine(engine, deepspeed_directory: Path, state: store.CheckpointState) -> None:
+    """DeepSpeed's ``load_checkpoint``, of the universal form when the checkpoint is one (DeepSpeed reads the
+    choice from its config, which the engine was built with before the checkpoint was chosen)."""
+    engine._config.load_universal_checkpoint = state.universal
+    try:
+        load_path, _ = engine.load_checkpoint(str(deepspeed_directory), tag=state.deepspeed_tag)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load {deepspeed_directory}")
+
+
+def data_position(state: store.CheckpointState, world_size: int) -> int:
+    """The micro-batches each of ``world_size`` ranks has consumed at the checkpoint. Each epoch's order is dealt
+    to the ranks in turn, so what the run has read of an epoch is its order's first ``data_position x world_size``
+    micro-batches whatever the worker count, and a resized run, whose global batch is the same (its gradient
+    accumulation makes up for the worker count, see ``resume.keep_global_batch``), continues after them. Past the
+    first epoch this is exact only where the epochs of both worker counts have the same length (each rank's shard
+    leaves out the remainder of the blocks over the ranks)."""
+    return state.data_position * state.world_size // world_size
+
+
 def check_resumable(state: store.CheckpointState, world_size: int, where: str) -> None:
-    """Stop with the way out when the checkpoint's ZeRO shards cannot be loaded by ``world_size`` ranks."""
-    if state.world_size == world_size:
+    """Stop with the way out when the checkpoint's ZeRO shards cannot be loaded by ``world_size`` ranks (a
+    universal checkpoint loads at any worker count)."""
+    if state.world_size == world_size or state.universal:
         return
     raise ResumeMismatch(
         f"checkpoint {where} was written by {state.world_size} workers and this run has {world_size}; its "
-        f"ZeRO-{state.zero_stage} shards are split {state.world_size} ways. Resume with "
-        f"--set resources.num_workers={state.world_size}, or start a new run from its consolidated weights: "
-        f"`xcm export {where} --to hf DIR`, then model.init: pretrained with model.pretrained: DIR."
+        f"ZeRO-{state.zero_stage} shards are split {state.world_size} ways. Resume it with `xcm resume`, which "
+        f"converts it for another worker count (ZeRO 1-3), or with --set resources.num_workers={state.world_size}."
     )
 
 

@@ -144,3 +144,73 @@ def test_the_local_copy_must_be_the_checkpoint_chosen(tmp_path, checkpoint_files
     other = checkpoint_files.write(tmp_path / "b", 10, session="another-launch")
     with pytest.raises(store.NotIntact, match="not the checkpoint that was verified"):
         store.verify_local(other, chosen.state)
+
+
+def test_a_state_written_before_universal_checkpoints_still_loads():
+    """state.json without the ``universal`` field (every checkpoint before it) loads as not universal; a field of
+    another type is refused."""
+    fields = {
+        "step": 10,
+        "data_position": 10,
+        "world_size": 2,
+        "zero_stage": 2,
+        "run_id": "r",
+        "deepspeed_tag": "step-10",
+        "session": "s",
+    }
+    assert store.CheckpointState.from_json(json.dumps(fields)).universal is False
+    with pytest.raises(ValueError, match="universal"):
+        store.CheckpointState.from_json(json.dumps({**fields, "universal": "yes"}))
+
+
+def _standin_conversion(source: Path, destination: Path, state) -> None:
+    """What ``universal.convert`` writes, with a file standing in for DeepSpeed's conversion (these checkpoints'
+    shards are not torch files)."""
+    import shutil
+
+    from orchestrator.train.universal import universal_state
+
+    shutil.copytree(source / "xcm", destination / "xcm")
+    (destination / store.STATE).write_text(universal_state(state).to_json())
+    (destination / store.DEEPSPEED / state.deepspeed_tag).mkdir(parents=True)
+    (destination / store.DEEPSPEED / state.deepspeed_tag / "converted").write_text("universal")
+
+
+def test_a_forged_universal_checkpoint_is_replaced_and_a_kept_one_reused(
+    tmp_path, checkpoint_files, marker, monkeypatch
+):
+    """A universal-00000010 planted beside a checkpoint (a pickle payload, its manifest signed with another key) is
+    not used but converted again from the verified checkpoint, signed with this machine's key; the next resume
+    reuses that conversion instead of converting again. The payload never runs."""
+    import shutil
+
+    from orchestrator.train import universal
+
+    run = tmp_path / "run"
+    checkpoint_files.write(run, 10)
+    forged = run / store.universal_name(10)
+    shutil.copytree(run / "step-00000010", forged)
+    checkpoint_files.plant_payload(forged / "deepspeed" / "step-10" / "mp_rank_00_model_states.pt", marker)
+    checkpoint_files.recompute_manifest(forged, key=checkpoint_files.ATTACKER_KEY)
+    conversions = []
+    monkeypatch.setattr(universal, "convert", lambda *args: (conversions.append(args[0]), _standin_conversion(*args)))
+    located = store.verified(*store.resolve(str(run / "step-00000010")))
+    converted = universal.universal_checkpoint(located)
+    assert converted.path == str(forged) and converted.state == universal.universal_state(located.state)
+    assert (forged / "deepspeed" / "step-10" / "converted").is_file()
+    assert not (forged / "deepspeed" / "step-10" / "mp_rank_00_model_states.pt").exists()
+    assert universal.universal_checkpoint(located).state == converted.state
+    assert len(conversions) == 1 and not marker.exists()
+
+
+def test_a_universal_checkpoint_renamed_as_another_step_is_refused(tmp_path, checkpoint_files, monkeypatch):
+    """The step a universal checkpoint's name says must be the step it holds (as for step-* checkpoints)."""
+    from orchestrator.train import universal
+
+    run = tmp_path / "run"
+    checkpoint_files.write(run, 10)
+    monkeypatch.setattr(universal, "convert", _standin_conversion)
+    universal.universal_checkpoint(store.verified(*store.resolve(str(run / "step-00000010"))))
+    (run / store.universal_name(10)).rename(run / store.universal_name(20))
+    with pytest.raises(store.NotIntact, match="holds universal-00000010"):
+        store.verified(*store.resolve(str(run / store.universal_name(20))))
