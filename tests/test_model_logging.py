@@ -93,21 +93,26 @@ def logged_models(uri: str, run_id: str) -> list[str]:
 
 def test_logged_language_model_loads_back_with_its_tokenizer_and_the_trained_logits(tmp_path):
     """mlflow.transformers.load_model gives the checkpoint's logits and a tokenizer with xcm's byte ids; the
-    partition is beside the model."""
+    partition is beside the model; tracking.register_model made it version 1 of that registered model."""
     import mlflow
 
     from orchestrator import tracking
     from orchestrator.data.tokenizer import ByteTokenizer
     from orchestrator.train.model_logging import log_trained_model
 
-    spec, run_id = job(tmp_path)
+    spec, run_id = job(tmp_path, "tracking.register_model=xcm-tiny")
     model = trained_gpt2(spec)
     write_checkpoint(spec, run_id, model, model.config.to_dict())
     said = []
     log_trained_model(spec, run_id, said.append)
 
     (model_id,) = logged_models(spec.tracking.uri, run_id)
-    assert re.fullmatch(rf"xcm: trained model logged to MLflow as models:/{model_id} \(\d+ s\)", said[-1])
+    assert re.fullmatch(
+        rf"xcm: trained model logged to MLflow as models:/{model_id}, registered as xcm-tiny version 1 \(\d+ s\)",
+        said[-1],
+    )
+    (version,) = tracking.client(spec.tracking.uri).search_model_versions("name = 'xcm-tiny'")
+    assert (version.run_id, str(version.version)) == (run_id, "1")
     mlflow.set_tracking_uri(spec.tracking.uri)
     loaded = mlflow.transformers.load_model(f"models:/{model_id}", return_type="components")
     text = "clusterability: ok é"
@@ -141,23 +146,6 @@ def test_classifier_is_logged_as_an_exported_program_with_the_trained_logits(tmp
     images = torch.rand(5, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), model(images))
-
-
-def test_register_model_makes_the_logged_model_a_registry_version(tmp_path):
-    """tracking.register_model: the run's model is version 1 of that registered model, and says so."""
-    from orchestrator import tracking
-    from orchestrator.train.model_logging import log_trained_model
-
-    spec, run_id = job(tmp_path, "tracking.register_model=xcm-tiny")
-    model = trained_gpt2(spec)
-    write_checkpoint(spec, run_id, model, model.config.to_dict())
-    said = []
-    log_trained_model(spec, run_id, said.append)
-
-    (version,) = tracking.client(spec.tracking.uri).search_model_versions("name = 'xcm-tiny'")
-    assert version.run_id == run_id
-    assert version.model_id == logged_models(spec.tracking.uri, run_id)[0]
-    assert "registered as xcm-tiny version 1" in said[-1]
 
 
 def test_model_above_the_size_limit_is_not_logged_unless_asked(tmp_path):
@@ -196,7 +184,7 @@ def test_a_model_that_cannot_be_logged_leaves_the_run_and_its_metrics(tmp_path, 
     assert run.info.status == "RUNNING"  # the driver ends it as it would have
     assert "logging the trained model failed" in run.data.tags[FAILURE_TAG]
     assert logged_models(spec.tracking.uri, run_id) == []
-    assert "the run's metrics and checkpoints are kept" in caplog.text
+    assert "The run's metrics and checkpoints are kept" in caplog.text
 
 
 def test_a_model_that_cannot_be_registered_fails_the_run(tmp_path):
@@ -212,7 +200,7 @@ def test_register_model_without_logging_is_a_spec_error(tmp_path):
     """tracking.register_model with tracking.log_model: false is refused when the job loads, naming both keys."""
     from orchestrator.spec import SpecError
 
-    with pytest.raises(SpecError, match="tracking.register_model: cannot register a model that is not logged"):
+    with pytest.raises(SpecError, match=r"tracking\.register_model: cannot register a model that is not logged"):
         tiny_spec("tracking.log_model=false", "tracking.register_model=xcm-tiny")
 
 

@@ -148,13 +148,12 @@ def main(argv: list[str]) -> int:
             info = _log_language_model(spec, checkpoint, located.state, run_id, Path(scratch))
         else:
             info = _log_classifier(spec, checkpoint, located.state, run_id, Path(scratch))
-    version = info.registered_model_version
     print(
         json.dumps(
             {
                 "model_uri": info.model_uri,
                 "registered_name": spec.tracking.register_model,
-                "registered_version": version.version if version is not None else None,
+                "registered_version": info.registered_model_version,
             }
         )
     )
