@@ -163,6 +163,11 @@ class TrainingSpec(Section):
     activation_checkpointing: bool = Field(
         False, description="recompute transformer blocks in backward (non-reentrant): less memory, ~1/3 more compute"
     )
+    compile: bool = Field(
+        False,
+        description="compile the model with torch.compile (DeepSpeed's engine.compile, inductor), the clusterability "
+        "loss included; ZeRO 0-2 (ZeRO-3 is refused); the first steps pay the compile",
+    )
 
 
 class DeepSpeedSpec(Section):

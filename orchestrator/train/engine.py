@@ -27,7 +27,20 @@ def build_engine(model: torch.nn.Module, spec: JobSpec, world_size: int):
         config=deepspeed_config(spec, world_size),
         lr_scheduler=scheduler_factory(training),
     )
+    if training.compile:
+        compile_engine(engine)
     return engine
+
+
+def compile_engine(engine) -> None:
+    """Compile the engine's module in place (``nn.Module.compile``, through DeepSpeed's ``engine.compile``).
+
+    In place rather than ``torch.compile(model)``: the module keeps its parameter names (checkpoints, the
+    matrix groups and the partition are keyed by them) and its submodules, so the clusterability hooks that
+    the partition schedule registers later are traced into the same graph (a new hook, or a changed partition,
+    recompiles once). The loss and the optimizer step stay eager. ZeRO-3 is refused by the spec checks.
+    """
+    engine.compile()
 
 
 def client_optimizer(model: torch.nn.Module, spec: JobSpec) -> torch.optim.Optimizer | None:

@@ -34,6 +34,7 @@ def training_spec_problems(spec: JobSpec) -> list[SpecProblem]:
         *_pretrained_problems(spec),
         *model_config_problems(spec),
         *_zero_problems(spec),
+        *_compile_problems(spec),
         *_schedule_problems(spec),
         *_batch_split_problems(spec),
         *_precision_problems(spec),
@@ -282,6 +283,23 @@ def _zero_problems(spec: JobSpec) -> list[SpecProblem]:
             )
         )
     return problems
+
+
+def _compile_problems(spec: JobSpec) -> list[SpecProblem]:
+    """ZeRO-3 gathers and releases each parameter around its module's forward through hooks DeepSpeed keeps out of
+    the compiled graph, while the clusterability loss reads the gathered weight inside a forward hook of its own:
+    every regularised module would break the graph, and that pairing has no equality test against eager. ZeRO 0-2
+    keep the weights whole, so the loss compiles with the model (tests/train/test_compile.py)."""
+    if spec.training.compile and spec.deepspeed.zero_stage == 3:
+        return [
+            _problem(
+                "training.compile",
+                "compiling is supported at ZeRO stages 0-2, not at ZeRO-3 (its parameter gathering around each "
+                "module is where the clusterability loss reads the weights)",
+                "set deepspeed.zero_stage <= 2, or training.compile: false",
+            )
+        ]
+    return []
 
 
 def _schedule_problems(spec: JobSpec) -> list[SpecProblem]:
