@@ -84,9 +84,11 @@ class CircuitsActor:
         from dataclasses import replace
 
         if self._loaded is None:
+            from orchestrator.circuit_job.device import circuits_device, on_device
             from orchestrator.circuit_report import loaded_model_from_spec
 
             self._loaded = loaded_model_from_spec(self._spec)
+            on_device(self._loaded.model, circuits_device(self._spec.circuits.gpus))
         missing = sorted(set(dict(self._loaded.model.named_parameters())) - set(parameters))
         if missing:
             raise ValueError(f"the gathered weights lack {missing[:3]}: not this job's model")
