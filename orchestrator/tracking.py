@@ -47,6 +47,8 @@ _CLIENT_ENVIRONMENT = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
     "MLFLOW_DISABLE_TELEMETRY": "true",  # MLflow 3 reports usage to its makers' servers unless told not to
+    # xcm prints the run's link itself (in the training view); MLflow's own would follow it on ending a server's run
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 # Why a run ended FAILED (or KILLED) before or while training: the error, set by fail_run.
 FAILURE_TAG = "xcm.failure"
