@@ -23,6 +23,10 @@ CONFIG_CLASSES = {
     "gpt_neox": ("GPTNeoXConfig",),
     "gemma": ("GemmaConfig", "Gemma2Config", "Gemma3TextConfig"),
 }
+# PyTorch's scaled_dot_product_attention, which every family here supports: on a GPU in bf16 / fp16 it runs the
+# FlashAttention-2 kernel itself (no flash_attn package to build against the CUDA toolkit), on CPU a fused kernel.
+# Named rather than left to transformers' default, which has changed between releases and would fall back silently.
+ATTENTION = "sdpa"
 # Zero dropout everywhere: modularity measurements and resume-equality checks need deterministic forwards.
 PRESETS: dict[str, dict[str, dict]] = {
     "gpt2": {
@@ -165,7 +169,9 @@ def build_model(spec: ModelSpec, vocab_size: int | None, seed: int) -> torch.nn.
     if spec.family in CLASSIFIER_FAMILIES:
         return build_classifier(spec, vocab_size, seed)
     if spec.init == "pretrained":
-        return transformers.AutoModelForCausalLM.from_pretrained(spec.pretrained, config=model_config(spec))
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            spec.pretrained, config=model_config(spec), attn_implementation=ATTENTION
+        )
     config = model_config(spec, vocab_size=vocab_size)
     if config.vocab_size < vocab_size:
         raise ValueError(
@@ -173,4 +179,4 @@ def build_model(spec: ModelSpec, vocab_size: int | None, seed: int) -> torch.nn.
             f"{vocab_size}: remove model.config.vocab_size or raise it to >= {vocab_size}"
         )
     torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(config)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION)

@@ -48,8 +48,8 @@ class CausalLanguageModelling:
         return batch_stream(blocks, micro_batch_size, rank, world_size, seed, start_step=start_step)
 
     def loss(self, model, batch):
-        input_ids = batch["input_ids"].to(_device(model))  # [B, T]
-        labels = batch["labels"].to(input_ids.device)  # [B, T]
+        input_ids = to_device(batch["input_ids"], _device(model))  # [B, T]
+        labels = to_device(batch["labels"], input_ids.device)  # [B, T]
         logits = model(input_ids=input_ids).logits  # [B, T, vocab]
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()), {}
 
@@ -78,7 +78,7 @@ class Classification:
 
     def loss(self, model, batch):
         logits = model(**self._inputs(batch["inputs"], _device(model))).float()  # [B, classes]
-        labels = batch["labels"].to(logits.device)  # [B]
+        labels = to_device(batch["labels"], logits.device)  # [B]
         accuracy = (logits.detach().argmax(dim=-1) == labels).float().mean()
         return torch.nn.functional.cross_entropy(logits, labels), {metric_names.ACCURACY: accuracy}
 
@@ -91,7 +91,7 @@ class Classification:
         return flops_per_item(model, self._inputs(examples.inputs[:1], _device(model), torch.float32), items=1)
 
     def _inputs(self, inputs: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> dict:
-        inputs = inputs.to(device)
+        inputs = to_device(inputs, device)
         if inputs.is_floating_point():
             inputs = inputs.to(dtype or self.compute_dtype)
         return {"inputs": inputs}
@@ -104,6 +104,14 @@ def objective_for(spec: JobSpec) -> Objective:
     if spec.data.source in TEXT_SOURCES:
         return CausalLanguageModelling()
     return Classification(_DTYPES[spec.training.precision])
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The batch tensor on ``device``; to a GPU from pinned memory without blocking the host, which then queues
+    the step's kernels while the copy runs (a pageable copy makes the host wait for it)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _device(model) -> torch.device:

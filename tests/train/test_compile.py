@@ -93,3 +93,12 @@ def test_compiled_training_equals_eager(process_group, stage):
     for step, ((eager_loss, eager_c), (loss, c)) in enumerate(zip(eager, compiled, strict=True)):
         assert loss == pytest.approx(eager_loss, rel=TOLERANCE), f"step {step}"
         assert c == pytest.approx(eager_c, rel=TOLERANCE), f"step {step}"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "gemma"])
+def test_transformer_families_build_with_sdpa_attention(family):
+    """Every transformer family is built with PyTorch's fused scaled-dot-product attention, not the eager one."""
+    from orchestrator.models import build_model
+
+    model = build_model(tiny_spec(f"model.family={family}").model, vocab_size=VOCAB, seed=0)
+    assert model.config._attn_implementation == "sdpa"
