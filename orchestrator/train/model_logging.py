@@ -46,6 +46,7 @@ FAILURE_TAG = "xcm.model_logging_failure"  # on a run whose model could not be l
 TOO_LARGE_EXIT_CODE = 3  # the child's exit status for a model over the size limit that nobody asked for
 _TEXT_GENERATION = "text-generation"
 _LAST_LINES = 15  # of the child's output, quoted in the warning when it fails
+_RESULT = "xcm-model-logging: "  # starts the child's answer on its standard output, among whatever else it prints
 
 
 class ModelNotRegistered(RuntimeError):
@@ -57,20 +58,25 @@ def log_trained_model(spec: JobSpec, run_id: str, say: Callable[[str], object] =
     if spec.tracking.log_model is False:
         return
     started = time.monotonic()
-    child = subprocess.run(
-        [sys.executable, "-m", __name__, store.run_directory(spec, run_id), run_id],
-        env=_child_environment(spec.tracking.uri, run_id),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    output = (child.stdout + child.stderr).strip()
-    if child.returncode == 0:
-        say(_logged_line(json.loads(child.stdout.strip().splitlines()[-1]), time.monotonic() - started))
-    elif child.returncode == TOO_LARGE_EXIT_CODE:
-        say(f"xcm: {child.stdout.strip().splitlines()[-1]}")
+    try:
+        child = subprocess.run(
+            [sys.executable, "-m", __name__, store.run_directory(spec, run_id), run_id],
+            env=_child_environment(spec.tracking.uri, run_id),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except Exception as error:  # the store gone by now, no interpreter to start: still only the model is missing
+        _not_logged(spec, run_id, f"{type(error).__name__}: {error}")
+        return
+    said = [line.removeprefix(_RESULT) for line in child.stdout.splitlines() if line.startswith(_RESULT)]
+    if child.returncode == 0 and said:
+        say(_logged_line(json.loads(said[-1]), time.monotonic() - started))
+    elif child.returncode == TOO_LARGE_EXIT_CODE and said:
+        say(f"xcm: {said[-1]}")
     else:
-        _not_logged(spec, run_id, child.returncode, output)
+        last_lines = "\n".join((child.stdout + child.stderr).strip().splitlines()[-_LAST_LINES:])
+        _not_logged(spec, run_id, f"exit status {child.returncode}:\n{last_lines}")
 
 
 def _logged_line(logged: dict, seconds: float) -> str:
@@ -82,10 +88,9 @@ def _logged_line(logged: dict, seconds: float) -> str:
     return f"xcm: trained model logged to MLflow as {logged['model_uri']}{registered} ({seconds:.0f} s)"
 
 
-def _not_logged(spec: JobSpec, run_id: str, returncode: int, output: str) -> None:
-    """A child that failed: the run FAILS if registration was asked for, else keeps going with a warning."""
-    last_lines = "\n".join(output.splitlines()[-_LAST_LINES:])
-    reason = f"logging the trained model failed (exit status {returncode}):\n{last_lines}"
+def _not_logged(spec: JobSpec, run_id: str, why: str) -> None:
+    """The model is not in MLflow: the run FAILS if registration was asked for, else goes on with a warning."""
+    reason = f"logging the trained model failed ({why})"
     if spec.tracking.register_model:
         raise ModelNotRegistered(f"{reason}\nso it is not registered as {spec.tracking.register_model}")
     try:
@@ -122,8 +127,8 @@ def _child_environment(uri: str, run_id: str) -> dict[str, str]:
 
 def main(argv: list[str]) -> int:
     """``python -m orchestrator.train.model_logging RUN_DIRECTORY RUN_ID``: log the newest checkpoint's model into
-    the run; print one JSON line (the model's URI, its registered version) or, for a model over the size limit,
-    the reason it was not logged."""
+    the run; answer in one line after ``_RESULT``: JSON (the model's URI, its registered version) or, for a model
+    over the size limit, the reason it was not logged."""
     import tempfile
 
     from orchestrator.train.export import checkpoint_spec, local_copy
@@ -139,7 +144,7 @@ def main(argv: list[str]) -> int:
         wanted = spec.tracking.log_model or spec.tracking.register_model
         if size_gb > spec.tracking.log_model_max_gb and not wanted:
             print(
-                f"trained model not logged to MLflow: its fp32 weights ({size_gb:.1f} GB) exceed "
+                f"{_RESULT}trained model not logged to MLflow: its fp32 weights ({size_gb:.1f} GB) exceed "
                 f"tracking.log_model_max_gb ({spec.tracking.log_model_max_gb:g}); set tracking.log_model: true "
                 "to log it, or export it with `xcm export`"
             )
@@ -149,7 +154,8 @@ def main(argv: list[str]) -> int:
         else:
             info = _log_classifier(spec, checkpoint, located.state, run_id, Path(scratch))
     print(
-        json.dumps(
+        _RESULT
+        + json.dumps(
             {
                 "model_uri": info.model_uri,
                 "registered_name": spec.tracking.register_model,
