@@ -78,16 +78,31 @@ class StopOnInterrupt:
         if time.monotonic() > self._deadline:
             self._console.say("xcm: the checkpoint did not come in time: stopping without it")
             raise KeyboardInterrupt
-        if self._written(self._awaited_step):
-            self._console.say(f"xcm: checkpoint at step {self._awaited_step + 1} written: stopping")
+        written = self._written_since(self._awaited_step)
+        if written is not None:
+            self._console.say(f"xcm: checkpoint at step {written} written: stopping")
             raise KeyboardInterrupt
 
-    def _written(self, step: int) -> bool:
-        """Whether the checkpoint after step index ``step`` is in the run directory and verifies."""
+    def _written_since(self, step: int) -> int | None:
+        """The newest checkpoint in the run directory that holds step index ``step`` or later and verifies (its
+        completed steps), or None. Any later one counts: a slow poll may find the awaited one rotated out."""
+        import pyarrow.fs as pafs
+
         from orchestrator.train import checkpoint_store as store
 
         latest = self._display.latest
         if latest is None or latest["step"] < step:
-            return False
-        place = store.resolve(store.join(self._run_directory, store.checkpoint_name(step + 1)))
-        return store.problem(place.filesystem, place.path) is None
+            return None
+        place = store.resolve(self._run_directory)
+        listing = place.filesystem.get_file_info(pafs.FileSelector(place.path, allow_not_found=True))
+        names = sorted(
+            info.base_name
+            for info in listing
+            if info.type == pafs.FileType.Directory
+            and info.base_name >= store.checkpoint_name(step + 1)
+            and info.base_name.startswith(store.CHECKPOINT_PREFIX)
+        )
+        for name in reversed(names):
+            if store.problem(place.filesystem, f"{place.path}/{name}") is None:
+                return int(name.removeprefix(store.CHECKPOINT_PREFIX))
+        return None

@@ -91,7 +91,8 @@ def test_terminal_shows_xcm_lines_and_a_progress_bar_only(tmp_path):
 def test_ctrl_c_ends_the_run_killed_with_its_checkpoint_and_the_resume_command(tmp_path):
     """Ctrl-C (SIGINT to the process group) during training stops `xcm run` with exit code 130: the run KILLED in
     MLflow, `xcm resume` printed with the newest checkpoint, which verifies; when the next checkpoint was due within
-    seconds (every 10 steps here, at the pace seen), the stop waited for it and that one is the newest."""
+    seconds (every 10 steps here, at the pace seen), the stop waited for it (or a later one) and that is the
+    newest."""
     from orchestrator.train import checkpoint_store as store
 
     returncode, screen = run_on_terminal(
@@ -117,5 +118,5 @@ def test_ctrl_c_ends_the_run_killed_with_its_checkpoint_and_the_resume_command(t
     assert store.problem(*store.resolve(str(newest))[:2]) is None
     awaited = re.search(r"xcm: stopping after the checkpoint at step (\d+)", screen)
     if awaited:
-        assert f"xcm: checkpoint at step {awaited.group(1)} written: stopping" in screen
-        assert newest.name == store.checkpoint_name(int(awaited.group(1)))
+        written = int(re.search(r"xcm: checkpoint at step (\d+) written: stopping", screen).group(1))
+        assert written >= int(awaited.group(1)) and newest.name == store.checkpoint_name(written)
