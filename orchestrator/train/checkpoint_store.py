@@ -370,7 +370,7 @@ def verified(
     name = PurePosixPath(path).name
     expected_name = universal_name(state.step) if state.universal else checkpoint_name(state.step)
     if name_must_match and name.startswith((CHECKPOINT_PREFIX, UNIVERSAL_PREFIX)) and name != expected_name:
-        raise NotIntact(path, f"it holds {expected_name}, not what its name says")
+        raise NotIntact(path, f"it holds step {state.step}, not the step its name says (it would be {expected_name})")
     return Located(filesystem, path, state, query)
 
 
