@@ -17,6 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from orchestrator import metric_names
+from orchestrator.cli import main
 from orchestrator.experiments import report as reporting
 from orchestrator.experiments.plan import load_experiment
 from orchestrator.experiments.tuning import PREVIOUS_FAILURE_TAG, STOPPED_REASON, run_experiment
@@ -157,18 +158,20 @@ def test_ctrl_c_of_xcm_experiment_ends_the_running_child_and_the_parent_killed(t
         ),
     )
     environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "experiment", str(path)],
-        cwd=tmp_path,
-        env={**environment, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = tmp_path / "xcm.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "experiment", str(path)],
+            cwd=tmp_path,
+            env={**environment, "PYTHONPATH": str(ROOT)},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     try:
         client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'xcm-runs' / 'mlflow.db'}")
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 480
         while not (training := _training_children(client)):
-            assert time.monotonic() < deadline and process.poll() is None, "no trial started training"
+            assert time.monotonic() < deadline and process.poll() is None, log.read_text()[-3000:]
             time.sleep(1)
         process.send_signal(signal.SIGINT)
         process.wait(timeout=180)
@@ -193,3 +196,30 @@ def _training_children(client: MlflowClient) -> list:
     except Exception:  # the store's tables are not made yet
         return []
     return [run for run in runs if run.info.status == "RUNNING" and metric_names.LOSS in run.data.metrics]
+
+
+@pytest.mark.slow
+def test_xcm_sweep_runs_each_grid_point_as_a_child_run_against_the_lambda_zero_point(
+    tmp_path, local_ray, monkeypatch, capsys
+):
+    """`xcm sweep JOB --grid modularity.lambda=0,40 --seeds 1` of 4-step tiny jobs: two FINISHED child runs of
+    one parent run, each trained with its grid value, and the λ = 40 point compared against the λ = 0 point."""
+    shutil.copy(ROOT / "jobs" / "tiny.yaml", tmp_path / "tiny.yaml")
+    monkeypatch.chdir(tmp_path)
+    overrides = ["training.steps=4", "training.report_every=4", "evaluation.every_steps=0"]
+    overrides += ["tracking.log_every_steps=2", "resources.num_workers=1"]
+    arguments = ["sweep", "tiny.yaml", "--grid", "modularity.lambda=0,40", "--seeds", "1"]
+    assert main([*arguments, *(f"--set={override}" for override in overrides)]) == 0
+    parent_run_id = capsys.readouterr().out.split("xcm: experiment run ", 1)[1].split(":", 1)[0]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'xcm-runs' / 'mlflow.db'}")
+    assert client.get_run(parent_run_id).data.params["experiment.grid.modularity.lambda"] == "0,40"
+    trials = sorted(
+        (run.data.tags[reporting.VARIANT_TAG], run.data.params["modularity.lambda"], run.info.status)
+        for run in child_runs(client, parent_run_id)
+    )
+    assert trials == [("lambda0", "0.0", "FINISHED"), ("lambda40", "40.0", "FINISHED")]
+    rows = reporting.build_report(client, parent_run_id).tables[metric_names.CLUSTERABILITY]
+    assert [(row["variant"], row["control"], row["pairs"]) for row in rows] == [
+        ("lambda0", "", 0),
+        ("lambda40", "lambda0", 1),
+    ]
