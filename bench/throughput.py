@@ -17,6 +17,10 @@ Every run shares the job's model, ZeRO stage, batch, precision and data:
   itself costs on this machine: Ray's daemons and Ray Train's helper actors (~20 processes) wake every few ms;
   on 2-core machines they took 5-20% of one core between them (two machines; idle, and while training);
 - xcm, loss off and loss on: the job through ``run_job`` (Ray Train workers, MLflow, the partitioner, progress).
+Two runs without Ray, MLflow or the datasets library, for a bare GPU machine (``bench/gpu.sh``; not in the
+default set): xcm's engine and clusterability loss (contiguous partition, ``training.compile`` honoured) in the
+plain loop's processes, and a compiled plain PyTorch loop in one process (the hand-tuned anchor). The report
+adds each run's ratio to that anchor and its MFU; GPU runs print their peak memory.
 Ray is shut down after each Ray run, so every run starts from the same quiet machine. The runs go in rounds
 (``--rounds``), each round all four in turn (or those ``--variants`` names, in its order), every second round in
 the reverse order, so that a load that drifts over minutes touches every variant alike.
@@ -62,21 +66,95 @@ def plain_loop(spec: JobSpec, rank: int, world_size: int) -> dict[int, float]:
     training = spec.training
     data = build_training_data(spec.data, spec.model)
     model = build_model(spec.model, data.vocab_size, seed=training.seed)
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=client_optimizer(model, spec), config=deepspeed_config(spec, world_size)
-    )
+    lam = spec.modularity.lambda_
+    if lam > 0:  # xcm's step without Ray or MLflow: its engine (compiled where the job says) and loss
+        from orchestrator.train.engine import build_engine
+
+        engine = build_engine(model, spec, world_size)
+        regulariser = contiguous_regulariser(engine.module, spec)
+    else:
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=client_optimizer(model, spec), config=deepspeed_config(spec, world_size)
+        )
     batches = batch_stream(data.train, training.micro_batch_size, rank, world_size, training.seed)
     stamps = {}
     for step in range(training.steps):
         for _ in range(training.gradient_accumulation_steps):
             batch = next(batches)
             input_ids, labels = batch["input_ids"].to(engine.device), batch["labels"].to(engine.device)
+            if lam > 0:
+                regulariser.clear()
             logits = engine(input_ids=input_ids).logits
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+            if lam > 0:
+                loss = loss + regulariser.penalty(lam)
             engine.backward(loss)
             engine.step()
         loss.item()  # a real loop reads its loss; on GPU this also waits for the step to finish
         stamps[step] = time.perf_counter()
+    if rank == 0 and engine.device.type == "cuda":
+        print(f"[bench]   plain loop peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
+    return stamps
+
+
+def contiguous_regulariser(model: torch.nn.Module, spec: JobSpec):
+    """xcm's differentiable clusterability loss on the job's matrices under the contiguous partition (costs the
+    same as the spectral one, which needs the partitioner's actors)."""
+    from orchestrator.modularity import (
+        ClusterabilityRegulariser,
+        find_matrix_groups,
+        partition_group,
+        regularise_groups,
+    )
+
+    groups = find_matrix_groups(model, spec.modularity.matrices)
+    regulariser = ClusterabilityRegulariser(weights_persist=spec.deepspeed.zero_stage < 3)
+    partitions = {
+        group.name: partition_group(
+            [matrix.weight() for matrix in group.inputs],
+            [matrix.weight() for matrix in group.outputs],
+            spec.modularity.k,
+            method="contiguous",
+        )
+        for group in groups
+    }
+    regularise_groups(regulariser, groups, partitions)
+    return regulariser
+
+
+def compiled_torch_stamps(spec: JobSpec, workdir: Path) -> dict[int, float]:
+    """The hand-tuned anchor: the same model and tokens a step in one process, no DeepSpeed, no Ray, no loss:
+    ``torch.compile``, fused AdamW on GPU, bf16 autocast over fp32 weights where the job is bf16 (nanoGPT's
+    recipe). One device: every worker's micro-batch goes into its one micro-batch."""
+    from orchestrator.data import batch_stream, build_training_data
+    from orchestrator.models import build_model
+    from orchestrator.train.objectives import to_device
+
+    training = spec.training
+    device = torch.device("cuda" if spec.resources.use_gpu else "cpu")
+    data = build_training_data(spec.data, spec.model)
+    model = build_model(spec.model, data.vocab_size, seed=training.seed).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=training.lr, fused=device.type == "cuda")
+    compiled = torch.compile(model)
+    rows = training.micro_batch_size * spec.resources.num_workers
+    batches = batch_stream(data.train, rows, 0, 1, training.seed)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=training.precision == "bf16")
+    stamps = {}
+    for step in range(training.steps):
+        for _ in range(training.gradient_accumulation_steps):
+            batch = next(batches)
+            input_ids, labels = to_device(batch["input_ids"], device), to_device(batch["labels"], device)
+            with autocast:
+                logits = compiled(input_ids=input_ids).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+            (loss / training.gradient_accumulation_steps).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), training.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        stamps[step] = time.perf_counter()
+    if device.type == "cuda":
+        print(f"[bench]   compiled loop peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
     return stamps
 
 
@@ -189,10 +267,14 @@ def steady_step_seconds(stamps: dict[int, float], skip: int) -> float:
 VARIANTS = {
     "plain": ("plain DeepSpeed", plain_stamps, False),
     "plain-ray-train": ("plain DeepSpeed on Ray Train", plain_on_ray_train_stamps, False),
+    "plain-loss-on": ("xcm's engine and loss, no Ray", plain_stamps, True),
     "xcm-off": ("xcm, loss off", xcm_stamps, False),
     "xcm-on": ("xcm, loss on", xcm_stamps, True),
+    "compiled-torch": ("compiled plain PyTorch (1 process)", compiled_torch_stamps, False),
 }
 PLAIN, ON_RAY_TRAIN = VARIANTS["plain"][0], VARIANTS["plain-ray-train"][0]
+COMPILED = VARIANTS["compiled-torch"][0]
+GPU_BENCH_ONLY = {"compiled-torch", "plain-loss-on"}  # the Ray-free runs bench/gpu.sh needs (its CPU compile is slow)
 
 
 def main() -> None:
@@ -208,8 +290,9 @@ def main() -> None:
     parser.add_argument("--lambda", dest="lam", type=float, default=20.0, help="the loss-on run's lambda")
     parser.add_argument(
         "--variants",
-        default=",".join(VARIANTS),
-        help=f"which runs, in this order each round (default: all, {','.join(VARIANTS)})",
+        default=",".join(key for key in VARIANTS if key not in GPU_BENCH_ONLY),
+        help=f"which runs, in this order each round (default: all but {', '.join(sorted(GPU_BENCH_ONLY))}; "
+        f"{','.join(VARIANTS)})",
     )
     args = parser.parse_args()
     if not 0 <= args.skip < args.steps - 3:
@@ -257,7 +340,8 @@ def report(spec: JobSpec, args, seconds: dict[str, list[float]]) -> None:
     training = spec.training
     tokens = training.micro_batch_size * training.gradient_accumulation_steps * args.workers * spec.data.block_size
     typical = {name: statistics.median(values) for name, values in seconds.items()}
-    plain, on_ray = seconds.get(PLAIN), seconds.get(ON_RAY_TRAIN)
+    plain, on_ray, compiled = seconds.get(PLAIN), seconds.get(ON_RAY_TRAIN), seconds.get(COMPILED)
+    flops_per_token, peak = model_flops_per_token(spec), worker_peak_flops(spec)
     print(
         f"\n{spec.model.family}-{spec.model.size}, ZeRO-{spec.deepspeed.zero_stage}, {training.precision}, "
         f"{args.workers} workers, {tokens:,} tokens per step; mean of steps {args.skip}..{args.steps - 2}, "
@@ -265,14 +349,34 @@ def report(spec: JobSpec, args, seconds: dict[str, list[float]]) -> None:
     )
     print(
         f"  {'':30s} {'ms/step':>8s}  {'(each round)':24s} {'tokens/s':>10s}  {'vs plain':>8s}  "
-        f"{'vs plain on Ray Train':>21s}   (ratios: median of the rounds' own)"
+        f"{'vs plain on Ray Train':>21s}  {'vs compiled':>11s}  {'MFU':>5s}   (ratios: median of the rounds' own)"
     )
     for name, values in seconds.items():
         rounds = ", ".join(f"{value * 1000:.1f}" for value in values)
         print(
             f"  {name:30s} {typical[name] * 1000:8.1f}  ({rounds:22s}) {tokens / typical[name]:10,.0f}  "
-            f"{_paired(plain, values):8.3f}  {_paired(on_ray, values):21.3f}"
+            f"{_paired(plain, values):8.3f}  {_paired(on_ray, values):21.3f}  {_paired(compiled, values):11.3f}  "
+            f"{tokens / typical[name] * flops_per_token / (peak * args.workers) if peak else float('nan'):5.3f}"
         )
+
+
+def model_flops_per_token(spec: JobSpec) -> float:
+    """Training FLOPs per token of the job's model, counted as xcm counts them for its MFU metric."""
+    from orchestrator.data import build_training_data
+    from orchestrator.models import build_model
+    from orchestrator.train.throughput import flops_per_item
+
+    data = build_training_data(spec.data, spec.model)
+    model = build_model(spec.model, data.vocab_size, seed=0)
+    return flops_per_item(model, {"input_ids": data.train[:1, :-1]}, items=data.train.shape[1] - 1)
+
+
+def worker_peak_flops(spec: JobSpec) -> float | None:
+    """One worker's peak FLOP/s at the job's precision (None for a GPU xcm has no figure for: no MFU shown)."""
+    from orchestrator.train.throughput import peak_flops
+
+    device = torch.device("cuda" if spec.resources.use_gpu else "cpu")
+    return peak_flops(spec.resources, spec.training.precision, device)
 
 
 def _paired(reference: list[float] | None, values: list[float]) -> float:

@@ -102,3 +102,11 @@ def test_transformer_families_build_with_sdpa_attention(family):
 
     model = build_model(tiny_spec(f"model.family={family}").model, vocab_size=VOCAB, seed=0)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_compile_at_zero3_is_refused_with_the_fix():
+    """training.compile with ZeRO-3 fails the spec checks with one line naming both ways out."""
+    from orchestrator.spec_problems import SpecError
+
+    with pytest.raises(SpecError, match=r"training\.compile: .*ZeRO-3.*Fix: set deepspeed\.zero_stage <= 2"):
+        tiny_spec("training.compile=true", "deepspeed.zero_stage=3")
