@@ -1,5 +1,9 @@
 """The circuits side job through a real run: Ray Train + DeepSpeed + the circuits actor + MLflow."""
 
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -7,10 +11,12 @@ from mlflow import MlflowClient
 
 from orchestrator import metric_names
 from orchestrator.train.job_checks import load_spec
-from orchestrator.train.launch import run_job
+from orchestrator.train.launch import ensure_ray, run_job
+from tests.helpers import tiny_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ("label_0_1_2_3_4", "label_5_6_7_8_9")
+LM_TASKS = ("add", "count")  # the tasks a few steps make depend on the MLP
 
 
 @pytest.mark.slow
@@ -53,3 +59,78 @@ def test_mnist_mlp_logs_circuits_at_every_steps_and_at_the_end(tmp_path, local_r
         assert greedy == {f"{task}.parquet" for task in TASKS}
         table = Path(client.download_artifacts(result.run_id, f"{folder}/circuits.txt", str(tmp_path)))
         assert table.read_text().startswith("partition: training (k=4)")
+
+
+def _circuits_actors() -> list:
+    """This test's Ray's circuits actors, as its state API lists them."""
+    import ray
+    from ray.util.state import list_actors
+
+    return list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        limit=1000,
+        filters=[("class_name", "=", "CircuitsActor")],
+        detail=True,
+    )
+
+
+def _logged_steps(tracking_uri: str, experiment: str, key: str) -> list[int]:
+    """The steps of `key` logged so far by the experiment's one run (none before the run exists)."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id]) if found else []
+    return [point.step for run in runs for point in client.get_metric_history(run.info.run_id, key)]
+
+
+@pytest.mark.slow
+def test_tiny_gpt2_logs_attribution_circuits_and_survives_a_killed_circuits_actor(tmp_path, local_ray):
+    """The tiny GPT-2 on the synthetic corpus under ZeRO-3 (the actor gets whole matrices gathered from the
+    shards) with circuits every 16 of 32 steps: `kill -9` of the circuits actor once its first measurement is
+    logged; Ray restarts it, and MLflow still has each task's attribution circuit size (headline and per tau),
+    concentration and the specialization index at step indices 15 and 31, each step's mask tables, and the run
+    FINISHED."""
+    spec = tiny_spec(
+        "deepspeed.zero_stage=3",
+        "deepspeed.param_persistence_threshold=0",  # every parameter sharded, none kept whole on each rank
+        "training.steps=32",
+        "training.report_every=16",
+        "evaluation.every_steps=0",
+        "tracking.log_model=false",
+        "circuits.every_steps=16",
+        "circuits.method=all",
+        f"circuits.tasks=['synthetic:{','.join(LM_TASKS)}']",
+        "circuits.max_examples=16",
+        "circuits.null_draws=2",
+        "circuits.ig_steps=2",
+        "circuits.taus=[0.9]",
+    ).resolved(tmp_path)
+    ensure_ray(spec)  # here, on the main thread, rather than on the job's
+    outcome: dict = {}
+    job = threading.Thread(target=lambda: outcome.update(result=run_job(spec, tmp_path)))
+    job.start()
+    deadline = time.monotonic() + 600
+    while not _logged_steps(spec.tracking.uri, spec.tracking.experiment, "circuits/seconds"):
+        assert time.monotonic() < deadline and job.is_alive(), "the first circuits measurement never reached MLflow"
+        time.sleep(0.2)
+    [actor] = [actor for actor in _circuits_actors() if actor.state == "ALIVE"]
+    assert job.is_alive()
+    os.kill(actor.pid, signal.SIGKILL)
+    job.join(600)
+    result = outcome["result"]
+    [restarted] = [entry for entry in _circuits_actors() if entry.actor_id == actor.actor_id]
+    assert restarted.num_restarts >= 1 and restarted.pid != actor.pid
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    keys = [
+        *(metric_names.circuit_size(task, tau) for task in LM_TASKS for tau in (None, 0.9)),
+        *(f"specialization/concentration/{task}" for task in LM_TASKS),
+        metric_names.SPECIALIZATION_INDEX,
+    ]
+    for key in keys:
+        history = client.get_metric_history(result.run_id, key)
+        assert sorted(point.step for point in history) == [15, 31], key
+        assert all(0 <= point.value <= 1 for point in history), (key, history)
+    for step in (15, 31):
+        folder = f"circuits/step-{step}"
+        masks = {Path(a.path).name for a in client.list_artifacts(result.run_id, f"{folder}/circuits/attribution")}
+        assert masks == {f"{task}.parquet" for task in LM_TASKS}, masks
