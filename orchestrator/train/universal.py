@@ -73,7 +73,7 @@ def convert(source: Path, destination: Path, state: store.CheckpointState) -> No
                 num_merge_workers=1,
                 keep_temp_folder=False,
                 strict=True,
-                inject_missing_state=False,
+                inject_missing_state=True,  # the version marker that Megatron writes and xcm's checkpoints lack
             )
         )
 
