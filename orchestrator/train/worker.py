@@ -179,20 +179,24 @@ class TrainingSession:
         return gather(needs, self.engine.module, self.groups, self.rank)
 
     def run(self) -> None:
-        from orchestrator.side_jobs import step_boundary
-
-        training = self.spec.training
-        for step in range(self.start_step, training.steps):
-            for job in self.side_jobs.values():  # every rank, before the step: they may enter collectives
-                step_boundary(job, step, self.gather)
-            metrics = self.train_step(measure=self.metrics_due(step))
-            memory = self.throughput.memory_metrics(step)  # every worker's peak, when due (a collective)
-            metrics.update(memory)
-            self.publish(step, metrics)
-            self.maybe_evaluate(step)
-            self.maybe_report(step, metrics)
+        for step in range(self.start_step, self.spec.training.steps):
+            self.run_step(step)
         for job in self.side_jobs.values():
             job.finish(self.gather(job.needs()))
+
+    def run_step(self, step: int) -> None:
+        """Everything every rank does for step index `step`: the side jobs' boundary, the step, and what is due
+        after it (``bench/step_ab.py`` times this alone)."""
+        from orchestrator.side_jobs import step_boundary
+
+        for job in self.side_jobs.values():  # every rank, before the step: they may enter collectives
+            step_boundary(job, step, self.gather)
+        metrics = self.train_step(measure=self.metrics_due(step))
+        memory = self.throughput.memory_metrics(step)  # every worker's peak, when due (a collective)
+        metrics.update(memory)
+        self.publish(step, metrics)
+        self.maybe_evaluate(step)
+        self.maybe_report(step, metrics)
 
     def metrics_due(self, step: int) -> bool:
         """Whether this rank reads the step's metrics back from the device (on a GPU, a synchronisation): at
