@@ -11,13 +11,21 @@
    gradients (K steps) and the faithfulness grid with bisection, CPU wall time and peak resident memory. The
    task is the model's own next-token prediction (a random model has no other), so only the timing means anything.
 3. Agreement of the two finders on a small digits MLP (64-32-10): sizes and Jaccard overlap of their circuits.
+4. The circuits actor's measurement, as the side job runs it (``CircuitsActor.compute``, method all, under a fresh
+   spectral partition, one torch thread as with circuits.cpus 0), each in a fresh process so that its peak
+   resident memory is the measurement's own: the MNIST MLP job on digits (trained 300 full-batch steps), the tiny
+   GPT-2 job (trained 20 steps), and GPT-2 124M shapes (random init, byte vocabulary) on the synthetic tasks.
+
+    python bench/circuits.py --part actor   # one part only
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import resource
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +37,29 @@ from orchestrator.data.images import digits, to_shape
 from orchestrator.models.vision import CifarCNN, MnistMLP
 
 LABEL = 3
+ROOT = Path(__file__).resolve().parents[1]
+SYNTHETIC_TASKS = "circuits.tasks=['synthetic:add,count']"  # the tasks a few training steps make use the MLP
+ACTOR_JOBS = (  # what, job file, overrides, training steps before the measurement
+    ("tiny GPT-2 job", "tiny.yaml", (SYNTHETIC_TASKS, "circuits.max_examples=200"), 20),
+    (
+        "GPT-2 124M shapes",
+        "tiny.yaml",
+        (
+            "model.size=small",
+            SYNTHETIC_TASKS,
+            "circuits.max_examples=16",
+            "circuits.ig_steps=2",
+            "circuits.null_draws=2",
+        ),
+        0,
+    ),
+    (
+        "MNIST MLP job on digits",
+        "mnist_mlp.yaml",
+        ("data.source=digits", "circuits.tasks=['labels:0+1+2+3+4,5+6+7+8+9']", "circuits.max_examples=200"),
+        300,
+    ),
+)
 
 
 def timed(function):
@@ -206,23 +237,92 @@ def agreement_part(rows: list) -> None:
             )
 
 
+def actor_part(rows: list) -> None:
+    from orchestrator.train.job_checks import load_spec
+
+    spawn = multiprocessing.get_context("spawn")
+    for what, job, overrides, steps in ACTOR_JOBS:
+        spec = load_spec(ROOT / "jobs" / job, list(overrides))
+        parameters = _job_weights(spec, steps)
+        with spawn.Pool(1) as pool:
+            before, peak, seconds, logged, skipped = pool.apply(
+                _actor_measurement, (spec.model_dump(mode="json", by_alias=True), parameters)
+            )
+        options = spec.circuits
+        label = f"circuits actor, {what}: {options.max_examples} examples a task, K={options.ig_steps}, "
+        rows.append(
+            (
+                label + f"{options.null_draws} null draws",
+                f"{seconds:.1f} s",
+                f"peak RSS {peak:.2f} GiB ({before:.2f} GiB before the measurement); {logged} metrics"
+                + (f"; skipped: {', '.join(skipped)}" if skipped else ""),
+            )
+        )
+
+
+def _job_weights(spec, steps: int) -> dict[str, np.ndarray]:
+    """The job's model trained `steps` full steps on its own data (a classifier: all its examples at once; a
+    language model: 16 blocks of its corpus a step), as the gathered weights the actor receives."""
+    from orchestrator.circuit_report import loaded_model_from_spec
+
+    loaded = loaded_model_from_spec(spec)
+    model = loaded.model
+    if loaded.kind == "classifier":
+        model = trained(model.train(), loaded.labelled.inputs, loaded.labelled.labels, steps, 1e-3)
+    elif steps:
+        from orchestrator.data.corpus import build_synthetic_blocks
+
+        blocks, _ = build_synthetic_blocks(64 * steps, spec.data.block_size, 0, tokenizer=loaded.tokenizer)
+        optimizer = torch.optim.AdamW(model.parameters(), spec.training.lr)
+        model.train()
+        for step in range(steps):
+            batch = blocks[16 * step : 16 * (step + 1)]
+            logits = model(batch[:, :-1]).logits
+            loss = nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return {name: p.detach().numpy().copy() for name, p in model.named_parameters()}
+
+
+def _actor_measurement(spec: dict, parameters: dict[str, np.ndarray]) -> tuple[float, float, float, int, list[str]]:
+    """In a fresh process: the actor's one measurement of `parameters` (the last step's), its resident memory
+    before and at its peak (GiB), seconds, metrics it gives and what it skipped."""
+    from orchestrator.circuit_job.actor import CircuitsActor
+
+    actor = CircuitsActor.__ray_actor_class__(spec, str(ROOT))  # the class itself: its code, without Ray
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    answer, seconds = timed(lambda: actor.compute(0, parameters, None))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return before, peak, seconds, len(answer.metrics), sorted(answer.skipped)
+
+
 def _share(mask: dict) -> float:
     return sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
+
+
+PARTS = {
+    "greedy": lambda rows, quick: greedy_part(rows),
+    "cnn": lambda rows, quick: cnn_part(rows),
+    "agreement": lambda rows, quick: agreement_part(rows),
+    "attribution": lambda rows, quick: attribution_part(rows, *((2, 2, 32) if quick else (8, 4, 64))),
+    "actor": lambda rows, quick: actor_part(rows),
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="GPT-2 attribution with K=2 on 2x32 tokens")
+    parser.add_argument("--part", choices=("all", *PARTS), default="all", help="run one part only")
     args = parser.parse_args()
-    rows: list[tuple[str, str, str]] = []
-    greedy_part(rows)
-    cnn_part(rows)
-    agreement_part(rows)
-    attribution_part(rows, *((2, 2, 32) if args.quick else (8, 4, 64)))
-    width = max(len(row[0]) for row in rows)
-    print(f"{'what':<{width}}  {'time':>8}  result (torch threads: {torch.get_num_threads()})")
-    for what, seconds, result in rows:
-        print(f"{what:<{width}}  {seconds:>8}  {result}")
+    print(f"what, time, result (torch threads: {torch.get_num_threads()})")
+    for name, part in PARTS.items():
+        if args.part in ("all", name):
+            rows: list[tuple[str, str, str]] = []
+            part(rows, args.quick)
+            width = max(len(row[0]) for row in rows)
+            for what, seconds, result in rows:
+                print(f"{what:<{width}}  {seconds:>8}  {result}", flush=True)
 
 
 if __name__ == "__main__":
