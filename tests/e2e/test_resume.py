@@ -19,7 +19,6 @@ from mlflow import MlflowClient
 from orchestrator import measure, metric_names
 from orchestrator.train import checkpoint_store as store
 from orchestrator.train import export
-from orchestrator.train.checkpointing import ResumeMismatch
 from orchestrator.train.export import PARTITION_FILE, consolidated_state_dict, export_hf
 from orchestrator.train.launch import run_job
 from orchestrator.train.resume import ResumeError, locate, resume_job
@@ -261,12 +260,13 @@ def test_run_id_run_directory_and_checkpoint_name_the_same_checkpoint(workdir, u
 
 @pytest.mark.slow
 def test_resume_refuses_what_it_cannot_do(workdir, uninterrupted):
-    """A finished run asks for more steps; another worker count names the option to use. Nothing starts."""
+    """A finished run asks for more steps; a worker count that cannot keep the global batch names those that can.
+    Nothing starts."""
     run_directory = str(Path(uninterrupted.checkpoint_path).parent)
     with pytest.raises(ResumeError, match=r"training\.steps"):
         resume_job(run_directory, workdir)
-    with pytest.raises(ResumeMismatch, match=r"resources\.num_workers=2.*xcm export"):
-        resume_job(run_directory, workdir, ["training.steps=30", "resources.num_workers=1"])
+    with pytest.raises(ResumeError, match=r"global batch of 16 .* N in \[1, 2\]"):
+        resume_job(run_directory, workdir, ["training.steps=30", "resources.num_workers=3"])
     with pytest.raises(ResumeError, match="neither a path nor an xcm run"):
         resume_job("no-such-run", workdir)
     command = run_xcm("resume", run_directory, cwd=workdir, timeout=300)
@@ -321,6 +321,29 @@ def test_resume_continues_exactly_at_every_sharding_and_precision(workdir, zero_
     assert reference.keys() == weights.keys()
     for name, tensor in reference.items():
         torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_resume_onto_fewer_workers_goes_through_a_universal_checkpoint(workdir, client):
+    """`xcm resume RUN/step-00000010 --set resources.num_workers=1` of a 2-worker ZeRO-2 run converts that checkpoint
+    once to DeepSpeed's universal form, beside it and signed; one worker accumulating 2 micro-batches keeps the
+    global batch and the data order, so the run ends at step 20 with its own 2-worker branch's weights (to float
+    tolerance: the sums run in another order; a step's logged loss is one micro-batch's, not comparable)."""
+    first = run_job(tiny("name=resized"), workdir)
+    run_directory = Path(first.checkpoint_path).parent
+    resumed = resume_job(str(run_directory / "step-00000010"), workdir, ["resources.num_workers=1"])
+    assert resumed.run_id == first.run_id
+    assert client.get_run(resumed.run_id).info.status == "FINISHED"
+    universal = store.verified(*store.resolve(str(run_directory / store.universal_name(10))))
+    assert universal.state.universal and universal.state.world_size == 2
+    end = store.verified(*store.resolve(resumed.checkpoint_path))
+    assert (end.state.world_size, end.state.data_position, end.state.universal) == (1, 40, False)
+    branch = next(run_directory.glob(f"{store.SUPERSEDED_PREFIX}*")) / "step-00000020"
+    reference, weights = final_weights(str(branch)), final_weights(resumed.checkpoint_path)
+    start = consolidated_state_dict(run_directory / "step-00000010", universal.state)
+    moved = max((reference[name] - start[name]).abs().max().item() for name in reference)
+    apart = max((reference[name] - weights[name]).abs().max().item() for name in reference)
+    assert apart < 1e-4 < moved, (apart, moved)  # the 10 steps moved weights by `moved`; the branches agree
 
 
 @pytest.mark.slow
