@@ -48,7 +48,7 @@ def write_checkpoint(spec, run_id: str, model: torch.nn.Module, transformers_con
     directory = Path(store.run_directory(spec, run_id)) / store.checkpoint_name(step)
     shards = directory / store.DEEPSPEED / f"step-{step}"
     shards.mkdir(parents=True)
-    torch.save({"module": model.state_dict()}, shards / "mp_rank_00_model_states.pt")
+    torch.save({"module": as_views_of_one_buffer(model.state_dict())}, shards / "mp_rank_00_model_states.pt")
     (directory / "xcm").mkdir()
     state = store.CheckpointState(
         step=step,
@@ -72,6 +72,18 @@ def write_checkpoint(spec, run_id: str, model: torch.nn.Module, transformers_con
     if transformers_config is not None:
         (directory / store.MODEL_CONFIG).write_text(json.dumps(transformers_config))
     store.write_manifest(directory, store.file_records(directory))
+
+
+def as_views_of_one_buffer(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights as DeepSpeed consolidates them: views into one flat buffer, a tied weight one tensor under two
+    names (torch.save keeps both)."""
+    distinct = {tensor.data_ptr(): tensor for tensor in weights.values()}
+    flat = torch.cat([tensor.flatten() for tensor in distinct.values()])
+    views, offset = {}, 0
+    for pointer, tensor in distinct.items():
+        views[pointer] = flat[offset : offset + tensor.numel()].view_as(tensor)
+        offset += tensor.numel()
+    return {name: views[tensor.data_ptr()] for name, tensor in weights.items()}
 
 
 def trained_gpt2(spec):

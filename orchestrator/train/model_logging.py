@@ -46,6 +46,7 @@ FAILURE_TAG = "xcm.model_logging_failure"  # on a run whose model could not be l
 TOO_LARGE_EXIT_CODE = 3  # the child's exit status for a model over the size limit that nobody asked for
 _TEXT_GENERATION = "text-generation"
 _LAST_LINES = 15  # of the child's output, quoted in the warning when it fails
+_SHARD_BYTES = 2 << 30  # the largest safetensors file of a logged language model
 _RESULT = "xcm-model-logging: "  # starts the child's answer on its standard output, among whatever else it prints
 
 
@@ -205,15 +206,40 @@ def _log_language_model(spec: JobSpec, checkpoint: Path, state: store.Checkpoint
 
 
 def _write_weights(checkpoint: Path, state: store.CheckpointState, directory: Path) -> None:
-    """The consolidated fp32 weights as a transformers checkpoint (config and safetensors shards); the
-    consolidated copy is freed before anything else is loaded."""
-    from huggingface_hub import save_torch_state_dict
+    """The consolidated fp32 weights as a transformers checkpoint: its config and safetensors shards of at most
+    ``_SHARD_BYTES``, each copied out of DeepSpeed's flat buffer (whose views safetensors refuses) only while it is
+    written, so the process holds the weights once plus one shard. A tied weight (the same tensor under two
+    names) is written once; ``from_pretrained`` ties it again."""
+    from safetensors.torch import save_file
 
     from orchestrator.train.export import consolidated_state_dict
 
     weights = consolidated_state_dict(checkpoint, state)
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    shards: list[list[str]] = [[]]
+    shard_bytes = 0
+    for name, tensor in weights.items():
+        identity = (tensor.data_ptr(), tuple(tensor.shape))
+        if identity in seen:
+            continue
+        seen.add(identity)
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > _SHARD_BYTES:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(name)
+        shard_bytes += size
     directory.mkdir()
-    save_torch_state_dict(weights, directory)
+    files = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for file, names in zip(files, shards, strict=True):
+        save_file({name: weights[name].clone() for name in names}, directory / file, metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {name: file for file, names in zip(files, shards, strict=True) for name in names}
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     del weights
     _transformers_config(checkpoint).save_pretrained(directory)
 
