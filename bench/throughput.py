@@ -270,7 +270,7 @@ VARIANTS = {
     "plain-loss-on": ("xcm's engine and loss, no Ray", plain_stamps, True),
     "xcm-off": ("xcm, loss off", xcm_stamps, False),
     "xcm-on": ("xcm, loss on", xcm_stamps, True),
-    "compiled-torch": ("compiled plain PyTorch (1 process)", compiled_torch_stamps, False),
+    "compiled-torch": ("compiled plain PyTorch", compiled_torch_stamps, False),
 }
 PLAIN, ON_RAY_TRAIN = VARIANTS["plain"][0], VARIANTS["plain-ray-train"][0]
 COMPILED = VARIANTS["compiled-torch"][0]
