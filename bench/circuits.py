@@ -291,10 +291,20 @@ def _actor_measurement(spec: dict, parameters: dict[str, np.ndarray]) -> tuple[f
     from orchestrator.circuit_job.actor import CircuitsActor
 
     actor = CircuitsActor.__ray_actor_class__(spec, str(ROOT))  # the class itself: its code, without Ray
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    before = _own_peak_gib()
     answer, seconds = timed(lambda: actor.compute(0, parameters, None))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return before, peak, seconds, len(answer.metrics), sorted(answer.skipped)
+    return before, _own_peak_gib(), seconds, len(answer.metrics), sorted(answer.skipped)
+
+
+def _own_peak_gib() -> float:
+    """This process's own peak resident memory: Linux's VmHWM. ru_maxrss, the fallback elsewhere, also counts the
+    parent's resident memory when it forked this process (Linux keeps it across the spawn's exec)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _share(mask: dict) -> float:
