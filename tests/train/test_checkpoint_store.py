@@ -212,5 +212,5 @@ def test_a_universal_checkpoint_renamed_as_another_step_is_refused(tmp_path, che
     monkeypatch.setattr(universal, "convert", _standin_conversion)
     universal.universal_checkpoint(store.verified(*store.resolve(str(run / "step-00000010"))))
     (run / store.universal_name(10)).rename(run / store.universal_name(20))
-    with pytest.raises(store.NotIntact, match="holds step 10.*universal-00000010"):
+    with pytest.raises(store.NotIntact, match=r"holds step 10.*universal-00000010"):
         store.verified(*store.resolve(str(run / store.universal_name(20))))
