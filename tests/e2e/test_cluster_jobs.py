@@ -112,7 +112,8 @@ def wait_for_status(address: str, job_id: str, wanted: set[str], workdir: Path, 
 
 def submitted_ids(output: str) -> tuple[str, str]:
     job_id = next(line.split()[3] for line in output.splitlines() if line.startswith("xcm: submitted job"))
-    run_id = next(line.rsplit("/", 1)[1] for line in output.splitlines() if "MLflow run:" in line)
+    link = next(line for line in output.splitlines() if "MLflow run:" in line)
+    run_id = link.rsplit("/runs/", 1)[1].split("?", 1)[0]  # the link may carry the UI's view as a query
     return job_id, run_id
 
 
