@@ -534,6 +534,9 @@ def _run_experiment(plan) -> int:
     except tracking.TrackingUnavailable as error:
         print(f"xcm: {redact(str(error))}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # run_experiment has ended the stopped trials' runs and the parent KILLED
+        print("xcm: experiment stopped (Ctrl-C); its unfinished runs are KILLED in MLflow", file=sys.stderr)
+        return 130
     print(result.report.markdown)
     print(
         f"xcm: experiment run {result.parent_run_id}: {len(plan.trials) - len(result.failed_trials)} of "

@@ -147,7 +147,8 @@ def test_trial_whose_worker_is_killed_is_retried_and_the_experiment_finishes(tmp
 @pytest.mark.slow
 def test_ctrl_c_of_xcm_experiment_ends_the_running_child_and_the_parent_killed(tmp_path):
     """SIGINT to `xcm experiment` while its first trial trains: Tune stops the trial, and its child run and the
-    parent run end KILLED (the child saying why), not RUNNING; the trial not yet started has no run."""
+    parent run end KILLED (the child saying why), not RUNNING; the trial not yet started has no run; the command
+    exits 130, as an interrupted command does."""
     path = experiment_file(
         tmp_path,
         (
@@ -178,6 +179,7 @@ def test_ctrl_c_of_xcm_experiment_ends_the_running_child_and_the_parent_killed(t
     finally:
         if process.poll() is None:
             process.kill()
+    assert process.returncode == 130, log.read_text()[-3000:]
     [child] = training
     parent_run_id = child.data.tags[reporting.PARENT_TAG]
     assert client.get_run(parent_run_id).info.status == "KILLED"
