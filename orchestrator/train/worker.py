@@ -23,6 +23,7 @@ import torch
 from orchestrator import metric_names
 from orchestrator.partitioning.side_job import PARTITIONING
 from orchestrator.ranks import Rank
+from orchestrator.side_jobs import step_boundary
 from orchestrator.spec import JobSpec
 from orchestrator.train.due import due
 
@@ -187,8 +188,6 @@ class TrainingSession:
     def run_step(self, step: int) -> None:
         """Everything every rank does for step index `step`: the side jobs' boundary, the step, and what is due
         after it (``bench/step_ab.py`` times this alone)."""
-        from orchestrator.side_jobs import step_boundary
-
         for job in self.side_jobs.values():  # every rank, before the step: they may enter collectives
             step_boundary(job, step, self.gather)
         metrics = self.train_step(measure=self.metrics_due(step))
