@@ -11,6 +11,7 @@ bytes that are not UTF-8, an empty file and non-finite numbers are errors rather
 
 from __future__ import annotations
 
+import math
 import posixpath
 import re
 from pathlib import Path
@@ -321,8 +322,15 @@ class CheckpointSpec(Section):
     )
 
 
+WorkerCount = Annotated[int, Field(ge=1)]
+
+
 class ResourcesSpec(Section):
-    num_workers: int = Field(2, ge=1)
+    num_workers: WorkerCount | tuple[WorkerCount, WorkerCount] = Field(
+        2,
+        description="workers; [min, max]: an elastic group that Ray Train starts with what fits (>= min), shrinks "
+        "on a loss and grows back up to max, the global batch defined at max",
+    )
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
     peak_tflops: float | None = Field(
@@ -331,6 +339,30 @@ class ResourcesSpec(Section):
         description="peak TFLOP/s of one worker at the job's precision, for the MFU estimate; "
         "from the GPU's name (or a CPU default) when omitted",
     )
+
+    @field_validator("num_workers")
+    @classmethod
+    def _range_in_order(cls, workers: int | tuple[int, int]) -> int | tuple[int, int]:
+        if isinstance(workers, tuple) and workers[0] > workers[1]:
+            raise PydanticCustomError(
+                "worker_range",
+                "min {low} is above max {high}: write [min, max] with min <= max, e.g. [{high}, {low}]",
+                {"low": workers[0], "high": workers[1]},
+            )
+        return workers
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """The worker count that sizes everything fixed per run: the global batch, the resources reserved."""
+        return self.num_workers[1] if self.elastic else self.num_workers
 
     @property
     def use_gpu(self) -> bool:
@@ -371,6 +403,17 @@ class JobSpec(Section):
         )
         return self.model_copy(
             update={"tracking": tracking, "checkpointing": checkpointing, "data": self.data.resolved(workdir, runs)}
+        )
+
+    def on_workers(self, workers: int) -> JobSpec:
+        """The spec as a group of ``workers`` runs it: an elastic run keeps its global batch, defined at
+        ``max_workers``, through the gradient accumulation (``worker_range_problems`` refused a range where
+        some size cannot). A fixed spec is returned as it is."""
+        if not self.resources.elastic:
+            return self
+        accumulation = self.training.gradient_accumulation_steps * self.resources.max_workers // workers
+        return self.model_copy(
+            update={"training": self.training.model_copy(update={"gradient_accumulation_steps": accumulation})}
         )
 
     def to_yaml(self) -> str:
@@ -601,6 +644,32 @@ def param_name_problems(spec: JobSpec) -> list[SpecProblem]:
         )
         for key in spec.flat_params()
         if not _MLFLOW_PARAM_NAME.fullmatch(key) or posixpath.normpath(key) != key
+    ]
+
+
+def worker_range_problems(spec: JobSpec) -> list[SpecProblem]:
+    """An elastic group may run at any size in ``[min, max]``, and each must keep the global batch of
+    ``micro_batch_size x gradient_accumulation_steps x max``: its accumulation times ``max`` divides by it."""
+    resources, accumulation = spec.resources, spec.training.gradient_accumulation_steps
+    if not resources.elastic:
+        return []
+    micro_batches = accumulation * resources.max_workers  # per worker-step of one global batch
+    breaking = [n for n in range(resources.min_workers, resources.max_workers + 1) if micro_batches % n]
+    if not breaking:
+        return []
+    keeping_min = resources.max_workers  # the lowest min from which every size up to max keeps it
+    while keeping_min > 1 and micro_batches % (keeping_min - 1) == 0:
+        keeping_min -= 1
+    every_size = math.lcm(*range(resources.min_workers, resources.max_workers + 1))
+    fitting_accumulation = every_size // math.gcd(every_size, resources.max_workers)
+    return [
+        SpecProblem(
+            key="resources.num_workers",
+            message=f"{', '.join(map(str, breaking))} workers cannot keep the global batch of {micro_batches} "
+            f"micro-batches ({accumulation} accumulated x {resources.max_workers} workers)",
+            fix=f"use num_workers [{keeping_min}, {resources.max_workers}], or "
+            f"training.gradient_accumulation_steps: {fitting_accumulation} (a multiple of it)",
+        )
     ]
 
 

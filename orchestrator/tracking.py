@@ -161,7 +161,7 @@ def run_description(job: JobSpec) -> str:
     return (
         f"xcm job **{job.name}**: {model.family} {model.size} ({init}) on {dataset_name(job)}; "
         f"{training.steps} steps, {regulariser}; DeepSpeed ZeRO stage {job.deepspeed.zero_stage}, "
-        f"{job.resources.num_workers} workers, {training.precision}."
+        f"{job.resources.max_workers} workers, {training.precision}."
     )
 
 

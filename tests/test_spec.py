@@ -190,3 +190,45 @@ def test_own_model_config_values_must_be_positive_sizes_and_switches(tmp_path):
         "model.config.d_mlp",
         "model.config.d_model",
     }
+
+
+def test_elastic_worker_range_is_accepted_with_accumulation_per_size(tmp_path):
+    """`num_workers: [min, max]` loads as a pair; the global batch is defined at max, and each size's gradient
+    accumulation keeps it."""
+    path = write(tmp_path, "resources:\n  num_workers: [2, 4]\ntraining:\n  gradient_accumulation_steps: 3\n")
+    spec = load_spec(path)
+    resources, training = spec.resources, spec.training
+    assert (resources.num_workers, resources.elastic, resources.min_workers, resources.max_workers) == (
+        (2, 4),
+        True,
+        2,
+        4,
+    )
+    global_batches = {
+        n * spec.on_workers(n).training.gradient_accumulation_steps * training.micro_batch_size for n in (2, 3, 4)
+    }
+    assert global_batches == {4 * 3 * training.micro_batch_size}
+    assert load_spec(path, ["resources.num_workers=3"]).on_workers(3) == load_spec(path, ["resources.num_workers=3"])
+
+
+def test_elastic_range_out_of_order_is_refused_in_one_line(tmp_path):
+    """`[max, min]` is refused naming the key and the pair written the right way round."""
+    with pytest.raises(SpecError) as caught:
+        load_spec(write(tmp_path, "resources:\n  num_workers: [4, 2]\n"))
+    [problem] = caught.value.problems
+    assert problem.key == "resources.num_workers" and "min 4 is above max 2" in problem.message
+    assert "[2, 4]" in problem.message
+
+
+def test_elastic_sizes_that_break_the_global_batch_are_refused_with_a_fix(tmp_path):
+    """`[4, 8]` with accumulation 1 cannot keep 8 micro-batches at 5, 6 or 7 workers: one line names those sizes,
+    and both proposed fixes load."""
+    path = write(tmp_path, "resources:\n  num_workers: [4, 8]\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    [problem] = caught.value.problems
+    assert problem.key == "resources.num_workers" and problem.message.startswith("5, 6, 7 workers cannot keep")
+    assert "num_workers [8, 8]" in problem.fix and "gradient_accumulation_steps: 105" in problem.fix
+    assert load_spec(path, ["resources.num_workers=[8, 8]"]).resources.min_workers == 8
+    fixed = load_spec(path, ["training.gradient_accumulation_steps=105"])
+    assert {n * fixed.on_workers(n).training.gradient_accumulation_steps for n in range(4, 9)} == {840}

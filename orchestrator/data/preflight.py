@@ -178,7 +178,7 @@ def _validation_size_problems(spec: JobSpec, data: TrainingData) -> list[SpecPro
 
     if not spec.evaluation.every_steps:
         return []
-    workers = spec.resources.num_workers
+    workers = spec.resources.max_workers
     sizes = {name: len(items) for name, items in evaluation_sets(data, spec.evaluation.per_task).items()}
     unit, fix = _validation_size_unit_and_fix(spec)
     return [
@@ -197,7 +197,7 @@ def _validation_size_unit_and_fix(spec: JobSpec) -> tuple[str, str]:
     """What a validation set counts (token blocks or examples), and how to hold out more of them."""
     from orchestrator.spec import TEXT_SOURCES
 
-    data, workers = spec.data, spec.resources.num_workers
+    data, workers = spec.data, spec.resources.max_workers
     if data.source in TEXT_SOURCES:
         return (
             f"blocks of {data.block_size + 1} tokens",

@@ -80,8 +80,8 @@ def concurrent_trials(specs: list[JobSpec], cluster: dict[str, float]) -> int:
     fits = math.inf
     for spec in specs:
         workers, actors = spec.resources, spec.partitioner
-        cpus = workers.num_workers * workers.cpus_per_worker + actors.actors * actors.cpus
-        gpus = workers.num_workers * workers.gpus_per_worker + actors.actors * actors.gpus
+        cpus = workers.max_workers * workers.cpus_per_worker + actors.actors * actors.cpus
+        gpus = workers.max_workers * workers.gpus_per_worker + actors.actors * actors.gpus
         if cpus > 0:
             fits = min(fits, cluster.get("CPU", 0) // cpus)
         if gpus > 0:

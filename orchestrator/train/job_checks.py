@@ -24,6 +24,7 @@ from orchestrator.spec import (
     SpecProblem,
     param_name_problems,
     validate_job,
+    worker_range_problems,
 )
 from orchestrator.train.preflight import training_spec_problems
 from orchestrator.train.side_job_registry import SIDE_JOBS
@@ -50,6 +51,7 @@ def consistency_problems(spec: JobSpec) -> list[SpecProblem]:
     """Problems between keys that each look valid alone (pydantic checks the keys one at a time)."""
     problems = model_spec_problems(spec.model)
     problems += param_name_problems(spec)
+    problems += worker_range_problems(spec)
     problems += data_spec_problems(spec)
     problems += training_spec_problems(spec)
     dimensions = _dimensions(spec, problems)

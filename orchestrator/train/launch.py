@@ -264,8 +264,11 @@ def announce_placement(console: Console, spec: JobSpec, dashboard: str | None) -
         + (f" (dashboard {dashboard if '://' in dashboard else 'http://' + dashboard})" if dashboard else "")
     )
     per_worker = f"{resources.gpus_per_worker:g} GPU" if resources.use_gpu else f"{resources.cpus_per_worker:g} CPU"
+    workers = (
+        f"{resources.min_workers}-{resources.max_workers} (elastic)" if resources.elastic else resources.num_workers
+    )
     console.say(
-        f"  {resources.num_workers} workers × {per_worker} ({'nccl' if resources.use_gpu else 'gloo'}), "
+        f"  {workers} workers × {per_worker} ({'nccl' if resources.use_gpu else 'gloo'}), "
         f"DeepSpeed ZeRO-{spec.deepspeed.zero_stage}, {training.precision}, {training.steps} steps"
     )
     if not resources.use_gpu and not os.environ.get("RAY_ADDRESS") and not cpu_comm_op_built():
@@ -300,7 +303,7 @@ def worker_group(spec: JobSpec) -> dict:
     return {
         "torch_config": TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
         "scaling_config": ScalingConfig(
-            num_workers=resources.num_workers,
+            num_workers=resources.num_workers,  # a (min, max) tuple makes Ray Train v2's group elastic
             use_gpu=resources.use_gpu,
             resources_per_worker={
                 "CPU": resources.cpus_per_worker,
@@ -338,7 +341,7 @@ def ensure_ray(spec: JobSpec) -> str | None:
         with loopback_only_ray():
             context = ray.init(
                 address="local",
-                num_cpus=max(os.cpu_count() or 1, int(resources.num_workers * resources.cpus_per_worker)),
+                num_cpus=max(os.cpu_count() or 1, int(resources.max_workers * resources.cpus_per_worker)),
                 include_dashboard=True,
                 dashboard_host="127.0.0.1",
                 runtime_env=runtime_env,

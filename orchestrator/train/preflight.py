@@ -317,7 +317,7 @@ def _schedule_problems(spec: JobSpec) -> list[SpecProblem]:
 
 def _batch_split_problems(spec: JobSpec) -> list[SpecProblem]:
     """A dataset whose size the spec fixes must give every worker at least one micro-batch per epoch."""
-    data, workers, batch = spec.data, spec.resources.num_workers, spec.training.micro_batch_size
+    data, workers, batch = spec.data, spec.resources.max_workers, spec.training.micro_batch_size
     total = {"digits": DIGITS_EXAMPLES, "modular_addition": data.modulus**2}.get(data.source)
     if total is None:
         return []  # text is packed and hub images counted only once loaded: the data check does those

@@ -92,7 +92,8 @@ def resume_job(target: str, workdir: Path, overrides: list[str] = (), tracking_u
             f"(checkpoint {located.uri}); to train on, pass --set training.steps=N with N > "
             f"{located.state.step}"
         )
-    resized = located.state.world_size != spec.resources.num_workers
+    # An elastic group restores at whatever size Ray gives it, converting in the worker (checkpointing.restore).
+    resized = not spec.resources.elastic and located.state.world_size != spec.resources.num_workers
     if resized:
         spec = keep_global_batch(spec, resume_spec(located), located)
     superseded = store.set_aside_newer(located)
