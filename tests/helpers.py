@@ -14,11 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_JOB = ROOT / "jobs" / "tiny.yaml"
 
 
-def tiny_spec(*overrides: str):
-    """jobs/tiny.yaml (GPT-2, 2 layers, width 64, on synthetic text) with ``key=value`` overrides."""
+# Logging the trained model costs a finished run 10-20 s (a child process imports MLflow and transformers); the tests
+# that run jobs for anything else turn it off with this override.
+NO_MODEL_LOGGING = "tracking.log_model=false"
+
+
+def tiny_spec(*overrides: str, log_model: bool | None = False):
+    """jobs/tiny.yaml (GPT-2, 2 layers, width 64, on synthetic text) with ``key=value`` overrides. Its model is not
+    logged at the end unless ``log_model`` is True, or None for the job file's own default (logged when it fits)."""
     from orchestrator.train.job_checks import load_spec
 
-    return load_spec(TINY_JOB, list(overrides))
+    chosen = [] if log_model is None else [f"tracking.log_model={str(log_model).lower()}"]
+    return load_spec(TINY_JOB, [*chosen, *overrides])
 
 
 def tiny_gpt2(vocab_size: int = 64, n_positions: int = 64, **config):

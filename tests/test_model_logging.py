@@ -33,7 +33,7 @@ def job(tmp_path, *overrides: str):
     """The tiny job resolved under ``tmp_path``, tracked in a SQLite store there, and its new MLflow run."""
     from orchestrator import tracking
 
-    spec = tiny_spec(*overrides).resolved(tmp_path)
+    spec = tiny_spec(*overrides, log_model=None).resolved(tmp_path)
     run_id = tracking.start_run(spec.tracking, spec.name, spec.flat_params(), job=spec)
     return spec, run_id
 

@@ -17,7 +17,7 @@ from orchestrator import cluster_jobs
 from orchestrator.metric_names import RESUMED_FROM_STEP, TASK_LOSS
 from orchestrator.train import checkpoint_store as store
 from orchestrator.train.resume import locate
-from tests.helpers import ROOT, free_port, run_xcm, tiny_spec
+from tests.helpers import NO_MODEL_LOGGING, ROOT, free_port, run_xcm, tiny_spec
 
 # The cluster verbs answer within seconds; a hung one fails its test after 2 minutes.
 xcm = functools.partial(run_xcm, timeout=120)
@@ -127,6 +127,8 @@ def test_submitted_job_succeeds_and_is_tracked(ray_head, tmp_path):
         "training.steps=12",
         "--set",
         "training.report_every=12",
+        "--set",
+        NO_MODEL_LOGGING,
         "--address",
         ray_head,
         cwd=tmp_path,
@@ -151,6 +153,8 @@ def test_stopped_job_ends_killed_keeps_its_checkpoint_and_resumes(ray_head, tmp_
         str(ROOT / "jobs" / "tiny.yaml"),
         "--set",
         "training.steps=100000",
+        "--set",
+        NO_MODEL_LOGGING,
         "--set",
         "checkpointing.every_steps=5",
         "--set",

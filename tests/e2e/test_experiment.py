@@ -50,7 +50,8 @@ def test_two_variants_by_two_seeds_run_as_tune_trials_under_one_parent_run(tmp_p
         (
             "name: two-by-two\nbase: ../tiny.yaml\n"
             "overrides: {training.steps: 6, training.report_every: 6, evaluation.every_steps: 6,\n"
-            "            evaluation.max_batches: 1, tracking.log_every_steps: 3, resources.num_workers: 1}\n"
+            "            evaluation.max_batches: 1, tracking.log_every_steps: 3, resources.num_workers: 1,\n"
+            "            tracking.log_model: false}\n"
             "variants:\n  control: {modularity.lambda: 0}\n  clustered: {modularity.lambda: 40}\nseeds: [0, 1]\n"
         ),
     )
@@ -109,7 +110,7 @@ def test_trial_whose_worker_is_killed_is_retried_and_the_experiment_finishes(tmp
         (
             "name: killed\nbase: ../tiny.yaml\n"
             "overrides: {training.steps: 20, training.report_every: 5, checkpointing.every_steps: 5,\n"
-            "            checkpointing.max_failures: 0, evaluation.every_steps: 0}\n"
+            "            checkpointing.max_failures: 0, evaluation.every_steps: 0, tracking.log_model: false}\n"
             "variants: {control: {modularity.lambda: 0}}\nseeds: [0]\nmax_failures: 1\n"
         ),
     )

@@ -34,6 +34,7 @@ def finished_run(tmp_path_factory, local_ray):
             "evaluation.every_steps=3",
             f"tracking.uri={server.uri}",
             "tracking.system_metrics_every_s=1",
+            log_model=None,
         )
         yield run_job(spec, workdir), workdir
     finally:

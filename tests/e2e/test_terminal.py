@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.helpers import ROOT, TINY_JOB
+from tests.helpers import NO_MODEL_LOGGING, ROOT, TINY_JOB
 
 WORKER_LINES = ("RayTrainWorker", "TrainController", "Reporting training result", "FutureWarning")
 
@@ -75,7 +75,15 @@ def test_terminal_shows_xcm_lines_and_a_progress_bar_only(tmp_path):
     """On a TTY the screen holds the MLflow link, where the run runs, a live progress bar and the summary, and no
     Ray worker line, controller line or library warning: those are in the log file the screen names."""
     returncode, screen = run_on_terminal(
-        "run", str(TINY_JOB), "--set", "training.steps=30", "--set", "training.report_every=30", cwd=tmp_path
+        "run",
+        str(TINY_JOB),
+        "--set",
+        "training.steps=30",
+        "--set",
+        "training.report_every=30",
+        "--set",
+        NO_MODEL_LOGGING,
+        cwd=tmp_path,
     )
     assert returncode == 0, screen[-3000:]
     assert "xcm: MLflow run " in screen and "2 workers × 1 CPU (gloo), DeepSpeed ZeRO-2" in screen
