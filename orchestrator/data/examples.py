@@ -2,7 +2,7 @@
 
 The classification counterpart of packed token blocks: images with their digit or object class, or
 modular-addition prompts with their sum. Like ``batch_stream``, a batch is a pure function of
-(seed, rank, world_size, step), so a resumed run continues with the next unseen batch.
+(seed, rank, world_size, global batch, step), so a resumed run continues with the next unseen batch.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+
+from orchestrator.data.loader import epoch_length
 
 
 @dataclass(frozen=True)
@@ -58,26 +60,37 @@ def split_examples(
 
 
 def example_stream(
-    examples: LabelledExamples, micro_batch_size: int, rank: int, world_size: int, seed: int, start_step: int = 0
+    examples: LabelledExamples,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    start_step: int = 0,
+    global_batch: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's micro-batches {"inputs": [B, ...], "labels": [B]} forever, from micro-batch ``start_step``.
 
-    Each epoch reshuffles all examples with ``seed + epoch`` and deals them to the ranks in turn, so the ranks'
-    shards are disjoint; each rank reads the same number of batches per epoch. Checked at once, not at ``next``.
+    Each epoch reshuffles all examples with ``seed + epoch`` and deals its whole global batches (see
+    ``loader.epoch_length``) to the ranks in turn, so the ranks' shards are disjoint, each rank reads the same
+    number of batches per epoch, and a group resized with the same global batch continues at the next unseen
+    example. Checked at once, not at ``next``.
     """
-    per_rank = len(examples) // world_size
+    length = epoch_length(
+        len(examples),
+        micro_batch_size,
+        rank,
+        world_size,
+        global_batch,
+        "examples",
+        "lower training.micro_batch_size or resources.num_workers, or hold out less for validation",
+    )
+    per_rank = length // world_size
     batches_per_epoch = per_rank // micro_batch_size
-    if batches_per_epoch == 0:
-        raise ValueError(
-            f"{len(examples)} examples over {world_size} workers leave {per_rank} per worker, fewer "
-            f"than micro_batch_size={micro_batch_size}; lower training.micro_batch_size or "
-            "resources.num_workers, or hold out less for validation"
-        )
 
     @functools.lru_cache(maxsize=1)
     def shard(epoch: int) -> torch.Tensor:  # [per_rank] example indices, in reading order
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch))
-        return order[: per_rank * world_size][rank::world_size]
+        return order[:length][rank::world_size]
 
     def batch(step: int) -> dict[str, torch.Tensor]:
         epoch, index = divmod(step, batches_per_epoch)

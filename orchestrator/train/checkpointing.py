@@ -228,9 +228,8 @@ def data_position(state: store.CheckpointState, world_size: int) -> int:
     """The micro-batches each of ``world_size`` ranks has consumed at the checkpoint. Each epoch's order is dealt
     to the ranks in turn, so what the run has read of an epoch is its order's first ``data_position x world_size``
     micro-batches whatever the worker count, and a resized run, whose global batch is the same (its gradient
-    accumulation makes up for the worker count, see ``resume.keep_global_batch``), continues after them. Past the
-    first epoch this is exact only where the epochs of both worker counts have the same length (each rank's shard
-    leaves out the remainder of the blocks over the ranks)."""
+    accumulation makes up for the worker count, see ``resume.keep_global_batch``), continues after them, also past
+    the first epoch: an epoch is whole global batches whatever the worker count (``loader.epoch_length``)."""
     return state.data_position * state.world_size // world_size
 
 

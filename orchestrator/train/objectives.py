@@ -23,9 +23,17 @@ class Objective(Protocol):
     unit: str  # what throughput counts: "tokens" or "samples"
 
     def batches(
-        self, examples, micro_batch_size: int, rank: int, world_size: int, seed: int, start_step: int = 0
+        self,
+        examples,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        start_step: int = 0,
+        global_batch: int | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's resumable stream of micro-batches over the training split."""
+        """This rank's resumable stream of micro-batches over the training split, in epochs of whole global
+        batches (so a resized group continues at the next unseen item)."""
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The task loss of one micro-batch (a differentiable scalar) and its detached metrics."""
@@ -42,10 +50,10 @@ class CausalLanguageModelling:
 
     unit = "tokens"
 
-    def batches(self, blocks, micro_batch_size, rank, world_size, seed, start_step=0):
+    def batches(self, blocks, micro_batch_size, rank, world_size, seed, start_step=0, global_batch=None):
         from orchestrator.data import batch_stream
 
-        return batch_stream(blocks, micro_batch_size, rank, world_size, seed, start_step=start_step)
+        return batch_stream(blocks, micro_batch_size, rank, world_size, seed, start_step, global_batch)
 
     def loss(self, model, batch):
         input_ids = to_device(batch["input_ids"], _device(model))  # [B, T]
@@ -71,10 +79,10 @@ class Classification:
     def __init__(self, compute_dtype: torch.dtype):
         self.compute_dtype = compute_dtype
 
-    def batches(self, examples, micro_batch_size, rank, world_size, seed, start_step=0):
+    def batches(self, examples, micro_batch_size, rank, world_size, seed, start_step=0, global_batch=None):
         from orchestrator.data.examples import example_stream
 
-        return example_stream(examples, micro_batch_size, rank, world_size, seed, start_step=start_step)
+        return example_stream(examples, micro_batch_size, rank, world_size, seed, start_step, global_batch)
 
     def loss(self, model, batch):
         logits = model(**self._inputs(batch["inputs"], _device(model))).float()  # [B, classes]

@@ -87,6 +87,8 @@ class TrainingSession:
         from orchestrator.train.objectives import objective_for
         from orchestrator.train.throughput import throughput_meter
 
+        job = spec  # as written: what a checkpoint keeps, so that a resume defines the global batch at max again
+        spec = spec.on_workers(rank.world_size)  # an elastic group's accumulation for its size, before the engine
         self.spec, self.rank = spec, rank
         world_size = rank.world_size
         data = build_training_data(spec.data, spec.model)  # the driver built it first: a token-cache read here
@@ -120,7 +122,7 @@ class TrainingSession:
                 self.forwarded_warnings = forward_warnings(self.progress)  # to the user's terminal
         self.side_jobs = self.build_side_jobs(dict(side_job_actors or {}))
         self.partition_schedule = self.side_jobs[PARTITIONING.name]  # its labels drive the loss and C's baselines
-        self.checkpoints = CheckpointManager(spec, rank, run_id, launch_session, checkpoint_key_id)
+        self.checkpoints = CheckpointManager(job, rank, run_id, launch_session, checkpoint_key_id)
         restored = self.checkpoints.restore(self.engine, resume_from, list(self.side_jobs), self.logger)
         self.start_step = restored.step if restored else 0
         if restored is not None:
@@ -135,6 +137,7 @@ class TrainingSession:
             world_size,
             spec.training.seed,
             start_step=restored.data_position if restored else 0,
+            global_batch=spec.training.micro_batch_size * spec.training.gradient_accumulation_steps * world_size,
         )
         self.evaluator = Evaluator(
             self.engine,

@@ -74,3 +74,33 @@ def test_bad_rank_fails_at_setup():
     """An out-of-range rank raises when the stream is built, not at the first batch."""
     with pytest.raises(ValueError, match="rank=2"):
         batch_stream(_blocks(8), micro_batch_size=1, rank=2, world_size=2, seed=0)
+
+
+def _global_steps(n_blocks, world_size, accumulation, steps, start_step=0):
+    """The blocks each optimizer step of a `world_size` group reads (all ranks together), global batch 8."""
+    streams = [
+        batch_stream(_blocks(n_blocks), 2, rank, world_size, 3, start_step * accumulation, global_batch=8)
+        for rank in range(world_size)
+    ]
+    return [
+        sorted(row for stream in streams for batch in _take(stream, accumulation) for row in _rows(batch))
+        for _ in range(steps)
+    ]
+
+
+def test_a_resize_mid_epoch_two_continues_at_the_next_unseen_block():
+    """2 workers to 1 at step 8 of 50 blocks (epochs of 6 global batches of 8, 2 blocks sitting out): each step
+    after the resize reads the blocks the undisturbed run reads, so no block is read twice or skipped."""
+    from orchestrator.train.checkpoint_store import CheckpointState
+    from orchestrator.train.checkpointing import data_position
+
+    undisturbed = _global_steps(50, world_size=2, accumulation=2, steps=14)
+    state = CheckpointState(8, 8 * 2, world_size=2, zero_stage=2, run_id="r", deepspeed_tag="t", session="s")
+    resumed_at = data_position(state, 1)
+    assert resumed_at == 8 * 4
+    resized = _global_steps(50, world_size=2, accumulation=2, steps=8) + _global_steps(
+        50, world_size=1, accumulation=4, steps=6, start_step=8
+    )
+    assert resized == undisturbed
+    second_epoch = [row for step in resized[6:12] for row in step]
+    assert len(second_epoch) == len(set(second_epoch)) == 48
