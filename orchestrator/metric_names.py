@@ -26,6 +26,8 @@ EVAL_PERPLEXITY = "eval/perplexity"  # text: exp(eval/loss)
 EVAL_ACCURACY = EVAL_PREFIX + ACCURACY  # classifiers: share of the validation examples classified right, all ranks
 EVAL_TASK_LOSS_PREFIX = "eval/loss/"
 RESUMED_FROM_STEP = "checkpoint/resumed_from_step"  # logged at the step a restarted or resumed run continued at
+WORKERS = "resources/workers"  # an elastic run's worker count, logged at the first step of each worker group
+RESIZED_FROM = "resources/resized_from"  # beside WORKERS when the group continues a checkpoint of another count
 
 
 def layer_clusterability(matrix_name: str) -> str:

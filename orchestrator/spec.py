@@ -653,6 +653,14 @@ def worker_range_problems(spec: JobSpec) -> list[SpecProblem]:
     resources, accumulation = spec.resources, spec.training.gradient_accumulation_steps
     if not resources.elastic:
         return []
+    if spec.deepspeed.zero_stage == 0:
+        return [
+            SpecProblem(
+                key="resources.num_workers",
+                message="an elastic group resizes through DeepSpeed's universal checkpoint, which needs ZeRO 1-3",
+                fix="set deepspeed.zero_stage: 1, 2 or 3, or a fixed num_workers",
+            )
+        ]
     micro_batches = accumulation * resources.max_workers  # per worker-step of one global batch
     breaking = [n for n in range(resources.min_workers, resources.max_workers + 1) if micro_batches % n]
     if not breaking:

@@ -232,3 +232,11 @@ def test_elastic_sizes_that_break_the_global_batch_are_refused_with_a_fix(tmp_pa
     assert load_spec(path, ["resources.num_workers=[8, 8]"]).resources.min_workers == 8
     fixed = load_spec(path, ["training.gradient_accumulation_steps=105"])
     assert {n * fixed.on_workers(n).training.gradient_accumulation_steps for n in range(4, 9)} == {840}
+
+
+def test_elastic_range_without_zero_is_refused(tmp_path):
+    """An elastic group resizes through the universal checkpoint, so ZeRO-0 is refused with the stages that work."""
+    with pytest.raises(SpecError) as caught:
+        load_spec(write(tmp_path, "resources:\n  num_workers: [1, 2]\ndeepspeed:\n  zero_stage: 0\n"))
+    [problem] = caught.value.problems
+    assert problem.key == "resources.num_workers" and "ZeRO 1-3" in problem.message

@@ -66,7 +66,17 @@ def announcement(metrics: Mapping[str, float], step: int) -> str | None:
         return partition_line(metrics, step)
     if any(key.startswith(("circuits/", "specialization/")) for key in metrics):
         return circuits_line(metrics, step)
+    if metric_names.WORKERS in metrics:
+        return workers_line(metrics, step)
     return None
+
+
+def workers_line(metrics: Mapping[str, float], step: int) -> str:
+    """An elastic group's size from step index ``step`` on, and the size it resized from."""
+    workers = int(metrics[metric_names.WORKERS])
+    if metric_names.RESIZED_FROM in metrics:
+        return f"resized from {int(metrics[metric_names.RESIZED_FROM])} to {workers} workers at step {step + 1}"
+    return f"elastic group of {workers} workers from step {step + 1}"
 
 
 def partition_line(metrics: Mapping[str, float], step: int) -> str:

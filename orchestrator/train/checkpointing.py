@@ -52,6 +52,7 @@ class Restored:
     step: int  # the step index to continue at
     data_position: int  # micro-batches already consumed by each rank
     side_job_states: dict[str, Any]  # side job name -> its ``state_dict()`` at save time (absent: none kept)
+    world_size: int  # the worker count that wrote the checkpoint (an elastic group's may differ from its own)
 
 
 class CheckpointManager:
@@ -147,6 +148,7 @@ class CheckpointManager:
                 choice = self._choose(resume_from)
             except store.CheckpointKeyError as error:  # every rank must hear of it, or the others wait forever
                 choice = str(error)
+            choice = self._at_this_size(choice)
         choice = _from_rank_zero(choice)
         if isinstance(choice, str):
             raise CheckpointRefused(choice)
@@ -172,7 +174,36 @@ class CheckpointManager:
                 metrics_logger.continue_run(unsent if unsent.is_file() else None)
         if self.rank.leads:
             logger.info("resumed from %s at step %d", located.uri, located.state.step)
-        return Restored(located.state.step, data_position(located.state, self.rank.world_size), side_job_states)
+        return Restored(
+            located.state.step,
+            data_position(located.state, self.rank.world_size),
+            side_job_states,
+            located.state.world_size,
+        )
+
+    def _at_this_size(self, choice: store.Located | str | None) -> store.Located | str | None:
+        """Rank 0, in an elastic group: a checkpoint written by another worker count as its universal form
+        (converted once and kept beside it, as ``xcm resume`` does), while the other ranks wait in the broadcast
+        of the choice; why not, as the refusal every rank raises, when the conversion fails."""
+        if not (
+            self.spec.resources.elastic
+            and isinstance(choice, store.Located)
+            and choice.state.world_size != self.rank.world_size
+            and not choice.state.universal
+        ):
+            return choice
+        from orchestrator.train.universal import universal_checkpoint
+
+        logger.info(
+            "the checkpoint of step %d was written by %d workers and this group has %d: loading its universal form",
+            choice.state.step,
+            choice.state.world_size,
+            self.rank.world_size,
+        )
+        try:
+            return universal_checkpoint(choice)
+        except Exception as error:  # any failure: every rank must hear of it, or the others wait forever
+            return f"checkpoint {choice.uri} could not be converted for {self.rank.world_size} workers: {error}"
 
     def _choose(self, resume_from: str | None) -> store.Located | str | None:
         """Rank 0: the verified checkpoint to continue from, None for a fresh start, or why it must not start.

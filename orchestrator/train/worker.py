@@ -130,6 +130,8 @@ class TrainingSession:
                 self.side_jobs[name].load_state_dict(state)
             if rank.leads:
                 self.logger.log({metric_names.RESUMED_FROM_STEP: restored.step}, restored.step)
+        if spec.resources.elastic and rank.leads:
+            self.log_group_size(restored)
         self.batches = self.objective.batches(
             data.train,
             spec.training.micro_batch_size,
@@ -150,6 +152,14 @@ class TrainingSession:
             last_step=spec.training.steps - 1,
             device=self.engine.device,
         )
+
+    def log_group_size(self, restored) -> None:
+        """Rank 0 of an elastic group: its worker count at its first step, and the count it resized from when it
+        continues another's checkpoint; through the spool (a step is logged once) and, as a line, to the user."""
+        metrics = {metric_names.WORKERS: self.rank.world_size}
+        if restored is not None and restored.world_size != self.rank.world_size:
+            metrics[metric_names.RESIZED_FROM] = restored.world_size
+        self.side_job_logger().log(metrics, self.start_step)
 
     def build_side_jobs(self, actor_names: dict[str, Sequence[str]]) -> dict[str, SideJob]:
         """Every side job the spec enables, by name, with the actors the driver started for it."""
