@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb is None:
         args = parser.parse_args(["run", *(argv or [])])
     from orchestrator.train.checkpoint_store import CheckpointKeyError
+    from orchestrator.train.launch import RunFailed
 
     try:
         _take_credentials(args)
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         return INVALID_JOB_EXIT_CODE
     except (ClusterError, CheckpointKeyError, CredentialError) as error:  # the key: run, resume, export, measure
         print(f"xcm: {redact(str(error))}", file=sys.stderr)
+        return 1
+    except RunFailed:  # the run's own lines have said why, where the whole error is and how to resume
         return 1
 
 

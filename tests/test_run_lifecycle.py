@@ -1,6 +1,7 @@
 """No MLflow run is left RUNNING: every failure between creating (or attaching) a run and training ends it FAILED
 with the reason as its ``xcm.failure`` tag, read back with MLflow's own client. None of these paths starts Ray."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,38 @@ def test_failure_tag_masks_credentials(tmp_path):
     tracking.fail_run(store_uri(tmp_path), run_id, "cannot reach s3://key:secret-word@bucket/xcm")
     tag = only_run(tmp_path).data.tags[tracking.FAILURE_TAG]
     assert "secret-word" not in tag and "s3://key:***@bucket/xcm" in tag
+
+
+def test_a_failed_run_says_its_cause_in_one_line_and_how_to_resume(tmp_path, capsys):
+    """An error after the run exists ends it FAILED (MLflow), and the terminal gets the cause in one line (for Ray
+    Train's error, the lowest failing rank's own), where the whole error is and the resume command; the traceback
+    goes to stderr (the log file in a terminal session), and the error goes on as RunFailed."""
+    from ray.train import WorkerGroupError
+
+    from orchestrator.console import Console
+    from orchestrator.train.launch import RunFailed, ending_run, resume_hint
+
+    spec = tiny_spec().resolved(tmp_path)
+    run_id = tracking.start_run(spec.tracking, spec.name, {})
+    console = Console(sys.stdout)
+    error = WorkerGroupError(
+        "[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n  ...\nOSError: rank 0 upload failed",
+        {1: ValueError("second"), 0: OSError("When uploading 'step-00000010/optim_states.pt': HTTP 500")},
+    )
+    with pytest.raises(RunFailed) as raised, resume_hint(console, spec, run_id), ending_run(spec.tracking.uri, run_id):
+        raise error
+    assert raised.value.__cause__ is error
+    out, err = capsys.readouterr()
+    assert f"xcm: MLflow run {run_id} FAILED; no checkpoint was written: resuming starts it over\n" in out
+    assert "  cause: rank 0: OSError: When uploading 'step-00000010/optim_states.pt': HTTP 500\n" in out
+    assert "  resume it:  xcm resume " in out and "Traceback" not in out and "WorkerGroupError" in err
+    assert only_run(tmp_path).info.status == "FAILED"
+
+
+def test_failure_summary_of_a_traceback_is_its_last_line():
+    """An error whose message is a traceback (Ray's task errors) is summarised by the line naming the exception."""
+    from orchestrator.train.launch import failure_summary
+
+    quoted = RuntimeError("Traceback (most recent call last):\n  File 'x.py', line 1\nKeyError: 'lr'\n")
+    assert failure_summary(quoted) == "RuntimeError: KeyError: 'lr'"
+    assert failure_summary(ValueError("bad\nsecond line")) == "ValueError: bad"

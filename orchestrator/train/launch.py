@@ -8,13 +8,14 @@ import os
 import socket
 import sys
 import threading
+import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator import credentials, priority, tracking
 from orchestrator.console import Console
-from orchestrator.spec import JobSpec
+from orchestrator.spec import JobSpec, SpecError
 
 logger = logging.getLogger(__name__)
 
@@ -116,20 +117,57 @@ def announce_run(console: Console, spec: JobSpec, run_id: str, experiment_id: st
         console.say(f"  log of Ray, DeepSpeed and the workers: {shown(console.log_path)} (--verbose shows it here)")
 
 
+class RunFailed(RuntimeError):
+    """A run that ended FAILED after it was created, once the terminal has said why and how to resume it; the
+    error itself is its ``__cause__``."""
+
+
 @contextlib.contextmanager
 def resume_hint(console: Console, spec: JobSpec, run_id: str):
-    """A run stopped on purpose (Ctrl-C; SIGTERM from `xcm stop` or `ray job stop`) says how to go on with it,
-    after ``ending_run`` has marked it KILLED."""
+    """A run that stops says how to go on with it, after ``ending_run`` has marked it: stopped on purpose (Ctrl-C;
+    SIGTERM from `xcm stop` or `ray job stop`), KILLED; failed, FAILED with its cause in one line, the whole error
+    going where the rest of the output goes (the run's log file unless --verbose) and on as ``RunFailed``."""
     from orchestrator.train.checkpoint_store import run_directory
 
+    location = run_directory(spec, run_id)
+    resume_line = f"  resume it:  xcm resume {shown(location) if '://' not in location else location}"
     try:
         yield
     except (KeyboardInterrupt, SystemExit):
-        location = run_directory(spec, run_id)
         console.end_live()
         console.say(f"xcm: stopped; MLflow run {run_id} is KILLED{newest_checkpoint_note(location)}")
-        console.say(f"  resume it:  xcm resume {shown(location) if '://' not in location else location}")
+        console.say(resume_line)
         raise
+    except (tracking.TrackingUnavailable, SpecError):  # bad input: the command says it in one line of its own
+        raise
+    except Exception as error:
+        console.end_live()
+        traceback.print_exception(error, file=sys.stderr)
+        summary = credentials.redact(failure_summary(error))  # an error can quote a URI
+        console.say(f"xcm: MLflow run {run_id} FAILED{newest_checkpoint_note(location)}")
+        console.say(f"  cause: {summary}")
+        console.say(f"  the whole error: the run's xcm.failure tag and {_error_shown_in(console)}")
+        console.say(resume_line)
+        raise RunFailed(summary) from error
+
+
+def failure_summary(error: BaseException) -> str:
+    """The error in one line: for Ray Train's, the lowest failing rank's own error (its message carries every
+    rank's traceback); of a traceback, its last line, which names the exception."""
+    prefix, cause = "", error
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        rank, cause = min(failures.items())
+        cause, prefix = getattr(cause, "cause", None) or cause, f"rank {rank}: "
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    if not lines:
+        return f"{prefix}{type(cause).__name__}"
+    line = lines[-1] if any(line.startswith("Traceback (most recent call last)") for line in lines) else lines[0]
+    return prefix + (line if line.startswith(type(cause).__name__) else f"{type(cause).__name__}: {line}")
+
+
+def _error_shown_in(console: Console) -> str:
+    return shown(console.log_path) if console.log_path is not None else "the output above"
 
 
 def newest_checkpoint_note(run_directory: str) -> str:
