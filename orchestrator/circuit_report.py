@@ -241,6 +241,22 @@ def fresh_partitions(model: nn.Module, k: int, matrices: Sequence[str]) -> dict[
     return partitions
 
 
+CONTROL_PARTITION = "spectral, the control's own (lambda 0)"
+
+
+def measurement_partitions(
+    loaded: LoadedModel, spec: JobSpec, training: Mapping[str, GroupPartition] | None
+) -> tuple[dict[str, GroupPartition], str]:
+    """The partition a training job's circuits are measured under, and its label. A model trained with the loss
+    is measured under the partition it was trained to respect. A control (lambda 0) respected none: under the
+    training partition its specialization sits at chance by construction, so it gets what the loss-on model's
+    partitioner finds in a trained model's weights, the spectral co-clustering of its own weights."""
+    if training is not None and spec.modularity.lambda_ > 0:
+        return dict(training), "training"
+    chosen = fresh_partitions(loaded.model, spec.modularity.k, loaded.matrices)
+    return chosen, CONTROL_PARTITION if training is not None else "fresh spectral"
+
+
 def task_set_for(loaded: LoadedModel, specs: Sequence[str], options: CircuitsSpec, base_dir: Path) -> TaskSet:
     specs = list(specs) or list(loaded.default_tasks)
     if not specs:

@@ -48,10 +48,10 @@ class CircuitsActor:
         self, step: int, parameters: dict[str, np.ndarray], partitions: dict[str, dict] | None
     ) -> CircuitsAnswer:
         """Circuits and specialization of the weights of `step`, under `partitions` (GroupPartition dicts by
-        group name; a fresh spectral partition when None)."""
+        group name; a fresh spectral partition when None, and for a control, see ``measurement_partitions``)."""
         from orchestrator.circuit_report import find_circuits as run_methods
         from orchestrator.circuit_report import (
-            fresh_partitions,
+            measurement_partitions,
             methods_for,
             result_artifacts,
             result_metrics,
@@ -61,12 +61,8 @@ class CircuitsActor:
         started = time.perf_counter()
         loaded = self._loaded_at(step, parameters)
         options = self._spec.circuits
-        if partitions is not None:
-            chosen = {name: GroupPartition.from_dict(data) for name, data in partitions.items()}
-            source = "training"
-        else:
-            chosen = fresh_partitions(loaded.model, self._spec.modularity.k, loaded.matrices)
-            source = "fresh spectral"
+        training = None if partitions is None else {n: GroupPartition.from_dict(d) for n, d in partitions.items()}
+        chosen, source = measurement_partitions(loaded, self._spec, training)
         task_set = self._tasks(loaded)
         methods = methods_for(options.method, loaded.kind, fix="circuits.method: attribution")
         result = run_methods(loaded, task_set, chosen, source, methods, options, progress=lambda message: None)
