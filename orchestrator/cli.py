@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.train.checkpoint_store import CheckpointKeyError
     from orchestrator.train.launch import RunFailed
 
+    if os.environ.get("RAY_ADDRESS"):  # a training command will join that cluster: with its token, as the verbs do
+        cluster_jobs.use_token_when_available()
     try:
         _take_credentials(args)
         return args.handler(args)

@@ -222,7 +222,7 @@ def _tell_where_credentials_come_from(moved: list[str]) -> None:
 
 def connect(address: str):
     """A Jobs API client, with Ray's connection and token errors turned into one line each."""
-    _use_token_when_available()  # before Ray is imported: it reads the mode once
+    use_token_when_available()  # before Ray is imported: it reads the mode once
     from ray.job_submission import JobSubmissionClient
 
     try:
@@ -231,7 +231,7 @@ def connect(address: str):
         raise ClusterError(_explain(error, address)) from None
 
 
-def _use_token_when_available() -> None:
+def use_token_when_available() -> None:
     """Ray 2.60 heads require a token, but its Jobs client sends one only when RAY_AUTH_MODE=token is set:
     turn that on when the user has a token (RAY_AUTH_TOKEN, or the file `ray start` writes) and chose no mode."""
     token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()

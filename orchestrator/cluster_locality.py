@@ -111,6 +111,17 @@ def alive_nodes(client) -> list[Node]:
         time.sleep(1)
 
 
+def joined_cluster_nodes() -> list[Node]:
+    """The alive nodes of the Ray cluster this process has joined (``ray.init``), as Ray's GCS lists them."""
+    import ray
+
+    return [
+        Node(hostname=node["NodeManagerHostname"], ip=node["NodeManagerAddress"])
+        for node in ray.nodes()
+        if node["Alive"]
+    ]
+
+
 def unreachable_path_problems(spec: JobSpec, workdir: Path, mounts: list[Mount] | None = None) -> list[SpecProblem]:
     """Every key of ``spec`` that names a place a remote cluster cannot see. A key left unset names this machine's
     default (the SQLite store, ``./xcm-runs/checkpoints``) except ``data.cache_dir``: an unset cache is made where

@@ -99,7 +99,7 @@ def test_the_jobs_client_sends_a_token_only_when_there_is_one(environment, token
     if token_file:
         path.write_text("t")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
-    cluster_jobs._use_token_when_available()
+    cluster_jobs.use_token_when_available()
     assert os.environ.get("RAY_AUTH_MODE") == mode
 
 

@@ -368,7 +368,10 @@ def ensure_ray(spec: JobSpec) -> str | None:
         return None
     runtime_env = {"env_vars": {**_WORKER_ENVIRONMENT, "DS_ACCELERATOR": "cuda" if spec.resources.use_gpu else "cpu"}}
     if os.environ.get("RAY_ADDRESS"):
-        return ray.init(runtime_env=runtime_env, log_to_driver=True).dashboard_url or None
+        context = ray.init(runtime_env=runtime_env, log_to_driver=True)
+        if spec.tracking.run_id is None:  # a submitted job's run was checked where it was submitted
+            refuse_paths_a_remote_cluster_cannot_see(spec)
+        return context.dashboard_url or None
     resources = spec.resources
     chosen_here = not os.environ.get("RAY_GCS_SERVER_PORT")  # read by the GCS that ray.init starts
     if chosen_here:
@@ -390,6 +393,25 @@ def ensure_ray(spec: JobSpec) -> str | None:
         if chosen_here:
             del os.environ["RAY_GCS_SERVER_PORT"]
     return context.dashboard_url or None
+
+
+def refuse_paths_a_remote_cluster_cannot_see(spec: JobSpec) -> None:
+    """`xcm run` with RAY_ADDRESS joins that cluster from here: when its nodes are other machines, this machine's
+    store, checkpoint directory and data would be written and read on theirs (metrics and checkpoints lost), so
+    the run is refused with each such key, as `xcm submit` refuses them (``cluster_locality``)."""
+    from orchestrator.cluster_locality import (
+        is_local_cluster,
+        joined_cluster_nodes,
+        this_machine,
+        unreachable_path_problems,
+    )
+
+    if is_local_cluster(joined_cluster_nodes(), this_machine()):
+        return
+    if problems := unreachable_path_problems(spec, Path.cwd()):
+        raise SpecError(
+            f"the job for the cluster at RAY_ADDRESS={credentials.redact(os.environ['RAY_ADDRESS'])}", problems
+        )
 
 
 @contextlib.contextmanager

@@ -23,11 +23,11 @@ from tests.helpers import NO_MODEL_LOGGING, ROOT, free_port, run_xcm, tiny_spec
 xcm = functools.partial(run_xcm, timeout=120)
 
 
-def started_head(log_directory: Path, wrapper: list[str] = ()):
-    """`ray start --head --block` on 127.0.0.1 with the dashboard (under ``wrapper``, a command that runs it);
-    yields its dashboard address once `xcm list` answers. Stopped by signalling that process alone (`ray stop`
-    would kill every Ray on the machine). Its own temporary directory: the head's address file
-    (`ray_current_cluster`) would otherwise outlive it in /tmp/ray."""
+def started_head(log_directory: Path, wrapper: list[str] = (), gcs_port: int | None = None):
+    """`ray start --head --block` on 127.0.0.1 with the dashboard (under ``wrapper``, a command that runs it; its
+    GCS on ``gcs_port``, or any free port); yields its dashboard address once `xcm list` answers. Stopped by
+    signalling that process alone (`ray stop` would kill every Ray on the machine). Its own temporary directory:
+    the head's address file (`ray_current_cluster`) would otherwise outlive it in /tmp/ray."""
     dashboard_port = free_port()
     # Short: Ray's socket paths under it must stay within the 107 characters of a Unix socket name.
     ray_tmpdir = tempfile.mkdtemp(prefix="xcm-head-", dir="/tmp")
@@ -40,7 +40,7 @@ def started_head(log_directory: Path, wrapper: list[str] = ()):
         "--node-ip-address",
         "127.0.0.1",
         "--port",
-        str(free_port()),
+        str(gcs_port or free_port()),
         "--dashboard-host",
         "127.0.0.1",
         "--dashboard-port",
@@ -84,9 +84,10 @@ def ray_head(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_head_elsewhere(tmp_path_factory):
+def head_elsewhere(tmp_path_factory):
     """A real Ray head that is another machine to xcm, reached at 127.0.0.1 as through a tunnel: it runs in a UTS
-    namespace of its own, under another hostname (root, or unprivileged user namespaces, needed)."""
+    namespace of its own, under another hostname (root, or unprivileged user namespaces, needed). Its dashboard's
+    address and its GCS's (what RAY_ADDRESS names)."""
     wrapper = [
         "unshare",
         "--uts",
@@ -97,7 +98,14 @@ def ray_head_elsewhere(tmp_path_factory):
     ]
     if subprocess.run([*wrapper, "true"], capture_output=True, check=False).returncode != 0:
         pytest.skip("unshare --uts is not permitted here")
-    yield from started_head(tmp_path_factory.mktemp("ray-head-elsewhere"), wrapper)
+    gcs_port = free_port()
+    for address in started_head(tmp_path_factory.mktemp("ray-head-elsewhere"), wrapper, gcs_port):
+        yield address, f"127.0.0.1:{gcs_port}"
+
+
+@pytest.fixture(scope="module")
+def ray_head_elsewhere(head_elsewhere):
+    return head_elsewhere[0]
 
 
 def wait_for_status(address: str, job_id: str, wanted: set[str], workdir: Path, timeout: float) -> str:
@@ -218,6 +226,25 @@ def test_head_elsewhere_behind_localhost_is_refused_local_paths(ray_head_elsewhe
     assert "tracking.uri" in result.stderr and "checkpointing.storage_path" in result.stderr
     assert "warning" not in result.stderr  # the cluster answered: it was asked, not guessed
     assert not (tmp_path / "xcm-runs").exists()
+
+
+@pytest.mark.slow
+def test_xcm_run_joining_a_head_elsewhere_is_refused_local_paths(head_elsewhere, tmp_path):
+    """`xcm run` with RAY_ADDRESS naming a cluster on another machine exits 2 naming the local store and checkpoint
+    path its nodes cannot see (their metrics and checkpoints would be lost there), and its run ends FAILED with
+    them; nothing trains."""
+    # The driver joins as from one of the cluster's nodes (Ray takes 127.0.0.1 for this node's address, as the head's).
+    environment = {"RAY_ADDRESS": head_elsewhere[1], "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    result = run_xcm("run", str(ROOT / "jobs" / "tiny.yaml"), cwd=tmp_path, timeout=300, env=environment)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    refused = [line for line in result.stderr.splitlines() if line.startswith("the job for the cluster at RAY_ADDRESS")]
+    assert any(": tracking.uri: " in line for line in refused) and any(
+        "checkpointing.storage_path" in line for line in refused
+    )
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'xcm-runs' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("xcm-tiny").experiment_id])
+    assert run.info.status == "FAILED" and "checkpointing.storage_path" in run.data.tags["xcm.failure"]
+    assert not list((tmp_path / "xcm-runs" / "checkpoints").glob("*/step-*"))
 
 
 def test_resume_on_a_head_elsewhere_refuses_a_checkpoint_on_this_machine(
