@@ -208,11 +208,18 @@ def language_loaded(model, partitions, tokenizer, provenance, matrices=("mlp_in"
 
 def _classifier_examples(spec: JobSpec) -> LabelledExamples:
     """The job's own examples at the model's input shape: the held-out ones when there are enough of them
-    (`MIN_HELD_OUT_PER_CLASS` a class on average), else every example (digits holds out ~18 a class)."""
+    (`MIN_HELD_OUT_PER_CLASS` a class on average), else every example (digits holds out ~18 a class).
+
+    Modular addition's are its training pairs: its held-out pairs measure grokking, and before it groks the model
+    is confidently wrong on them (eval loss ~10 nats against log 113 = 4.7 for a uniform guess), so ablating every
+    cluster improves every answer, no task has a real full-vs-ablated gap and the specialization index is
+    undefined. What the model computes, and so its circuits, is on the pairs it fits (all of them once grokked)."""
     from orchestrator.data.examples import LabelledExamples
     from orchestrator.data.sources import BUILDERS
 
     data = BUILDERS[spec.data.source](spec.data, spec.model)
+    if spec.data.source == "modular_addition":
+        return data.train
     if data.validation is not None and len(data.validation) >= MIN_HELD_OUT_PER_CLASS * data.num_classes:
         return data.validation
     if data.validation is None:
@@ -309,6 +316,11 @@ def find_circuits(
             result.specialization = _specialization(loaded, task_set, partitions, options)
         except ValueError as error:
             result.skipped["specialization"] = str(error)
+        if result.specialization is not None and not result.specialization.used.any():
+            result.skipped["specialization index"] = (
+                "no task has a real full-vs-ablated gap (the model does no better on the judged examples than with "
+                "every cluster ablated), so the index is undefined"
+            )
         progress(f"  done in {time.monotonic() - started:.1f} s")
     return result
 

@@ -230,3 +230,23 @@ def test_mnist_mlp_checkpoint_greedy_attribution_and_specialization(tmp_path):
     assert {row["matrix"] for row in greedy} == {f"classifier.fc{i}.weight" for i in range(1, 5)}
     share = sum(row["kept"] for row in greedy) / sum(row["size"] for row in greedy)
     assert share == pytest.approx(metrics[metric_names.circuit_size("label_0")])
+
+
+def test_modular_addition_circuits_use_its_training_pairs():
+    """Modular addition's label tasks are the pairs it trains on, not its held-out ones (on which a model that has
+    not grokked is worse than with every cluster ablated, leaving the specialization index undefined); every
+    answer has examples, and the model gets the greedy finder under method all."""
+    from orchestrator.circuit_report import loaded_model_from_spec, model_kind
+    from orchestrator.data.sources import BUILDERS
+
+    spec = JobSpec.model_validate(
+        {
+            "model": {"family": "modular_addition"},
+            "data": {"source": "modular_addition", "modulus": 13, "validation_fraction": 0.7},
+        }
+    )
+    loaded = loaded_model_from_spec(spec)
+    train = BUILDERS["modular_addition"](spec.data, spec.model).train
+    assert torch.equal(loaded.labelled.inputs, train.inputs) and torch.equal(loaded.labelled.labels, train.labels)
+    assert len(train) < 0.5 * 13 * 13 and set(train.labels.tolist()) == set(range(13))
+    assert methods_for("all", model_kind(spec)) == ["greedy", "attribution", "specialization"]

@@ -112,6 +112,8 @@ class ChainState:
         where a_source ≠ 0; the later layers are recomputed on the examples whose activation of `unit` moved."""
         rows = np.flatnonzero(self.inputs[layer][:, source])
         column = self.pre[layer][rows, unit] - self.weights[layer][unit, source] * self.inputs[layer][rows, source]
+        if np.count_nonzero(self.weights[layer][unit]) == 1:  # its last weight: exactly the bias, no residue
+            column[:] = 0.0 if self.biases[layer] is None else self.biases[layer][unit]
         last = len(self.weights) - 1
         if layer == last:
             logits = self.pre[last][rows].copy()

@@ -1,5 +1,5 @@
 """The exact per-weight circuit finder: visit the scoped weights one by one, zero each, and keep it zeroed
-unless the task's loss (and optionally accuracy) gets worse.
+unless the task's loss (and optionally accuracy) gets worse by more than float64 rounding of the loss.
 
 Two criteria. `reference="original"` compares with the unpruned model's loss, strictly (`L - L0 > 0` restores),
 as the papers' code does; removing weights that feed rival logits lowers the loss and builds slack that later
@@ -7,6 +7,10 @@ removals of the true circuit may use up, so it can return degenerate circuits (e
 is not confident on the label). `reference="current"` (the default) compares with the loss after the removals
 accepted so far, as ACDC does, and keeps every weight whose removal costs anything.
 Evaluation is in float64, so a weight whose removal changes no activation keeps the loss exactly and is pruned.
+A model that ends in a chain of linear layers covering the scope is evaluated by the chain's cache (only the
+examples a removal moves are recomputed); any other traceable classifier (residual streams, attention heads,
+embeddings: the modular-addition transformer) by its traced graph's cache (only the nodes downstream of the
+pruned layer are recomputed).
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from orchestrator.circuits.chain import LinearChain, find_linear_chain
+from orchestrator.circuits.chain import find_linear_chain
 from orchestrator.circuits.chain_state import ChainState
+from orchestrator.circuits.graph_state import GraphState
 from orchestrator.circuits.locality import Locality, circuit_locality, resolve_partition
 from orchestrator.circuits.masks import apply_mask, classifier_score, default_scope
 
 REFERENCES = ("current", "original")
+ROUNDING_ULPS = 16  # a loss change within this many float64 spacings of the loss is rounding, not an effect
 ORDERS = ("paper", "random", "ascending")
 
 
@@ -88,14 +94,14 @@ def greedy_weight_circuit(
     `MatrixLabels` by parameter name, for locality; `other`: named (inputs, targets) to score the circuit on.
     The model is not modified."""
     _check_options(reference, order, eps)
-    chain = find_linear_chain(model)
-    scoped = _scoped_layers(model, chain, params)
-    state = ChainState.from_model(model, chain, inputs, targets)
+    scope = list(default_scope(model) if params is None else params)
+    state, names = _evaluator(model, inputs, targets, scope)
+    scoped = _scoped_layers(names, scope)
     full = TaskScore(state.loss, state.accuracy)
-    original = [state.weights[layer].copy() for layer in range(len(chain.layers))]
+    original = [state.weights[layer].copy() for layer in range(len(names))]
     for layer, unit, source in _visit_order(state, scoped, order, seed):
         _try_pruning(state, layer, unit, source, full, reference, eps, also_accuracy)
-    mask = {f"{chain.names[layer]}.weight": torch.from_numpy(state.weights[layer] != 0) for layer in scoped}
+    mask = {f"{names[layer]}.weight": torch.from_numpy(state.weights[layer] != 0) for layer in scoped}
     zero_before = sum(int((original[layer] == 0).sum()) for layer in scoped)
     labels = resolve_partition(model, partition)
     pruned = apply_mask(model, mask) if other else None
@@ -123,20 +129,36 @@ def _check_options(reference: str, order: str, eps: float) -> None:
         raise ValueError(f"greedy_weight_circuit: eps is a tolerance and must be >= 0, got {eps}")
 
 
-def _scoped_layers(model: nn.Module, chain: LinearChain, params: Sequence[str] | None) -> list[int]:
-    """Chain positions of the scoped weights; every scoped weight must belong to the chain."""
-    names = list(default_scope(model) if params is None else params)
-    positions = {f"{name}.weight": layer for layer, name in enumerate(chain.names)}
-    outside = [name for name in names if name not in positions]
-    if outside or not names:
+def _evaluator(
+    model: nn.Module, inputs: Tensor, targets: Tensor, scope: list[str]
+) -> tuple[ChainState | GraphState, list[str]]:
+    """The chain's cache when the model ends in a linear chain holding every scoped weight (faster: it recomputes
+    only the examples a removal moves), else the traced graph's; with the module names of its layers."""
+    try:
+        chain = find_linear_chain(model)
+    except ValueError:
+        chain = None
+    if chain is not None and set(scope) <= {f"{name}.weight" for name in chain.names}:
+        return ChainState.from_model(model, chain, inputs, targets), chain.names
+    state = GraphState(model, inputs, targets)
+    return state, state.names
+
+
+def _scoped_layers(names: list[str], scope: list[str]) -> list[int]:
+    """Layer positions of the scoped weights; every scoped weight must be an nn.Linear's."""
+    positions = {f"{name}.weight": layer for layer, name in enumerate(names)}
+    outside = [name for name in scope if name not in positions]
+    if outside or not scope:
         raise ValueError(
-            f"greedy_weight_circuit prunes weights of the linear chain {list(positions)} only; "
-            f"not in it: {outside or 'no parameters were given'}"
+            f"greedy_weight_circuit prunes the weights of the model's nn.Linear layers {list(positions)} only; "
+            f"not among them: {outside or 'no parameters were given'}"
         )
-    return sorted(positions[name] for name in names)
+    return sorted(positions[name] for name in scope)
 
 
-def _visit_order(state: ChainState, scoped: list[int], order: str, seed: int) -> list[tuple[int, int, int]]:
+def _visit_order(
+    state: ChainState | GraphState, scoped: list[int], order: str, seed: int
+) -> list[tuple[int, int, int]]:
     """(layer, unit, source) of every scoped weight; "paper" is the last layer first, rows then columns."""
     visits = [
         (layer, unit, source) for layer in reversed(scoped) for unit, source in np.ndindex(*state.weights[layer].shape)
@@ -151,7 +173,7 @@ def _visit_order(state: ChainState, scoped: list[int], order: str, seed: int) ->
 
 
 def _try_pruning(
-    state: ChainState,
+    state: ChainState | GraphState,
     layer: int,
     unit: int,
     source: int,
@@ -167,9 +189,17 @@ def _try_pruning(
         return
     removal = state.try_removal(layer, unit, source)
     above_reference = removal.loss_change + (state.loss - full.loss if reference == "original" else 0.0)
-    if above_reference > eps * abs(full.loss) or (also_accuracy and state.accuracy_after(removal) < full.accuracy):
+    tolerance = max(eps * abs(full.loss), rounding(full.loss, state.loss))
+    if above_reference > tolerance or (also_accuracy and state.accuracy_after(removal) < full.accuracy):
         return
     state.commit(removal)
+
+
+def rounding(*losses: float) -> float:
+    """The float64 resolution of a mean loss of this size: the same removal judged by a patched cache or by a
+    full forward differs by about this much (a weight into a unit that no later weight reads can show 2e-17 on a
+    loss of 1.8 through the one and 0 through the other), so a change below it is no change."""
+    return ROUNDING_ULPS * float(np.spacing(max(abs(loss) for loss in losses)))
 
 
 def _kept_share(masks) -> float:

@@ -10,7 +10,16 @@ from torch import nn
 
 from orchestrator.circuits import MatrixLabels, greedy_weight_circuit
 from orchestrator.circuits.chain import find_linear_chain
-from orchestrator.circuits.planted import planted_classifier, planted_examples, planted_mask
+from orchestrator.circuits.greedy import rounding
+from orchestrator.circuits.planted import (
+    planted_attention_classifier,
+    planted_attention_examples,
+    planted_attention_mask,
+    planted_classifier,
+    planted_examples,
+    planted_mask,
+)
+from orchestrator.models.modular_addition import ModularAdditionTransformer
 from orchestrator.models.vision import CifarCNN, MnistMLP
 from orchestrator.modularity import partition_group
 
@@ -69,7 +78,7 @@ def test_repeated_runs_give_identical_masks():
     assert all(torch.equal(first.mask[name], second.mask[name]) for name in first.mask)
 
 
-def _naive_greedy(model: nn.Module, inputs, targets, order: list, reference: str) -> dict:
+def _naive_greedy(model: nn.Module, inputs, targets, order: list, reference: str, names=None) -> dict:
     """One full float64 forward per weight: the slow definition the incremental finder must equal."""
     model = model.double().requires_grad_(False)
     parameters = dict(model.named_parameters())
@@ -87,12 +96,12 @@ def _naive_greedy(model: nn.Module, inputs, targets, order: list, reference: str
         with torch.no_grad():
             weight[unit, source] = 0.0
         trial = loss()
-        if trial - (full if reference == "original" else current) > 0:
+        if trial - (full if reference == "original" else current) > rounding(full, current):
             with torch.no_grad():
                 weight[unit, source] = value
         else:
             current = trial
-    return {name: parameters[name] != 0 for name in ("0.weight", "2.weight", "4.weight")}
+    return {name: parameters[name] != 0 for name in names or ("0.weight", "2.weight", "4.weight")}
 
 
 @pytest.mark.parametrize("reference", ["current", "original"])
@@ -128,28 +137,51 @@ def test_finder_reads_the_vision_models_fc_chain_and_leaves_the_model_unchanged(
     assert 0 < circuit.size < 1 and circuit.task.loss <= circuit.full.loss
 
 
-def test_unsupported_structures_are_refused_with_the_alternative_named():
-    """A residual connection, an activation on the logits or an untraceable transformer gives one clear error
-    naming the attribution finder."""
-
-    class Residual(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
-
-        def forward(self, inputs):
-            return self.head(torch.relu(self.inner(inputs)) + inputs)
-
+def test_unsupported_models_are_refused_with_the_alternative_named():
+    """A weight outside every nn.Linear or a model torch.fx cannot trace (a transformers GPT-2) gives one clear
+    error naming what the finder prunes or the attribution finder."""
     inputs, targets = torch.randn(8, 4), torch.zeros(8, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"inner\.weight"):
-        greedy_weight_circuit(Residual(), inputs, targets)
-    with pytest.raises(ValueError, match="to its logits"):
-        greedy_weight_circuit(nn.Sequential(nn.Linear(4, 3), nn.Tanh()), inputs, targets)
+    with pytest.raises(ValueError, match=r"nn\.Linear layers .* not among them: \['0\.bias'\]"):
+        greedy_weight_circuit(nn.Sequential(nn.Linear(4, 3)), inputs, targets, params=["0.bias"])
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8))
     with pytest.raises(ValueError, match="use attribution_weight_circuit"):
         greedy_weight_circuit(gpt2, torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize(("order", "seed"), [("paper", 0), ("ascending", 0), ("random", 0), ("random", 1)])
+def test_attention_model_circuit_is_exactly_its_planted_path(order, seed):
+    """On the tiny modular-addition transformer that answers its first token through one head, every label's
+    circuit is exactly the 5 weights of that path (query, key, value, output, unembedding; 5/360) in any order,
+    though every other weight of the attention, its output projection and the MLP is random and non-zero."""
+    model = planted_attention_classifier()
+    for label in LABELS:
+        circuit = greedy_weight_circuit(model, *planted_attention_examples(label), order=order, seed=seed)
+        truth = planted_attention_mask(label)
+        assert {name: mask.tolist() for name, mask in circuit.mask.items()} == {
+            name: mask.tolist() for name, mask in truth.items()
+        }
+        assert circuit.size == 5 / 360 and circuit.task.accuracy == 1.0
+
+
+@pytest.mark.parametrize("reference", ["current", "original"])
+def test_graph_evaluation_equals_full_forward_per_weight_with_attention(reference):
+    """On a random tiny modular-addition transformer (residual stream, causal attention, ReLU MLP), in random
+    order across its 7 linear layers, the finder keeps exactly the weights that a full forward after every
+    removal keeps."""
+    torch.manual_seed(0)
+    model = ModularAdditionTransformer(7, d_model=4, n_heads=2, d_mlp=4).double()
+    tokens = torch.randint(0, 6, (30, 2))
+    inputs, targets = torch.cat([tokens, torch.full((30, 1), 6)], 1), tokens.sum(1) % 6
+    circuit = greedy_weight_circuit(model, inputs, targets, reference=reference, order="random", seed=2)
+    parameters = dict(model.named_parameters())
+    names = list(circuit.mask)
+    visits = [(name, unit, source) for name in reversed(names) for unit, source in np.ndindex(*parameters[name].shape)]
+    order = [visits[i] for i in np.random.default_rng(2).permutation(len(visits))]
+    expected = _naive_greedy(model, inputs, targets, order, reference, names)
+    assert 0 < _kept(circuit) < len(visits)
+    assert all(torch.equal(circuit.mask[name], expected[name]) for name in expected)
 
 
 def test_planted_circuit_lies_inside_its_cluster_and_is_scored_on_other_labels():
