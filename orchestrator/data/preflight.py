@@ -124,15 +124,22 @@ def missing_file_problems(spec: JobSpec) -> list[SpecProblem]:
     data = spec.data
     if data.source != "files":
         return []
-    return [
-        SpecProblem(
-            key=f"data.{key}",
-            message=f"no file matches {pattern}",
-            fix=f"correct the path (relative paths start at the directory xcm runs in, {os.getcwd()})",
-        )
-        for key in ("files", "validation_files")
-        for pattern in missing_patterns(getattr(data, key))
-    ]
+    problems = []
+    for key in ("files", "validation_files"):
+        try:
+            missing = missing_patterns(getattr(data, key), f"data.{key}")
+        except DataError as error:
+            problems.append(SpecProblem(key=error.key, message=error.message, fix=error.fix))
+            continue
+        problems += [
+            SpecProblem(
+                key=f"data.{key}",
+                message=f"no file matches {pattern}",
+                fix=f"correct the path (relative paths start at the directory xcm runs in, {os.getcwd()})",
+            )
+            for pattern in missing
+        ]
+    return problems
 
 
 def _tokenizer_problems(spec: JobSpec) -> list[SpecProblem]:

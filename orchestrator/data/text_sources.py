@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import threading
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -75,7 +76,9 @@ def describe(data: DataSpec, tokenizer: TextTokenizer) -> dict:
         **description,
         "format": file_format(data),
         "files": [_file_identity(path) for path in expand_files(data.files)],
-        "validation_files": [_file_identity(path) for path in expand_files(data.validation_files)],
+        "validation_files": [
+            _file_identity(path) for path in expand_files(data.validation_files, "data.validation_files")
+        ],
     }
 
 
@@ -195,7 +198,8 @@ def _load_hub(data: DataSpec, split: str) -> tuple[datasets.Dataset, str]:
 def _load_files(data: DataSpec, split: str) -> tuple[datasets.Dataset, str]:
     import datasets
 
-    paths = expand_files(data.files if split == "train" else data.validation_files)
+    key = "files" if split == "train" else "validation_files"
+    paths = expand_files(getattr(data, key), f"data.{key}")
     fmt = file_format(data)
     what = f"{fmt} files {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}"
     # One document per paragraph (blank-line separated): line breaks inside it are kept.
@@ -213,19 +217,37 @@ def _load_files(data: DataSpec, split: str) -> tuple[datasets.Dataset, str]:
         ) from error
 
 
-def expand_files(patterns: Sequence[str]) -> list[str]:
-    """The files that the paths or glob patterns name, in a stable order; patterns matching nothing drop out."""
-    return [
-        path
-        for pattern in patterns
-        for path in sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-        if os.path.isfile(path)
-    ]
+# A job file is untrusted input: a pattern such as /**/x walks every directory of the machine (network mounts
+# included) before it matches anything, so the walk gets this long and the pattern is refused after it.
+PATTERN_WALK_LIMIT_S = 20.0
 
 
-def missing_patterns(patterns: Sequence[str]) -> list[str]:
+def expand_files(patterns: Sequence[str], key: str = "data.files") -> list[str]:
+    """The files that the paths or glob patterns name, in a stable order; patterns matching nothing drop out. A
+    DataError naming ``key`` for a pattern still walking after PATTERN_WALK_LIMIT_S."""
+    return [path for pattern in patterns for path in _matches(pattern, key) if os.path.isfile(path)]
+
+
+def _matches(pattern: str, key: str) -> list[str]:
+    """glob's matches of one pattern, on a thread that is abandoned (a daemon) when the walk is too long."""
+    found: list[list[str]] = []
+    walk = threading.Thread(
+        target=lambda: found.append(sorted(glob.glob(os.path.expanduser(pattern), recursive=True))), daemon=True
+    )
+    walk.start()
+    walk.join(PATTERN_WALK_LIMIT_S)
+    if not found:
+        raise DataError(
+            key,
+            f"{pattern} still walks the filesystem after {PATTERN_WALK_LIMIT_S:g} s",
+            "start the pattern at the directory that holds the files (a ** near / visits every directory)",
+        )
+    return found[0]
+
+
+def missing_patterns(patterns: Sequence[str], key: str = "data.files") -> list[str]:
     """The paths or patterns that name no file."""
-    return [pattern for pattern in patterns if not expand_files([pattern])]
+    return [pattern for pattern in patterns if not expand_files([pattern], key)]
 
 
 def file_format(data: DataSpec) -> str:

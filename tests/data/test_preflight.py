@@ -45,6 +45,26 @@ def test_missing_files_are_all_listed_and_no_run_starts(tmp_path, monkeypatch):
     assert not (tmp_path / "xcm-runs" / "mlflow.db").exists()
 
 
+def test_a_pattern_that_walks_too_long_is_refused_in_one_line(tmp_path, monkeypatch):
+    """A data pattern whose walk outlasts the limit (as /**/x does over a whole machine; here a tree of 3000
+    directories against a limit of 1 ms) is refused naming its key and the fix, and no run starts; the other
+    key's patterns are still checked."""
+    from orchestrator.data import text_sources
+
+    for index in range(3000):
+        (tmp_path / "tree" / f"d{index // 100}" / f"e{index}").mkdir(parents=True)
+    monkeypatch.setattr(text_sources, "PATTERN_WALK_LIMIT_S", 0.001)
+    monkeypatch.chdir(tmp_path)
+    spec = job(tmp_path, "data.source=files", "data.files=['tree/**/x.txt']", "data.validation_files=[held.jsonl]")
+    with pytest.raises(SpecError) as caught:
+        run_job(spec, tmp_path)
+    (walk, missing) = caught.value.problems
+    assert walk.key == "data.files" and "still walks the filesystem after 0.001 s" in walk.message
+    assert "directory that holds the files" in walk.fix
+    assert missing.key == "data.validation_files" and "held.jsonl" in missing.message
+    assert not (tmp_path / "xcm-runs" / "mlflow.db").exists()
+
+
 def test_text_field_not_in_the_file_names_the_columns(tmp_path):
     """A text_field the JSONL rows lack is reported with the columns they do have."""
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"body": "some text", "id": 1}] * 50)
