@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from tests.helpers import free_port, tiny_gpt2
+from tests.helpers import MlflowServer, tiny_gpt2
 
 # A dead MLflow store must fail fast in tests, not after MLflow's default ~4 minutes of retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -22,70 +22,6 @@ def local_ray():
     import ray
 
     ray.shutdown()
-
-
-class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 over a SQLite store, that can be stopped and started again."""
-
-    def __init__(self, directory, arguments=(), environment=None):
-        import sys
-        from pathlib import Path
-
-        directory.mkdir(parents=True, exist_ok=True)
-        self.directory = directory
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self._command = [
-            str(Path(sys.executable).with_name("mlflow")),
-            "server",
-            *arguments,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{directory / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(directory / "artifacts"),
-        ]
-        self._environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(environment or {})}
-        self._log = directory / "server.log"
-        self._process = None
-
-    def start(self, timeout_s: float = 180) -> None:
-        import subprocess
-        import time
-        import urllib.request
-
-        with self._log.open("a") as log:
-            self._process = subprocess.Popen(
-                self._command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.directory,
-                start_new_session=True,
-                env=self._environment,
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self._process.poll() is None, self._log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        raise TimeoutError(f"mlflow server on {self.uri} did not answer in {timeout_s} s")
-
-    def stop(self) -> None:
-        """Kill the server and its uvicorn worker (its own process group), as a crash would."""
-        import signal
-
-        if self._process is not None and self._process.poll() is None:
-            os.killpg(self._process.pid, signal.SIGKILL)
-            self._process.wait()
 
 
 @pytest.fixture

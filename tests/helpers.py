@@ -1,12 +1,16 @@
 """What many tests share: the repository's paths, the tiny job and model, the `xcm` command, a free port and MLflow
-metric histories. Fixtures that start something (Ray, an MLflow server) live in conftest.py."""
+metric histories, a real MLflow server that can be stopped and started again, and the processes of a session.
+Fixtures that start something (Ray, an MLflow server) live in conftest.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -92,3 +96,85 @@ def metric_history(client, run_id: str, key: str) -> list[MetricPoint]:
 def metric_values(client, run_id: str, key: str) -> list[float]:
     """The values of :func:`metric_history`, in step order."""
     return [point.value for point in metric_history(client, run_id, key)]
+
+
+def session_processes(session_id: int) -> list[int]:
+    """The live processes of a session (zombies excluded: they are dead, only not yet reaped)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[3]) == session_id and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def kill_session(session_id: int, timeout_s: float = 60) -> None:
+    """SIGKILL every process of a session until none is left: a driver, its local Ray, and Ray's workers and
+    actors, which lead process groups of their own (killing the driver's group alone would not reach them)."""
+    deadline = time.monotonic() + timeout_s
+    while alive := session_processes(session_id):
+        assert time.monotonic() < deadline, f"processes of session {session_id} outlive SIGKILL: {alive}"
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 over a SQLite store, that can be stopped and started again."""
+
+    def __init__(self, directory, arguments=(), environment=None):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._command = [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            *arguments,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{directory / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(directory / "artifacts"),
+        ]
+        self._environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(environment or {})}
+        self._log = directory / "server.log"
+        self._process = None
+
+    def start(self, timeout_s: float = 180) -> None:
+        import urllib.request
+
+        with self._log.open("a") as log:
+            self._process = subprocess.Popen(
+                self._command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.directory,
+                start_new_session=True,
+                env=self._environment,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self._process.poll() is None, self._log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError(f"mlflow server on {self.uri} did not answer in {timeout_s} s")
+
+    def stop(self) -> None:
+        """Kill the server and its uvicorn worker (its own process group), as a crash would."""
+        if self._process is not None and self._process.poll() is None:
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()

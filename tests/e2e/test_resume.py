@@ -1,7 +1,6 @@
 """Checkpoints end to end: a resumed run equals an uninterrupted one, `kill -9` recovery, a rollback to an older
 checkpoint, export to Hugging Face, and a tampered checkpoint that runs no code."""
 
-import contextlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from orchestrator.train import export
 from orchestrator.train.export import PARTITION_FILE, consolidated_state_dict, export_hf
 from orchestrator.train.launch import run_job
 from orchestrator.train.resume import ResumeError, locate, resume_job
-from tests.helpers import ROOT, MetricPoint, metric_history, run_xcm, tiny_spec
+from tests.helpers import ROOT, MetricPoint, kill_session, metric_history, run_xcm, tiny_spec
 
 STEPS = 20
 
@@ -86,31 +85,6 @@ def spooled_loss_steps(run_directory: Path) -> set[int]:
     path = run_directory / store.METRIC_SPOOL
     lines = path.read_text().split("\n")[:-1] if path.exists() else []
     return {record["step"] for record in map(json.loads, lines) if metric_names.LOSS in record.get("metrics", {})}
-
-
-def session_processes(session_id: int) -> list[int]:
-    """The live processes of a session (zombies excluded: they are dead, only not yet reaped)."""
-    alive = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(fields[3]) == session_id and fields[0] != "Z":
-            alive.append(int(stat.parent.name))
-    return alive
-
-
-def kill_session(session_id: int, timeout_s: float = 60) -> None:
-    """SIGKILL every process of a session until none is left: a driver, its local Ray, and Ray's workers and
-    actors, which lead process groups of their own (killing the driver's group alone would not reach them)."""
-    deadline = time.monotonic() + timeout_s
-    while alive := session_processes(session_id):
-        assert time.monotonic() < deadline, f"processes of session {session_id} outlive SIGKILL: {alive}"
-        for pid in alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
 
 
 @pytest.mark.slow
