@@ -331,6 +331,12 @@ class ResourcesSpec(Section):
         description="workers; [min, max]: an elastic group that Ray Train starts with what fits (>= min), shrinks "
         "on a loss and grows back up to max, the global batch defined at max",
     )
+    grow_check_every_s: float = Field(
+        60,
+        gt=0,
+        description="an elastic group: seconds between Ray Train's looks for capacity to grow back into "
+        "(each growth restarts the group from its last checkpoint)",
+    )
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
     peak_tflops: float | None = Field(

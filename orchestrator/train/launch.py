@@ -342,6 +342,7 @@ def worker_group(spec: JobSpec) -> dict:
         "torch_config": TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
         "scaling_config": ScalingConfig(
             num_workers=resources.num_workers,  # a (min, max) tuple makes Ray Train v2's group elastic
+            elastic_resize_monitor_interval_s=resources.grow_check_every_s,
             use_gpu=resources.use_gpu,
             resources_per_worker={
                 "CPU": resources.cpus_per_worker,
