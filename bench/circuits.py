@@ -16,6 +16,10 @@
    resident memory is the measurement's own: the MNIST MLP job on digits (trained 300 full-batch steps), the tiny
    GPT-2 job (trained 20 steps), and GPT-2 124M shapes (random init, byte vocabulary) on the synthetic tasks.
 
+5. Rank 0's side of the circuits side job's gather (``gather_parameters``) on GPT-2 124M shapes: peak allocated
+   memory and time of the whole-model copy and of the gather streamed into Ray's object store one parameter at a
+   time, and whether both give the same weights.
+
     python bench/circuits.py --part actor   # one part only
 """
 
@@ -307,6 +311,45 @@ def _own_peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def gather_part(rows: list) -> None:
+    """Rank 0's side of the circuits gather on GPT-2 124M shapes: the memory its process allocates at the peak
+    (tracemalloc: numpy's and Python's allocations; the object store's shared memory is the node's, read by the
+    actor in place) and the time, for the whole-model copy and for the streamed one, and whether the actor gets
+    bit-identical weights from each."""
+    import tracemalloc
+
+    import ray
+    import transformers
+
+    from orchestrator.gather import gather_parameters
+    from orchestrator.ranks import Rank
+
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=259))
+    largest = max(p.numel() for p in model.parameters()) * 4 / 2**30
+    total = sum(p.numel() for p in model.parameters()) * 4 / 2**30
+    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=2 * 2**30)
+    try:
+        gathered = {}
+        for what, store in (("whole-model copy", None), ("streamed to the object store", ray.put)):
+            gathered[what], seconds = timed(lambda store=store: gather_parameters(model, Rank(0, 2), store))
+            tracemalloc.start()  # a second pass for the memory: tracing slows allocation
+            gather_parameters(model, Rank(0, 2), store)
+            peak = tracemalloc.get_traced_memory()[1] / 2**30
+            tracemalloc.stop()
+            rows.append(
+                (
+                    f"rank 0 gather, GPT-2 124M shapes, {what}",
+                    f"{seconds:.1f} s",
+                    f"peak {peak:.3f} GiB allocated (model {total:.3f} GiB, largest parameter {largest:.3f} GiB)",
+                )
+            )
+        copies, refs = gathered.values()
+        same = all(np.array_equal(copies[name], ray.get(ref)) for name, ref in refs.items())
+        rows.append(("streamed == whole-model weights", "-", f"bit-identical: {same}"))
+    finally:
+        ray.shutdown()
+
+
 def _share(mask: dict) -> float:
     return sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
 
@@ -317,6 +360,7 @@ PARTS = {
     "agreement": lambda rows, quick: agreement_part(rows),
     "attribution": lambda rows, quick: attribution_part(rows, *((2, 2, 32) if quick else (8, 4, 64))),
     "actor": lambda rows, quick: actor_part(rows),
+    "gather": lambda rows, quick: gather_part(rows),
 }
 
 

@@ -2,13 +2,16 @@
 
 Under ZeRO-3 each rank holds a shard of every matrix, so a gather is a collective every rank enters, one group
 (or one parameter) at a time, never the whole model at once; under ZeRO 0-2 it is a no-op. Rank 0 keeps a
-float32 CPU copy as numpy arrays, which Ray's object store shares without copying with a side job's actors.
+float32 CPU copy as numpy arrays, which Ray's object store shares without copying with a side job's actors; a side
+job that needs every parameter can have each put into the object store as it is gathered (`stream_model`), so
+that rank 0 never holds more than one parameter's copy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +26,7 @@ class Needs:
 
     groups: bool = False
     model: bool = False
+    stream_model: bool = False  # rank 0 puts each parameter into Ray's object store as it comes: `model` holds refs
 
 
 @dataclass(frozen=True)
@@ -47,14 +51,14 @@ class Gathered:
     """Rank 0's copy of what a side job `Needs`, at one step; a part not needed is None."""
 
     groups: dict[str, GroupSnapshot] | None = None  # group name -> its matrices
-    model: dict[str, np.ndarray] | None = None  # parameter name -> float32 copy
+    model: dict[str, Any] | None = None  # parameter name -> float32 copy (its ObjectRef when streamed)
 
 
 def gather(needs: Needs, module: torch.nn.Module, groups: Sequence[MatrixGroup], rank: Rank) -> Gathered | None:
     """Every rank must call this at the same step with the same `needs`; rank 0 gets the copy, the others None."""
     gathered = Gathered(
         groups=gather_groups(groups, rank) if needs.groups else None,
-        model=gather_parameters(module, rank) if needs.model else None,
+        model=gather_parameters(module, rank, _object_store() if needs.stream_model else None) if needs.model else None,
     )
     return gathered if rank.leads else None
 
@@ -75,16 +79,26 @@ def gather_groups(groups: Sequence[MatrixGroup], rank: Rank) -> dict[str, GroupS
     return snapshot if rank.leads else None
 
 
-def gather_parameters(module: torch.nn.Module, rank: Rank) -> dict[str, np.ndarray] | None:
-    """Every parameter of `module`, one at a time (a collective under ZeRO-3); rank 0 gets them by name."""
+def gather_parameters(
+    module: torch.nn.Module, rank: Rank, store: Callable[[np.ndarray], Any] | None = None
+) -> dict[str, Any] | None:
+    """Every parameter of `module`, one at a time (a collective under ZeRO-3); rank 0 gets them by name: the
+    copies, or what `store` returns for each, so that rank 0 holds one copy at a time rather than the model."""
     import deepspeed
 
-    state: dict[str, np.ndarray] = {}
+    state: dict[str, Any] = {}
     for name, parameter in module.named_parameters():
         with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
             if rank.leads:
-                state[name] = _copy(parameter)
+                # the store copies the gathered buffer before it is freed, so rank 0 makes no copy of its own
+                state[name] = _copy(parameter) if store is None else store(parameter.detach().float().cpu().numpy())
     return state if rank.leads else None
+
+
+def _object_store() -> Callable[[np.ndarray], Any]:
+    import ray
+
+    return ray.put
 
 
 def _copy(weight: torch.Tensor) -> np.ndarray:

@@ -75,7 +75,7 @@ class CircuitsActor:
             dict(result.skipped),
         )
 
-    def _loaded_at(self, step: int, parameters: dict[str, np.ndarray]):
+    def _loaded_at(self, step: int, parameters: dict[str, np.ndarray | ray.ObjectRef]):
         """The job's model with the weights of `step` (built, with its examples or tokenizer, on first use)."""
         from dataclasses import replace
 
@@ -85,11 +85,14 @@ class CircuitsActor:
 
             self._loaded = loaded_model_from_spec(self._spec)
             on_device(self._loaded.model, circuits_device(self._spec.circuits.gpus))
-        missing = sorted(set(dict(self._loaded.model.named_parameters())) - set(parameters))
-        if missing:
-            raise ValueError(f"the gathered weights lack {missing[:3]}: not this job's model")
-        state = {name: torch.tensor(array) for name, array in parameters.items()}  # copied: read-only arrays
-        self._loaded.model.load_state_dict(state, strict=False)  # strict=False: buffers are not gathered
+        own = dict(self._loaded.model.named_parameters())
+        missing, extra = sorted(set(own) - set(parameters)), sorted(set(parameters) - set(own))
+        if missing or extra:
+            raise ValueError(f"the gathered weights lack {missing[:3]} or have {extra[:3]}: not this job's model")
+        with torch.no_grad():
+            for name, value in parameters.items():  # one at a time: a streamed gather's refs are fetched here
+                array = ray.get(value) if isinstance(value, ray.ObjectRef) else value
+                own[name].copy_(torch.from_numpy(np.array(array)))  # a writable copy: object-store arrays are not
         self._loaded = replace(self._loaded, step=step)
         return self._loaded
 

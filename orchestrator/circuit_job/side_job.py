@@ -104,7 +104,8 @@ class CircuitsJob:
 
     @staticmethod
     def needs() -> Needs:
-        return Needs(model=True)
+        """Every parameter, each put into the object store as it is gathered: rank 0 holds one at a time."""
+        return Needs(model=True, stream_model=True)
 
     def submit(self, step: int, gathered: Gathered | None) -> None:
         """Before step index `step`, `step` steps are done: their weights are measured for index `step - 1`."""
@@ -120,11 +121,9 @@ class CircuitsJob:
             self._resumed_lost = []
         if not self._rank.leads:
             return
-        import ray
-
         current = self._partitions()
         partitions = None if current is None else {name: p.to_dict() for name, p in current.items()}
-        parameters = ray.put(gathered.model)
+        parameters = gathered.model  # name -> ObjectRef, fetched by the actor one at a time
         self._in_flight.append(_InFlight(step, self._circuits_actor().compute.remote(step, parameters, partitions)))
 
     def collect(self, step: int) -> None:
