@@ -5,6 +5,7 @@ trains as an undisturbed run does."""
 import contextlib
 import os
 import signal
+import statistics
 import threading
 import time
 
@@ -18,9 +19,12 @@ from tests.helpers import free_port, metric_history, metric_values, tiny_spec
 
 # Long enough that the one worker left is still training when the new node has joined (~10 steps/s here).
 STEPS = 400
-# The global batch is 8 x 1 x 2 at two workers and 8 x 2 x 1 at one, over the same examples in the same order, so
-# a resized run's loss differs from an undisturbed one's only by the order of the floating-point sums.
-LOSS_TOLERANCE = 1e-3
+# The global batch is 8 x 1 x 2 at two workers and 8 x 2 x 1 at one, over the same examples in the same order, so a
+# resized run trains as an undisturbed one up to the order of the floating-point sums, which the loss's lambda
+# (20) amplifies over hundreds of steps; and a step's logged loss is one micro-batch's, rank 0's, which at one worker
+# is another half of the global batch. Compared: the mean loss of each 50 steps (observed apart by up to 0.032).
+WINDOW_STEPS = 50
+LOSS_TOLERANCE = 0.05
 ELASTIC = (
     "resources.num_workers=[1, 2]",
     "resources.grow_check_every_s=2",
@@ -161,10 +165,16 @@ def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it_back(cluster, workdi
     workers = metric_history(client, result.run_id, metric_names.WORKERS)
     expected = metric_history(client, reference.run_id, metric_names.LOSS)
     got = metric_history(client, result.run_id, metric_names.LOSS)
-    difference = max(abs(have - dict(expected)[step]) for step, have in got)
+    difference = max(
+        abs(
+            statistics.fmean(value for _, value in got[start : start + WINDOW_STEPS])
+            - statistics.fmean(value for _, value in expected[start : start + WINDOW_STEPS])
+        )
+        for start in range(0, STEPS, WINDOW_STEPS)
+    )
     print(
         f"elastic e2e: undisturbed {undisturbed_s:.0f} s, resized {elapsed_s:.0f} s (a node joined in "
-        f"{joined_s:.0f} s), workers {workers}, largest loss difference {difference:.2e}"
+        f"{joined_s:.0f} s), workers {workers}, largest {WINDOW_STEPS}-step mean loss difference {difference:.3f}"
     )
     assert client.get_run(result.run_id).info.status == "FINISHED"
     assert [point.value for point in workers] == [2, 1, 2], workers  # shrunk, then grown back
@@ -173,4 +183,5 @@ def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it_back(cluster, workdi
         (workers[2].step, 1),
     ]
     assert [step for step, _ in got] == list(range(STEPS))  # every step logged exactly once
+    assert got[: workers[1].step] == expected[: workers[1].step]  # the same run until the node was lost
     assert difference <= LOSS_TOLERANCE
