@@ -6,8 +6,9 @@
 The job is jobs/tiny.yaml on a local Ray (2 CPU workers, ZeRO-2), tracked by an `mlflow server` that this script
 starts on 127.0.0.1 and stops by its pid. It checkpoints every 10 steps and recomputes its partition every 10,
 adopted 2 steps after each request (so a restarted run adopts the same versions at the same steps); each version
-takes at least a second, so a partitioner killed just after a request dies with it in flight. An adversary reads
-rank 0's metric spool and, at steps drawn from the seed, does each fault once the previous one has recovered:
+takes at least 2 s, so a partitioner killed just after a request dies with it in flight (and training is paced at
+0.2 s a step or more, so that an outage spans steps on any machine). An adversary reads rank 0's metric spool
+and, at steps drawn from the seed, does each fault once the previous one has recovered:
 
 - worker: kill -9 one Ray Train worker (Ray Train restarts the group from its last checkpoint)
 - partitioner: kill -9 the partitioner actor just after a request (Ray restarts it and retries the request)
@@ -20,10 +21,11 @@ rank 0's metric spool and, at steps drawn from the seed, does each fault once th
 Then, read back with MLflow's own client: every step's metrics logged once (what the full spool dropped excepted,
 which must be what its `spool/dropped_metrics` counts), the loss curve and final weights equal to the undisturbed
 run's, both runs FINISHED, no process of either run's Ray left, and no `step-*` directory in the run directory
-that Ray Train's list does not name or that does not verify. A lost or duplicated step is charged to the fault
-injected last before it was (or, lost, its next step was) logged. Recovery: seconds from the fault (for the outage
-and the full spool, from the server's return) until the run is whole again: a step past the fault logged, the
-version adopted, the backlog in MLflow, the spool writing. Prints one row per fault; exits 1 when any fails.
+that Ray Train's list does not name or that does not verify. A duplicated step is charged to the fault injected
+last before its second logging, a lost one to the fault injected last at or before its step. Recovery: seconds
+from the fault (for the outage and the full spool, from the server's return) until the run is whole again: a step
+past the fault logged, the version adopted, the backlog in MLflow, the spool writing. Prints one row per fault;
+exits 1 when any fails.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def job_settings(name: str, steps: int, tracking_uri: str) -> list[str]:
         "checkpointing.max_failures=3",
         f"modularity.partition_every={PARTITION_EVERY}",
         "partitioner.adopt_after_steps=2",
-        "partitioner.delay_s=1",
+        "partitioner.delay_s=2",  # paces training: at least 0.2 s a step on any machine
         "partitioner.heatmap_every=1000000",
         f"tracking.uri={tracking_uri}",
         "tracking.experiment=xcm-faults",
@@ -279,16 +281,34 @@ class Adversary:
         self.run_directory = self._wait(lambda: next(self.workdir.glob("xcm-runs/checkpoints/faults-*"), None), "run")
         self.watch = SpoolWatch(self.run_directory / store.METRIC_SPOOL)
         for event, step in planned:
-            self._wait(lambda step=step: self.watch.latest_step >= step or None, f"step {step}")
+            if self._wait(lambda step=step: self.watch.latest_step >= step or None, f"step {step}", ends=True) is None:
+                self.injections.append(
+                    Injection(
+                        event,
+                        f"{event} (not injected)",
+                        step,
+                        time.time(),
+                        problems=["the run ended before its step: raise --steps"],
+                    )
+                )
+                continue
             getattr(self, f"_{event}")()
         code = self.driver.process.wait(timeout=WAIT_S)
         if code != 0:
             raise CampaignError(f"the last launch exited {code}: see {self.driver.log}")
 
+    def resumed_steps(self, since: float) -> list[int]:
+        """The steps that launches after ``since`` logged as resumed from (a step logged before is not again)."""
+        key = "checkpoint/resumed_from_step"
+        return [
+            int(r["metrics"][key]) for r in self.watch.records if r["timestamp"] > since * 1000 and key in r["metrics"]
+        ]
+
     def _log(self) -> Path:
         return self.workdir / f"launch-{len(self.drivers)}.log"
 
-    def _wait(self, condition, what: str, timeout_s: float = WAIT_S):
+    def _wait(self, condition, what: str, timeout_s: float = WAIT_S, ends: bool = False):
+        """What ``condition`` returns once true; None when the run ended first and ``ends`` allows it."""
         deadline = time.monotonic() + timeout_s
         while True:
             if self.watch is not None:
@@ -296,6 +316,8 @@ class Adversary:
             if found := condition():
                 return found
             if self.driver.process.poll() is not None:
+                if ends and self.driver.process.returncode == 0:
+                    return None
                 raise CampaignError(
                     f"the run ended ({self.driver.process.returncode}) before {what}: {self.driver.log}"
                 )
@@ -308,11 +330,14 @@ class Adversary:
         self.injections.append(injection)
         return injection
 
-    def _step_past(self, injection: Injection) -> float:
+    def _step_past(self, injection: Injection, since: float | None = None) -> float | None:
+        """Seconds until a step past the fault was logged (after ``since``: by a new launch)."""
         record = self._wait(
-            lambda: self.watch.first_after(injection.at, lambda r: r["step"] > injection.step), "a step past the fault"
+            lambda: self.watch.first_after(since or injection.at, lambda r: r["step"] > injection.step),
+            "a step past the fault",
+            ends=True,
         )
-        return record["timestamp"] / 1000 - injection.at
+        return None if record is None else record["timestamp"] / 1000 - injection.at
 
     def _worker(self) -> None:
         victims = self._wait(lambda: self.driver.titled("ray::RayTrainWorker"), "the training workers")
@@ -330,8 +355,9 @@ class Adversary:
                 injection.at, lambda r: r["step"] > injection.step and "partition/version" in r["metrics"]
             ),
             "a partition version adopted after the kill",
+            ends=True,
         )
-        injection.recovery_s = record["timestamp"] / 1000 - injection.at
+        injection.recovery_s = None if record is None else record["timestamp"] / 1000 - injection.at
 
     def _outage(self) -> None:
         outage = self._start("mlflow", "MLflow server down")
@@ -369,8 +395,12 @@ class Adversary:
             record = self._wait(
                 lambda: self.watch.first_after(back, lambda r: "spool/dropped_metrics" in r["metrics"]),
                 "the spool to write again",
+                ends=True,
             )
-            fill.recovery_s = record["timestamp"] / 1000 - back
+            if record is None:  # the run ended first: its logger sent the count itself
+                fill.problems.append("the run ended before the spool wrote again: raise --steps")
+            else:
+                fill.recovery_s = record["timestamp"] / 1000 - back
 
     def _driver(self) -> None:
         killed = self._start("driver", "kill -9 the driver's session, xcm resume")
@@ -384,8 +414,9 @@ class Adversary:
             self.injections.append(corrupt)
         if "driver" not in self.faults:
             self.injections.remove(killed)
+        resumed_at = time.time()
         self.drivers.append(Driver(["resume", str(self.run_directory)], self.workdir, self._log()))
-        recovery = self._step_past(killed)
+        recovery = self._step_past(killed, since=resumed_at)
         killed.recovery_s = recovery
         if "corrupt" in self.faults:
             corrupt.recovery_s = recovery
@@ -428,8 +459,8 @@ def compare_metrics(client, reference_id: str, run_id: str, injections: list[Inj
             if index and steps[index - 1] == metric.step:
                 _charge(injections, metric.timestamp, "duplicated", metric.step, uncharged)
         for step in sorted({m.step for m in expected} - set(steps)):
-            later = [m.timestamp for m in got if m.step > step]
-            injection = _charge(injections, min(later, default=time.time() * 1000), "lost", step, uncharged)
+            injection = max((i for i in injections if i.step <= step), key=lambda i: (i.step, i.at), default=None)
+            (injection.lost if injection else uncharged["lost"]).add(step)
             if injection is not None:
                 missing_metrics[injection.fault] += 1
         if key in COMPARED_VALUES:
@@ -440,7 +471,7 @@ def compare_metrics(client, reference_id: str, run_id: str, injections: list[Inj
 
 def _charge(injections, logged_at_ms, kind: str, step: int, uncharged) -> Injection | None:
     injection = charge(injections, logged_at_ms)
-    getattr(injection, kind).add(step) if injection is not None else uncharged[kind].add(step)
+    (getattr(injection, kind) if injection is not None else uncharged[kind]).add(step)
     return injection
 
 
@@ -457,9 +488,10 @@ def final_weight_difference(reference_directory: Path, run_directory: Path, step
     return max((weights[0][name] - weights[1][name]).abs().max().item() for name in weights[0])
 
 
-def stray_checkpoints(run_directory: Path) -> list[str]:
+def stray_checkpoints(run_directory: Path, rolled_back_to: str | None = None) -> list[str]:
     """Checkpoint directories that Ray Train's list does not name (keep_last never deletes them), listed ones
-    that are gone, and any that does not verify."""
+    that are gone, and any that does not verify. ``rolled_back_to``, the checkpoint a resume continued from after
+    setting newer ones aside, is left out of Ray Train's new list as the README says of a rollback."""
     import pyarrow.fs as pafs
 
     from orchestrator.train import checkpoint_store as store
@@ -471,7 +503,7 @@ def stray_checkpoints(run_directory: Path) -> list[str]:
         for p in run_directory.iterdir()
         if p.is_dir() and p.name.startswith((store.CHECKPOINT_PREFIX, store.UNIVERSAL_PREFIX))
     }
-    problems = [f"{name}: not in Ray Train's list" for name in sorted(present - listed)]
+    problems = [f"{name}: not in Ray Train's list" for name in sorted(present - listed - {rolled_back_to})]
     problems += [f"{name}: listed but missing" for name in sorted(listed - present)]
     for name in sorted(present):
         if reason := store.problem(pafs.LocalFileSystem(), str(run_directory / name)):
@@ -538,6 +570,12 @@ def campaign(workdir: Path, seed: int, faults: list[str], steps: int, outage_s: 
         server.stop()
 
 
+def checkpoint_name(step: int) -> str:
+    from orchestrator.train import checkpoint_store as store
+
+    return store.checkpoint_name(step)
+
+
 def judge(workdir, server, reference: Driver, adversary: Adversary, steps: int, leftovers, wall_s) -> Report:
     client = _client(server.uri)
     reference_id, run_id = reference.run_id(), adversary.drivers[0].run_id()
@@ -557,7 +595,7 @@ def judge(workdir, server, reference: Driver, adversary: Adversary, steps: int, 
             injection.problems.append(f"steps lost: {sorted(injection.lost)[:5]}")
         if injection.fault == "corrupt":
             corrupted, previous = adversary.expected_resume
-            resumed = resumed_from(adversary.drivers[-1].log) or resumed_from(adversary.run_directory / "xcm.log")
+            resumed = adversary.resumed_steps(injection.at) + resumed_from(adversary.run_directory / "xcm.log")
             if previous not in resumed or corrupted in resumed:
                 injection.problems.append(f"resumed from {resumed}, not step {previous}")
             if (adversary.run_directory / f"step-{corrupted:08d}").exists():
@@ -565,7 +603,12 @@ def judge(workdir, server, reference: Driver, adversary: Adversary, steps: int, 
     reference_directory = next(workdir.glob("xcm-runs/checkpoints/reference-*"))
     weights = final_weight_difference(reference_directory, adversary.run_directory, steps)
     statuses = [client.get_run(i).info.status for i in (reference_id, run_id)]
-    stray = stray_checkpoints(adversary.run_directory)
+    fallback = adversary.expected_resume and checkpoint_name(adversary.expected_resume[1])
+    stray = stray_checkpoints(adversary.run_directory, fallback)
+    if fallback and (adversary.run_directory / fallback).is_dir():
+        stray_note = f"; {fallback}, the resume's fallback, kept outside Ray Train's list (keep_last never deletes it)"
+    else:
+        stray_note = ""
     uncharged = compared["uncharged"]
     invariants = {
         "runs FINISHED": (statuses == ["FINISHED"] * 2, f"undisturbed {statuses[0]}, disturbed {statuses[1]}"),
@@ -582,7 +625,10 @@ def judge(workdir, server, reference: Driver, adversary: Adversary, steps: int, 
             f"lost {sorted(uncharged['lost'])[:5]}, duplicated {sorted(uncharged['duplicated'])[:5]}",
         ),
         "no orphaned Ray processes": (not leftovers, f"left: {leftovers}"),
-        "checkpoints all listed and intact": (not stray, "; ".join(stray) or "every step-* listed and verified"),
+        "checkpoints all listed and intact": (
+            not stray,
+            ("; ".join(stray) or "every step-* listed and verified") + stray_note,
+        ),
     }
     return Report(adversary.injections, invariants, wall_s)
 

@@ -13,7 +13,7 @@ def test_faulted_run_ends_like_the_undisturbed_one(tmp_path):
     """Every fault is injected and survived: no step logged twice, none lost but the ones the full spool dropped
     and counted, each recovered; the final weights and loss curve equal the undisturbed run's, both runs FINISHED,
     no Ray process left, every checkpoint directory listed by Ray Train and intact."""
-    report = campaign(tmp_path, seed=1, faults=FAULTS, steps=120, outage_s=10)
+    report = campaign(tmp_path, seed=1, faults=FAULTS, steps=160, outage_s=8)
     print(report.table())
     assert sorted(i.fault for i in report.injections) == sorted(FAULTS)
     for injection in report.injections:
