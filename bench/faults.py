@@ -19,7 +19,7 @@ and, at steps drawn from the seed, does each fault once the previous one has rec
 - corrupt: before that resume, truncate a ZeRO shard of the newest checkpoint (the resume takes the one before)
 
 Then, read back with MLflow's own client: every step's metrics logged once (what the full spool dropped excepted,
-which must be what its `spool/dropped_metrics` counts), the loss curve and final weights equal to the undisturbed
+which its `spool/dropped_metrics` must count), the loss curve and final weights equal to the undisturbed
 run's, both runs FINISHED, no process of either run's Ray left, and no `step-*` directory in the run directory
 that Ray Train's list does not name or that does not verify. A duplicated step is charged to the fault injected
 last before its second logging, a lost one to the fault injected last at or before its step. Recovery: seconds
@@ -587,7 +587,8 @@ def judge(workdir, server, reference: Driver, adversary: Adversary, steps: int, 
         if injection.duplicated:
             injection.problems.append(f"steps logged twice: {sorted(injection.duplicated)[:5]}")
         if injection.fault == "spool":
-            if compared["missing_metrics"]["spool"] != dropped:
+            # A dropped step that a later restart recomputed is logged after all: missing ones, never more than counted.
+            if not 0 < compared["missing_metrics"]["spool"] <= dropped:
                 injection.problems.append(
                     f"{compared['missing_metrics']['spool']} metrics missing, {dropped:.0f} counted"
                 )
