@@ -65,21 +65,41 @@ def attribution_weight_circuit(
     batches, as the papers judge circuits on the data that chose them). `params` default: the regularised
     matrices (a transformer's MLP in/out projections; never embeddings, unembedding or norms), or every
     nn.Linear weight of a model without MLP groups. The model is restored."""
-    taus = tuple(sorted(taus))
-    if ig_steps < 1 or not taus or not all(0 < tau <= 1 for tau in taus):
-        raise ValueError(f"attribution_weight_circuit: need ig_steps >= 1 and taus in (0, 1], got {ig_steps}, {taus}")
-    parameters = _scoped_parameters(model, params)
+    taus = check_taus(ig_steps, taus)
+    parameters = scoped_parameters(model, params)
     scores = integrated_gradient_scores(model, parameters, batches, metric, ig_steps, signed)
-    judge = _Faithfulness(model, parameters, scores, eval_batches if eval_batches is not None else batches, metric)
-    faithfulness = np.array([judge.at_share(share) for share in GRID])
-    counts = {tau: judge.smallest_count(tau, faithfulness) for tau in taus}
+    judged = eval_batches if eval_batches is not None else batches
+    size = sum(score.numel() for score in scores.values())
+    judge = Faithfulness(WholeModelMasking(model, parameters, scores, judged, metric), size)
+    faithfulness, counts = judge.grid_and_counts(taus)
     masks = {tau: top_mask(scores, count) for tau, count in counts.items()}
     labels = resolve_partition(model, partition)
-    data = "the same data" if eval_batches is None else f"{len(eval_batches)} held-out batches"
+    return judged_circuit(
+        method_line(ig_steps, signed, taus, len(parameters), len(batches), eval_batches),
+        scores,
+        judge,
+        faithfulness,
+        counts,
+        masks,
+        sizes_at={tau: {name: float(m.double().mean()) for name, m in mask.items()} for tau, mask in masks.items()},
+        locality=None if labels is None else {tau: circuit_locality(mask, labels) for tau, mask in masks.items()},
+    )
+
+
+def judged_circuit(
+    method: str,
+    scores: dict[str, Tensor],
+    judge: Faithfulness,
+    faithfulness: np.ndarray,
+    counts: Mapping[float, int],
+    masks: dict[float, dict[str, Tensor]],
+    sizes_at: dict[float, dict[str, float]],
+    locality: dict[float, Locality] | None,
+) -> AttributionCircuit:
+    """The circuit record from a judged scope, wherever its weights are held: sizes as shares of the scope,
+    CPR and CMD as areas under the faithfulness grid."""
     return AttributionCircuit(
-        method=f"attribution-ranked weight pruning: integrated gradients, K={ig_steps} steps, "
-        f"{'signed' if signed else 'absolute'} scores, τ {taus}, {len(parameters)} matrices, "
-        f"scored on {len(batches)} batches, judged on {data}",
+        method=method,
         scores=scores,
         full=judge.full,
         none=judge.none,
@@ -87,15 +107,36 @@ def attribution_weight_circuit(
         faithfulness=faithfulness,
         size_at={tau: count / judge.size for tau, count in counts.items()},
         masks=masks,
-        sizes_at={tau: {name: float(m.double().mean()) for name, m in mask.items()} for tau, mask in masks.items()},
-        locality=None if labels is None else {tau: circuit_locality(mask, labels) for tau, mask in masks.items()},
+        sizes_at=sizes_at,
+        locality=locality,
         cpr=float(np.trapezoid(faithfulness, GRID)),
         cmd=float(np.trapezoid(np.abs(1 - faithfulness), GRID)),
         curve=dict(sorted(judge.cache.items())),
     )
 
 
-def _scoped_parameters(model: nn.Module, params: Sequence[str] | None) -> dict[str, nn.Parameter]:
+def check_taus(ig_steps: int, taus: Iterable[float]) -> tuple[float, ...]:
+    """The taus in ascending order; refuses no taus, one outside (0, 1] or fewer than one IG step."""
+    taus = tuple(sorted(taus))
+    if ig_steps < 1 or not taus or not all(0 < tau <= 1 for tau in taus):
+        raise ValueError(f"attribution_weight_circuit: need ig_steps >= 1 and taus in (0, 1], got {ig_steps}, {taus}")
+    return taus
+
+
+def method_line(
+    ig_steps: int, signed: bool, taus: tuple[float, ...], matrices: int, batches: int, eval_batches: Sequence | None
+) -> str:
+    """What produced a circuit, for its report."""
+    data = "the same data" if eval_batches is None else f"{len(eval_batches)} held-out batches"
+    return (
+        f"attribution-ranked weight pruning: integrated gradients, K={ig_steps} steps, "
+        f"{'signed' if signed else 'absolute'} scores, τ {taus}, {matrices} matrices, "
+        f"scored on {batches} batches, judged on {data}"
+    )
+
+
+def scoped_parameters(model: nn.Module, params: Sequence[str] | None) -> dict[str, nn.Parameter]:
+    """The scope by name: `params`, or the regularised matrices when None; refuses a name the model lacks."""
     available = dict(model.named_parameters())
     names = list(regularised_scope(model) if params is None else params)
     missing = [name for name in names if name not in available]
@@ -186,26 +227,17 @@ def masked_metric(
         _scale(parameters, originals, 1.0)
 
 
-class _Faithfulness:
-    """f of the top-`count` circuit, each count evaluated once."""
+class WholeModelMasking:
+    """Mean metric of the top-`count` circuit of a model held whole in this process."""
 
     def __init__(self, model, parameters, scores, batches, metric):
         self.model, self.parameters, self.scores, self.batches, self.metric = model, parameters, scores, batches, metric
         self.originals = {name: p.detach().clone() for name, p in parameters.items()}
         flat = torch.cat([score.detach().reshape(-1).cpu() for score in scores.values()])
         self.ascending = np.sort(flat.numpy())  # one sort serves every count's threshold (numpy's: ~7x torch's)
-        self.size = len(flat)
-        self.full = self._metric(self.size)
-        self.none = self._metric(0)
-        if not self.none > self.full:
-            raise ValueError(
-                f"attribution_weight_circuit: zeroing the scope does not hurt the task (metric "
-                f"{self.none:.4g} without it, {self.full:.4g} with it); faithfulness is undefined"
-            )
-        self.cache: dict[int, float] = {0: 0.0, self.size: 1.0}
 
-    def _metric(self, count: int) -> float:
-        threshold = float(self.ascending[self.size - count]) if count else math.inf
+    def __call__(self, count: int) -> float:
+        threshold = float(self.ascending[len(self.ascending) - count]) if count else math.inf
         return masked_metric(
             self.model,
             self.parameters,
@@ -215,16 +247,37 @@ class _Faithfulness:
             self.originals,
         )
 
+
+class Faithfulness:
+    """f of the top-`count` circuit of a scope of `size` weights, each count evaluated once by `metric_at`
+    (count -> mean metric with only the top `count` weights kept), however the weights are held."""
+
+    def __init__(self, metric_at: Callable[[int], float], size: int):
+        self.metric_at, self.size = metric_at, size
+        self.full = metric_at(size)
+        self.none = metric_at(0)
+        if not self.none > self.full:
+            raise ValueError(
+                f"attribution_weight_circuit: zeroing the scope does not hurt the task (metric "
+                f"{self.none:.4g} without it, {self.full:.4g} with it); faithfulness is undefined"
+            )
+        self.cache: dict[int, float] = {0: 0.0, self.size: 1.0}
+
     def count(self, share: float) -> int:
         return min(self.size, math.ceil(share * self.size - 1e-9))
 
     def at_count(self, count: int) -> float:
         if count not in self.cache:
-            self.cache[count] = (self.none - self._metric(count)) / (self.none - self.full)
+            self.cache[count] = (self.none - self.metric_at(count)) / (self.none - self.full)
         return self.cache[count]
 
     def at_share(self, share: float) -> float:
         return self.at_count(self.count(share))
+
+    def grid_and_counts(self, taus: Iterable[float]) -> tuple[np.ndarray, dict[float, int]]:
+        """f at every `GRID` share, and per τ the kept count of the smallest circuit with f ≥ τ."""
+        faithfulness = np.array([self.at_share(share) for share in GRID])
+        return faithfulness, {tau: self.smallest_count(tau, faithfulness) for tau in taus}
 
     def smallest_count(self, tau: float, faithfulness: np.ndarray) -> int:
         """Kept count of the smallest grid share with f ≥ τ, narrowed by bisection from the grid point below."""
