@@ -20,9 +20,11 @@ and, at steps drawn from the seed, does each fault once the previous one has rec
 
 Then, read back with MLflow's own client: every step's metrics logged once (what the full spool dropped excepted,
 which its `spool/dropped_metrics` must count), the loss curve and final weights equal to the undisturbed
-run's, both runs FINISHED, no process of either run's Ray left, and no `step-*` directory in the run directory
-that Ray Train's list does not name or that does not verify. A duplicated step is charged to the fault injected
-last before its second logging, a lost one to the fault injected last at or before its step. Recovery: seconds
+run's, both runs FINISHED, no process of either run's Ray left, no `step-*` directory in the run directory
+that Ray Train's list does not name or that does not verify, and no checkpoint set aside by the resume left (the
+truncated one is quarantined until the run has an intact checkpoint as new, then deleted). A duplicated step is
+charged to the fault injected last before its second logging, a lost one to the fault injected last at or before
+its step. Recovery: seconds
 from the fault (for the outage and the full spool, from the server's return) until the run is whole again: a step
 past the fault logged, the version adopted, the backlog in MLflow, the spool writing. Prints one row per fault;
 exits 1 when any fails.
@@ -488,10 +490,10 @@ def final_weight_difference(reference_directory: Path, run_directory: Path, step
     return max((weights[0][name] - weights[1][name]).abs().max().item() for name in weights[0])
 
 
-def stray_checkpoints(run_directory: Path, rolled_back_to: str | None = None) -> list[str]:
+def stray_checkpoints(run_directory: Path) -> list[str]:
     """Checkpoint directories that Ray Train's list does not name (keep_last never deletes them), listed ones
-    that are gone, and any that does not verify. ``rolled_back_to``, the checkpoint a resume continued from after
-    setting newer ones aside, is left out of Ray Train's new list as the README says of a rollback."""
+    that are gone, any that does not verify, and any left set aside by a resume (superseded-*: this campaign rolls
+    nothing back; refused-*: deleted once the run has an intact checkpoint as new)."""
     import pyarrow.fs as pafs
 
     from orchestrator.train import checkpoint_store as store
@@ -503,11 +505,13 @@ def stray_checkpoints(run_directory: Path, rolled_back_to: str | None = None) ->
         for p in run_directory.iterdir()
         if p.is_dir() and p.name.startswith((store.CHECKPOINT_PREFIX, store.UNIVERSAL_PREFIX))
     }
-    problems = [f"{name}: not in Ray Train's list" for name in sorted(present - listed - {rolled_back_to})]
+    problems = [f"{name}: not in Ray Train's list" for name in sorted(present - listed)]
     problems += [f"{name}: listed but missing" for name in sorted(listed - present)]
     for name in sorted(present):
         if reason := store.problem(pafs.LocalFileSystem(), str(run_directory / name)):
             problems.append(f"{name}: {reason}")
+    aside = (store.SUPERSEDED_PREFIX, store.REFUSED_PREFIX)
+    problems += [f"{p.name}: set aside and left" for p in sorted(run_directory.iterdir()) if p.name.startswith(aside)]
     return problems
 
 
@@ -570,12 +574,6 @@ def campaign(workdir: Path, seed: int, faults: list[str], steps: int, outage_s: 
         server.stop()
 
 
-def checkpoint_name(step: int) -> str:
-    from orchestrator.train import checkpoint_store as store
-
-    return store.checkpoint_name(step)
-
-
 def judge(workdir, server, reference: Driver, adversary: Adversary, steps: int, leftovers, wall_s) -> Report:
     client = _client(server.uri)
     reference_id, run_id = reference.run_id(), adversary.drivers[0].run_id()
@@ -604,12 +602,7 @@ def judge(workdir, server, reference: Driver, adversary: Adversary, steps: int, 
     reference_directory = next(workdir.glob("xcm-runs/checkpoints/reference-*"))
     weights = final_weight_difference(reference_directory, adversary.run_directory, steps)
     statuses = [client.get_run(i).info.status for i in (reference_id, run_id)]
-    fallback = adversary.expected_resume and checkpoint_name(adversary.expected_resume[1])
-    stray = stray_checkpoints(adversary.run_directory, fallback)
-    if fallback and (adversary.run_directory / fallback).is_dir():
-        stray_note = f"; {fallback}, the resume's fallback, kept outside Ray Train's list (keep_last never deletes it)"
-    else:
-        stray_note = ""
+    stray = stray_checkpoints(adversary.run_directory)
     uncharged = compared["uncharged"]
     invariants = {
         "runs FINISHED": (statuses == ["FINISHED"] * 2, f"undisturbed {statuses[0]}, disturbed {statuses[1]}"),
@@ -628,7 +621,7 @@ def judge(workdir, server, reference: Driver, adversary: Adversary, steps: int, 
         "no orphaned Ray processes": (not leftovers, f"left: {leftovers}"),
         "checkpoints all listed and intact": (
             not stray,
-            ("; ".join(stray) or "every step-* listed and verified") + stray_note,
+            "; ".join(stray) or "every step-* listed and verified, nothing set aside left",
         ),
     }
     return Report(adversary.injections, invariants, wall_s)

@@ -16,7 +16,9 @@ One checkpoint, as Ray Train stores it under the run directory ``<storage_path>/
 
 Beside a checkpoint, ``universal-<step>/`` holds its DeepSpeed state in the universal form (made once by
 ``orchestrator.train.universal`` for a resume on another worker count), with the same layout, its state marked
-``universal``, and a manifest of its own, verified like any checkpoint's.
+``universal``, and a manifest of its own, verified like any checkpoint's. A resume from an older checkpoint moves
+the later ones into ``superseded-<UTC time>/`` (intact) or ``refused-<UTC time>/`` (not verifying, deleted once the
+run has an intact checkpoint as new): ``set_aside_newer``.
 
 Ranks upload to storage independently and in no fixed order, so "written last" cannot be an upload order:
 a checkpoint counts only when its manifest is there and every file it lists is present with the listed size
@@ -68,6 +70,7 @@ DEEPSPEED = "deepspeed"
 CHECKPOINT_PREFIX = "step-"
 UNIVERSAL_PREFIX = "universal-"  # a checkpoint's DeepSpeed universal form, beside it (orchestrator.train.universal)
 SUPERSEDED_PREFIX = "superseded-"
+REFUSED_PREFIX = "refused-"
 METRIC_SPOOL = "mlflow-spool.jsonl"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints, in the run directory
 KEY_ENV = "XCM_CHECKPOINT_KEY"
@@ -535,26 +538,133 @@ def is_checkpoint_path(location: str) -> bool:
     )
 
 
-def set_aside_newer(located: Located) -> str | None:
-    """Move every checkpoint after ``located`` in its run directory, and Ray Train's list of the run's
-    checkpoints, into ``superseded-<UTC time>/`` there; its path, or None when nothing is newer.
+class SetAside(NamedTuple):
+    """Where ``set_aside_newer`` moved a run's checkpoints after the one resumed from (None: none of that kind)."""
 
-    A run continued from an older checkpoint writes the same ``step-N`` names again: Ray would merge its
-    files into the old directories, and its restored list (which names the old ones) would delete the new
-    checkpoints as the old ones age out. Moved aside, the abandoned branch stays whole, and Ray starts a new
-    list (so the checkpoints up to ``located`` are no longer deleted by ``keep_last``).
+    superseded: str | None  # the intact ones: an abandoned branch, kept until the user deletes it
+    refused: str | None  # those that do not verify, until the run has an intact checkpoint as new (``discard_refused``)
+
+
+def set_aside_newer(located: Located) -> SetAside:
+    """Move every checkpoint after ``located`` out of its run directory and out of Ray Train's list of the run's
+    checkpoints: the intact ones into ``superseded-<UTC time>/``, those that do not verify into ``refused-<UTC
+    time>/``.
+
+    A run continued from an older checkpoint writes the same ``step-N`` names again: Ray would merge its files into
+    the old directories, and its restored list (which names the old ones) would delete the new checkpoints as the
+    old ones age out. The list is cut back to ``located`` (``_cut_ray_list``), so ``keep_last`` goes on deleting the
+    checkpoints up to it in turn. An intact later checkpoint is a branch the user abandoned (a rollback past a
+    divergence): it stays whole for them to delete. A refused one (a resume fell back past it) is worth nothing
+    once the run has an intact checkpoint at least as new, and keeping it then is a leak no ``keep_last`` deletes;
+    until then it is quarantined, not deleted, since "refused" may be an upload that had not finished, or the
+    evidence of what damaged it.
     """
     parent, name = str(PurePosixPath(located.path).parent), PurePosixPath(located.path).name
     filesystem = located.filesystem
     newer = [entry for entry in _checkpoint_names(filesystem, parent) if entry > name]
     if not newer:
-        return None
-    destination = f"{parent}/{SUPERSEDED_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-    filesystem.create_dir(destination)
-    for entry in [*newer, RAY_SNAPSHOT]:
-        if filesystem.get_file_info(f"{parent}/{entry}").type != pafs.FileType.NotFound:
-            _move(filesystem, f"{parent}/{entry}", f"{destination}/{entry}")
-    return destination
+        return SetAside(None, None)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    refused = {entry for entry in newer if problem(filesystem, f"{parent}/{entry}") is not None}
+    destinations = {}
+    for entry in newer:
+        prefix = REFUSED_PREFIX if entry in refused else SUPERSEDED_PREFIX
+        if prefix not in destinations:
+            destinations[prefix] = f"{parent}/{prefix}{stamp}"
+            filesystem.create_dir(destinations[prefix])
+        _move(filesystem, f"{parent}/{entry}", f"{destinations[prefix]}/{entry}")
+    aside = SetAside(destinations.get(SUPERSEDED_PREFIX), destinations.get(REFUSED_PREFIX))
+    _cut_ray_list(filesystem, parent, set(_checkpoint_names(filesystem, parent)), aside.superseded or aside.refused)
+    return aside
+
+
+def discard_refused(filesystem: pafs.FileSystem, run_directory: str, query: str = "") -> list[str]:
+    """Delete each ``refused-*`` directory of a run whose checkpoints are all at or before the run's newest intact
+    checkpoint (the run has an authentic checkpoint at least as new as each, so none holds anything a resume could
+    want); their paths. A quarantine whose steps cannot be read from its names stays."""
+    run_directory = run_directory.rstrip("/")
+    quarantines = _directories(filesystem, run_directory, REFUSED_PREFIX)
+    newest = newest_intact(filesystem, run_directory, query) if quarantines else None
+    if newest is None:
+        return []
+    deleted = []
+    for quarantine in quarantines:
+        path = f"{run_directory}/{quarantine}"
+        steps = [_step_of(entry) for entry in _checkpoint_names(filesystem, path)]
+        if all(step is not None and step <= newest.state.step for step in steps):
+            filesystem.delete_dir(path)
+            deleted.append(path)
+    return deleted
+
+
+def _step_of(name: str) -> int | None:
+    digits = name[len(CHECKPOINT_PREFIX) :]
+    return int(digits) if digits.isdigit() else None
+
+
+# Ray Train v2's list of a run's checkpoints (``checkpoint_manager_snapshot.json``, its _CheckpointManagerState):
+# the fields that name checkpoints, each a list of results ({"checkpoint_dir_name": ..., "metrics": ...}) with a
+# list running beside it.
+_RAY_RESULTS = {
+    "checkpoint_results": "checkpoint_report_indices",
+    "pending_training_results": "pending_validation_specs",
+}
+_RAY_LATEST = "latest_checkpoint_result"
+_RAY_NAME_LISTS = (
+    "validated_checkpoint_dir_names",
+    "timed_out_validation_checkpoint_dir_names",
+    "failed_validation_checkpoint_dir_names",
+)
+
+
+def _cut_ray_list(filesystem: pafs.FileSystem, parent: str, kept: set[str], aside: str) -> None:
+    """Ray Train's list of the run's checkpoints cut to those named in ``kept`` (the ones left in the run directory:
+    Ray refuses to start from a list naming a missing one), its latest the newest one left, so that the resumed
+    run's Ray restores them and ages them out with ``keep_last``. A list of a shape this xcm does not know (another
+    Ray version) is moved into ``aside`` instead: Ray then starts a new list, and the checkpoints up to the one
+    resumed from stay until deleted by hand."""
+    path = f"{parent}/{RAY_SNAPSHOT}"
+    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+        return
+    try:
+        cut = _only_checkpoints(json.loads(_read(filesystem, path, _MAX_MANIFEST_BYTES)), kept)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        logger.warning(
+            "Ray Train's list of checkpoints %s is not in a shape this xcm knows (%s: %s): moved to %s, and the "
+            "checkpoints up to the one resumed from are no longer deleted by keep_last",
+            path,
+            type(error).__name__,
+            error,
+            aside,
+        )
+        _move(filesystem, path, f"{aside}/{RAY_SNAPSHOT}")
+        return
+    draft = f"{parent}/.{RAY_SNAPSHOT}.{secrets.token_hex(4)}"  # never half a list: written whole, then renamed
+    with filesystem.open_output_stream(draft) as stream:
+        stream.write(json.dumps(cut).encode())
+    _move(filesystem, draft, path)
+
+
+def _only_checkpoints(snapshot: dict, kept: set[str]) -> dict:
+    """``snapshot`` (Ray's list) with only the results naming a checkpoint of ``kept``; KeyError, TypeError or
+    ValueError when it is not the shape this xcm knows."""
+    cut = dict(snapshot)
+    for results, beside in _RAY_RESULTS.items():
+        if len(snapshot[results]) != len(snapshot[beside]):
+            raise ValueError(f"{results} and {beside} differ in length")
+        kept = [
+            (result, other)
+            for result, other in zip(snapshot[results], snapshot[beside], strict=True)
+            if result["checkpoint_dir_name"] in kept
+        ]
+        cut[results], cut[beside] = [result for result, _ in kept], [other for _, other in kept]
+    for names in _RAY_NAME_LISTS:
+        cut[names] = [name for name in snapshot[names] if name in kept]
+    latest = snapshot[_RAY_LATEST]
+    if latest is not None and latest["checkpoint_dir_name"] not in kept:
+        indexed = zip(cut["checkpoint_results"], cut["checkpoint_report_indices"], strict=True)
+        cut[_RAY_LATEST] = max(indexed, key=lambda pair: pair[1])[0] if cut["checkpoint_results"] else None
+    return cut
 
 
 def _move(filesystem: pafs.FileSystem, source: str, destination: str) -> None:
@@ -572,12 +682,17 @@ def _move(filesystem: pafs.FileSystem, source: str, destination: str) -> None:
 
 def _checkpoint_names(filesystem: pafs.FileSystem, parent: str) -> list[str]:
     """The ``step-*`` directories of a run directory, newest first."""
+    return _directories(filesystem, parent, CHECKPOINT_PREFIX)
+
+
+def _directories(filesystem: pafs.FileSystem, parent: str, prefix: str) -> list[str]:
+    """The names of ``parent``'s directories that start with ``prefix``, last in name order first."""
     selector = pafs.FileSelector(parent, allow_not_found=True)
     return sorted(
         (
             info.base_name
             for info in filesystem.get_file_info(selector)
-            if info.type == pafs.FileType.Directory and info.base_name.startswith(CHECKPOINT_PREFIX)
+            if info.type == pafs.FileType.Directory and info.base_name.startswith(prefix)
         ),
         reverse=True,
     )

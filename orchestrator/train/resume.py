@@ -3,7 +3,8 @@
 The checkpoint carries the resolved job spec and the MLflow run id, so a run directory (or a checkpoint, or
 the run id) is all a user gives: a ``step-N`` checkpoint is resumed from exactly (to roll back past a
 divergence), a run directory or run id from its newest intact checkpoint. Checkpoints after the one resumed
-from are moved aside (``checkpoint_store.set_aside_newer``). The driver reattaches the MLflow run (RUNNING
+from are moved aside (``checkpoint_store.set_aside_newer``); those that did not verify are deleted once the run
+has an intact checkpoint as new. The driver reattaches the MLflow run (RUNNING
 again) and starts Ray Train under the run's own name and storage path; the workers load that checkpoint and
 continue at its step, data position and partition. Steps that the interrupted run had logged after that
 checkpoint are recomputed but not logged twice (``metric_spool``).
@@ -96,19 +97,43 @@ def resume_job(target: str, workdir: Path, overrides: list[str] = (), tracking_u
     resized = not spec.resources.elastic and located.state.world_size != spec.resources.num_workers
     if resized:
         spec = keep_global_batch(spec, resume_spec(located), located)
-    superseded = store.set_aside_newer(located)
-    if superseded is not None:
+    aside = store.set_aside_newer(located)
+    if aside.superseded is not None:
         logger.warning(
             "resuming %s from step %d: its later checkpoints are moved to %s",
             located.state.run_id,
             located.state.step,
-            superseded,
+            aside.superseded,
         )
+    if aside.refused is not None:
+        logger.warning(
+            "resuming %s from step %d: its later checkpoints that do not verify are moved to %s, deleted once the "
+            "run has an intact checkpoint as new",
+            located.state.run_id,
+            located.state.step,
+            aside.refused,
+        )
+    run_directory = str(PurePosixPath(located.path).parent)
     if resized:
         from orchestrator.train.universal import universal_checkpoint
 
         located = universal_checkpoint(located)
-    return run_job(spec, workdir, resume_from=located.uri, console=console)
+    try:
+        return run_job(spec, workdir, resume_from=located.uri, console=console)
+    finally:
+        _discard_refused(located, run_directory)
+
+
+def _discard_refused(located: store.Located, run_directory: str) -> None:
+    """The run's quarantined checkpoints that an intact one has caught up with, deleted (also after a failed
+    launch, which may have saved some); a failure to delete leaves them for the next resume, with a warning."""
+    try:
+        deleted = store.discard_refused(located.filesystem, run_directory, located.query)
+    except (OSError, store.CheckpointKeyError) as error:
+        logger.warning("the refused checkpoints in %s stay for now: %s", run_directory, error)
+        return
+    for path in deleted:
+        logger.info("deleted %s: the run has an intact checkpoint at least as new as each of its checkpoints", path)
 
 
 def keep_global_batch(spec: JobSpec, written_by: JobSpec, located: store.Located) -> JobSpec:

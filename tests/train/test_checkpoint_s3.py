@@ -66,7 +66,7 @@ def test_endpoint_query_survives_locating_a_checkpoint(s3_run, s3_endpoint):
 def test_rollback_on_s3_sets_the_later_checkpoint_aside_whole(s3_run):
     """On an object store (no directory rename) the later checkpoint is copied aside and still verifies there."""
     located = resume.locate(store.join(s3_run, "step-00000010"), "unused")
-    moved = store.set_aside_newer(located)
+    moved = store.set_aside_newer(located).superseded
     assert store.problem(located.filesystem, f"{moved}/step-00000020") is None
     assert resume.locate(s3_run, "unused").state.step == 10
 

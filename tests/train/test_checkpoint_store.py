@@ -93,12 +93,14 @@ def test_a_run_without_any_intact_checkpoint_is_refused_with_each_reason(tmp_pat
 
 
 def test_rollback_sets_the_later_checkpoints_aside_whole(tmp_path, checkpoint_files):
-    """Resuming from step 10 of a run that reached 30 moves steps 20 and 30 and Ray's checkpoint list into
-    superseded-*, where they still verify; step 10 and older stay."""
+    """Resuming from step 10 of a run that reached 30 moves steps 20 and 30 into superseded-*, where they still
+    verify, with Ray's checkpoint list when its shape is unknown (Ray then starts a new one); step 10 and older
+    stay."""
     for step in (5, 10, 20, 30):
         checkpoint_files.write(tmp_path, step)
     (tmp_path / store.RAY_SNAPSHOT).write_text("{}")
-    moved = store.set_aside_newer(store.verified(LOCAL, str(tmp_path / "step-00000010")))
+    moved, refused = store.set_aside_newer(store.verified(LOCAL, str(tmp_path / "step-00000010")))
+    assert refused is None
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["step-00000005", "step-00000010", moved.rsplit("/", 1)[1]]
     )
@@ -108,7 +110,82 @@ def test_rollback_sets_the_later_checkpoints_aside_whole(tmp_path, checkpoint_fi
         "step-00000030",
     ]
     assert store.problem(LOCAL, f"{moved}/step-00000030") is None
-    assert store.set_aside_newer(store.verified(LOCAL, str(tmp_path / "step-00000010"))) is None
+    assert store.set_aside_newer(store.verified(LOCAL, str(tmp_path / "step-00000010"))) == (None, None)
+
+
+def ray_list(*names: str) -> str:
+    """Ray Train's list of a run's checkpoints as its checkpoint manager writes it (its own model), the last named
+    the latest."""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
+        _CheckpointManagerState,
+        _TrainingResultState,
+    )
+
+    results = [_TrainingResultState(checkpoint_dir_name=name, metrics={"step": i}) for i, name in enumerate(names)]
+    return _CheckpointManagerState(
+        checkpoint_results=results,
+        checkpoint_report_indices=list(range(len(names))),
+        latest_checkpoint_result=results[-1],
+        pending_training_results=[],
+        pending_validation_specs=[],
+        current_report_index=len(names),
+        validated_checkpoint_dir_names=[],
+        timed_out_validation_checkpoint_dir_names=[],
+        failed_validation_checkpoint_dir_names=[],
+    ).json()
+
+
+def listed(run: Path) -> tuple[list[str], str | None]:
+    """The checkpoints Ray's list names and its latest, read back with Ray's own model (as Ray restores it)."""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+
+    state = _CheckpointManagerState.parse_raw((run / store.RAY_SNAPSHOT).read_text())
+    latest = state.latest_checkpoint_result
+    return [r.checkpoint_dir_name for r in state.checkpoint_results], latest and latest.checkpoint_dir_name
+
+
+def test_a_resume_past_refused_checkpoints_quarantines_them_until_an_intact_one_is_as_new(tmp_path, checkpoint_files):
+    """Resuming at step 20 past a truncated step 30 and a step 40 without manifest: both move into refused-*, Ray's
+    list keeps steps 10 and 20 (keep_last goes on deleting them) with step 20 its latest; the quarantine is deleted
+    only once the run has an intact checkpoint as new as step 40, and no intact checkpoint is ever deleted."""
+    for step in (10, 20, 30):
+        checkpoint_files.write(tmp_path, step)
+    checkpoint_files.write(tmp_path, 40, manifest=False)
+    shard = tmp_path / "step-00000030" / "deepspeed" / "step-30" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:100])
+    (tmp_path / store.RAY_SNAPSHOT).write_text(ray_list("step-00000010", "step-00000020", "step-00000030"))
+    located = store.newest_intact(LOCAL, str(tmp_path))
+    superseded, refused = store.set_aside_newer(located)
+    assert superseded is None and Path(refused).parent == tmp_path
+    assert sorted(p.name for p in Path(refused).iterdir()) == ["step-00000030", "step-00000040"]
+    assert listed(tmp_path) == (["step-00000010", "step-00000020"], "step-00000020")
+    assert store.discard_refused(LOCAL, str(tmp_path)) == []  # the run's newest intact checkpoint is step 20
+    checkpoint_files.write(tmp_path, 30)  # the resumed run saves step 30 again
+    assert store.discard_refused(LOCAL, str(tmp_path)) == [] and Path(refused).is_dir()
+    checkpoint_files.write(tmp_path, 40)
+    assert store.discard_refused(LOCAL, str(tmp_path)) == [refused] and not Path(refused).exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        store.checkpoint_name(s) for s in (10, 20, 30, 40)
+    ]
+
+
+def test_a_rollback_past_intact_and_refused_checkpoints_keeps_the_intact_ones(tmp_path, checkpoint_files):
+    """Rolling back to step 10 past an intact step 20 and a corrupted step 30: step 20 goes to superseded-* (the
+    abandoned branch, kept), step 30 to refused-*; discarding the quarantine never touches the branch."""
+    for step in (10, 20, 30):
+        checkpoint_files.write(tmp_path, step)
+    damaged = tmp_path / "step-00000030" / "deepspeed" / "step-30" / "mp_rank_00_model_states.pt"
+    damaged.write_bytes(b"x" + damaged.read_bytes()[1:])
+    (tmp_path / store.RAY_SNAPSHOT).write_text(ray_list("step-00000020", "step-00000030"))
+    superseded, refused = store.set_aside_newer(store.verified(LOCAL, str(tmp_path / "step-00000010")))
+    assert [p.name for p in Path(superseded).iterdir()] == ["step-00000020"]
+    assert [p.name for p in Path(refused).iterdir()] == ["step-00000030"]
+    assert store.problem(LOCAL, f"{superseded}/step-00000020") is None
+    assert listed(tmp_path) == ([], None)  # Ray starts from the checkpoint xcm resume names
+    for step in (20, 30):
+        checkpoint_files.write(tmp_path, step)
+    assert store.discard_refused(LOCAL, str(tmp_path)) == [refused]
+    assert store.problem(LOCAL, f"{superseded}/step-00000020") is None
 
 
 def test_storage_query_stays_after_the_run_directory():
