@@ -16,7 +16,6 @@ absolute path is taken as a place on the cluster's nodes (a shared volume such a
 
 from __future__ import annotations
 
-import glob
 import os
 import socket
 import time
@@ -158,7 +157,7 @@ def unreachable_path_problems(spec: JobSpec, workdir: Path, mounts: list[Mount] 
             storage or "the default ./xcm-runs/checkpoints",
             "set it to storage every node reaches: s3://bucket/xcm, or a volume every node mounts (infra/README.md)",
         )
-    _add_data_problems(spec, mine, add)
+    _add_data_problems(spec, mine, add, problems)
     model = spec.model
     if model.init == "pretrained" and model.pretrained and mine.existing(model.pretrained):
         add("model.pretrained", model.pretrained, "use a hub name, or a path that exists on the cluster's nodes")
@@ -172,10 +171,17 @@ def is_local_store(tracking_uri: str | None) -> bool:
     return tracking_uri.startswith(("sqlite:", "file:")) or ("://" not in tracking_uri and tracking_uri != "databricks")
 
 
-def _add_data_problems(spec: JobSpec, mine: _OnThisMachine, add) -> None:
+def _add_data_problems(spec: JobSpec, mine: _OnThisMachine, add, problems: list[SpecProblem]) -> None:
+    from orchestrator.data.training_data import DataError
+    from orchestrator.spec import SpecProblem
+
     data = spec.data
     for key in ("files", "validation_files"):
-        local = next((pattern for pattern in getattr(data, key) if mine.pattern(pattern)), None)
+        try:
+            local = next((pattern for pattern in getattr(data, key) if mine.pattern(pattern, f"data.{key}")), None)
+        except DataError as error:  # a pattern that walks the whole machine: refused as the data loader does
+            problems.append(SpecProblem(key=error.key, message=error.message, fix=error.fix))
+            continue
         if local is not None:
             add(
                 f"data.{key}",
@@ -222,9 +228,13 @@ class _OnThisMachine:
         resolved = (self.workdir / os.path.expanduser(name)).resolve()
         return resolved.exists() and self._filesystem(resolved) not in NETWORK_FILESYSTEMS
 
-    def pattern(self, pattern: str) -> bool:
-        """A glob pattern that is this machine's: relative, matching files here, or under the working directory."""
-        matches = glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isabs(pattern) else [pattern]
+    def pattern(self, pattern: str, key: str) -> bool:
+        """A glob pattern that is this machine's: relative, matching files here, or under the working directory.
+        The walk is the data loader's, bounded in time (a DataError naming ``key`` past it): the job file is
+        untrusted, and ``/**/x`` would walk every directory of this machine before the submit answered."""
+        from orchestrator.data.text_sources import pattern_matches
+
+        matches = pattern_matches(pattern, key) if os.path.isabs(pattern) else [pattern]
         return self.path(matches[0] if matches else pattern)
 
     def _filesystem(self, path: Path) -> str:

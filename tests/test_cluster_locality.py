@@ -114,3 +114,25 @@ def test_a_path_on_a_network_filesystem_may_be_the_clusters(tmp_path):
     ]
     shared = [*LOCAL_DISKS, Mount(str(tmp_path), "nfs4")]
     assert unreachable_path_problems(spec, tmp_path, shared) == []
+
+
+def test_a_pattern_that_walks_the_whole_machine_is_refused_not_walked(tmp_path, monkeypatch):
+    """An absolute pattern still walking the filesystem after the data loader's limit gives one problem naming the
+    key and the walk, instead of holding the submit for as long as the walk takes; the other keys are still
+    checked."""
+    from orchestrator.data import text_sources
+
+    for index in range(3000):
+        (tmp_path / "tree" / f"d{index // 100}" / f"e{index}").mkdir(parents=True)
+    monkeypatch.setattr(text_sources, "PATTERN_WALK_LIMIT_S", 0.001)
+    spec = JobSpec.model_validate(
+        {
+            "data": {"source": "files", "files": [str(tmp_path / "tree/**/x.txt")], "cache_dir": "cache"},
+            "tracking": {"uri": "http://mlflow-host:5000"},
+            "checkpointing": {"storage_path": "s3://bucket/runs"},
+        }
+    )
+    problems = unreachable_path_problems(spec, tmp_path, LOCAL_DISKS)
+    assert [problem.key for problem in problems] == ["data.files", "data.cache_dir"]
+    assert "still walks the filesystem after 0.001 s" in problems[0].message
+    assert "directory that holds the files" in problems[0].fix

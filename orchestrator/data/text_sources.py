@@ -225,10 +225,10 @@ PATTERN_WALK_LIMIT_S = 20.0
 def expand_files(patterns: Sequence[str], key: str = "data.files") -> list[str]:
     """The files that the paths or glob patterns name, in a stable order; patterns matching nothing drop out. A
     DataError naming ``key`` for a pattern still walking after PATTERN_WALK_LIMIT_S."""
-    return [path for pattern in patterns for path in _matches(pattern, key) if os.path.isfile(path)]
+    return [path for pattern in patterns for path in pattern_matches(pattern, key) if os.path.isfile(path)]
 
 
-def _matches(pattern: str, key: str) -> list[str]:
+def pattern_matches(pattern: str, key: str) -> list[str]:
     """glob's matches of one pattern, on a thread that is abandoned (a daemon) when the walk is too long."""
     found: list[list[str]] = []
     walk = threading.Thread(
