@@ -49,6 +49,7 @@ BATCH_SIZE = 64
 BOOTSTRAPS = 200
 HEADLINE_TAU = 0.9  # attribution's size and locality under the bare names, when 0.9 is among the taus
 MIN_HELD_OUT_PER_CLASS = 100
+HELD_OUT_BY_FRACTION = ("digits", "modular_addition")  # sources whose held-out share is data.validation_fraction
 Progress = Callable[[str], None]
 
 
@@ -87,25 +88,34 @@ class CircuitsResult:
 # ---- the methods and tasks a model gets -------------------------------------------------------------------------
 
 
-def methods_for(method: str, kind: str, fix: str = "--method attribution") -> list[str]:
-    """The methods to run: one, or with "all" every one the model supports (greedy for classifiers only).
-    Greedy asked for a language model is refused, naming `fix`."""
-    if method == "greedy" and kind == "language":
+def methods_for(method: str | Sequence[str], kind: str, fix: str = "--method attribution") -> list[str]:
+    """The methods to run, in `METHODS` order: one, a list (attribution and specialization without greedy, whose
+    exact pruning outlasts a CPU's wait at the end of training on modular addition's attention), or with "all"
+    every one the model supports (greedy for classifiers only). Greedy asked for a language model is refused,
+    naming `fix`."""
+    if method == "all":
+        return [m for m in METHODS if m != "greedy" or kind == "classifier"]
+    asked = [method] if isinstance(method, str) else list(method)
+    if "greedy" in asked and kind == "language":
         raise CircuitsError(
             "the greedy finder prunes one weight at a time with exact loss recomputation, which is for xcm's small "
             f"classifiers (MNIST MLP, CIFAR CNN, modular addition), not a language model; use {fix}"
         )
-    if method == "all":
-        return [m for m in METHODS if m != "greedy" or kind == "classifier"]
-    return [method]
+    return [m for m in METHODS if m in asked]
 
 
 def job_problems(spec: JobSpec) -> list[str]:
-    """The circuits section's problems for a job that trains `spec.model`: greedy for a transformers family."""
+    """The circuits section's problems for a job that trains `spec.model`: greedy for a transformers family,
+    held-out examples asked of a language model or of a classifier that holds none out."""
     try:
         methods_for(spec.circuits.method, model_kind(spec), fix="circuits.method: attribution")
     except CircuitsError as error:
         return [str(error)]
+    if spec.circuits.examples != "auto" and model_kind(spec) == "language":
+        return ["circuits.examples picks a classifier's examples; a language model's tasks bring their own: remove it"]
+    held_out_asked = spec.circuits.examples == "held_out" and spec.data.source in HELD_OUT_BY_FRACTION
+    if held_out_asked and spec.data.validation_fraction == 0:
+        return ["circuits.examples: held_out, but the job holds no examples out; set data.validation_fraction"]
     return []
 
 
@@ -207,18 +217,24 @@ def language_loaded(model, partitions, tokenizer, provenance, matrices=("mlp_in"
 
 
 def _classifier_examples(spec: JobSpec) -> LabelledExamples:
-    """The job's own examples at the model's input shape: the held-out ones when there are enough of them
-    (`MIN_HELD_OUT_PER_CLASS` a class on average), else every example (digits holds out ~18 a class).
+    """The job's own examples at the model's input shape, as `circuits.examples` picks them; under auto, the
+    held-out ones when there are enough of them (`MIN_HELD_OUT_PER_CLASS` a class on average), else every example
+    (digits holds out ~18 a class).
 
-    Modular addition's are its training pairs: its held-out pairs measure grokking, and before it groks the model
-    is confidently wrong on them (eval loss ~10 nats against log 113 = 4.7 for a uniform guess), so ablating every
-    cluster improves every answer, no task has a real full-vs-ablated gap and the specialization index is
-    undefined. What the model computes, and so its circuits, is on the pairs it fits (all of them once grokked)."""
+    Auto gives modular addition its training pairs: its held-out pairs measure grokking, and before it groks the
+    model is confidently wrong on them (eval loss ~10 nats against log 113 = 4.7 for a uniform guess), so ablating
+    every cluster improves every answer, no task has a real full-vs-ablated gap and the specialization index is
+    undefined. A model that has grokked computes the sum on pairs it never trained on, and held_out measures its
+    circuits there."""
     from orchestrator.data.examples import LabelledExamples
     from orchestrator.data.sources import BUILDERS
 
     data = BUILDERS[spec.data.source](spec.data, spec.model)
-    if spec.data.source == "modular_addition":
+    if spec.circuits.examples == "held_out":
+        if data.validation is None:
+            raise CircuitsError("circuits.examples: held_out, but the job holds no examples out; set it to train")
+        return data.validation
+    if spec.circuits.examples == "train" or spec.data.source == "modular_addition":
         return data.train
     if data.validation is not None and len(data.validation) >= MIN_HELD_OUT_PER_CLASS * data.num_classes:
         return data.validation

@@ -223,16 +223,22 @@ class PartitionerSpec(Section):
 
 
 Tau = Annotated[float, Field(gt=0, le=1)]
+CircuitMethod = Literal["greedy", "attribution", "specialization"]
 
 
 class CircuitsSpec(Section):
     """Circuits and cluster specialization of the model being trained (``orchestrator.circuit_report``)."""
 
-    method: Literal["greedy", "attribution", "specialization", "all"] = Field(
+    method: Literal["all"] | CircuitMethod | Annotated[list[CircuitMethod], Field(min_length=1)] = Field(
         "all",
         description="greedy: exact per-weight pruning (the small classifiers only); attribution: "
         "integrated-gradient-ranked pruning (any model); specialization: cluster ablation; "
-        "all: every one the model supports",
+        "all: every one the model supports; or a list, e.g. [attribution, specialization]",
+    )
+    examples: Literal["auto", "held_out", "train"] = Field(
+        "auto",
+        description="a classifier's examples for its label tasks: held_out (its validation examples), train, or "
+        "auto: held-out where there are enough, modular addition's training pairs (see circuit_report)",
     )
     tasks: list[str] = Field(
         default_factory=list,

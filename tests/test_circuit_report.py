@@ -250,3 +250,29 @@ def test_modular_addition_circuits_use_its_training_pairs():
     assert torch.equal(loaded.labelled.inputs, train.inputs) and torch.equal(loaded.labelled.labels, train.labels)
     assert len(train) < 0.5 * 13 * 13 and set(train.labels.tolist()) == set(range(13))
     assert methods_for("all", model_kind(spec)) == ["greedy", "attribution", "specialization"]
+
+
+def test_circuits_examples_held_out_and_a_method_list():
+    """circuits.examples: held_out gives a grokked modular addition its held-out pairs; a job that holds none out
+    is a problem naming data.validation_fraction, as is the key on a language model; circuits.method as a list
+    runs attribution and specialization without greedy, and greedy in a list is refused for a language model."""
+    from orchestrator.circuit_report import loaded_model_from_spec
+    from orchestrator.data.sources import BUILDERS
+
+    def spec(fraction: float, circuits: dict) -> JobSpec:
+        data = {"source": "modular_addition", "modulus": 13, "validation_fraction": fraction}
+        return JobSpec.model_validate({"model": {"family": "modular_addition"}, "data": data, "circuits": circuits})
+
+    held_out = spec(0.5, {"examples": "held_out", "method": ["specialization", "attribution"]})
+    loaded = loaded_model_from_spec(held_out)
+    validation = BUILDERS["modular_addition"](held_out.data, held_out.model).validation
+    assert torch.equal(loaded.labelled.inputs, validation.inputs)
+    assert torch.equal(loaded.labelled.labels, validation.labels)
+    assert job_problems(held_out) == []
+    assert methods_for(held_out.circuits.method, "classifier") == ["attribution", "specialization"]
+    (problem,) = job_problems(spec(0, {"examples": "held_out"}))
+    assert "set data.validation_fraction" in problem
+    (problem,) = job_problems(JobSpec.model_validate({"circuits": {"examples": "train"}}))
+    assert "circuits.examples" in problem
+    with pytest.raises(CircuitsError):
+        methods_for(["attribution", "greedy"], "language")
