@@ -6,9 +6,10 @@ Saving goes through Ray Train's mechanism: every rank writes its part into a loc
 last ``keep_last``. Restoring takes the checkpoint the driver passes (``xcm resume``: exactly that one), or
 Ray's latest when this launch wrote it (a worker-group restart) or when the driver passes none; rank 0
 verifies it, falls back from Ray's latest to an older intact one when needed, and broadcasts the choice, so
-every rank loads the same checkpoint. Every rank then verifies the local directory it reads (Ray downloads a
-remote one) before DeepSpeed unpickles its shards. xcm's own files are JSON. The layout and the verification
-live in ``checkpoint_store``.
+every rank loads the same checkpoint. The choice comes before the engine is built (``choose``), whose DeepSpeed
+config says whether it loads a universal checkpoint. Every rank then verifies the local directory it reads (Ray
+downloads a remote one) before DeepSpeed unpickles its shards. xcm's own files are JSON. The layout and the
+verification live in ``checkpoint_store``.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class Restored:
 
 
 class CheckpointManager:
-    """Saves (``due``/``save``) and restores (``restore``) one rank's full training state.
+    """Saves (``due``/``save``) and restores (``choose``, then ``restore``) one rank's full training state.
 
     ``session`` names this launch (``xcm run`` or ``xcm resume``): it is written into every checkpoint, so a
     restart tells this launch's checkpoints from those of the run's earlier launches. ``key_id`` is the
@@ -134,14 +135,13 @@ class CheckpointManager:
             destination.unlink(missing_ok=True)
             logger.warning("the checkpoint keeps no unsent metrics (%s); they stay in the local spool", error)
 
-    def restore(
-        self, engine, resume_from: str | None, side_jobs: Sequence[str], metrics_logger=None
-    ) -> Restored | None:
-        """Every rank: load the checkpoint to continue from into ``engine``, with the states it kept of the
-        side jobs named; None for a fresh start. Rank 0 hands ``metrics_logger`` (its ``MetricLogger``) the
-        metrics the checkpoint kept unsent."""
-        import ray.train
+    def choose(self, resume_from: str | None) -> store.Located | None:
+        """Every rank: the checkpoint to continue from, None for a fresh start (a collective).
 
+        Made before the engine is built: whether DeepSpeed loads the universal form is part of the config it
+        is built with (``checkpoint.load_universal``). Rank 0 verifies the checkpoint and, in an elastic group of
+        another size, converts it, while the other ranks wait for its choice; a refusal is raised on every rank.
+        """
         choice = None
         if self.rank.leads:
             try:
@@ -152,10 +152,20 @@ class CheckpointManager:
         choice = _from_rank_zero(choice)
         if isinstance(choice, str):
             raise CheckpointRefused(choice)
-        located = choice
+        if choice is not None:
+            check_resumable(choice.state, self.rank.world_size, choice.uri)
+        return choice
+
+    def restore(
+        self, engine, located: store.Located | None, side_jobs: Sequence[str], metrics_logger=None
+    ) -> Restored | None:
+        """Every rank: load ``located`` (``choose``'s checkpoint) into ``engine``, with the states it kept of the
+        side jobs named; None for a fresh start. Rank 0 hands ``metrics_logger`` (its ``MetricLogger``) the
+        metrics the checkpoint kept unsent."""
+        import ray.train
+
         if located is None:
             return None
-        check_resumable(located.state, self.rank.world_size, located.uri)
         checkpoint = ray.train.Checkpoint(located.path, filesystem=located.filesystem)
         with checkpoint.as_directory() as local:
             directory = Path(local)
@@ -244,13 +254,15 @@ def _verify_on_every_rank(directory: Path, located: store.Located) -> None:
 
 
 def _load_engine(engine, deepspeed_directory: Path, state: store.CheckpointState) -> None:
-    """DeepSpeed's ``load_checkpoint``, of the universal form when the checkpoint is one (DeepSpeed reads the
-    choice from its config, which the engine was built with before the checkpoint was chosen)."""
-    engine._config.load_universal_checkpoint = state.universal
-    try:
-        load_path, _ = engine.load_checkpoint(str(deepspeed_directory), tag=state.deepspeed_tag)
-    finally:
-        engine._config.load_universal_checkpoint = False
+    """DeepSpeed's ``load_checkpoint``, by an engine built to read the checkpoint's form: DeepSpeed takes the
+    universal form only when its config says ``checkpoint.load_universal`` (``engine.build_engine``), and
+    either form read as the other fails deep inside it or loads the wrong shards."""
+    if engine.load_universal_checkpoint() != state.universal:
+        raise RuntimeError(
+            f"the engine was built with checkpoint.load_universal={engine.load_universal_checkpoint()} for "
+            f"{deepspeed_directory.parent}, whose state says universal={state.universal}"
+        )
+    load_path, _ = engine.load_checkpoint(str(deepspeed_directory), tag=state.deepspeed_tag)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {deepspeed_directory}")
 

@@ -10,8 +10,10 @@ from orchestrator.spec import JobSpec
 _FP16_LOSS_SCALING = {"loss_scale": 0, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
 
 
-def deepspeed_config(spec: JobSpec, world_size: int) -> dict:
-    """ZeRO stage and offload, batch geometry, precision and clipping as DeepSpeed expects them.
+def deepspeed_config(spec: JobSpec, world_size: int, load_universal: bool = False) -> dict:
+    """ZeRO stage and offload, batch geometry, precision and clipping as DeepSpeed expects them; with
+    ``load_universal``, the engine's ``load_checkpoint`` reads DeepSpeed's universal form (a checkpoint written at
+    another worker count, ``orchestrator.train.universal``).
 
     The optimizer is the trainer's client ``torch.optim.AdamW`` (``engine.client_optimizer``), except where
     DeepSpeed insists on its own (``deepspeed_builds_optimizer``): then the config's optimizer section names it.
@@ -33,6 +35,8 @@ def deepspeed_config(spec: JobSpec, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     if deepspeed_builds_optimizer(spec):
         config["optimizer"] = {
             "type": "AdamW",

@@ -10,8 +10,9 @@ if TYPE_CHECKING:
     import torch
 
 
-def build_engine(model: torch.nn.Module, spec: JobSpec, world_size: int):
-    """``deepspeed.initialize`` at the spec's ZeRO stage and precision, with AdamW and the warm-up schedule."""
+def build_engine(model: torch.nn.Module, spec: JobSpec, world_size: int, load_universal: bool = False):
+    """``deepspeed.initialize`` at the spec's ZeRO stage and precision, with AdamW and the warm-up schedule;
+    ``load_universal``: the engine will load a universal checkpoint (one written at another worker count)."""
     import deepspeed
 
     from orchestrator.train.deepspeed_config import deepspeed_config
@@ -24,7 +25,7 @@ def build_engine(model: torch.nn.Module, spec: JobSpec, world_size: int):
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=client_optimizer(model, spec),
-        config=deepspeed_config(spec, world_size),
+        config=deepspeed_config(spec, world_size, load_universal),
         lr_scheduler=scheduler_factory(training),
     )
     if training.compile:

@@ -95,7 +95,11 @@ class TrainingSession:
         self.objective = objective_for(spec)  # next-token prediction, or classification (images, modular addition)
         model = build_model(spec.model, data.vocab_size, seed=spec.training.seed)
         flops = self.objective.model_flops(model, data.train)  # counted before ZeRO shards the weights
-        self.engine = build_engine(model, spec, world_size)
+        self.checkpoints = CheckpointManager(job, rank, run_id, launch_session, checkpoint_key_id)
+        resume_point = self.checkpoints.choose(resume_from)  # before the engine: it is built to load that form
+        self.engine = build_engine(
+            model, spec, world_size, load_universal=resume_point is not None and resume_point.state.universal
+        )
         self.throughput = throughput_meter(spec, flops, world_size, self.objective.unit, self.engine.device)
         self.groups = find_matrix_groups(self.engine.module, spec.modularity.matrices)
         # lambda 0 (a control run) still reports C, computed without autograd at the steps that read it. Outside
@@ -122,8 +126,7 @@ class TrainingSession:
                 self.forwarded_warnings = forward_warnings(self.progress)  # to the user's terminal
         self.side_jobs = self.build_side_jobs(dict(side_job_actors or {}))
         self.partition_schedule = self.side_jobs[PARTITIONING.name]  # its labels drive the loss and C's baselines
-        self.checkpoints = CheckpointManager(job, rank, run_id, launch_session, checkpoint_key_id)
-        restored = self.checkpoints.restore(self.engine, resume_from, list(self.side_jobs), self.logger)
+        restored = self.checkpoints.restore(self.engine, resume_point, list(self.side_jobs), self.logger)
         self.start_step = restored.step if restored else 0
         if restored is not None:
             for name, state in restored.side_job_states.items():
