@@ -28,7 +28,6 @@ from orchestrator.circuit_report import (
     LoadedModel,
     find_circuits,
     format_table,
-    fresh_model,
     fresh_partitions,
     language_loaded,
     loaded_model_from_spec,
@@ -40,7 +39,7 @@ from orchestrator.circuit_report import (
 if TYPE_CHECKING:
     from orchestrator.data.tokenizer import TextTokenizer
     from orchestrator.modularity import GroupPartition
-    from orchestrator.spec import CircuitsSpec, JobSpec
+    from orchestrator.spec import CircuitsSpec
 
 MAX_PARTITION_BYTES = 64 << 20
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -139,6 +138,7 @@ def _directory_tokenizer(path: Path, model: nn.Module) -> TextTokenizer | None:
 
 def _from_checkpoint(source: str, tracking_uri: str) -> LoadedModel:
     """Located and verified (signature, then every file's hash) before anything in it is read, as export does."""
+    from orchestrator import measure
     from orchestrator.train import checkpoint_store as store
     from orchestrator.train.export import checkpoint_spec, local_copy
     from orchestrator.train.resume import locate
@@ -147,23 +147,11 @@ def _from_checkpoint(source: str, tracking_uri: str) -> LoadedModel:
     with tempfile.TemporaryDirectory(prefix="xcm-circuits-") as scratch:
         local = local_copy(located, Path(scratch))
         spec = checkpoint_spec(local)
-        model = _checkpoint_model(local, located.state, spec)
+        model = measure.checkpoint_model(local, located.state, spec)
         partition_file = local / store.PARTITION
         state = json.loads(partition_file.read_text()) if partition_file.is_file() else None
     provenance = {"source": source, "checkpoint": located.uri, "trained_run_id": located.state.run_id}
     return loaded_model_from_spec(spec, model, _partitions_from_state(state), located.state.step, provenance)
-
-
-def _checkpoint_model(local: Path, state, spec: JobSpec) -> nn.Module:
-    """A transformers checkpoint's model as saved; xcm's own classifiers are the spec's model with its weights."""
-    from orchestrator.train import checkpoint_store as store
-    from orchestrator.train.export import consolidated_model, consolidated_state_dict
-
-    if (local / store.MODEL_CONFIG).is_file():
-        return consolidated_model(local, state)
-    model = fresh_model(spec)
-    model.load_state_dict(consolidated_state_dict(local, state), strict=True)
-    return model
 
 
 def _partitions_from_state(state) -> dict[str, GroupPartition] | None:

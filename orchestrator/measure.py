@@ -17,11 +17,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from orchestrator import metric_names
+
+if TYPE_CHECKING:
+    from orchestrator.spec import JobSpec
+    from orchestrator.train.checkpoint_store import CheckpointState
 
 VARIANTS = ("joint", "separate_label", "separate_mass", "random")
 RANDOM_DRAWS = 5
@@ -50,21 +55,43 @@ def parse_k(text: str) -> list[int]:
 
 
 def load_model(source: str, tracking_uri: str) -> nn.Module:
-    """A causal LM from a ``save_pretrained`` directory, an xcm checkpoint (a run directory, one of its
-    ``step-*`` checkpoints, either local or a storage URI such as ``s3://``, or the MLflow run id that wrote
-    it), or a hub name (needs the hub or its cache)."""
+    """A causal LM from a ``save_pretrained`` directory or a hub name (needs the hub or its cache), or any model
+    xcm trains from an xcm checkpoint (a run directory, one of its ``step-*`` checkpoints, either local or a
+    storage URI such as ``s3://``, or the MLflow run id that wrote it)."""
     import transformers
 
     path = Path(source)
     if (path / "config.json").is_file():
         return transformers.AutoModelForCausalLM.from_pretrained(path)
-    if "://" in source or path.exists() or _RUN_ID.fullmatch(source):  # verified, then exported (export_hf)
-        from orchestrator.train.export import export_hf
-
-        with tempfile.TemporaryDirectory(prefix="xcm-measure-") as directory:
-            export_hf(source, Path(directory), tracking_uri)
-            return transformers.AutoModelForCausalLM.from_pretrained(directory)
+    if "://" in source or path.exists() or _RUN_ID.fullmatch(source):
+        return _verified_checkpoint_model(source, tracking_uri)
     return transformers.AutoModelForCausalLM.from_pretrained(source)
+
+
+def _verified_checkpoint_model(source: str, tracking_uri: str) -> nn.Module:
+    """Located and verified (signature, then every file's hash) before any of its files is read."""
+    from orchestrator.train.export import checkpoint_spec, local_copy
+    from orchestrator.train.resume import locate
+
+    located = locate(source, tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="xcm-measure-") as scratch:
+        local = local_copy(located, Path(scratch))
+        return checkpoint_model(local, located.state, checkpoint_spec(local))
+
+
+def checkpoint_model(local: Path, state: CheckpointState, spec: JobSpec) -> nn.Module:
+    """A verified local checkpoint's model: a transformers family's as saved; xcm's own classifiers (the MLP,
+    the CNN, the modular-addition transformer), which have no Hugging Face form, as their job builds them,
+    with the checkpoint's weights."""
+    from orchestrator.circuit_report import fresh_model
+    from orchestrator.train import checkpoint_store as store
+    from orchestrator.train.export import consolidated_model, consolidated_state_dict
+
+    if (local / store.MODEL_CONFIG).is_file():
+        return consolidated_model(local, state)
+    model = fresh_model(spec)
+    model.load_state_dict(consolidated_state_dict(local, state), strict=True)
+    return model
 
 
 def measure_matrix(weight: torch.Tensor, k: int, seed: int = 0) -> dict[str, float]:
