@@ -88,10 +88,12 @@ def spooled_loss_steps(run_directory: Path) -> set[int]:
 
 
 @pytest.mark.slow
-def test_killed_driver_is_resumed_to_the_uninterrupted_result(workdir, client, uninterrupted):
+@pytest.mark.parametrize(("name", "workers"), [("driver-killed", "2"), ("elastic-driver-killed", "[1, 2]")])
+def test_killed_driver_is_resumed_to_the_uninterrupted_result(workdir, client, uninterrupted, name, workers):
     """`kill -9` of `xcm run` with all its Ray processes past a checkpoint, then `xcm resume` of the run directory:
-    the same MLflow run FINISHED, the steps logged before the kill not logged twice, the same losses and weights."""
-    settings = [*TINY, "name=driver-killed", "checkpointing.every_steps=5"]
+    the same MLflow run FINISHED, the steps logged before the kill not logged twice, the same losses and weights;
+    an elastic run (num_workers [1, 2], two workers here) too, its resumed group logging its size at its first step."""
+    settings = [*TINY, f"name={name}", "checkpointing.every_steps=5", f"resources.num_workers={workers}"]
     command = [
         sys.executable,
         "-m",
@@ -100,7 +102,7 @@ def test_killed_driver_is_resumed_to_the_uninterrupted_result(workdir, client, u
         str(ROOT / "jobs" / "tiny.yaml"),
         *(argument for setting in settings for argument in ("--set", setting)),
     ]
-    log = workdir / "driver-killed.log"
+    log = workdir / f"{name}.log"
     with log.open("w") as output:
         driver = subprocess.Popen(
             command,
@@ -118,7 +120,7 @@ def test_killed_driver_is_resumed_to_the_uninterrupted_result(workdir, client, u
         deadline = time.monotonic() + 300
         while True:
             assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            run_directory = next(workdir.glob("xcm-runs/checkpoints/driver-killed-*"), None)
+            run_directory = next(workdir.glob(f"xcm-runs/checkpoints/{name}-*"), None)
             located = run_directory and store.newest_intact(*store.resolve(str(run_directory)))
             if (
                 located
@@ -142,6 +144,8 @@ def test_killed_driver_is_resumed_to_the_uninterrupted_result(workdir, client, u
         (newest.state.step, float(newest.state.step))
     ]
     assert_same_training(client, uninterrupted, resumed)
+    if workers != "2":  # the elastic group of each launch logs its size at its first step, the resumed one included
+        assert metric_history(client, resumed.run_id, metric_names.WORKERS) == [(0, 2), (newest.state.step, 2)]
 
 
 @pytest.mark.slow
@@ -299,12 +303,19 @@ def test_resume_continues_exactly_at_every_sharding_and_precision(workdir, zero_
 
 
 @pytest.mark.slow
-def test_resume_onto_fewer_workers_goes_through_a_universal_checkpoint(workdir, client):
-    """`xcm resume RUN/step-00000010 --set resources.num_workers=1` of a 2-worker ZeRO-2 run converts that checkpoint
-    once to DeepSpeed's universal form, beside it and signed; one worker accumulating 2 micro-batches keeps the
-    global batch and the data order, so the run ends at step 20 with its own 2-worker branch's weights (to float
-    tolerance: the sums run in another order; a step's logged loss is one micro-batch's, not comparable)."""
-    first = run_job(tiny("name=resized"), workdir)
+@pytest.mark.parametrize(
+    "zero",
+    # ZeRO-2's conversion and universal load run in tests/e2e/test_elastic.py (a group shrunk to one worker).
+    [("deepspeed.zero_stage=1",), ("deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0")],
+    ids=["zero1", "zero3"],
+)
+def test_resume_onto_fewer_workers_goes_through_a_universal_checkpoint(workdir, client, zero):
+    """`xcm resume RUN/step-00000010 --set resources.num_workers=1` of a 2-worker run at ZeRO-1 or 3 (every weight
+    sharded) converts that checkpoint once to DeepSpeed's universal form, beside it and signed; one worker
+    accumulating 2 micro-batches keeps the global batch and the data order, so the run ends at step 20 with its own
+    2-worker branch's weights (to float tolerance: the sums run in another order; a step's logged loss is one
+    micro-batch's, not comparable)."""
+    first = run_job(tiny(f"name=resized-{zero[0][-1]}", *zero), workdir)
     run_directory = Path(first.checkpoint_path).parent
     resumed = resume_job(str(run_directory / "step-00000010"), workdir, ["resources.num_workers=1"])
     assert resumed.run_id == first.run_id
