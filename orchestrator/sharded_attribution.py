@@ -67,6 +67,7 @@ def sharded_attribution_circuit(
     if not batches or (eval_batches is not None and not eval_batches):
         raise ValueError("sharded attribution: no task batches to score or judge the circuit on")
     shards = local_shards(engine, params)
+    labels = resolve_partition(engine.module, partition)  # refused before any pass, not after them all
     judged = eval_batches if eval_batches is not None else batches
     with _scoring(engine):
         scores = sharded_gradient_scores(engine, shards, batches, metric, ig_steps, signed)
@@ -74,7 +75,6 @@ def sharded_attribution_circuit(
         judge = Faithfulness(masking, masking.size)
         faithfulness, counts = judge.grid_and_counts(taus)
         masks = {tau: masking.mask(count) for tau, count in counts.items()}
-    labels = resolve_partition(engine.module, partition)
     world = torch.distributed.get_world_size(masking.group)
     return judged_circuit(
         f"{method_line(ig_steps, signed, taus, len(shards), len(batches), eval_batches)}, on {world} ZeRO-3 ranks",
