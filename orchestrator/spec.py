@@ -15,7 +15,7 @@ import math
 import posixpath
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -265,6 +265,21 @@ class CircuitsSpec(Section):
     seed: int = 0
     cpus: float = Field(0, ge=0, description="CPUs reserved for the circuits actor; 0 shares the trainers'")
     gpus: float = Field(0, ge=0, description="GPUs for the circuits actor")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _one_method_or_a_list(cls, value: Any) -> Any:
+        """One problem for a bad method, rather than one per member of the union it failed."""
+        methods = get_args(CircuitMethod)
+        if value == "all" or value in methods:
+            return value
+        if isinstance(value, list) and value and all(isinstance(item, str) and item in methods for item in value):
+            return value
+        raise PydanticCustomError(
+            "circuit_method",
+            "input should be all, greedy, attribution, specialization, or a list of the last three such as "
+            "[attribution, specialization]",
+        )
 
 
 class TrackingSpec(Section):

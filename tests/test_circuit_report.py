@@ -256,6 +256,8 @@ def test_circuits_examples_held_out_and_a_method_list():
     """circuits.examples: held_out gives a grokked modular addition its held-out pairs; a job that holds none out
     is a problem naming data.validation_fraction, as is the key on a language model; circuits.method as a list
     runs attribution and specialization without greedy, and greedy in a list is refused for a language model."""
+    from pydantic import ValidationError
+
     from orchestrator.circuit_report import loaded_model_from_spec
     from orchestrator.data.sources import BUILDERS
 
@@ -276,3 +278,7 @@ def test_circuits_examples_held_out_and_a_method_list():
     assert "circuits.examples" in problem
     with pytest.raises(CircuitsError):
         methods_for(["attribution", "greedy"], "language")
+    for bad in ("foo", ["attribution", "all"], []):
+        with pytest.raises(ValidationError) as error:
+            spec(0.5, {"method": bad})
+        assert error.value.error_count() == 1  # one line for the key, not one per member of its union
