@@ -494,7 +494,6 @@ def stray_checkpoints(run_directory: Path) -> list[str]:
     """Checkpoint directories that Ray Train's list does not name (keep_last never deletes them), listed ones
     that are gone, any that does not verify, and any left set aside by a resume (superseded-*: this campaign rolls
     nothing back; refused-*: deleted once the run has an intact checkpoint as new)."""
-    import pyarrow.fs as pafs
 
     from orchestrator.train import checkpoint_store as store
 
@@ -508,11 +507,20 @@ def stray_checkpoints(run_directory: Path) -> list[str]:
     problems = [f"{name}: not in Ray Train's list" for name in sorted(present - listed)]
     problems += [f"{name}: listed but missing" for name in sorted(listed - present)]
     for name in sorted(present):
-        if reason := store.problem(pafs.LocalFileSystem(), str(run_directory / name)):
+        if reason := not_intact(run_directory / name):
             problems.append(f"{name}: {reason}")
     aside = (store.SUPERSEDED_PREFIX, store.REFUSED_PREFIX)
     problems += [f"{p.name}: set aside and left" for p in sorted(run_directory.iterdir()) if p.name.startswith(aside)]
     return problems
+
+
+def not_intact(directory: Path) -> str | None:
+    """Why a local checkpoint directory does not verify; None when it does."""
+    import pyarrow.fs as pafs
+
+    from orchestrator.train import checkpoint_store as store
+
+    return store.problem(pafs.LocalFileSystem(), str(directory))
 
 
 def resumed_from(log: Path) -> list[int]:
@@ -593,11 +601,14 @@ def judge(workdir, server, reference: Driver, adversary: Adversary, steps: int, 
         elif injection.lost:
             injection.problems.append(f"steps lost: {sorted(injection.lost)[:5]}")
         if injection.fault == "corrupt":
+            # Only the resume right after the corruption is judged: the resumed run saves the corrupted step again,
+            # intact, and a later fault may rightly restore from that one.
             corrupted, previous = adversary.expected_resume
-            resumed = adversary.resumed_steps(injection.at) + resumed_from(adversary.run_directory / "xcm.log")
-            if previous not in resumed or corrupted in resumed:
-                injection.problems.append(f"resumed from {resumed}, not step {previous}")
-            if (adversary.run_directory / f"step-{corrupted:08d}").exists():
+            resumed = adversary.resumed_steps(injection.at) or resumed_from(adversary.run_directory / "xcm.log")
+            if resumed[:1] != [previous]:
+                injection.problems.append(f"the resume started from {resumed[:1]}, not step {previous}")
+            again = adversary.run_directory / f"step-{corrupted:08d}"
+            if again.exists() and not_intact(again):
                 injection.problems.append("the corrupt checkpoint is still in the run directory")
     reference_directory = next(workdir.glob("xcm-runs/checkpoints/reference-*"))
     weights = final_weight_difference(reference_directory, adversary.run_directory, steps)
