@@ -74,6 +74,20 @@ def run_xcm(
     )
 
 
+def train_mnist_mlp_checkpoint(cwd: Path, timeout: float) -> Path:
+    """`xcm run` of the MNIST MLP (width 32) on digits for 40 steps on one worker, with the loss: the run
+    directory of a small classifier checkpoint for the verbs that read one (`xcm measure`, `xcm circuits`)."""
+    trained = run_xcm(
+        "run", str(ROOT / "jobs" / "mnist_mlp.yaml"), "--set", "data.source=digits", "--set", "training.steps=40",
+        "--set", "model.config.width=32", "--set", "evaluation.every_steps=0", "--set", "training.report_every=40",
+        "--set", "resources.num_workers=1", "--set", "tracking.experiment=train",
+        cwd=cwd, timeout=timeout, env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    (run_directory,) = (cwd / "xcm-runs" / "checkpoints").iterdir()
+    return run_directory
+
+
 def free_port() -> int:
     """A port nothing listens on now (whoever is given it binds it moments later)."""
     with socket.socket() as probe:

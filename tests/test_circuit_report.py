@@ -17,7 +17,7 @@ from orchestrator.data.tokenizer import ByteTokenizer
 from orchestrator.modularity import find_matrix_groups, partition_group
 from orchestrator.partitioning.table import partition_table
 from orchestrator.spec import JobSpec
-from tests.helpers import ROOT, run_xcm, tiny_gpt2
+from tests.helpers import run_xcm, tiny_gpt2, train_mnist_mlp_checkpoint
 
 K = 2
 
@@ -194,14 +194,7 @@ def test_mnist_mlp_checkpoint_greedy_attribution_and_specialization(tmp_path):
     """`xcm run` trains the MNIST MLP on digits into a checkpoint; `xcm circuits <run directory>` verifies and
     loads it with its own partition, finds greedy and attribution circuits of two labels and the specialization
     index, and the run in experiment xcm-circuits holds their metrics at the checkpoint's step and the artifacts."""
-    trained = run_xcm(
-        "run", str(ROOT / "jobs" / "mnist_mlp.yaml"), "--set", "data.source=digits", "--set", "training.steps=40",
-        "--set", "model.config.width=32", "--set", "evaluation.every_steps=0", "--set", "training.report_every=40",
-        "--set", "resources.num_workers=1", "--set", "tracking.experiment=train",
-        cwd=tmp_path, timeout=400, env={"OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert trained.returncode == 0, trained.stderr[-2000:]
-    (run_directory,) = (tmp_path / "xcm-runs" / "checkpoints").iterdir()
+    run_directory = train_mnist_mlp_checkpoint(tmp_path, timeout=400)
     result = run_xcm(
         "circuits", str(run_directory), "--tasks", "labels:0,1", "--null-draws", "2", "--ig-steps", "2",
         "--max-examples", "60", cwd=tmp_path, timeout=300, env={"OMP_NUM_THREADS": "1"},

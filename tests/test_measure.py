@@ -15,7 +15,7 @@ from orchestrator.modularity import (
     planted_blocks,
     regularise_groups,
 )
-from tests.helpers import ROOT, run_xcm, tiny_gpt2
+from tests.helpers import run_xcm, tiny_gpt2, train_mnist_mlp_checkpoint
 
 K = 4
 
@@ -103,14 +103,7 @@ def test_classifier_checkpoint_is_measured(tmp_path):
     has no Hugging Face form to export) verifies and loads the checkpoint and measures its four fc matrices: the
     trained weights read modular under the joint partition (model mean 0.69 here; 0.36-0.38 at seeds 0-2 of a
     random initialisation of this width), about 1/k under random partitions."""
-    trained = run_xcm(
-        "run", str(ROOT / "jobs" / "mnist_mlp.yaml"), "--set", "data.source=digits", "--set", "training.steps=40",
-        "--set", "model.config.width=32", "--set", "evaluation.every_steps=0", "--set", "training.report_every=40",
-        "--set", "resources.num_workers=1", "--set", "tracking.experiment=train",
-        cwd=tmp_path, timeout=600, env={"OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert trained.returncode == 0, trained.stderr[-2000:]
-    (run_directory,) = (tmp_path / "xcm-runs" / "checkpoints").iterdir()
+    run_directory = train_mnist_mlp_checkpoint(tmp_path, timeout=600)
     measured = run_xcm("measure", str(run_directory), "--k", str(K), cwd=tmp_path, timeout=300)
     assert measured.returncode == 0, measured.stderr[-2000:]
     lines = measured.stdout.splitlines()
