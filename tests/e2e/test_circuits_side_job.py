@@ -74,21 +74,30 @@ def _circuits_actors() -> list:
     )
 
 
-def _logged_steps(tracking_uri: str, experiment: str, key: str) -> list[int]:
-    """The steps of `key` logged so far by the experiment's one run (none before the run exists)."""
-    client = MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id]) if found else []
-    return [point.step for run in runs for point in client.get_metric_history(run.info.run_id, key)]
+def _measurements(*filters: tuple) -> list:
+    """This test's Ray's circuits measurements (one entry per attempt), as its state API lists tasks."""
+    import ray
+    from ray.util.state import list_tasks
+
+    return list_tasks(
+        address=ray.get_runtime_context().gcs_address,
+        limit=1000,
+        filters=[("name", "=", "CircuitsActor.compute"), *filters],
+    )
+
+
+def _computing() -> bool:
+    """Whether a circuits measurement is running now."""
+    return bool(_measurements(("state", "=", "RUNNING")))
 
 
 @pytest.mark.slow
 def test_tiny_gpt2_logs_attribution_circuits_and_survives_a_killed_circuits_actor(tmp_path, local_ray):
     """The tiny GPT-2 on the synthetic corpus under ZeRO-3 (the actor gets whole matrices gathered from the
-    shards) with circuits every 16 of 32 steps: `kill -9` of the circuits actor once its first measurement is
-    logged; Ray restarts it, and MLflow still has each task's attribution circuit size (headline and per tau),
-    concentration and the specialization index at step indices 15 and 31, each step's mask tables, and the run
-    FINISHED."""
+    shards) with circuits every 16 of 32 steps: `kill -9` of the circuits actor while it computes the first
+    measurement; Ray restarts it and retries the call, and MLflow still has each task's attribution circuit size
+    (headline and per tau), concentration and the specialization index at step indices 15 and 31, each step's
+    mask tables, and the run FINISHED."""
     spec = tiny_spec(
         "deepspeed.zero_stage=3",
         "deepspeed.param_persistence_threshold=0",  # every parameter sharded, none kept whole on each rank
@@ -109,16 +118,16 @@ def test_tiny_gpt2_logs_attribution_circuits_and_survives_a_killed_circuits_acto
     job = threading.Thread(target=lambda: outcome.update(result=run_job(spec, tmp_path)))
     job.start()
     deadline = time.monotonic() + 600
-    while not _logged_steps(spec.tracking.uri, spec.tracking.experiment, "circuits/seconds"):
-        assert time.monotonic() < deadline and job.is_alive(), "the first circuits measurement never reached MLflow"
-        time.sleep(0.2)
+    while not _computing():  # the run waits for every measurement, so one in progress means the run is live
+        assert time.monotonic() < deadline and job.is_alive(), "the circuits actor never started a measurement"
+        time.sleep(0.05)
     [actor] = [actor for actor in _circuits_actors() if actor.state == "ALIVE"]
-    assert job.is_alive()
     os.kill(actor.pid, signal.SIGKILL)
     job.join(600)
     result = outcome["result"]
     [restarted] = [entry for entry in _circuits_actors() if entry.actor_id == actor.actor_id]
     assert restarted.num_restarts >= 1 and restarted.pid != actor.pid
+    assert max(task.attempt_number for task in _measurements()) >= 1  # the call the kill cut off ran again
     client = MlflowClient(tracking_uri=result.tracking_uri)
     assert client.get_run(result.run_id).info.status == "FINISHED"
     keys = [
