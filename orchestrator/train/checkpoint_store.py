@@ -14,9 +14,14 @@ One checkpoint, as Ray Train stores it under the run directory ``<storage_path>/
       xcm/unsent-metrics.jsonl  rank 0's metric spool lines not yet in MLflow when it was written (when any)
       manifest.json         every file above with its size and sha256, and an HMAC-SHA256 over that list
 
-Beside a checkpoint, ``universal-<step>/`` holds its DeepSpeed state in the universal form (made once by
-``orchestrator.train.universal`` for a resume on another worker count), with the same layout, its state marked
-``universal``, and a manifest of its own, verified like any checkpoint's. A resume from an older checkpoint moves
+A step trained again after a fallback past its checkpoint (a restart that found it damaged) is saved as
+``step-<step>.g<generation>/`` while Ray Train's list still names the earlier save (``save_name``): the newer save
+of a step sorts after the earlier ones (``name_order``).
+
+Beside a checkpoint, ``universal-<step>/`` (of ``step-<step>.g<generation>/``: ``universal-<step>.g<generation>/``)
+holds its DeepSpeed state in the universal form (made once by ``orchestrator.train.universal`` for a resume on
+another worker count), with the same layout, its state marked ``universal``, and a manifest of its own, verified
+like any checkpoint's. A resume from an older checkpoint moves
 the later ones into ``superseded-<UTC time>/`` (intact) or ``refused-<UTC time>/`` (not verifying, deleted once the
 run has an intact checkpoint as new): ``set_aside_newer``.
 
@@ -81,6 +86,7 @@ _MAX_STATE_BYTES = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SIDE_JOB = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_NAME = re.compile(r"(step|universal)-([0-9]{8,})(?:\.g([1-9][0-9]*))?")
 
 
 class CheckpointKeyError(RuntimeError):
@@ -107,13 +113,64 @@ def side_job_file(name: str) -> str:
     return path
 
 
-def checkpoint_name(step: int) -> str:
-    """Zero-padded, so that name order is step order (the newest checkpoint sorts last)."""
-    return f"{CHECKPOINT_PREFIX}{step:08d}"
+def checkpoint_name(step: int, generation: int = 0) -> str:
+    """``step-<step>``, zero-padded, and ``.g<generation>`` for a step saved again after a fallback past its
+    earlier save (``save_name``); ``name_order`` sorts them."""
+    return f"{CHECKPOINT_PREFIX}{step:08d}" + (f".g{generation}" if generation else "")
 
 
-def universal_name(step: int) -> str:
-    return f"{UNIVERSAL_PREFIX}{step:08d}"
+def universal_name(step: int, generation: int = 0) -> str:
+    """The universal form of ``checkpoint_name(step, generation)``, beside it."""
+    return f"{UNIVERSAL_PREFIX}{step:08d}" + (f".g{generation}" if generation else "")
+
+
+class NameParts(NamedTuple):
+    prefix: str  # CHECKPOINT_PREFIX or UNIVERSAL_PREFIX
+    step: int
+    generation: int  # 0 for a step's first save
+
+
+def name_parts(name: str) -> NameParts | None:
+    """What a checkpoint directory's name says (None for any name ``checkpoint_name``/``universal_name`` do not
+    write)."""
+    match = _NAME.fullmatch(name)
+    if match is None:
+        return None
+    parts = NameParts(f"{match[1]}-", int(match[2]), int(match[3] or 0))
+    canonical = (checkpoint_name if parts.prefix == CHECKPOINT_PREFIX else universal_name)(parts.step, parts.generation)
+    return parts if canonical == name else None
+
+
+def name_order(name: str) -> tuple[int, int]:
+    """Sort key of checkpoint directory names, oldest first: step, then generation (``.g10`` after ``.g9``); a
+    name xcm does not write sorts before all."""
+    parts = name_parts(name)
+    return (-1, 0) if parts is None else (parts.step, parts.generation)
+
+
+def save_name(filesystem: pafs.FileSystem, run_directory: str, step: int) -> str:
+    """The directory name for a new checkpoint of ``step`` (completed steps): ``step-<step>``, or its next
+    generation while Ray Train's list of the run's checkpoints names that one.
+
+    A run that fell back past a checkpoint (it did not verify when a worker group restarted) trains those steps
+    again. Saved under the old name, the new checkpoint would be merged into the old directory and named twice in
+    Ray's list, and ``keep_last`` ageing out the old entry deletes the directory, which is the new checkpoint (and
+    then fails deleting it again). A directory of that name that Ray does not list is what a save that never
+    registered left (a crash mid-upload): nothing deletes it, and its files would be mixed into the new
+    checkpoint's, so it is deleted first. With a list this xcm cannot read, every existing name counts as listed.
+    """
+    run_directory = run_directory.rstrip("/")
+    present = set(_checkpoint_names(filesystem, run_directory))
+    listed = ray_listed(filesystem, run_directory)
+    taken = present if listed is None else listed
+    generation = 0
+    while checkpoint_name(step, generation) in taken:
+        generation += 1
+    name = checkpoint_name(step, generation)
+    if name in present:
+        logger.warning("deleting %s/%s: a save that Ray Train never registered left it", run_directory, name)
+        filesystem.delete_dir(f"{run_directory}/{name}")
+    return name
 
 
 def run_directory_name(job_name: str, run_id: str) -> str:
@@ -371,9 +428,11 @@ def verified(
     if not any(name.startswith(f"{DEEPSPEED}/{state.deepspeed_tag}/") for name in files):
         raise NotIntact(path, f"the DeepSpeed tag {state.deepspeed_tag!r} names no file of the manifest")
     name = PurePosixPath(path).name
-    expected_name = universal_name(state.step) if state.universal else checkpoint_name(state.step)
-    if name_must_match and name.startswith((CHECKPOINT_PREFIX, UNIVERSAL_PREFIX)) and name != expected_name:
-        raise NotIntact(path, f"it holds step {state.step}, not the step its name says (it would be {expected_name})")
+    if name_must_match and name.startswith((CHECKPOINT_PREFIX, UNIVERSAL_PREFIX)):
+        parts, prefix = name_parts(name), UNIVERSAL_PREFIX if state.universal else CHECKPOINT_PREFIX
+        if parts is None or (parts.prefix, parts.step) != (prefix, state.step):
+            expected = universal_name(state.step) if state.universal else checkpoint_name(state.step)
+            raise NotIntact(path, f"it holds step {state.step}, not the step its name says (it would be {expected})")
     return Located(filesystem, path, state, query)
 
 
@@ -561,7 +620,7 @@ def set_aside_newer(located: Located) -> SetAside:
     """
     parent, name = str(PurePosixPath(located.path).parent), PurePosixPath(located.path).name
     filesystem = located.filesystem
-    newer = [entry for entry in _checkpoint_names(filesystem, parent) if entry > name]
+    newer = [entry for entry in _checkpoint_names(filesystem, parent) if name_order(entry) > name_order(name)]
     if not newer:
         return SetAside(None, None)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -590,16 +649,11 @@ def discard_refused(filesystem: pafs.FileSystem, run_directory: str, query: str 
     deleted = []
     for quarantine in quarantines:
         path = f"{run_directory}/{quarantine}"
-        steps = [_step_of(entry) for entry in _checkpoint_names(filesystem, path)]
-        if all(step is not None and step <= newest.state.step for step in steps):
+        steps = [name_parts(entry) for entry in _checkpoint_names(filesystem, path)]
+        if all(parts is not None and parts.step <= newest.state.step for parts in steps):
             filesystem.delete_dir(path)
             deleted.append(path)
     return deleted
-
-
-def _step_of(name: str) -> int | None:
-    digits = name[len(CHECKPOINT_PREFIX) :]
-    return int(digits) if digits.isdigit() else None
 
 
 # Ray Train v2's list of a run's checkpoints (``checkpoint_manager_snapshot.json``, its _CheckpointManagerState):
@@ -667,6 +721,26 @@ def _only_checkpoints(snapshot: dict, kept: set[str]) -> dict:
     return cut
 
 
+def ray_listed(filesystem: pafs.FileSystem, run_directory: str) -> set[str] | None:
+    """The checkpoint directory names Ray Train's list of the run's checkpoints holds (none before its first
+    checkpoint); None, with a warning, for a list of a shape this xcm does not know."""
+    path = f"{run_directory}/{RAY_SNAPSHOT}"
+    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+        return set()
+    try:
+        snapshot = json.loads(_read(filesystem, path, _MAX_MANIFEST_BYTES))
+        latest = snapshot[_RAY_LATEST]
+        results = [result for name in _RAY_RESULTS for result in snapshot[name]] + ([latest] if latest else [])
+        names = {result["checkpoint_dir_name"] for result in results}
+    except (ValueError, KeyError, TypeError) as error:
+        logger.warning("Ray Train's list of checkpoints %s is not in a shape this xcm knows (%s)", path, error)
+        return None
+    if not all(isinstance(name, str) for name in names):
+        logger.warning("Ray Train's list of checkpoints %s names a checkpoint by something else than a name", path)
+        return None
+    return names
+
+
 def _move(filesystem: pafs.FileSystem, source: str, destination: str) -> None:
     """A rename where the filesystem has one; on object stores (no directory rename), a copy then a delete."""
     try:
@@ -681,8 +755,8 @@ def _move(filesystem: pafs.FileSystem, source: str, destination: str) -> None:
 
 
 def _checkpoint_names(filesystem: pafs.FileSystem, parent: str) -> list[str]:
-    """The ``step-*`` directories of a run directory, newest first."""
-    return _directories(filesystem, parent, CHECKPOINT_PREFIX)
+    """The ``step-*`` directories of a run directory, newest first (``name_order``)."""
+    return sorted(_directories(filesystem, parent, CHECKPOINT_PREFIX), key=name_order, reverse=True)
 
 
 def _directories(filesystem: pafs.FileSystem, parent: str, prefix: str) -> list[str]:
@@ -707,7 +781,7 @@ def _candidates(filesystem: pafs.FileSystem, candidate: str) -> list[str]:
     else:
         parent, newest = candidate, None
     names = _checkpoint_names(filesystem, parent)
-    older = [entry for entry in names if newest is None or entry <= newest]
+    older = [entry for entry in names if newest is None or name_order(entry) <= name_order(newest)]
     if newest is not None and newest not in older:
         older.insert(0, newest)
     return [f"{parent}/{entry}" for entry in older]

@@ -86,6 +86,7 @@ class CheckpointManager:
 
         completed = step + 1
         tag = f"step-{completed}"
+        name = self._save_name(completed)
         directory = Path(tempfile.mkdtemp(prefix="xcm-checkpoint-"))
         try:
             engine.save_checkpoint(str(directory / store.DEEPSPEED), tag=tag)
@@ -115,10 +116,27 @@ class CheckpointManager:
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
-                checkpoint_dir_name=store.checkpoint_name(completed),
+                checkpoint_dir_name=name,
             )
         finally:
             shutil.rmtree(directory, ignore_errors=True)
+
+    def _save_name(self, completed: int) -> str:
+        """Every rank: rank 0's ``checkpoint_store.save_name`` in Ray Train's storage of the run (a collective, before
+        any rank uploads); its failure is raised on every rank, or the others would wait for the name forever."""
+        import ray.train
+
+        name, failure = None, None
+        if self.rank.leads:
+            storage = ray.train.get_context().get_storage()
+            try:
+                name = store.save_name(storage.storage_filesystem, storage.experiment_fs_path, completed)
+            except OSError as error:
+                failure = f"cannot name checkpoint {completed} in {storage.experiment_fs_path}: {error}"
+        name, failure = _from_rank_zero((name, failure))
+        if failure is not None:
+            raise OSError(failure)
+        return name
 
     def _keep_unsent_metrics(self, destination: Path) -> None:
         """Rank 0: the metric spool's unsent lines into the checkpoint, for a resume on a node without this spool

@@ -174,9 +174,11 @@ def newest_checkpoint_note(run_directory: str) -> str:
     """What the stop line adds about a local run directory's newest checkpoint (names listed, nothing verified)."""
     if "://" in run_directory:
         return ""
-    from orchestrator.train.checkpoint_store import CHECKPOINT_PREFIX
+    from orchestrator.train.checkpoint_store import CHECKPOINT_PREFIX, name_order
 
-    names = sorted(path.name for path in Path(run_directory).glob(f"{CHECKPOINT_PREFIX}*") if path.is_dir())
+    names = sorted(
+        (path.name for path in Path(run_directory).glob(f"{CHECKPOINT_PREFIX}*") if path.is_dir()), key=name_order
+    )
     if not names:
         return "; no checkpoint was written: resuming starts it over"
     return f"; its newest checkpoint is {names[-1]}"

@@ -96,13 +96,16 @@ class StopOnInterrupt:
         place = store.resolve(self._run_directory)
         listing = place.filesystem.get_file_info(pafs.FileSelector(place.path, allow_not_found=True))
         names = sorted(
-            info.base_name
-            for info in listing
-            if info.type == pafs.FileType.Directory
-            and info.base_name >= store.checkpoint_name(step + 1)
-            and info.base_name.startswith(store.CHECKPOINT_PREFIX)
+            (
+                info.base_name
+                for info in listing
+                if info.type == pafs.FileType.Directory
+                and info.base_name.startswith(store.CHECKPOINT_PREFIX)
+                and store.name_order(info.base_name) >= (step + 1, 0)
+            ),
+            key=store.name_order,
         )
         for name in reversed(names):
             if store.problem(place.filesystem, f"{place.path}/{name}") is None:
-                return int(name.removeprefix(store.CHECKPOINT_PREFIX))
+                return store.name_parts(name).step
         return None

@@ -32,7 +32,9 @@ logger = logging.getLogger(__name__)
 def universal_checkpoint(located: store.Located) -> store.Located:
     """The universal form of the verified checkpoint ``located``: the one kept beside it when it verifies and was
     made from it, else converted now (and kept)."""
-    target = f"{PurePosixPath(located.path).parent}/{store.universal_name(located.state.step)}"
+    source = PurePosixPath(located.path)
+    parts = store.name_parts(source.name)  # a step saved again after a fallback has a universal form of its own
+    target = f"{source.parent}/{store.universal_name(located.state.step, parts.generation if parts else 0)}"
     if located.filesystem.get_file_info(target).type == pafs.FileType.NotFound:
         logger.info("converting %s to DeepSpeed's universal checkpoint (once)", located.uri)
     else:

@@ -291,3 +291,111 @@ def test_a_universal_checkpoint_renamed_as_another_step_is_refused(tmp_path, che
     (run / store.universal_name(10)).rename(run / store.universal_name(20))
     with pytest.raises(store.NotIntact, match=r"holds step 10.*universal-00000010"):
         store.verified(*store.resolve(str(run / store.universal_name(20))))
+
+
+def ray_checkpoint_manager(run: Path, keep_last: int):
+    """Ray Train v2's own checkpoint manager of the run directory ``run`` (restoring its list when there is one)."""
+    from ray.train import CheckpointConfig
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    return CheckpointManager(CheckpointConfig(num_to_keep=keep_last), StorageContext(str(run.parent), run.name))
+
+
+def save_as_ray_does(manager, run: Path, step: int, staging: Path, checkpoint_files) -> str:
+    """One save as a rank leaves it: the name xcm picks, the checkpoint's files merged into that directory of the
+    run (as Ray's upload does: over whatever is there), then registered with Ray's manager; the name."""
+    import shutil
+
+    from ray.train import Checkpoint
+    from ray.train.v2._internal.execution.training_report import _TrainingReport
+
+    name = store.save_name(LOCAL, str(run), step)
+    written = checkpoint_files.write(staging / name, step)
+    shutil.copytree(written, run / name, dirs_exist_ok=True)
+    shutil.rmtree(staging / name)
+    manager.register_checkpoint(_TrainingReport(Checkpoint(str(run / name)), {"step": step}, validation=False))
+    return name
+
+
+def test_a_checkpoint_saved_again_after_a_fallback_is_never_deleted_by_keep_last(tmp_path, checkpoint_files):
+    """A run whose step 30 is found corrupted falls back to step 20 and saves step 30 again: Ray's keep_last (3) ages
+    out the corrupted one without touching the new one, every checkpoint Ray lists is there and verifies, and a
+    restart's Ray restores the list and finds step 60 the newest."""
+    import asyncio
+
+    run, staging = tmp_path / "job-01234567", tmp_path / "staging"
+
+    async def train() -> list[str]:
+        manager = ray_checkpoint_manager(run, keep_last=3)
+        for step in (10, 20, 30):
+            save_as_ray_does(manager, run, step, staging, checkpoint_files)
+        shard = run / "step-00000030" / "deepspeed" / "step-30" / "mp_rank_00_model_states.pt"
+        shard.write_bytes(shard.read_bytes()[:100])
+        assert store.newest_intact(LOCAL, str(run)).state.step == 20  # the restarted group continues from step 20
+        saved = [save_as_ray_does(manager, run, step, staging, checkpoint_files) for step in (30, 40, 50, 60)]
+        await asyncio.sleep(0)  # Ray's notification tasks run
+        return saved
+
+    saved = asyncio.run(train())
+    names, latest = listed(run)
+    assert names == saved[-3:] and latest == saved[-1]
+    assert all(store.problem(LOCAL, str(run / name)) is None for name in names)
+    assert not (run / "step-00000030").exists() and (run / saved[0]).parent == run  # the corrupted one is deleted
+    restarted = ray_checkpoint_manager(run, keep_last=3)  # Ray refuses a list naming a missing checkpoint
+    assert store.newest_intact(LOCAL, restarted.latest_checkpoint_result.checkpoint.path).state.step == 60
+
+
+def test_a_save_that_never_registered_is_replaced_and_an_unreadable_list_keeps_every_name(
+    tmp_path, checkpoint_files, caplog
+):
+    """A step-20 directory that Ray's list does not name (a save that crashed mid-upload) is deleted and its name
+    reused, so none of its files mix into the new checkpoint; with Ray's list in a shape this xcm does not know,
+    an existing name is never reused nor deleted: the save takes the next generation."""
+    run = tmp_path / "run"
+    checkpoint_files.write(run, 10)
+    leftover = checkpoint_files.write(run, 20, manifest=False)
+    (run / store.RAY_SNAPSHOT).write_text(ray_list("step-00000010"))
+    with caplog.at_level(logging.WARNING):
+        assert store.save_name(LOCAL, str(run), 20) == "step-00000020" and not leftover.exists()
+    assert "never registered" in caplog.text
+    checkpoint_files.write(run, 20, manifest=False)
+    (run / store.RAY_SNAPSHOT).write_text('{"ray_version": "9.9"}')
+    assert store.save_name(LOCAL, str(run), 20) == "step-00000020.g1" and leftover.exists()
+    assert store.save_name(LOCAL, str(run), 30) == "step-00000030"
+
+
+def test_a_step_saved_again_is_newer_than_its_earlier_saves_and_older_than_the_next_step(tmp_path, checkpoint_files):
+    """Generations sort by number (.g10 after .g9), all before the next step; resuming from an earlier save of a
+    step sets its later saves aside; a generation renamed as another step is refused."""
+    import shutil
+
+    names = ["step-00000020", "step-00000020.g9", "step-00000020.g10"]
+    assert sorted(["step-00000021", *reversed(names)], key=store.name_order) == [*names, "step-00000021"]
+    assert store.name_parts("step-00000020.g01") is None and store.name_parts("step-00000020.g0") is None
+    run = tmp_path / "run"
+    checkpoint_files.write(run, 10)
+    for name in names:
+        shutil.move(checkpoint_files.write(tmp_path / name, 20), run / name)
+    assert store.newest_intact(LOCAL, str(run)).path == str(run / "step-00000020.g10")
+    assert store.newest_intact(LOCAL, str(run / "step-00000020.g9")).path == str(run / "step-00000020.g9")
+    superseded, _ = store.set_aside_newer(store.verified(LOCAL, str(run / "step-00000020.g9")))
+    assert [p.name for p in Path(superseded).iterdir()] == ["step-00000020.g10"]
+    shutil.move(run / "step-00000020.g9", run / "step-00000030.g9")
+    assert "holds step 20" in store.problem(LOCAL, str(run / "step-00000030.g9"))
+
+
+def test_the_universal_form_of_a_step_saved_again_is_its_own(tmp_path, checkpoint_files, monkeypatch):
+    """The universal form of step-20.g1 is universal-20.g1, never the one made from the earlier save of step 20."""
+    import shutil
+
+    from orchestrator.train import universal
+
+    run = tmp_path / "run"
+    checkpoint_files.write(run, 20)
+    shutil.move(checkpoint_files.write(tmp_path / "again", 20), run / "step-00000020.g1")
+    monkeypatch.setattr(universal, "convert", _standin_conversion)
+    first = universal.universal_checkpoint(store.verified(LOCAL, str(run / "step-00000020")))
+    again = universal.universal_checkpoint(store.verified(LOCAL, str(run / "step-00000020.g1")))
+    assert (Path(first.path).name, Path(again.path).name) == ("universal-00000020", "universal-00000020.g1")
+    assert again.state.universal and again.state.step == 20
