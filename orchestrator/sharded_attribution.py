@@ -160,7 +160,8 @@ def sharded_gradient_scores(
     finally:
         _set_partitions(engine, shards, originals, 1.0)
     scores = {name: -originals[name][: shard.size].to(dtype) * grads[name] for name, shard in shards.items()}
-    if not all(bool(torch.isfinite(score).all()) for score in scores.values()):
+    overflowed = torch.tensor(int(not all(bool(torch.isfinite(score).all()) for score in scores.values())))
+    if int(_all_max(overflowed, group)):  # on every rank alike: a rank that raised alone would leave the rest waiting
         raise ValueError("sharded attribution: a gradient overflowed (non-finite scores); lower the fp16 loss scale")
     return scores if signed else {name: score.abs() for name, score in scores.items()}
 

@@ -72,6 +72,9 @@ class SideJobContext:
     logger: MetricLogger | None  # rank 0's MLflow logger; None on the other ranks
     # the training partition every rank uses now (by group name; None before the first), for jobs that read it
     partitions: Callable[[], Mapping[str, GroupPartition] | None] = lambda: None
+    # the rank's DeepSpeed engine, for a job that computes on the training ranks' own shards between steps
+    # instead of gathering weights for an actor (circuits' attribution_on: ranks)
+    engine: Any = None
 
 
 class SideJobKind(Protocol):

@@ -246,6 +246,12 @@ class CircuitsSpec(Section):
         "synthetic:copy,add, jsonl:FILE, text:FILE); the model's own tasks when empty",
     )
     every_steps: int = Field(0, ge=0, description="steps between circuit measurements while training; 0 = off")
+    attribution_on: Literal["actor", "ranks"] = Field(
+        "actor",
+        description="where the job's circuits are computed: actor (rank 0 gathers the weights for the circuits "
+        "actor, training goes on) or ranks (attribution on the training ranks' own ZeRO-3 partitions, no whole "
+        "matrix gathered; training pauses for it; deepspeed.zero_stage 3 and circuits.method: attribution)",
+    )
     taus: list[Tau] = Field([0.8, 0.9, 0.95, 1.0], min_length=1, description="attribution's faithfulness levels")
     ig_steps: int = Field(8, ge=1, le=256, description="attribution's integrated-gradient steps")
     ablation: Literal["zero", "mean"] = Field(

@@ -21,6 +21,52 @@ def test_check_refuses_the_greedy_finder_for_gpt2_naming_attribution(tmp_path, c
     assert cli.main(["check", str(job)]) == 0
 
 
+RANKS = "  every_steps: 5\n  attribution_on: ranks\n"
+ZERO_3 = ("  zero_stage: 2\n", "  zero_stage: 3\n")
+
+
+@pytest.mark.parametrize(
+    ("circuits", "edit", "key", "message", "fix"),
+    [
+        (RANKS + "  method: attribution\n", ("", ""), "circuits.attribution_on", "deepspeed.zero_stage is 2",
+         "set deepspeed.zero_stage: 3, or circuits.attribution_on: actor"),
+        (RANKS + "  method: attribution\n", ("  zero_stage: 2\n", "  zero_stage: 3\n  offload_optimizer: true\n"),
+         "circuits.attribution_on", "offload_optimizer moves",
+         "set deepspeed.offload_optimizer: false, or circuits.attribution_on: actor"),
+        (RANKS, ZERO_3, "circuits.method", "all with circuits.attribution_on: ranks",
+         "set circuits.method: attribution, or circuits.attribution_on: actor"),
+        (RANKS + "  method: [attribution, specialization]\n", ZERO_3, "circuits.method", "need whole matrices",
+         "set circuits.method: attribution, or circuits.attribution_on: actor"),
+    ],
+)  # fmt: skip
+def test_check_refuses_attribution_on_ranks_where_the_ranks_cannot_compute_it(
+    tmp_path, capsys, monkeypatch, circuits, edit, key, message, fix
+):
+    """`circuits.attribution_on: ranks` outside ZeRO-3, with the optimizer offloaded, or with a method that needs
+    whole matrices (the default, all, among them): `xcm check` fails with one line naming the key and its fix."""
+    monkeypatch.chdir(tmp_path)
+    job = tmp_path / "tiny-ranks.yaml"
+    job.write_text(TINY_JOB.read_text().replace(*edit) + "circuits:\n" + circuits)
+    assert cli.main(["check", str(job)]) == INVALID_JOB_EXIT_CODE
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f": {key}: " in line and message in line and f"Fix: {fix}" in line, line
+
+
+def test_check_passes_attribution_on_ranks_under_zero_3_and_any_stage_when_off(tmp_path, capsys, monkeypatch):
+    """Attribution alone on the ranks of a ZeRO-3 job passes; so does `attribution_on: ranks` on a ZeRO-2 job
+    whose circuits are off (every_steps 0), since nothing is computed; a value other than actor or ranks fails."""
+    monkeypatch.chdir(tmp_path)
+    job = tmp_path / "tiny-ranks.yaml"
+    job.write_text(TINY_JOB.read_text().replace(*ZERO_3) + "circuits:\n" + RANKS + "  method: [attribution]\n")
+    assert cli.main(["check", str(job)]) == 0, capsys.readouterr().err
+    job.write_text(TINY_JOB.read_text() + "circuits:\n  attribution_on: ranks\n")
+    assert cli.main(["check", str(job)]) == 0, capsys.readouterr().err
+    job.write_text(TINY_JOB.read_text() + "circuits:\n  attribution_on: driver\n")
+    assert cli.main(["check", str(job)]) == INVALID_JOB_EXIT_CODE
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "circuits.attribution_on" in line and "actor" in line and "ranks" in line, line
+
+
 def test_a_resumed_run_measures_its_first_step_for_the_measurements_in_flight_at_the_checkpoint():
     """Every rank gathers at the same steps (every `every_steps`, never at 0); a checkpoint's in-flight steps
     make the resumed run's first boundary due once, and the schedule goes on as before."""

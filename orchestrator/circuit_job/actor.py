@@ -104,6 +104,61 @@ class CircuitsActor:
         return self._task_set
 
 
+TaskBatches = tuple[str, list, list | None]  # a task's name, its finding batches, its judging ones (None: the same)
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class CircuitTasksActor:
+    """``circuits.attribution_on: ranks``: the job's circuit tasks, built as the circuits actor builds them (the
+    same tasks, split and seed, task files read relative to the driver's working directory: the ranks run in
+    Ray Train's) and handed to every rank, so that each scores the same batches. It holds no weights: the model
+    it needs for the tasks' context (a language model's tokenizer and context length) is built on the meta
+    device."""
+
+    def __init__(self, spec: dict, base_dir: str):
+        self._spec = JobSpec.model_validate(spec)
+        self._base_dir = Path(base_dir)
+        self._batches: list[TaskBatches] | None = None
+
+    def batches(self) -> list[TaskBatches]:
+        """Each task's batches, as ``find_circuits`` scores and judges attribution on them."""
+        from orchestrator.circuit_report import (
+            BATCH_SIZE,
+            fresh_model,
+            loaded_model_from_spec,
+            model_kind,
+            task_set_for,
+        )
+
+        if self._batches is None:
+            tokenizer = None
+            if model_kind(self._spec) == "language":
+                from orchestrator.data.tokenizer import load_tokenizer
+
+                tokenizer = load_tokenizer(self._spec.data, self._spec.model)
+            with torch.device("meta"):
+                skeleton = fresh_model(self._spec, tokenizer)
+            options = self._spec.circuits
+            tasks = task_set_for(loaded_model_from_spec(self._spec, skeleton), options.tasks, options, self._base_dir)
+            self._batches = [
+                (
+                    task.name,
+                    task.find.batches(BATCH_SIZE),
+                    None if options.eval_on_find_data else task.judge.batches(BATCH_SIZE),
+                )
+                for task in tasks.tasks
+            ]
+        return self._batches
+
+
+def start_tasks_actor(spec: JobSpec) -> dict[str, ray.actor.ActorHandle]:
+    """Driver side, for ``attribution_on: ranks``: the tasks actor, by its (unique) Ray name, on no reserved CPU
+    (it builds the tasks once, then only answers)."""
+    name = f"xcm-circuit-tasks-{uuid.uuid4().hex[:12]}"
+    actor = CircuitTasksActor.options(name=name, num_cpus=0)
+    return {name: actor.remote(spec.model_dump(mode="json", by_alias=True), str(Path.cwd()))}
+
+
 def start_circuits_actor(spec: JobSpec) -> dict[str, ray.actor.ActorHandle]:
     """Driver side: the job's circuits actor with the spec's resources, by its (unique) Ray name; task files
     are read relative to the driver's working directory, as ``xcm circuits`` reads them."""

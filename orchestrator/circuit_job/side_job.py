@@ -21,6 +21,7 @@ from orchestrator.spec import JobSpec, SpecProblem
 
 if TYPE_CHECKING:
     from orchestrator.circuit_job.actor import CircuitsAnswer
+    from orchestrator.circuit_job.on_ranks import RanksCircuitsJob
     from orchestrator.models.dimensions import ModelDimensions
     from orchestrator.modularity import GroupPartition
     from orchestrator.ranks import Rank
@@ -41,7 +42,8 @@ class CircuitsKind:
 
     @staticmethod
     def spec_problems(spec: JobSpec, dimensions: ModelDimensions | None) -> list[SpecProblem]:
-        """The method must suit the model: greedy is for the small classifiers, not a language model."""
+        """The method must suit the model: greedy is for the small classifiers, not a language model; and
+        attribution on the ranks must suit the job."""
         from orchestrator.circuit_report import job_problems
 
         return [
@@ -51,16 +53,20 @@ class CircuitsKind:
                 fix="set circuits.method: attribution (or specialization, or all)",
             )
             for message in job_problems(spec)
-        ]
+        ] + on_ranks_problems(spec)
 
     @staticmethod
     def start_actors(spec: JobSpec) -> dict[str, Any]:
-        from orchestrator.circuit_job.actor import start_circuits_actor
+        from orchestrator.circuit_job.actor import start_circuits_actor, start_tasks_actor
 
-        return start_circuits_actor(spec)
+        return start_tasks_actor(spec) if spec.circuits.attribution_on == "ranks" else start_circuits_actor(spec)
 
     @staticmethod
-    def build(spec: JobSpec, context: SideJobContext) -> CircuitsJob:
+    def build(spec: JobSpec, context: SideJobContext) -> CircuitsJob | RanksCircuitsJob:
+        if spec.circuits.attribution_on == "ranks":
+            from orchestrator.circuit_job.on_ranks import RanksCircuitsJob
+
+            return RanksCircuitsJob(spec, context)
         return CircuitsJob(
             spec.circuits.every_steps,
             spec.training.steps,
@@ -72,6 +78,44 @@ class CircuitsKind:
 
 
 CIRCUITS = CircuitsKind()
+
+
+def on_ranks_problems(spec: JobSpec) -> list[SpecProblem]:
+    """``attribution_on: ranks`` scores ZeRO-3's partitions with the training optimizer's own gradient
+    partitions, and computes attribution only: each problem names the key to change."""
+    circuits, deepspeed = spec.circuits, spec.deepspeed
+    if circuits.attribution_on != "ranks" or circuits.every_steps == 0:
+        return []
+    problems = []
+    if deepspeed.zero_stage != 3:
+        problems.append(
+            SpecProblem(
+                key="circuits.attribution_on",
+                message=f"ranks scores ZeRO-3's weight partitions, but deepspeed.zero_stage is {deepspeed.zero_stage}, "
+                "where every rank holds the whole model and the actor gathers nothing a rank lacks",
+                fix="set deepspeed.zero_stage: 3, or circuits.attribution_on: actor",
+            )
+        )
+    if deepspeed.offload_optimizer:
+        problems.append(
+            SpecProblem(
+                key="circuits.attribution_on",
+                message="ranks reads each pass's gradient partitions, which deepspeed.offload_optimizer moves to the "
+                "CPU only at a step's end",
+                fix="set deepspeed.offload_optimizer: false, or circuits.attribution_on: actor",
+            )
+        )
+    methods = [circuits.method] if isinstance(circuits.method, str) else list(circuits.method)
+    if methods != ["attribution"]:
+        problems.append(
+            SpecProblem(
+                key="circuits.method",
+                message=f"{circuits.method} with circuits.attribution_on: ranks; the ranks compute attribution only "
+                "(greedy and specialization need whole matrices, which ranks never gathers)",
+                fix="set circuits.method: attribution, or circuits.attribution_on: actor",
+            )
+        )
+    return problems
 
 
 @dataclass
@@ -172,20 +216,7 @@ class CircuitsJob:
                 logger.warning("circuits of step %d failed: %s", request.step, error)
 
     def _log(self, answer: CircuitsAnswer) -> None:
-        import math
-
-        metrics = {key: value for key, value in answer.metrics.items() if math.isfinite(value)}
-        self._logger.log(metrics | {"circuits/seconds": answer.seconds}, answer.step)
-        artifacts = dict(answer.artifacts)
-
-        def write(directory) -> None:
-            for path, data in artifacts.items():
-                (directory / path).parent.mkdir(parents=True, exist_ok=True)
-                (directory / path).write_bytes(data)
-
-        self._logger.log_artifacts_from(write, f"circuits/step-{answer.step}")
-        for what, why in answer.skipped.items():
-            logger.warning("circuits of step %d: %s skipped: %s", answer.step, what, why)
+        log_measurement(self._logger, answer.step, answer.metrics, answer.seconds, answer.artifacts, answer.skipped)
 
     def _circuits_actor(self):
         import ray
@@ -193,3 +224,28 @@ class CircuitsJob:
         if self._actor is None:
             self._actor = ray.get_actor(self._actor_names[0])
         return self._actor
+
+
+def log_measurement(
+    metric_logger: MetricLogger,
+    step: int,
+    metrics: Mapping[str, float],
+    seconds: float,
+    artifacts: Mapping[str, bytes],
+    skipped: Mapping[str, str],
+) -> None:
+    """Rank 0: one measurement's finite metrics and ``circuits/seconds`` at `step`, its artifacts under
+    ``circuits/step-<step>/``, and a warning for each method and task skipped; both paths log through it."""
+    import math
+
+    finite = {key: float(value) for key, value in metrics.items() if math.isfinite(value)}
+    metric_logger.log(finite | {"circuits/seconds": seconds}, step)
+
+    def write(directory) -> None:
+        for path, data in artifacts.items():
+            (directory / path).parent.mkdir(parents=True, exist_ok=True)
+            (directory / path).write_bytes(data)
+
+    metric_logger.log_artifacts_from(write, f"circuits/step-{step}")
+    for what, why in skipped.items():
+        logger.warning("circuits of step %d: %s skipped: %s", step, what, why)

@@ -178,6 +178,7 @@ class TrainingSession:
                 actor_names=list(actor_names.get(kind.name, ())),
                 logger=self.side_job_logger(),
                 partitions=lambda: self.partition_schedule.partitions,
+                engine=self.engine,
             )
 
         return {kind.name: kind.build(self.spec, context(kind)) for kind in enabled_side_jobs(self.spec)}
