@@ -86,7 +86,7 @@ class CheckpointManager:
 
         completed = step + 1
         tag = f"step-{completed}"
-        name = self._save_name(completed)
+        checkpoint_dir_name = self._save_name(completed)
         directory = Path(tempfile.mkdtemp(prefix="xcm-checkpoint-"))
         try:
             engine.save_checkpoint(str(directory / store.DEEPSPEED), tag=tag)
@@ -116,7 +116,7 @@ class CheckpointManager:
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
-                checkpoint_dir_name=name,
+                checkpoint_dir_name=checkpoint_dir_name,
             )
         finally:
             shutil.rmtree(directory, ignore_errors=True)

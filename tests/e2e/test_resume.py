@@ -148,20 +148,22 @@ def test_killed_driver_is_resumed_to_the_uninterrupted_result(workdir, client, u
         assert metric_history(client, resumed.run_id, metric_names.WORKERS) == [(0, 2), (newest.state.step, 2)]
 
 
-@pytest.mark.slow
-def test_killed_worker_is_restarted_from_the_last_checkpoint(workdir, client, uninterrupted):
-    """`kill -9` of a worker mid-run: Ray restarts the group, which continues from a checkpoint; same result."""
+def workers(state: str) -> list:
+    """The Ray Train workers of this test's own Ray in ``state`` (by address: without one the state API may pick
+    another Ray running on the machine)."""
     import ray
     from ray.util.state import list_actors
 
-    def workers(state: str) -> list:
-        # This test's own Ray, by address: without one the state API may pick another Ray running on the machine.
-        return list_actors(
-            address=ray.get_runtime_context().gcs_address,
-            limit=1000,
-            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", state)],
-        )
+    return list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        limit=1000,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", state)],
+    )
 
+
+@pytest.mark.slow
+def test_killed_worker_is_restarted_from_the_last_checkpoint(workdir, client, uninterrupted):
+    """`kill -9` of a worker mid-run: Ray restarts the group, which continues from a checkpoint; same result."""
     workers_before = len(workers("ALIVE")) + len(workers("DEAD"))
     outcome: dict = {}
     job = threading.Thread(
@@ -197,6 +199,39 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(workdir, client, un
     assert_same_training(client, uninterrupted, result)
     run_directory = Path(result.checkpoint_path).parent
     assert (run_directory / "step-00000020").is_dir() and not (run_directory / "step-00000005").exists()  # keep 2
+
+
+@pytest.mark.slow
+def test_a_step_trained_again_after_a_fallback_keeps_its_checkpoint(workdir, client, uninterrupted):
+    """Ray's latest checkpoint damaged and a worker killed mid-run: the restarted group falls back to the one before
+    and saves the damaged step again under a name of its own, which keep_last (2) never deletes as it ages out the
+    damaged one; the run FINISHED with the uninterrupted result, every checkpoint Ray lists there and intact."""
+    from bench.faults import stray_checkpoints
+
+    outcome: dict = {}
+    spec = tiny(
+        "name=fallback", "checkpointing.every_steps=5", "checkpointing.keep_last=2", "checkpointing.max_failures=1"
+    )
+    job = threading.Thread(target=lambda: outcome.update(result=run_job(spec, workdir)))
+    job.start()
+    deadline = time.monotonic() + 300
+    while not (snapshots := list(workdir.glob("xcm-runs/checkpoints/fallback-*/" + store.RAY_SNAPSHOT))) or (
+        "step-00000010" not in snapshots[0].read_text()
+    ):
+        assert time.monotonic() < deadline and job.is_alive(), "the run never registered step 10"
+        time.sleep(0.1)
+    os.kill(workers("ALIVE")[0].pid, signal.SIGKILL)  # no report completes after this: its latest stays the latest
+    latest = json.loads(snapshots[0].read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
+    shard = max((snapshots[0].parent / latest).rglob("*optim_states.pt"), key=lambda path: path.stat().st_size)
+    os.truncate(shard, shard.stat().st_size // 2)
+    job.join(600)
+    result = outcome["result"]
+    step = store.name_parts(latest).step
+    resumed_at = client.get_metric_history(result.run_id, metric_names.RESUMED_FROM_STEP)
+    assert [m.value for m in resumed_at] == [step - 5]
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    assert_same_training(client, uninterrupted, result)
+    assert stray_checkpoints(snapshots[0].parent) == []
 
 
 @pytest.mark.slow
