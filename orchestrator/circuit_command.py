@@ -33,13 +33,14 @@ from orchestrator.circuit_report import (
     loaded_model_from_spec,
     log_result,
     methods_for,
+    model_kind,
     task_set_for,
 )
 
 if TYPE_CHECKING:
     from orchestrator.data.tokenizer import TextTokenizer
     from orchestrator.modularity import GroupPartition
-    from orchestrator.spec import CircuitsSpec
+    from orchestrator.spec import CircuitsSpec, JobSpec
 
 MAX_PARTITION_BYTES = 64 << 20
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -53,9 +54,11 @@ def run_circuits_command(
     tracking_uri: str,
     experiment: str = EXPERIMENT,
     workdir: Path | None = None,
+    examples: str | None = None,
 ) -> int:
     """``xcm circuits``: load, choose the partition and tasks, compute, print the table, log the run; the exit
-    status (1 with one line on stderr for a model, task or store it cannot use)."""
+    status (1 with one line on stderr for a model, task or store it cannot use). `examples` overrides a
+    classifier checkpoint's ``circuits.examples`` (None: its job's)."""
     from orchestrator import tracking
     from orchestrator.credentials import redact
     from orchestrator.data.training_data import DataError
@@ -65,7 +68,7 @@ def run_circuits_command(
     workdir = workdir or Path.cwd()
     try:
         progress(f"loading {source}")
-        loaded = load_for_circuits(source, tracking_uri)
+        loaded = load_for_circuits(source, tracking_uri, examples)
         methods = methods_for(options.method, loaded.kind)
         task_set = task_set_for(loaded, task_specs, options, workdir)
         if loaded.partitions is not None:
@@ -107,16 +110,40 @@ def progress(message: str) -> None:
 # ---- loading ----------------------------------------------------------------------------------------------------
 
 
-def load_for_circuits(source: str, tracking_uri: str) -> LoadedModel:
-    """The model `source` names, the way ``xcm measure`` takes it, with its partition, tokenizer and data."""
+def load_for_circuits(source: str, tracking_uri: str, examples: str | None = None) -> LoadedModel:
+    """The model `source` names, the way ``xcm measure`` takes it, with its partition, tokenizer and data (a
+    classifier checkpoint's examples as `examples` picks them, else as its job's ``circuits.examples`` does)."""
     from orchestrator import measure
 
     path = Path(source)
-    if (path / "config.json").is_file():
+    directory = (path / "config.json").is_file()
+    if not directory and ("://" in source or path.exists() or _RUN_ID.fullmatch(source)):
+        return _from_checkpoint(source, tracking_uri, examples)
+    if examples is not None:
+        raise CircuitsError(LANGUAGE_EXAMPLES)  # a model directory or a hub name: a language model
+    if directory:
         return _from_directory(path, measure.load_model(source, tracking_uri))
-    if "://" in source or path.exists() or _RUN_ID.fullmatch(source):
-        return _from_checkpoint(source, tracking_uri)
     return language_loaded(measure.load_model(source, tracking_uri), None, None, {"source": source})
+
+
+LANGUAGE_EXAMPLES = "--examples picks a classifier's examples; a language model's tasks bring their own: remove it"
+
+
+def with_examples(spec: JobSpec, examples: str | None) -> JobSpec:
+    """`spec` with ``circuits.examples`` set to `examples` (unchanged for None); refused for a language model, and
+    held-out examples for a job that held none out."""
+    from orchestrator.circuit_report import HELD_OUT_BY_FRACTION, model_kind
+
+    if examples is None:
+        return spec
+    if model_kind(spec) == "language":
+        raise CircuitsError(LANGUAGE_EXAMPLES)
+    if examples == "held_out" and spec.data.source in HELD_OUT_BY_FRACTION and spec.data.validation_fraction == 0:
+        raise CircuitsError(
+            "--examples held_out, but the checkpoint's job held no examples out (data.validation_fraction 0); "
+            "use --examples train"
+        )
+    return spec.model_copy(update={"circuits": spec.circuits.model_copy(update={"examples": examples})})
 
 
 def _from_directory(path: Path, model: nn.Module) -> LoadedModel:
@@ -136,7 +163,7 @@ def _directory_tokenizer(path: Path, model: nn.Module) -> TextTokenizer | None:
     return ByteTokenizer() if model.config.vocab_size == ByteTokenizer.vocab_size else None
 
 
-def _from_checkpoint(source: str, tracking_uri: str) -> LoadedModel:
+def _from_checkpoint(source: str, tracking_uri: str, examples: str | None = None) -> LoadedModel:
     """Located and verified (signature, then every file's hash) before anything in it is read, as export does."""
     from orchestrator import measure
     from orchestrator.train import checkpoint_store as store
@@ -146,11 +173,13 @@ def _from_checkpoint(source: str, tracking_uri: str) -> LoadedModel:
     located = locate(source, tracking_uri)
     with tempfile.TemporaryDirectory(prefix="xcm-circuits-") as scratch:
         local = local_copy(located, Path(scratch))
-        spec = checkpoint_spec(local)
+        spec = with_examples(checkpoint_spec(local), examples)
         model = measure.checkpoint_model(local, located.state, spec)
         partition_file = local / store.PARTITION
         state = json.loads(partition_file.read_text()) if partition_file.is_file() else None
     provenance = {"source": source, "checkpoint": located.uri, "trained_run_id": located.state.run_id}
+    if model_kind(spec) == "classifier":
+        provenance["examples"] = spec.circuits.examples
     return loaded_model_from_spec(spec, model, _partitions_from_state(state), located.state.step, provenance)
 
 

@@ -431,6 +431,11 @@ def _add_circuits_verb(verbs) -> None:
     circuits.add_argument("--null-draws", type=int, default=20, help="random partitions for the index's null")
     circuits.add_argument("--max-examples", type=int, default=2000, help="examples per task before the split")
     circuits.add_argument(
+        "--examples",
+        choices=["held_out", "train", "auto"],
+        help="a classifier checkpoint's examples for its label tasks; default: its job's circuits.examples",
+    )
+    circuits.add_argument(
         "--eval-on-find-data",
         action="store_true",
         help="judge circuits on the examples that found them, as the papers do",
@@ -467,7 +472,13 @@ def _circuits(args: argparse.Namespace) -> int:
         print(f"xcm: --k {args.k}: give at least 2 clusters", file=sys.stderr)
         return 2
     return run_circuits_command(
-        args.model, args.tasks, options, args.k, _tracking_uri(args.tracking_uri), args.experiment
+        args.model,
+        args.tasks,
+        options,
+        args.k,
+        _tracking_uri(args.tracking_uri),
+        args.experiment,
+        examples=args.examples,
     )
 
 

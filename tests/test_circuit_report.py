@@ -275,3 +275,37 @@ def test_circuits_examples_held_out_and_a_method_list():
         with pytest.raises(ValidationError) as error:
             spec(0.5, {"method": bad})
         assert error.value.error_count() == 1  # one line for the key, not one per member of its union
+
+
+def test_examples_option_picks_a_classifier_checkpoints_examples_and_is_refused_for_a_language_model(
+    tmp_path, capsys, monkeypatch
+):
+    """`xcm circuits --examples` replaces the checkpoint job's circuits.examples: train gives modular addition its
+    training pairs and held_out its held-out ones (the job's own choice when absent); held_out of a job that held
+    none out, and the flag on a language model (a model directory), are one line naming the fix, exit 1, before
+    anything is loaded or logged."""
+    from orchestrator.circuit_command import with_examples
+    from orchestrator.circuit_report import loaded_model_from_spec
+    from orchestrator.data.sources import BUILDERS
+
+    def spec(fraction: float, examples: str) -> JobSpec:
+        data = {"source": "modular_addition", "modulus": 13, "validation_fraction": fraction}
+        return JobSpec.model_validate(
+            {"model": {"family": "modular_addition"}, "data": data, "circuits": {"examples": examples}}
+        )
+
+    job = spec(0.5, "held_out")
+    data = BUILDERS["modular_addition"](job.data, job.model)
+    for examples, expected in ((None, data.validation), ("train", data.train), ("held_out", data.validation)):
+        chosen = with_examples(spec(0.5, "train") if examples == "held_out" else job, examples)
+        assert torch.equal(loaded_model_from_spec(chosen).labelled.inputs, expected.inputs), examples
+    with pytest.raises(CircuitsError, match=r"held no examples out.*use --examples train"):
+        with_examples(spec(0, "train"), "held_out")
+    tiny_gpt2(vocab_size=259).save_pretrained(tmp_path / "gpt")
+    monkeypatch.chdir(tmp_path)
+    assert main(["circuits", "gpt", "--examples", "train", "--tasks", "synthetic:add"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == (
+        "xcm circuits: --examples picks a classifier's examples; a language model's tasks bring their own: remove it"
+    )
+    assert not (tmp_path / "xcm-runs" / "mlflow.db").exists()
