@@ -7,7 +7,8 @@ from are moved aside (``checkpoint_store.set_aside_newer``); those that did not 
 has an intact checkpoint as new. The driver reattaches the MLflow run (RUNNING
 again) and starts Ray Train under the run's own name and storage path; the workers load that checkpoint and
 continue at its step, data position and partition. Steps that the interrupted run had logged after that
-checkpoint are recomputed but not logged twice (``metric_spool``).
+checkpoint are recomputed but not logged twice (``metric_spool``). After a rollback past intact checkpoints those
+steps are the abandoned branch's, which MLflow cannot replace: the run's ``ROLLBACK_TAG`` names their range.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from orchestrator.train import checkpoint_store as store
 from orchestrator.train.job_checks import load_spec
 
 logger = logging.getLogger(__name__)
+
+# Each rollback of the run: the steps whose metrics in MLflow are the abandoned branch's, and where its checkpoints are.
+ROLLBACK_TAG = "xcm.rolled_back"
+_MAX_TAG_CHARACTERS = 5000  # the smallest limit of MLflow's stores
 
 
 class ResumeError(RuntimeError):
@@ -105,6 +110,7 @@ def resume_job(target: str, workdir: Path, overrides: list[str] = (), tracking_u
             located.state.step,
             aside.superseded,
         )
+        mark_rollback(spec.resolved(workdir).tracking.uri, located.state.run_id, located.state.step, aside.superseded)
     if aside.refused is not None:
         logger.warning(
             "resuming %s from step %d: its later checkpoints that do not verify are moved to %s, deleted once the "
@@ -122,6 +128,37 @@ def resume_job(target: str, workdir: Path, overrides: list[str] = (), tracking_u
         return run_job(spec, workdir, resume_from=located.uri, console=console)
     finally:
         _discard_refused(located, run_directory)
+
+
+def mark_rollback(uri: str, run_id: str, step: int, superseded: str) -> None:
+    """Say in the run (``ROLLBACK_TAG``, appended to at each rollback) and here which steps' metrics in MLflow are
+    the branch abandoned by a resume from step index ``step``: from it to the last step that branch logged.
+
+    MLflow cannot delete a logged value, and the spool logs each step once (a second value per step would draw the
+    two branches as one zigzag), so the resumed run logs from the step after; its own values of the steps before are
+    not kept. A store that does not answer costs only the tag, with a warning."""
+    from orchestrator import metric_names, tracking
+
+    try:
+        mlflow = tracking.client(uri)
+        run = mlflow.get_run(run_id)
+        logged = {metric.key: metric.step for metric in run.data.to_proto().metrics}.get(metric_names.LOSS, -1)
+        if logged < step:
+            return
+        note = f"steps {step}-{logged}: the branch abandoned at the resume from step {step} (checkpoints {superseded})"
+        earlier = run.data.tags.get(ROLLBACK_TAG)
+        mlflow.set_tag(run_id, ROLLBACK_TAG, (f"{earlier}; {note}" if earlier else note)[-_MAX_TAG_CHARACTERS:])
+    except Exception as error:  # any failure of the store: the resume goes on
+        logger.warning("could not tag run %s with the rolled-back steps (%s: %s)", run_id, type(error).__name__, error)
+        return
+    logger.warning(
+        "MLflow keeps the abandoned branch's metrics of steps %d-%d (it cannot replace logged values); the resumed run "
+        "logs from step %d on (run tag %s)",
+        step,
+        logged,
+        logged + 1,
+        ROLLBACK_TAG,
+    )
 
 
 def _discard_refused(located: store.Located, run_directory: str) -> None:

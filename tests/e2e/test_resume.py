@@ -20,7 +20,7 @@ from orchestrator.train import checkpoint_store as store
 from orchestrator.train import export
 from orchestrator.train.export import PARTITION_FILE, consolidated_state_dict, export_hf
 from orchestrator.train.launch import run_job
-from orchestrator.train.resume import ResumeError, locate, resume_job
+from orchestrator.train.resume import ROLLBACK_TAG, ResumeError, locate, resume_job
 from tests.helpers import ROOT, MetricPoint, kill_session, metric_history, run_xcm, tiny_spec
 
 STEPS = 20
@@ -290,7 +290,8 @@ def test_resume_refuses_what_it_cannot_do(workdir, uninterrupted):
 @pytest.mark.slow
 def test_resuming_an_older_checkpoint_continues_exactly_there(workdir, client, uninterrupted):
     """`xcm resume RUN/step-00000010` of a run that reached step 20 continues at step 10 (Ray's list names step
-    20), ends with the uninterrupted run's weights, and leaves the abandoned steps 15 and 20 whole, aside."""
+    20), ends with the uninterrupted run's weights, and leaves the abandoned steps 15 and 20 whole, aside; MLflow
+    holds each step once and the run's tag names steps 10-19 as the abandoned branch's."""
     first = run_job(tiny("name=rollback", "checkpointing.every_steps=5", "checkpointing.keep_last=4"), workdir)
     run_directory = Path(first.checkpoint_path).parent
     abandoned = store.verified(*store.resolve(first.checkpoint_path))
@@ -299,6 +300,9 @@ def test_resuming_an_older_checkpoint_continues_exactly_there(workdir, client, u
     assert [(m.step, m.value) for m in client.get_metric_history(resumed.run_id, metric_names.RESUMED_FROM_STEP)] == [
         (10, 10.0)
     ]
+    assert [step for step, _ in losses(client, resumed.run_id)] == list(range(STEPS))
+    tag = client.get_run(resumed.run_id).data.tags[ROLLBACK_TAG]
+    assert tag.startswith("steps 10-19: the branch abandoned at the resume from step 10 (checkpoints ")
     reference, weights = final_weights(uninterrupted.checkpoint_path), final_weights(resumed.checkpoint_path)
     for name, tensor in reference.items():
         torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-6, msg=name)

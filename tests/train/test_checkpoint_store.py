@@ -399,3 +399,30 @@ def test_the_universal_form_of_a_step_saved_again_is_its_own(tmp_path, checkpoin
     again = universal.universal_checkpoint(store.verified(LOCAL, str(run / "step-00000020.g1")))
     assert (Path(first.path).name, Path(again.path).name) == ("universal-00000020", "universal-00000020.g1")
     assert again.state.universal and again.state.step == 20
+
+
+def test_a_rollback_tags_the_steps_mlflow_keeps_from_the_abandoned_branch(tmp_path, caplog):
+    """A run that logged steps 0-19, rolled back to step 10 and then to step 5: its tag, read back with MLflow's
+    client, names steps 10-19 and then 5-19 as abandoned with where each branch's checkpoints went; a rollback past
+    nothing logged sets none, and a run the store does not hold only warns."""
+    from mlflow import MlflowClient
+
+    from orchestrator.train.resume import ROLLBACK_TAG, mark_rollback
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("rollback")).info.run_id
+    for step in range(20):
+        client.log_metric(run_id, "loss", 1.0 / (step + 1), step=step)
+    mark_rollback(uri, run_id, 20, "run/superseded-0")
+    assert ROLLBACK_TAG not in client.get_run(run_id).data.tags
+    with caplog.at_level(logging.WARNING):
+        mark_rollback(uri, run_id, 10, "run/superseded-1")
+    assert "steps 10-19" in caplog.text and "from step 20 on" in caplog.text
+    mark_rollback(uri, run_id, 5, "run/superseded-2")
+    assert client.get_run(run_id).data.tags[ROLLBACK_TAG] == (
+        "steps 10-19: the branch abandoned at the resume from step 10 (checkpoints run/superseded-1); "
+        "steps 5-19: the branch abandoned at the resume from step 5 (checkpoints run/superseded-2)"
+    )
+    mark_rollback(uri, "f" * 32, 5, "run/superseded-3")
+    assert "could not tag run" in caplog.text
