@@ -7,7 +7,8 @@ rank holds the same side jobs and calls them at the same points, since gathers a
 
 - before each step, ``collect(step)`` (adopt or log what has come back), then, when ``due(step)``, the weights
   it ``needs()`` are gathered (``orchestrator.gather``) and passed to ``submit(step, gathered)``, which returns
-  at once (rank 0 gets the copy, the other ranks None);
+  at once (rank 0 gets the copy, the other ranks None), unless the job computes on the ranks themselves (circuits'
+  ``attribution_on: ranks``: nothing gathered, the engine from its context, training paused while it runs);
 - at each checkpoint, ``state_dict()`` (JSON values: its adopted results and its work in flight), restored with
   ``load_state_dict`` on resume;
 - after the last step, ``finish(gathered)`` with a last gather of what it needs.

@@ -1,6 +1,7 @@
 """The circuits side job's spec check, through `xcm check`, and the streamed gather its actor reads."""
 
 import pytest
+import torch
 
 from orchestrator import cli
 from orchestrator.gather import Needs
@@ -80,6 +81,57 @@ def test_a_resumed_run_measures_its_first_step_for_the_measurements_in_flight_at
     assert job.due(4)
     job.submit(4, None)
     assert [step for step in range(4, 10) if job.due(step)] == [6, 9]
+
+
+def test_on_ranks_the_job_measures_at_the_actor_paths_steps_and_keeps_nothing_in_flight():
+    """`attribution_on: ranks`: due every `every_steps` (never at 0), nothing gathered, an empty checkpoint state;
+    an actor-path checkpoint's in-flight steps make the first boundary due once, as on the actor path."""
+    from orchestrator.circuit_job.on_ranks import RanksCircuitsJob
+    from orchestrator.side_jobs import SideJobContext
+
+    spec = tiny_spec("training.steps=10", "circuits.every_steps=3")
+    job = RanksCircuitsJob(spec, SideJobContext(None, None, [], None, [], None))
+    assert [step for step in range(10) if job.due(step)] == [3, 6, 9]
+    assert job.needs() == Needs() and job.state_dict() is None
+    job.load_state_dict({"in_flight": [2]})
+    assert job.due(4)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("circuits.tasks=['synthetic:add,count']", "circuits.max_examples=80", "circuits.seed=3"),
+        ("circuits.tasks=['synthetic:copy']", "circuits.max_examples=16", "circuits.eval_on_find_data=true"),
+        (
+            "model.family=mnist_mlp",
+            "data.source=digits",
+            "circuits.tasks=['labels:0+1,2']",
+            "circuits.max_examples=200",
+        ),
+    ],
+)
+def test_the_ranks_score_the_tasks_the_actor_path_scores(overrides, tmp_path):
+    """The tasks actor's batches (built from a meta-device skeleton, no weights) are the circuits actor's, for a
+    language model and a classifier: the same tasks, split, seed and batches, and no judging batches when circuits
+    judge on the finding half."""
+    from orchestrator.circuit_job.actor import task_batches
+    from orchestrator.circuit_report import BATCH_SIZE, loaded_model_from_spec, task_set_for
+    from orchestrator.train.job_checks import load_spec
+
+    if "model.family=mnist_mlp" in overrides:
+        spec = load_spec(ROOT / "jobs" / "mnist_mlp.yaml", list(overrides[1:]))
+    else:
+        spec = tiny_spec(*overrides)
+    reference = task_set_for(loaded_model_from_spec(spec), spec.circuits.tasks, spec.circuits, tmp_path)
+    batches = task_batches(spec, tmp_path)
+    assert [name for name, _, _ in batches] == reference.names()
+    for (_, find, judge), task in zip(batches, reference.tasks, strict=True):
+        for (inputs, targets), expected in zip(find, task.find.batches(BATCH_SIZE), strict=True):
+            assert torch.equal(inputs, expected[0]) and torch.equal(targets, expected[1])
+        if spec.circuits.eval_on_find_data:
+            assert judge is None
+        else:
+            assert all(torch.equal(a[0], b[0]) for a, b in zip(judge, task.judge.batches(BATCH_SIZE), strict=True))
 
 
 def test_the_actor_computes_on_cuda_only_when_given_a_gpu_that_it_sees():

@@ -3,7 +3,8 @@
 The driver starts one named actor with the job (``start_circuits_actor``), with ``circuits.cpus`` and
 ``circuits.gpus``. Each call carries everything it needs (the step's weights and the training partition), so
 when the actor dies Ray restarts it (``max_restarts=-1``) and retries the call in flight (``max_task_retries=-1``);
-what it caches (the model's skeleton, the tasks' examples) is rebuilt from the spec on the first call.
+what it caches (the model's skeleton, the tasks' examples) is rebuilt from the spec on the first call. Under
+``circuits.attribution_on: ranks`` the driver starts ``CircuitTasksActor`` instead, which only builds the tasks.
 """
 
 from __future__ import annotations
@@ -121,34 +122,31 @@ class CircuitTasksActor:
         self._batches: list[TaskBatches] | None = None
 
     def batches(self) -> list[TaskBatches]:
-        """Each task's batches, as ``find_circuits`` scores and judges attribution on them."""
-        from orchestrator.circuit_report import (
-            BATCH_SIZE,
-            fresh_model,
-            loaded_model_from_spec,
-            model_kind,
-            task_set_for,
-        )
-
+        """Each task's batches, built on the first call."""
         if self._batches is None:
-            tokenizer = None
-            if model_kind(self._spec) == "language":
-                from orchestrator.data.tokenizer import load_tokenizer
-
-                tokenizer = load_tokenizer(self._spec.data, self._spec.model)
-            with torch.device("meta"):
-                skeleton = fresh_model(self._spec, tokenizer)
-            options = self._spec.circuits
-            tasks = task_set_for(loaded_model_from_spec(self._spec, skeleton), options.tasks, options, self._base_dir)
-            self._batches = [
-                (
-                    task.name,
-                    task.find.batches(BATCH_SIZE),
-                    None if options.eval_on_find_data else task.judge.batches(BATCH_SIZE),
-                )
-                for task in tasks.tasks
-            ]
+            self._batches = task_batches(self._spec, self._base_dir)
         return self._batches
+
+
+def task_batches(spec: JobSpec, base_dir: Path) -> list[TaskBatches]:
+    """Each of the job's circuit tasks, batched as ``find_circuits`` scores and judges attribution on them, from a
+    skeleton of the model on the meta device (its config and kind only)."""
+    from orchestrator.circuit_report import BATCH_SIZE, fresh_model, loaded_model_from_spec, model_kind, task_set_for
+
+    tokenizer = None
+    if model_kind(spec) == "language":
+        from orchestrator.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(spec.data, spec.model)
+    with torch.device("meta"):
+        skeleton = fresh_model(spec, tokenizer)
+    options = spec.circuits
+    tasks = task_set_for(loaded_model_from_spec(spec, skeleton), options.tasks, options, base_dir)
+    judged = not options.eval_on_find_data
+    return [
+        (task.name, task.find.batches(BATCH_SIZE), task.judge.batches(BATCH_SIZE) if judged else None)
+        for task in tasks.tasks
+    ]
 
 
 def start_tasks_actor(spec: JobSpec) -> dict[str, ray.actor.ActorHandle]:
