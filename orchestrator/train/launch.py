@@ -364,6 +364,11 @@ def ensure_ray(spec: JobSpec) -> str | None:
     left there made the cleaner wait for a dead GCS and every run's shutdown 12 s longer; a `ray start` cluster
     still running here made it ask that cluster about this run's controller, find none, and take it for dead.
     Its workers run at the driver's priority, not below Ray's daemons (`orchestrator.priority`).
+
+    A local instance's processes inherit this process's environment, so the workers' variables are set in it for
+    the moment Ray starts, not given as a runtime_env: with one, Ray starts every worker and actor through an
+    extra Python process (``setup_worker.py``, which imports Ray) that then execs the worker, and cannot hand them
+    the workers it started in advance; a run starts about ten actors on a machine of a few cores.
     """
     import ray
 
@@ -376,26 +381,35 @@ def ensure_ray(spec: JobSpec) -> str | None:
             refuse_paths_a_remote_cluster_cannot_see(spec)
         return context.dashboard_url or None
     resources = spec.resources
-    chosen_here = not os.environ.get("RAY_GCS_SERVER_PORT")  # read by the GCS that ray.init starts
-    if chosen_here:
-        os.environ["RAY_GCS_SERVER_PORT"] = str(free_port())
-    runtime_env["env_vars"]["RAY_ADDRESS"] = f"127.0.0.1:{os.environ['RAY_GCS_SERVER_PORT']}"
-    try:
-        # address="local": a new instance even when a `ray start` cluster runs here (plain init would join it).
-        with loopback_only_ray():
-            context = ray.init(
-                address="local",
-                num_cpus=max(os.cpu_count() or 1, int(resources.max_workers * resources.cpus_per_worker)),
-                include_dashboard=True,
-                dashboard_host="127.0.0.1",
-                runtime_env=runtime_env,
-                log_to_driver=True,
-                _system_config={"worker_niceness": priority.WORKER_NICENESS},
-            )
-    finally:
-        if chosen_here:
-            del os.environ["RAY_GCS_SERVER_PORT"]
+    port = os.environ.get("RAY_GCS_SERVER_PORT") or str(free_port())  # read by the GCS that ray.init starts
+    local_environment = {**runtime_env["env_vars"], "RAY_GCS_SERVER_PORT": port, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    # address="local": a new instance even when a `ray start` cluster runs here (plain init would join it, and it
+    # ignores RAY_ADDRESS).
+    with loopback_only_ray(), environment(local_environment):
+        context = ray.init(
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, int(resources.max_workers * resources.cpus_per_worker)),
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
+            _system_config={"worker_niceness": priority.WORKER_NICENESS},
+        )
     return context.dashboard_url or None
+
+
+@contextlib.contextmanager
+def environment(variables: dict[str, str]):
+    """This process's environment with ``variables`` set while the block runs, as it was afterwards."""
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def refuse_paths_a_remote_cluster_cannot_see(spec: JobSpec) -> None:

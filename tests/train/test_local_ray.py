@@ -35,6 +35,11 @@ def found_by_a_ray_process():
     from ray._private.services import canonicalize_bootstrap_address_or_die
     return canonicalize_bootstrap_address_or_die(None)  # what Ray's state API connects to
 
+@ray.remote(num_cpus=0)
+def environment_of_a_worker():
+    names = ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "TOKENIZERS_PARALLELISM", "DS_ACCELERATOR", "RAY_ADDRESS"]
+    return {name: os.environ.get(name) for name in names}, dict(ray.get_runtime_context().runtime_env)
+
 def thread_niceness(_actor=None):
     return sorted({os.getpriority(os.PRIO_PROCESS, int(thread)) for thread in os.listdir("/proc/self/task")})
 
@@ -57,6 +62,8 @@ try:
     print("RESULT " + json.dumps({
         "own": ray.get_runtime_context().gcs_address,
         "found": ray.get(found_by_a_ray_process.remote(), timeout=60), "dead": dead,
+        "environment": ray.get(environment_of_a_worker.remote(), timeout=60),
+        "driver environment": [os.environ.get(name) for name in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")],
         "worker": ray.get(ray.remote(num_cpus=0)(thread_niceness).remote(), timeout=60),
         "progress board": ray.get(board.__ray_call__.remote(thread_niceness), timeout=60),
         "dashboard": ray._private.worker.get_dashboard_url(), "listening": listening_sockets()}))
@@ -88,6 +95,21 @@ def test_local_ray_processes_ignore_a_stale_ray_start_address(probed):
     instance, not the address a `ray start` left in the temporary directory."""
     assert not probed["found"].endswith(f":{probed['dead']}")
     assert probed["found"].split(":")[1] == probed["own"].split(":")[1]
+
+
+def test_local_ray_workers_inherit_their_variables_without_a_runtime_env(probed):
+    """A worker of the local Ray has the job's variables (Ray Train's poll interval, DeepSpeed's accelerator, its
+    instance's address) from the environment it inherits, under an empty runtime_env: Ray starts it directly, not
+    through the extra Python of a runtime_env's setup; the driver's own environment is left as it was."""
+    variables, runtime_env = probed["environment"]
+    assert variables == {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+        "TOKENIZERS_PARALLELISM": "false",
+        "DS_ACCELERATOR": "cpu",
+        "RAY_ADDRESS": probed["own"],
+    }
+    assert runtime_env == {}
+    assert probed["driver environment"] == [None, None]
 
 
 def test_workers_run_at_the_driver_priority_and_the_progress_board_below_it(probed):
