@@ -1,11 +1,12 @@
 """Shared fixtures: real Ray, DeepSpeed and MLflow, started inside the tests and stopped afterwards; tiny models."""
 
 import os
+import shutil
 
 import pytest
 import torch
 
-from tests.helpers import MlflowServer, tiny_gpt2
+from tests.helpers import MlflowServer, tiny_gpt2, train_mnist_mlp_checkpoint
 
 # A dead MLflow store must fail fast in tests, not after MLflow's default ~4 minutes of retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -39,6 +40,23 @@ def mlflow_server(tmp_path):
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def _mnist_mlp_training(tmp_path_factory):
+    """One `xcm run` of the small MNIST MLP for the whole session: its working directory and run directory."""
+    directory = tmp_path_factory.mktemp("mnist-mlp-training")
+    return directory, train_mnist_mlp_checkpoint(directory, timeout=600).relative_to(directory)
+
+
+@pytest.fixture
+def mnist_mlp_checkpoint(_mnist_mlp_training, tmp_path):
+    """The run directory of a small MNIST MLP checkpoint (``train_mnist_mlp_checkpoint``) in the test's own
+    directory: the session's one training run, its MLflow store and checkpoints copied there, so a test that
+    writes beside it (`xcm circuits` logs into that store) changes no other test's copy."""
+    trained, run_directory = _mnist_mlp_training
+    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
+    return tmp_path / run_directory
 
 
 @pytest.fixture(name="tiny_gpt2", scope="module")

@@ -17,7 +17,7 @@ from orchestrator.data.tokenizer import ByteTokenizer
 from orchestrator.modularity import find_matrix_groups, partition_group
 from orchestrator.partitioning.table import partition_table
 from orchestrator.spec import JobSpec
-from tests.helpers import run_xcm, tiny_gpt2, train_mnist_mlp_checkpoint
+from tests.helpers import run_xcm, tiny_gpt2
 
 K = 2
 
@@ -190,11 +190,11 @@ def test_tiny_gpt2_synthetic_attribution_logged_to_mlflow(tmp_path, capsys, monk
 
 
 @pytest.mark.slow
-def test_mnist_mlp_checkpoint_greedy_attribution_and_specialization(tmp_path):
+def test_mnist_mlp_checkpoint_greedy_attribution_and_specialization(tmp_path, mnist_mlp_checkpoint):
     """`xcm run` trains the MNIST MLP on digits into a checkpoint; `xcm circuits <run directory>` verifies and
     loads it with its own partition, finds greedy and attribution circuits of two labels and the specialization
     index, and the run in experiment xcm-circuits holds their metrics at the checkpoint's step and the artifacts."""
-    run_directory = train_mnist_mlp_checkpoint(tmp_path, timeout=400)
+    run_directory = mnist_mlp_checkpoint
     result = run_xcm(
         "circuits", str(run_directory), "--tasks", "labels:0,1", "--null-draws", "2", "--ig-steps", "2",
         "--max-examples", "60", cwd=tmp_path, timeout=300, env={"OMP_NUM_THREADS": "1"},

@@ -15,7 +15,7 @@ from orchestrator.modularity import (
     planted_blocks,
     regularise_groups,
 )
-from tests.helpers import run_xcm, tiny_gpt2, train_mnist_mlp_checkpoint
+from tests.helpers import run_xcm, tiny_gpt2
 
 K = 4
 
@@ -98,13 +98,12 @@ def test_briefly_trained_model_measures_modular(tmp_path):
 
 
 @pytest.mark.slow
-def test_classifier_checkpoint_is_measured(tmp_path):
+def test_classifier_checkpoint_is_measured(tmp_path, mnist_mlp_checkpoint):
     """`xcm measure <run directory>` of an MNIST MLP that `xcm run` trained with the loss (xcm's own classifier, which
     has no Hugging Face form to export) verifies and loads the checkpoint and measures its four fc matrices: the
     trained weights read modular under the joint partition (model mean 0.69 here; 0.36-0.38 at seeds 0-2 of a
     random initialisation of this width), about 1/k under random partitions."""
-    run_directory = train_mnist_mlp_checkpoint(tmp_path, timeout=600)
-    measured = run_xcm("measure", str(run_directory), "--k", str(K), cwd=tmp_path, timeout=300)
+    measured = run_xcm("measure", str(mnist_mlp_checkpoint), "--k", str(K), cwd=tmp_path, timeout=300)
     assert measured.returncode == 0, measured.stderr[-2000:]
     lines = measured.stdout.splitlines()
     rows = {line.split()[0]: line.split()[2:] for line in lines if line.startswith(("classifier", "model mean"))}
