@@ -177,7 +177,7 @@ class ShardedMasking:
         local = np.concatenate([score.detach().cpu().numpy().reshape(-1) for score in scores.values()])
         self.dtype = local.dtype
         self.keys = np.sort(order_keys(local))  # [local elements], ascending
-        self.size = int(_all_sum(torch.tensor(len(self.keys)), self.group))
+        self.size = int(all_sum(torch.tensor(len(self.keys)), self.group))
 
     def __call__(self, count: int) -> float:
         mask = self.mask(count)
@@ -192,7 +192,7 @@ class ShardedMasking:
                     total += value if weight else 0.0
         finally:
             _set_partitions(self.engine, self.shards, self.originals, 1.0)
-        return float(_all_sum(torch.tensor(total, dtype=torch.float64), self.group)) / len(self.batches)
+        return float(all_sum(torch.tensor(total, dtype=torch.float64), self.group)) / len(self.batches)
 
     def mask(self, count: int) -> dict[str, Tensor]:
         """Exactly `count` kept weights over all ranks: every score above the global `count`-th largest, then the
@@ -202,9 +202,10 @@ class ShardedMasking:
         masks = {name: score > threshold for name, score in self.scores.items()}
         ties = {name: score == threshold for name, score in self.scores.items()}
         counts = torch.tensor([int(m.sum()) for m in masks.values()] + [int(t.sum()) for t in ties.values()])
+        counts = _on_backend_device(counts, self.group)
         every_rank = [torch.zeros_like(counts) for _ in range(torch.distributed.get_world_size(self.group))]
         torch.distributed.all_gather(every_rank, counts, group=self.group)
-        table = torch.stack(every_rank)  # [ranks, 2 × matrices]: kept above the cut, then tied at it
+        table = torch.stack(every_rank).cpu()  # [ranks, 2 × matrices]: kept above the cut, then tied at it
         ties_left = count - int(table[:, : len(masks)].sum())
         me = torch.distributed.get_rank(self.group)
         for index, name in enumerate(masks):
@@ -226,7 +227,7 @@ class ShardedMasking:
         while high - low > 1:  # at least `count` scores at or above `low`, fewer than `count` at or above `high`
             middle = (low + high) // 2
             local = len(self.keys) - int(np.searchsorted(self.keys, middle, side="left"))
-            if int(_all_sum(torch.tensor(local), self.group)) >= count:
+            if int(all_sum(torch.tensor(local), self.group)) >= count:
                 low = middle
             else:
                 high = middle
@@ -286,7 +287,7 @@ def _loss_scale(optimizer) -> float:
 
 def _kept_shares(shards: Mapping[str, Shard], mask: Mapping[str, Tensor], group) -> dict[str, float]:
     """Per matrix, its kept share over all ranks."""
-    kept = _all_sum(torch.tensor([float(mask[name].sum()) for name in shards], dtype=torch.float64), group)
+    kept = all_sum(torch.tensor([float(mask[name].sum()) for name in shards], dtype=torch.float64), group)
     return {name: float(k) / shard.parameter.ds_numel for (name, shard), k in zip(shards.items(), kept, strict=True)}
 
 
@@ -304,7 +305,7 @@ def _locality(
         first, second = flat // shard.parameter.ds_shape[1], flat % shard.parameter.ds_shape[1]
         out_index, in_index = (second, first) if transposed else (first, second)
         cells = rows.long()[out_index] * k + cols.long()[in_index]
-        blocks[name] = _all_sum(torch.bincount(cells, minlength=k * k).double(), group).reshape(k, k)
+        blocks[name] = all_sum(torch.bincount(cells, minlength=k * k).double(), group).reshape(k, k)
         inside += float(torch.diagonal(blocks[name]).sum())
         kept += float(blocks[name].sum())
     if not blocks:
@@ -319,13 +320,23 @@ def _group(shards: Mapping[str, Shard]):
     return next(iter(groups.values()))
 
 
-def _all_sum(tensor: Tensor, group) -> Tensor:
-    torch.distributed.all_reduce(tensor, group=group)
-    return tensor
+def all_sum(tensor: Tensor, group=None) -> Tensor:
+    """`tensor` summed over the ranks of `group` (the default group for None), on the CPU."""
+    reduced = _on_backend_device(tensor, group)
+    torch.distributed.all_reduce(reduced, group=group)
+    return reduced.cpu()
 
 
 def _all_max(tensor: Tensor, group) -> Tensor:
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX, group=group)
+    reduced = _on_backend_device(tensor, group)
+    torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX, group=group)
+    return reduced.cpu()
+
+
+def _on_backend_device(tensor: Tensor, group) -> Tensor:
+    """`tensor` where the group's backend communicates: NCCL (a GPU job's) takes CUDA tensors only, gloo the CPU's."""
+    if torch.distributed.get_backend(group) == "nccl":
+        return tensor.to(torch.device("cuda", torch.cuda.current_device()))
     return tensor
 
 

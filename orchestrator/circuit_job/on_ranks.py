@@ -141,10 +141,11 @@ def mask_summary_rows(engine, circuit: AttributionCircuit) -> list[dict[str, Any
     """Per τ and scoped matrix, the rows ``xcm circuits`` writes from a whole mask (matrix, kept, size, share,
     locality, tau), from every rank's kept count summed in one all-reduce and the circuit's global locality blocks;
     every rank must call it."""
+    from orchestrator.sharded_attribution import all_sum
+
     parameters = dict(engine.module.named_parameters())
     cells = [(tau, name) for tau, mask in circuit.masks.items() for name in mask]
-    kept = torch.tensor([int(circuit.masks[tau][name].sum()) for tau, name in cells], dtype=torch.int64)
-    torch.distributed.all_reduce(kept)
+    kept = all_sum(torch.tensor([int(circuit.masks[tau][name].sum()) for tau, name in cells], dtype=torch.int64))
     rows = []
     for (tau, name), count in zip(cells, kept.tolist(), strict=True):
         size = parameters[name].ds_numel
