@@ -309,3 +309,23 @@ def test_examples_option_picks_a_classifier_checkpoints_examples_and_is_refused_
         "xcm circuits: --examples picks a classifier's examples; a language model's tasks bring their own: remove it"
     )
     assert not (tmp_path / "xcm-runs" / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_examples_option_reaches_a_classifier_checkpoints_label_tasks(mnist_mlp_checkpoint, tmp_path):
+    """`xcm circuits <MNIST MLP checkpoint> --examples train` and `--examples held_out` measure the label tasks on
+    different examples (each run's full-model metric differs) and each run records the examples it used."""
+    for examples in ("train", "held_out"):
+        result = run_xcm(
+            "circuits", str(mnist_mlp_checkpoint), "--tasks", "labels:0", "--method", "attribution", "--ig-steps",
+            "2", "--taus", "0.9", "--max-examples", "60", "--examples", examples,
+            cwd=tmp_path, timeout=300, env={"OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+    client = client_for(tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name("xcm-circuits").experiment_id])
+    measured = {
+        run.data.params["examples"]: run.data.metrics["circuits/attribution/label_0/metric_full"] for run in runs
+    }
+    assert sorted(measured) == ["held_out", "train"]
+    assert measured["train"] != measured["held_out"]
