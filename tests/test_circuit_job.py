@@ -97,6 +97,23 @@ def test_on_ranks_the_job_measures_at_the_actor_paths_steps_and_keeps_nothing_in
     assert job.due(4)
 
 
+def test_on_ranks_locality_is_measured_under_the_training_partition_only():
+    """The ranks measure locality under the partition training respects (lambda > 0, once adopted); before it, and
+    for a control (lambda 0, whose actor-path partition would need whole matrices), under none."""
+    from orchestrator.circuit_job.on_ranks import NO_PARTITION, RanksCircuitsJob
+    from orchestrator.side_jobs import SideJobContext
+
+    adopted = {"transformer.h.0.mlp": object()}
+
+    def job(lam: float, current) -> RanksCircuitsJob:
+        context = SideJobContext(None, None, [], None, [], None, partitions=lambda: current)
+        return RanksCircuitsJob(tiny_spec(f"modularity.lambda={lam}", "circuits.every_steps=3"), context)
+
+    assert job(20, adopted)._partitions() == (adopted, "training")
+    assert job(20, None)._partitions() == (None, NO_PARTITION)
+    assert job(0, adopted)._partitions() == (None, NO_PARTITION)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
