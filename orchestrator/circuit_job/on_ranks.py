@@ -78,9 +78,10 @@ class RanksCircuitsJob:
         from orchestrator.circuit_report import CircuitsResult
 
         if self._resumed_lost:
-            logger.warning("circuits of steps %s were in flight at the checkpoint; measuring step %d instead",
-                           self._resumed_lost, step)  # fmt: skip
-            self._resumed_lost = []
+            lost, self._resumed_lost = self._resumed_lost, []
+            logger.warning(
+                "circuits of steps %s were in flight at the checkpoint; measuring step %d instead", lost, step
+            )
         started = time.perf_counter()
         self._context.regulariser.recording = False  # nobody reads C of these passes (train_step turns it back)
         partitions, source = self._partitions()
@@ -94,8 +95,8 @@ class RanksCircuitsJob:
         if not self._context.rank.leads:
             return
         k = max((p.k for p in (partitions or {}).values()), default=self._spec.modularity.k)
-        result = CircuitsResult(tuple(name for name, _, _ in self._batches), source, k, attribution=circuits)
-        result.skipped.update(skipped)
+        names = tuple(name for name, _, _ in self._batches)
+        result = CircuitsResult(names, source, k, attribution=circuits, skipped=skipped)
         self._log(step, result, summaries, time.perf_counter() - started)
 
     def _circuit(self, find: list, judge: list | None, partitions) -> AttributionCircuit:
