@@ -53,6 +53,22 @@ def test_check_refuses_attribution_on_ranks_where_the_ranks_cannot_compute_it(
     assert f": {key}: " in line and message in line and f"Fix: {fix}" in line, line
 
 
+def test_check_refuses_attribution_on_ranks_in_fp16_naming_bf16_and_the_actor(tmp_path, capsys, monkeypatch):
+    """`circuits.attribution_on: ranks` on a ZeRO-3 fp16 GPU job (which the CPU-precision check lets through):
+    `xcm check` fails with one line naming the loss scale and the fix; the same job in bf16 passes."""
+    monkeypatch.chdir(tmp_path)
+    job = tmp_path / "tiny-ranks-fp16.yaml"
+    text = TINY_JOB.read_text().replace(*ZERO_3).replace("gpus_per_worker: 0", "gpus_per_worker: 1")
+    circuits = "circuits:\n" + RANKS + "  method: attribution\n"
+    job.write_text(text.replace("precision: fp32", "precision: fp16") + circuits)
+    assert cli.main(["check", str(job)]) == INVALID_JOB_EXIT_CODE
+    (line,) = capsys.readouterr().err.splitlines()
+    assert ": circuits.attribution_on: " in line and "dynamic loss scale" in line, line
+    assert "Fix: set training.precision: bf16 (or fp32), or circuits.attribution_on: actor" in line, line
+    job.write_text(text.replace("precision: fp32", "precision: bf16") + circuits)
+    assert cli.main(["check", str(job)]) == 0, capsys.readouterr().err
+
+
 def test_check_passes_attribution_on_ranks_under_zero_3_and_any_stage_when_off(tmp_path, capsys, monkeypatch):
     """Attribution alone on the ranks of a ZeRO-3 job passes; so does `attribution_on: ranks` on a ZeRO-2 job
     whose circuits are off (every_steps 0), since nothing is computed; a value other than actor or ranks fails."""

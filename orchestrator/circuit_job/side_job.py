@@ -82,7 +82,7 @@ CIRCUITS = CircuitsKind()
 
 def on_ranks_problems(spec: JobSpec) -> list[SpecProblem]:
     """``attribution_on: ranks`` scores ZeRO-3's partitions with the training optimizer's own gradient
-    partitions, and computes attribution only: each problem names the key to change."""
+    partitions (proven in fp32 and bf16), and computes attribution only: each problem names the key to change."""
     circuits, deepspeed = spec.circuits, spec.deepspeed
     if circuits.attribution_on != "ranks" or circuits.every_steps == 0:
         return []
@@ -103,6 +103,15 @@ def on_ranks_problems(spec: JobSpec) -> list[SpecProblem]:
                 message="ranks reads each pass's gradient partitions, which deepspeed.offload_optimizer moves to the "
                 "CPU only at a step's end",
                 fix="set deepspeed.offload_optimizer: false, or circuits.attribution_on: actor",
+            )
+        )
+    if spec.training.precision == "fp16":
+        problems.append(
+            SpecProblem(
+                key="circuits.attribution_on",
+                message="ranks is proven in fp32 and bf16 only: under training.precision fp16 the gradient "
+                "partitions carry the dynamic loss scale, at which they overflow or underflow",
+                fix="set training.precision: bf16 (or fp32), or circuits.attribution_on: actor",
             )
         )
     methods = [circuits.method] if isinstance(circuits.method, str) else list(circuits.method)
