@@ -91,12 +91,18 @@ def sharded_attribution_circuit(
 
 
 def local_shards(engine, params: Sequence[str] | None) -> dict[str, Shard]:
-    """This rank's partition of each scoped matrix; refuses an engine that is not ZeRO-3 or does not keep its
-    gradient partitions where ``safe_get_local_grad`` reads them every pass."""
+    """This rank's partition of each scoped matrix; refuses an engine that is not ZeRO-3, computes in fp16 or does
+    not keep its gradient partitions where ``safe_get_local_grad`` reads them every pass."""
     if engine.zero_optimization_stage() != 3:
         raise ValueError(
             f"sharded attribution needs DeepSpeed ZeRO-3 (the engine runs stage {engine.zero_optimization_stage()}); "
             "under ZeRO 0-2 every rank holds the whole model: use attribution_weight_circuit on engine.module"
+        )
+    if engine.fp16_enabled():
+        raise ValueError(
+            "sharded attribution is proven in fp32 and bf16 only: an fp16 engine's gradient partitions carry its "
+            "dynamic loss scale, at which they overflow or underflow; train in bf16 or fp32, or score a float32 "
+            "copy with attribution_weight_circuit"
         )
     if engine.optimizer.offload_optimizer:
         raise ValueError(
@@ -141,7 +147,8 @@ def sharded_gradient_scores(
     engine, shards: Mapping[str, Shard], batches: Sequence, metric: Metric, steps: int, signed: bool = True
 ) -> dict[str, Tensor]:
     """`I_w = −w · ḡ_w` for this rank's partition of each scoped matrix, ḡ averaged over `steps` scalings of the
-    scope and over all `batches` (the ranks share them out); `|I_w|` when not `signed`."""
+    scope and over all `batches` (the ranks share them out); `|I_w|` when not `signed`. A bf16 engine's passes
+    and gradient partitions are bf16 (no loss scale); they are summed, and the scores computed, in float32."""
     from deepspeed.utils import safe_get_local_grad
 
     originals = {name: shard.parameter.ds_tensor.clone() for name, shard in shards.items()}  # padding included
@@ -153,16 +160,15 @@ def sharded_gradient_scores(
             _set_partitions(engine, shards, originals, (step - 0.5) / steps)
             for batch, weight in _my_passes(batches, group):
                 engine.backward(metric(engine, _on(batch, engine.device)) * weight, scale_wrt_gas=False)
-                scale = _loss_scale(engine.optimizer) * steps
                 for name, shard in shards.items():
-                    grads[name] += safe_get_local_grad(shard.parameter)[: shard.size].to(dtype) / scale
+                    grads[name] += safe_get_local_grad(shard.parameter)[: shard.size].to(dtype) / steps
                 engine.optimizer.zero_grad()  # the next pass's backward overwrites the partitions, not adds to them
     finally:
         _set_partitions(engine, shards, originals, 1.0)
     scores = {name: -originals[name][: shard.size].to(dtype) * grads[name] for name, shard in shards.items()}
     overflowed = torch.tensor(int(not all(bool(torch.isfinite(score).all()) for score in scores.values())))
     if int(_all_max(overflowed, group)):  # on every rank alike: a rank that raised alone would leave the rest waiting
-        raise ValueError("sharded attribution: a gradient overflowed (non-finite scores); lower the fp16 loss scale")
+        raise ValueError("sharded attribution: a gradient overflowed (non-finite scores); check the task's metric")
     return scores if signed else {name: score.abs() for name, score in scores.items()}
 
 
@@ -274,15 +280,6 @@ def _my_passes(batches: Sequence, group) -> list[tuple[object, float]]:
     rounds = math.ceil(len(batches) / world)
     indices = [round_ * world + rank for round_ in range(rounds)]
     return [(batches[i], world / len(batches)) if i < len(batches) else (batches[0], 0.0) for i in indices]
-
-
-def _loss_scale(optimizer) -> float:
-    """The factor DeepSpeed multiplied the loss by (fp16 loss scaling), which the gradient partitions carry."""
-    if not optimizer.needs_scaler():
-        return 1.0
-    if optimizer.torch_autocast_gradscaler is not None:
-        return float(optimizer.torch_autocast_gradscaler.get_scale())
-    return float(optimizer.loss_scale)
 
 
 def _kept_shares(shards: Mapping[str, Shard], mask: Mapping[str, Tensor], group) -> dict[str, float]:

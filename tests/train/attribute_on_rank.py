@@ -2,13 +2,15 @@
 MASTER_PORT in the environment).
 
 A separate process rather than a fork: the pytest process may hold Ray's threads by the time this test runs.
-Each rank trains the same tiny GPT-2 for a few steps (rank 0's weights, broadcast), wraps it in a real DeepSpeed
-ZeRO-3 engine with every parameter sharded, and runs ``sharded_attribution_circuit`` under a spy that records the
-largest tensor any torch call in that module touches. Rank 0 writes the trained weights (the reference's model)
-and the circuit, with the scores and masks gathered from the ranks for the comparison only; every rank writes what
-it checked of its own partitions.
+Each rank trains the same tiny GPT-2 for a few steps (rank 0's weights, broadcast), wraps a copy of it in a real
+DeepSpeed ZeRO-3 engine with every parameter sharded, once in fp32 and once in bf16, and runs
+``sharded_attribution_circuit`` on each under a spy that records the largest tensor any torch call in that module
+touches. Rank 0 writes the trained weights, each engine's weights (the bf16 reference's model) and circuit, with
+the scores and masks gathered from the ranks for the comparison only; every rank writes what it checked of its
+own partitions, under a folder per precision.
 """
 
+import copy
 import os
 import resource
 import sys
@@ -100,9 +102,6 @@ def gathered(local: torch.Tensor, parameter: torch.nn.Parameter) -> torch.Tensor
 
 
 def main(rank: int, world_size: int, directory: Path) -> None:
-    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
-
-    import orchestrator.sharded_attribution as sharded
     from orchestrator.train.engine import build_engine
 
     torch.set_num_threads(1)
@@ -112,18 +111,34 @@ def main(rank: int, world_size: int, directory: Path) -> None:
         torch.distributed.broadcast(parameter.data, 0)
     if rank == 0:
         torch.save(model.state_dict(), directory / "model.pt")
-    spec = tiny_spec("deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0")
-    engine = build_engine(model, spec, world_size)
+    labels, bf16_model = cluster_labels(model), copy.deepcopy(model)  # each engine converts the module it is given
+    for precision, module in (("fp32", model), ("bf16", bf16_model)):
+        spec = tiny_spec(
+            "deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0", f"training.precision={precision}"
+        )
+        attribute(build_engine(module, spec, world_size), labels, rank, directory / precision)
+    torch.distributed.destroy_process_group()
+
+
+def attribute(engine, labels: dict[str, MatrixLabels], rank: int, directory: Path) -> None:
+    """``sharded_attribution_circuit`` on `engine`: every rank writes what it checked of its own partitions, rank 0
+    the weights the engine holds (as float32) and the circuit."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
+
+    import orchestrator.sharded_attribution as sharded
+
+    directory.mkdir(exist_ok=True)
     parameters = dict(engine.module.named_parameters())
     before = {name: p.ds_tensor.clone() for name, p in parameters.items()}
     masters = {name: safe_get_local_fp32_param(p).clone() for name, p in parameters.items()}
     spy, started = LargestTouched(sharded.__file__), time.perf_counter()
     with spy:
         circuit = sharded.sharded_attribution_circuit(
-            engine, task_batches(), language_metric, ig_steps=IG_STEPS, taus=TAUS, partition=cluster_labels(model)
+            engine, task_batches(), language_metric, ig_steps=IG_STEPS, taus=TAUS, partition=labels
         )
     own = {
         "seconds": time.perf_counter() - started,
+        "dtype": str(next(iter(parameters.values())).ds_tensor.dtype),
         "largest_touched": spy.largest,
         "smallest_scoped": min(parameters[name].ds_numel for name in circuit.scores),
         "weights_identical": all(torch.equal(p.ds_tensor, before[name]) for name, p in parameters.items()),
@@ -136,19 +151,20 @@ def main(rank: int, world_size: int, directory: Path) -> None:
         "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     torch.save(own, directory / f"rank{rank}.pt")
+    weights = {name: gathered(p.ds_tensor.float(), p) for name, p in parameters.items()}
     scores = {name: gathered(score, parameters[name]) for name, score in circuit.scores.items()}
     masks = {
         tau: {name: gathered(m.to(torch.uint8), parameters[name]).bool() for name, m in mask.items()}
         for tau, mask in circuit.masks.items()
     }
     if rank == 0:
+        torch.save(weights, directory / "weights.pt")
         fields = ("full", "none", "faithfulness", "size_at", "sizes_at", "cpr", "cmd", "curve", "method")
         result = {field: getattr(circuit, field) for field in fields}
         result |= {"scores": scores, "masks": masks, "locality": {t: loc.share for t, loc in circuit.locality.items()}}
         result["blocks"] = {t: loc.blocks for t, loc in circuit.locality.items()}
         result["faithfulness"] = torch.from_numpy(circuit.faithfulness)  # tensors load without unpickling code
         torch.save(result, directory / "circuit.pt")
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,13 @@ from orchestrator.sharded_attribution import key_value, order_keys
 from tests.helpers import ROOT, free_port, tiny_gpt2
 from tests.train.attribute_on_rank import IG_STEPS, TAUS, VOCAB, cluster_labels, task_batches
 
+# bf16 keeps 8 significant bits: a value's rounding error is at most 2**-9 of it, one unit in its last place 2**-8
+# to 2**-7 of it. The bf16 engine's forward and backward round every activation and gradient partition (the
+# reference computes in float32 on the same bf16 weights), so its scores are held to one unit in the last place of
+# the largest score, its metrics, faithfulness, CPR and CMD to two, and each circuit to the reference's weights
+# but 1% (weights whose scores are within rounding of the cut may swap).
+BF16_SCORES, BF16_METRICS, BF16_SHARED = 2**-7, 2**-6, 0.99
+
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> dict:
@@ -46,14 +53,39 @@ def two_ranks(tmp_path_factory) -> dict:
                 process.wait()
     model = tiny_gpt2(vocab_size=VOCAB)
     model.load_state_dict(torch.load(directory / "model.pt", weights_only=True))
-    reference = attribution_weight_circuit(
+    found = {precision: _circuit(directory / precision) for precision in ("fp32", "bf16")}
+    return {
+        "sharded": found["fp32"][0],
+        "ranks": found["fp32"][1],
+        "reference": _reference(model),
+        "bf16": found["bf16"][0],
+        "bf16 ranks": found["bf16"][1],
+        "bf16 reference": _reference(_with_weights(model, directory / "bf16" / "weights.pt")),
+    }
+
+
+def _circuit(directory: Path) -> tuple[dict, list[dict]]:
+    """One engine's circuit (rank 0's file) and what each rank checked of its own partitions."""
+    own = [torch.load(directory / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    return torch.load(directory / "circuit.pt", weights_only=True), own
+
+
+def _reference(model: torch.nn.Module):
+    """The whole-model circuit, computed as the circuits actor computes it: on a float32 model."""
+    return attribution_weight_circuit(
         model.eval(), task_batches(), language_metric, ig_steps=IG_STEPS, taus=TAUS, partition=cluster_labels(model)
     )
-    return {
-        "sharded": torch.load(directory / "circuit.pt", weights_only=True),
-        "ranks": [torch.load(directory / f"rank{rank}.pt", weights_only=True) for rank in range(2)],
-        "reference": reference,
-    }
+
+
+def _with_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """A float32 copy of `model` holding the engine's weights (bf16 values, exactly), as the actor receives them."""
+    copy = tiny_gpt2(vocab_size=VOCAB)
+    copy.load_state_dict(model.state_dict())
+    parameters = dict(copy.named_parameters())
+    with torch.no_grad():
+        for name, weight in torch.load(path, weights_only=True).items():
+            parameters[name].copy_(weight)
+    return copy
 
 
 @pytest.mark.slow
@@ -91,9 +123,10 @@ def test_sharded_faithfulness_and_sizes_equal_the_whole_model(two_ranks):
 
 @pytest.mark.slow
 def test_weights_restored_bit_for_bit_and_gradients_left_zeroed(two_ranks):
-    """On every rank the partitions and the optimizer's fp32 master partitions are bit-identical after the call,
-    every gradient partition is zero, no micro-step is pending and the module is back in training mode."""
-    for own in two_ranks["ranks"]:
+    """In fp32 and bf16, on every rank the partitions and the optimizer's fp32 master partitions are bit-identical
+    after the call, every gradient partition is zero, no micro-step is pending and the module is back in training
+    mode."""
+    for own in two_ranks["ranks"] + two_ranks["bf16 ranks"]:
         assert own["weights_identical"] and own["masters_identical"]
         assert own["grads_zero"] and own["micro_step_id"] == 0 and own["training_mode"]
 
@@ -102,8 +135,29 @@ def test_weights_restored_bit_for_bit_and_gradients_left_zeroed(two_ranks):
 def test_no_rank_touches_a_whole_scoped_matrix(two_ranks):
     """No torch call in the sharded module takes or returns a tensor as large as the smallest scoped matrix: each
     rank works on its partitions (half a matrix here), and only DeepSpeed's own gather sees whole matrices."""
-    for own in two_ranks["ranks"]:
+    for own in two_ranks["ranks"] + two_ranks["bf16 ranks"]:
         assert 0 < own["largest_touched"] <= own["smallest_scoped"] // 2 + 1, own
+
+
+@pytest.mark.slow
+def test_bf16_scores_and_circuits_agree_with_the_whole_model_to_bf16_rounding(two_ranks):
+    """A bf16 engine's scores equal the float32 whole-model scores of its own bf16 weights (what the circuits actor
+    computes for a bf16 job) to bf16 rounding, its circuits keep the same weights but a few ties of rounding, and
+    its metrics, faithfulness, CPR and CMD agree to bf16 rounding."""
+    sharded, reference = two_ranks["bf16"], two_ranks["bf16 reference"]
+    assert all(own["dtype"] == str(torch.bfloat16) for own in two_ranks["bf16 ranks"])
+    largest = max(float(score.abs().max()) for score in reference.scores.values())
+    for name, score in reference.scores.items():
+        assert float((sharded["scores"][name] - score).abs().max()) <= BF16_SCORES * largest, name
+    for tau, mask in reference.masks.items():
+        kept = max(sum(int(m.sum()) for m in masks.values()) for masks in (mask, sharded["masks"][tau]))
+        shared = sum(int((sharded["masks"][tau][name] & m).sum()) for name, m in mask.items())
+        assert shared >= BF16_SHARED * kept, tau
+    assert sharded["full"] == pytest.approx(reference.full, rel=BF16_METRICS)
+    assert sharded["none"] == pytest.approx(reference.none, rel=BF16_METRICS)
+    assert sharded["faithfulness"].tolist() == pytest.approx(reference.faithfulness.tolist(), abs=BF16_METRICS)
+    assert sharded["cpr"] == pytest.approx(reference.cpr, abs=BF16_METRICS)
+    assert sharded["cmd"] == pytest.approx(reference.cmd, abs=BF16_METRICS)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
