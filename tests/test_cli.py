@@ -1,6 +1,9 @@
 """The `xcm` command line in-process, without Ray: what each verb parses, its exit code, and its one-line errors."""
 
 import argparse
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -162,3 +165,34 @@ def test_cluster_address_comes_from_the_flag_then_an_http_ray_address(flag, envi
     if environment is not None:
         monkeypatch.setenv("RAY_ADDRESS", environment)
     assert cli._address(argparse.Namespace(address=flag)) == expected
+
+
+# `xcm check` called as CALL says, after an exit handler registered first, which therefore runs after the command's
+# own: how many objects were frozen by then.
+FROZEN_AT_EXIT = """
+import atexit, gc, sys
+atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count(), flush=True))
+from orchestrator import cli
+job = sys.argv[1]
+sys.argv = ["xcm", "check", job]
+CALL
+"""
+
+
+@pytest.mark.parametrize("call", ["cli.main()", "cli.main(['check', job])"])
+def test_the_command_skips_the_final_garbage_collection_and_a_python_caller_keeps_it(call, tmp_path):
+    """`xcm` as a command (``main()`` reads sys.argv) freezes its heap at exit, after its other exit handlers, so
+    the interpreter's last garbage collection does not walk the objects of torch, Ray and MLflow; ``main(argv)``
+    called from Python leaves the caller's collector alone."""
+    done = subprocess.run(
+        [sys.executable, "-c", FROZEN_AT_EXIT.replace("CALL", call), str(TINY_JOB)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    frozen = int(done.stdout.split("frozen at exit:")[1])
+    assert frozen > 100_000 if call == "cli.main()" else frozen == 0, done.stdout
