@@ -59,13 +59,19 @@ def main() -> None:
         order = list(checkouts) if round_index % 2 == 0 else list(reversed(checkouts))
         for label in order:
             phases = timed_run(Path(checkouts[label]).resolve(), args.steps)
+            if phases is None:
+                continue
             results[label].append(phases)
             print(f"round {round_index + 1} {label}: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
+    if not all(results.values()):
+        sys.exit("no run of some checkout succeeded: nothing to compare")
     print_table(results)
 
 
-def timed_run(checkout: Path, steps: int) -> dict[str, float]:
-    """One `xcm run` of the tiny job from ``checkout``: each phase's seconds, and the whole run's as ``total``."""
+def timed_run(checkout: Path, steps: int) -> dict[str, float] | None:
+    """One `xcm run` of the tiny job from ``checkout``: each phase's seconds, the whole run's as ``total`` and its
+    CPU seconds as ``cpu``; None, its output's end printed, when it failed (a machine loaded until Ray's node times
+    out at start-up)."""
     command = [
         sys.executable, "-m", "orchestrator.cli", "run", str(ROOT / "jobs" / "tiny.yaml"), "--verbose",
         "--set", f"training.steps={steps}", "--set", "tracking.log_model=false",
@@ -89,7 +95,8 @@ def timed_run(checkout: Path, steps: int) -> dict[str, float]:
         cpu.stop()
         ends["exit"] = time.monotonic() - started
     if process.returncode != 0 or len(ends) != len(PHASES) + 1:
-        sys.exit(f"the run from {checkout} failed or missed a phase ({sorted(ends)}):\n{''.join(tail)}")
+        print(f"the run from {checkout} failed or missed a phase ({sorted(ends)}), left out:\n{''.join(tail[-8:])}")
+        return None
     phases, previous = {}, 0.0
     for phase in [*PHASES, "exit"]:
         phases[phase], previous = ends[phase] - previous, ends[phase]
@@ -155,7 +162,7 @@ def print_table(results: dict[str, list[dict[str, float]]]) -> None:
         row = f"{phase:<12}" + "".join(f"{medians[label][phase]:>11.1f}s" for label in labels)
         row += "".join(f"{medians[label][phase] / max(medians[labels[0]][phase], 1e-9):>16.2f}" for label in labels[1:])
         print(row)
-    print(f"(medians of {len(results[labels[0]])} runs each, seconds)")
+    print(f"(medians of {', '.join(f'{len(runs)} {label}' for label, runs in results.items())} runs, seconds)")
 
 
 if __name__ == "__main__":
