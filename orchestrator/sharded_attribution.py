@@ -9,7 +9,10 @@ gradient (ZeRO-3 reduce-scatters it, so each rank reads the gradient of its own 
 masking zeroes partition elements. The global top-`count` cut is the exact `count`-th largest score over all
 ranks, found by bisection on the scores' bit patterns with one all-reduce of counts per step, never by gathering
 the scores. The task batches are dealt round-robin to the ranks; every rank runs the same number of passes
-(a rank without a batch left repeats one with weight zero) because each pass is a collective.
+(a rank without a batch left repeats one with weight zero) because each pass is a collective. A bf16 engine
+scores in its own precision (its passes and gradient partitions are bf16, summed in float32), which agrees with
+the whole-model scores of its bf16 weights to bf16 rounding; an fp16 engine is refused, its gradient partitions
+carrying the dynamic loss scale.
 """
 
 from __future__ import annotations
