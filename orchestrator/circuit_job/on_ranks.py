@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from orchestrator.circuit_job.measurement_log import log_measurement
 from orchestrator.gather import Gathered, Needs
 
 if TYPE_CHECKING:
@@ -130,7 +131,6 @@ class RanksCircuitsJob:
         return self._batches
 
     def _log(self, step: int, result, summaries: dict[str, list[dict]], seconds: float) -> None:
-        from orchestrator.circuit_job.side_job import log_measurement
         from orchestrator.circuit_report import format_table, result_metrics
 
         artifacts = {"circuits.txt": (format_table(result) + "\n").encode()}

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.circuit_job.measurement_log import log_measurement
 from orchestrator.gather import Gathered, Needs
 from orchestrator.spec import JobSpec, SpecProblem
 
@@ -233,28 +234,3 @@ class CircuitsJob:
         if self._actor is None:
             self._actor = ray.get_actor(self._actor_names[0])
         return self._actor
-
-
-def log_measurement(
-    metric_logger: MetricLogger,
-    step: int,
-    metrics: Mapping[str, float],
-    seconds: float,
-    artifacts: Mapping[str, bytes],
-    skipped: Mapping[str, str],
-) -> None:
-    """Rank 0: one measurement's finite metrics and ``circuits/seconds`` at `step`, its artifacts under
-    ``circuits/step-<step>/``, and a warning for each method and task skipped; both paths log through it."""
-    import math
-
-    finite = {key: float(value) for key, value in metrics.items() if math.isfinite(value)}
-    metric_logger.log(finite | {"circuits/seconds": seconds}, step)
-
-    def write(directory) -> None:
-        for path, data in artifacts.items():
-            (directory / path).parent.mkdir(parents=True, exist_ok=True)
-            (directory / path).write_bytes(data)
-
-    metric_logger.log_artifacts_from(write, f"circuits/step-{step}")
-    for what, why in skipped.items():
-        logger.warning("circuits of step %d: %s skipped: %s", step, what, why)
