@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from orchestrator import metric_names
 from orchestrator.circuit_report import (
-    EXPERIMENT,
     CircuitsError,
     LoadedModel,
     find_circuits,
@@ -52,7 +52,7 @@ def run_circuits_command(
     options: CircuitsSpec,
     k: int,
     tracking_uri: str,
-    experiment: str = EXPERIMENT,
+    experiment: str = metric_names.CIRCUITS_EXPERIMENT,
     workdir: Path | None = None,
     examples: str | None = None,
 ) -> int:

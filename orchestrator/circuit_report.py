@@ -44,7 +44,6 @@ if TYPE_CHECKING:
     from orchestrator.spec import CircuitsSpec, JobSpec
 
 METHODS = ("greedy", "attribution", "specialization")
-EXPERIMENT = "xcm-circuits"
 BATCH_SIZE = 64
 BOOTSTRAPS = 200
 HEADLINE_TAU = 0.9  # attribution's size and locality under the bare names, when 0.9 is among the taus

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor, nn
 
+from orchestrator.spec import CIRCUIT_TASK_FORMS
+
 if TYPE_CHECKING:
     from orchestrator.data.examples import LabelledExamples
     from orchestrator.data.tokenizer import TextTokenizer
@@ -39,7 +41,6 @@ MAX_EXAMPLES = 2000  # per task, before the split: the first ones of a file, a c
 SYNTHETIC_EXAMPLES = 200  # per synthetic task
 TEXT_BLOCK = 64  # tokens per block of a text domain (at most the model's context)
 SOURCES = ("labels", "synthetic", "jsonl", "text")
-FORMS = "labels, labels:0+1,2+3, synthetic, synthetic:copy,add, jsonl:FILE, text:FILE"  # every form of a task spec
 _TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 Kind = Literal["classifier", "language"]
 
@@ -117,7 +118,9 @@ def _source_of(spec: str, kind: Kind) -> tuple[str, str]:
     """A spec's source and argument, refused when the source is unknown or needs the other kind of model."""
     source, _, argument = spec.partition(":")
     if source not in SOURCES:
-        raise TaskError(f"task spec {spec!r}: start it with one of {', '.join(s + ':' for s in SOURCES)} ({FORMS})")
+        raise TaskError(
+            f"task spec {spec!r}: start it with one of {', '.join(s + ':' for s in SOURCES)} ({CIRCUIT_TASK_FORMS})"
+        )
     needed: Kind = "classifier" if source == "labels" else "language"
     if kind != needed:
         raise TaskError(

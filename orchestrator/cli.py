@@ -8,11 +8,10 @@ import os
 import sys
 from pathlib import Path
 
-from orchestrator import cluster_jobs, credentials
+from orchestrator import cluster_jobs, credentials, metric_names
 from orchestrator.cluster_jobs import ClusterError
 from orchestrator.credentials import CredentialError, redact
-from orchestrator.spec import DEFAULT_JOB, INVALID_JOB_EXIT_CODE, SpecError
-from orchestrator.train.job_checks import load_spec
+from orchestrator.spec import CIRCUIT_TASK_FORMS, DEFAULT_JOB, INVALID_JOB_EXIT_CODE, SpecError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +90,7 @@ def _run(args: argparse.Namespace) -> int:
     """Train the job; the terminal shows xcm's lines, everything else goes to the run's log file
     (``orchestrator.console``). Ctrl-C stops it KILLED, with exit code 130 as for any interrupted command."""
     from orchestrator import tracking
+    from orchestrator.train.job_checks import load_spec
     from orchestrator.train.launch import fail_submitted_run, run_job
 
     try:
@@ -152,6 +152,8 @@ def _tracking_uri(given: str | None) -> str:
 
 def _check(args: argparse.Namespace) -> int:
     """Each job as `xcm run` would load it here (its data files included), with `xcm run`'s exit code."""
+    from orchestrator.train.job_checks import load_spec
+
     failed = 0
     for job in args.jobs:
         try:
@@ -332,6 +334,7 @@ def _ui(args: argparse.Namespace) -> int:
     import os
 
     from orchestrator import tracking
+    from orchestrator.train.job_checks import load_spec
 
     spec = load_spec(args.job).resolved(Path.cwd())
     uri = spec.tracking.uri
@@ -407,9 +410,6 @@ def _measure(args: argparse.Namespace) -> int:
 
 
 def _add_circuits_verb(verbs) -> None:
-    from orchestrator.circuit_report import EXPERIMENT
-    from orchestrator.circuit_tasks import FORMS
-
     circuits = verbs.add_parser(
         "circuits",
         help="circuit sizes and locality per task, and how task-specialised the "
@@ -421,7 +421,7 @@ def _add_circuits_verb(verbs) -> None:
         nargs="+",
         default=[],
         metavar="SPEC",
-        help=f"{FORMS} (files under the current directory); default: the model's own tasks",
+        help=f"{CIRCUIT_TASK_FORMS} (files under the current directory); default: the model's own tasks",
     )
     circuits.add_argument(
         "--method",
@@ -453,7 +453,7 @@ def _add_circuits_verb(verbs) -> None:
         help="judge circuits on the examples that found them, as the papers do",
     )
     circuits.add_argument("--seed", type=int, default=0, help="seed of the find/judge split and the null")
-    _add_tracking_options(circuits, EXPERIMENT)
+    _add_tracking_options(circuits, metric_names.CIRCUITS_EXPERIMENT)
     circuits.set_defaults(handler=_circuits)
 
 

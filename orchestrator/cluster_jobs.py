@@ -23,7 +23,6 @@ import orchestrator
 from orchestrator import credentials, tracking
 from orchestrator.credentials import redact
 from orchestrator.spec import JobSpec, SpecError
-from orchestrator.train.job_checks import load_spec
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 SUBMITTED_JOB_FILE = "job.yaml"
@@ -48,6 +47,7 @@ class Submission:
 def submit(job_file: str, overrides: list[str], address: str, workdir: Path) -> Submission:
     """Validate, resolve and submit a job; the MLflow run exists (RUNNING) when this returns."""
     from orchestrator.cluster_locality import unreachable_path_problems
+    from orchestrator.train.job_checks import load_spec
 
     spec, moved = credentials.take_from_spec(load_spec(job_file, overrides))
     local = cluster_is_local(address)

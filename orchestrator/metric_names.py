@@ -13,6 +13,7 @@ MFU = "mfu"  # model FLOPs per second over the workers' peak FLOP/s (orchestrato
 PEAK_MEMORY_MAX = "memory/peak_gib/max"  # the largest worker's peak: CUDA memory allocated, or RSS on CPU
 ACCURACY = "accuracy"  # classifiers: share of the step's training examples classified right
 LEARNING_RATE = "lr"
+CIRCUITS_EXPERIMENT = "xcm-circuits"  # the MLflow experiment of `xcm circuits` runs, unless --experiment
 LOSS_SCALE = "fp16/loss_scale"  # fp16 runs: DeepSpeed's dynamic loss scale after the step
 SKIPPED_STEPS = "fp16/skipped_steps"  # fp16 runs: optimizer steps skipped on overflow since the run began
 PARTITION_SECONDS = "partition/seconds"  # the partitioner's time to compute a version (slowest actor)

@@ -226,6 +226,9 @@ Tau = Annotated[float, Field(gt=0, le=1)]
 CircuitMethod = Literal["greedy", "attribution", "specialization"]
 
 
+CIRCUIT_TASK_FORMS = "labels, labels:0+1,2+3, synthetic, synthetic:copy,add, jsonl:FILE, text:FILE"
+
+
 class CircuitsSpec(Section):
     """Circuits and cluster specialization of the model being trained (``orchestrator.circuit_report``)."""
 
@@ -242,8 +245,7 @@ class CircuitsSpec(Section):
     )
     tasks: list[str] = Field(
         default_factory=list,
-        description="task specs (labels, labels:0+1,2+3, synthetic, "
-        "synthetic:copy,add, jsonl:FILE, text:FILE); the model's own tasks when empty",
+        description=f"task specs ({CIRCUIT_TASK_FORMS}); the model's own tasks when empty",
     )
     every_steps: int = Field(0, ge=0, description="steps between circuit measurements while training; 0 = off")
     attribution_on: Literal["actor", "ranks"] = Field(

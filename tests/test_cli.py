@@ -196,3 +196,23 @@ def test_the_command_skips_the_final_garbage_collection_and_a_python_caller_keep
     assert done.returncode == 0, done.stderr[-2000:]
     frozen = int(done.stdout.split("frozen at exit:")[1])
     assert frozen > 100_000 if call == "cli.main()" else frozen == 0, done.stdout
+
+
+LOADED_MODULES = "import sys; from orchestrator import cli, cluster_jobs; print(*sys.modules, sep='\\n')"
+
+
+def test_the_cluster_verbs_start_without_torch(tmp_path):
+    """`xcm status`, `list`, `logs` and `stop` only talk to a cluster: the command and its cluster verbs load
+    without torch and the job checker (about 2 s a call, which a script polling `xcm status` pays each time)."""
+    done = subprocess.run(
+        [sys.executable, "-c", LOADED_MODULES],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+    )
+    loaded = set(done.stdout.splitlines())
+    assert "orchestrator.cluster_jobs" in loaded
+    assert not loaded & {"torch", "orchestrator.train.job_checks", "orchestrator.circuit_tasks"}

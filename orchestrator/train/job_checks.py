@@ -66,13 +66,13 @@ def circuit_task_problems(spec: JobSpec, files_from: Path | None) -> list[SpecPr
     """The circuits section's tasks against the model and its data (and the task files, from `files_from`,
     where the circuits actor reads them), so that a task it cannot build stops the job before it starts."""
     from orchestrator.circuit_report import task_problems
-    from orchestrator.circuit_tasks import FORMS
+    from orchestrator.spec import CIRCUIT_TASK_FORMS
 
     return [
         SpecProblem(
             key="circuits.tasks",
             message=message,
-            fix=f"list tasks this model and its data have, in the forms {FORMS}",
+            fix=f"list tasks this model and its data have, in the forms {CIRCUIT_TASK_FORMS}",
         )
         for message in task_problems(spec, files_from)
     ]
