@@ -11,13 +11,19 @@ from orchestrator.spec import JobSpec, SpecError
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = sorted((ROOT / "jobs" / "experiments").glob("*.yaml"))
+SUPPLEMENTS = sorted((ROOT / "jobs" / "supplements").glob("*.yaml"))  # more seeds for one
 TINY = ROOT / "jobs" / "tiny.yaml"
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda path: path.name)
-def test_every_shipped_experiment_file_loads(experiment, monkeypatch):
-    """Every file in jobs/experiments/ loads with a control at λ = 0 and 3 seeds; offline, those on the GPU jobs
-    fail only on the hub model missing from the local cache, or the chemistry corpus missing from this checkout."""
+@pytest.mark.parametrize(
+    ("experiment", "min_seeds"),
+    [(path, 3) for path in EXPERIMENTS] + [(path, 1) for path in SUPPLEMENTS],
+    ids=lambda value: value.name if isinstance(value, Path) else None,
+)
+def test_every_shipped_experiment_file_loads(experiment, min_seeds, monkeypatch):
+    """Every file in jobs/experiments/ loads with a control at λ = 0 and 3 seeds (a supplement, which adds seeds
+    to an experiment already run, at least 1); offline, those on the GPU jobs fail only on the hub model missing
+    from the local cache, or the chemistry corpus missing from this checkout."""
     monkeypatch.chdir(ROOT)
     try:
         plan = load_experiment(experiment)
@@ -25,7 +31,7 @@ def test_every_shipped_experiment_file_loads(experiment, monkeypatch):
         offline = [p for p in error.problems if "not in the local cache" in p.message or p.key.endswith("data.files")]
         assert offline == error.problems, error  # noqa: PT017 - valid or failing on this alone
         return
-    assert plan.controls["control"] is None and len(plan.seeds) >= 3
+    assert plan.controls["control"] is None and len(plan.seeds) >= min_seeds
     control = [trial.spec for trial in plan.trials if trial.variant == "control"]
     assert control and all(spec.modularity.lambda_ == 0 for spec in control)
     assert any(trial.spec.modularity.lambda_ > 0 for trial in plan.trials)
