@@ -184,16 +184,7 @@ def test_the_command_skips_the_final_garbage_collection_and_a_python_caller_keep
     """`xcm` as a command (``main()`` reads sys.argv) freezes its heap at exit, after its other exit handlers, so
     the interpreter's last garbage collection does not walk the objects of torch, Ray and MLflow; ``main(argv)``
     called from Python leaves the caller's collector alone."""
-    done = subprocess.run(
-        [sys.executable, "-c", FROZEN_AT_EXIT.replace("CALL", call), str(TINY_JOB)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = _python(FROZEN_AT_EXIT.replace("CALL", call), str(TINY_JOB), cwd=tmp_path)
     frozen = int(done.stdout.split("frozen at exit:")[1])
     assert frozen > 100_000 if call == "cli.main()" else frozen == 0, done.stdout
 
@@ -204,15 +195,22 @@ LOADED_MODULES = "import sys; from orchestrator import cli, cluster_jobs; print(
 def test_the_cluster_verbs_start_without_torch(tmp_path):
     """`xcm status`, `list`, `logs` and `stop` only talk to a cluster: the command and its cluster verbs load
     without torch and the job checker (about 2 s a call, which a script polling `xcm status` pays each time)."""
+    done = _python(LOADED_MODULES, cwd=tmp_path)
+    loaded = set(done.stdout.splitlines())
+    assert "orchestrator.cluster_jobs" in loaded
+    assert not loaded & {"torch", "orchestrator.train.job_checks", "orchestrator.circuit_tasks"}
+
+
+def _python(code: str, *arguments: str, cwd) -> subprocess.CompletedProcess:
+    """`code` run by a fresh interpreter of this checkout in `cwd`, which must exit 0."""
     done = subprocess.run(
-        [sys.executable, "-c", LOADED_MODULES],
-        cwd=tmp_path,
+        [sys.executable, "-c", code, *arguments],
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=120,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-        check=True,
+        check=False,
     )
-    loaded = set(done.stdout.splitlines())
-    assert "orchestrator.cluster_jobs" in loaded
-    assert not loaded & {"torch", "orchestrator.train.job_checks", "orchestrator.circuit_tasks"}
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
