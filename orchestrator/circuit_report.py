@@ -477,10 +477,10 @@ def result_artifacts(result: CircuitsResult, model: nn.Module, partitions) -> di
     labels = resolve_partition(model, dict(partitions))
     artifacts = {"circuits.txt": (format_table(result) + "\n").encode()}
     for task, circuit in result.greedy.items():
-        artifacts[f"circuits/greedy/{task}.parquet"] = _parquet(mask_summary(circuit.mask, labels))
+        artifacts[f"circuits/greedy/{task}.parquet"] = parquet_rows(mask_summary(circuit.mask, labels))
     for task, circuit in result.attribution.items():
         rows = [row | {"tau": tau} for tau, mask in circuit.masks.items() for row in mask_summary(mask, labels)]
-        artifacts[f"circuits/attribution/{task}.parquet"] = _parquet(rows)
+        artifacts[f"circuits/attribution/{task}.parquet"] = parquet_rows(rows)
     if result.specialization is not None:
         damage = result.specialization.damage  # [k, T]
         columns = {"cluster": list(range(damage.shape[0]))}
@@ -499,16 +499,17 @@ def mask_summary(mask: Mapping[str, torch.Tensor], labels) -> list[dict]:
     blocks = {}
     if labels and any(name in labels for name in mask):
         blocks = circuit_locality(mask, labels).blocks
-    rows = []
-    for name, kept in mask.items():
-        count, size = int(kept.sum()), kept.numel()
-        block = blocks.get(name)
-        inside = float(torch.diagonal(block).sum() / block.sum()) if block is not None and block.sum() else math.nan
-        rows.append({"matrix": name, "kept": count, "size": size, "share": count / size, "locality": inside})
-    return rows
+    return [summary_row(name, int(kept.sum()), kept.numel(), blocks.get(name)) for name, kept in mask.items()]
 
 
-def _parquet(rows: list[dict]) -> bytes:
+def summary_row(name: str, count: int, size: int, block: torch.Tensor | None) -> dict:
+    """One matrix's row of a mask summary: `count` of its `size` weights kept, and the share of them inside the
+    clusters from its locality `block` (NaN without one, or with nothing kept)."""
+    inside = float(torch.diagonal(block).sum() / block.sum()) if block is not None and block.sum() else math.nan
+    return {"matrix": name, "kept": count, "size": size, "share": count / size, "locality": inside}
+
+
+def parquet_rows(rows: list[dict]) -> bytes:
     return _parquet_columns({key: [row[key] for row in rows] for key in rows[0]} if rows else {})
 
 

@@ -16,9 +16,7 @@ Nothing is in flight between steps, so its checkpoint state is empty.
 
 from __future__ import annotations
 
-import io
 import logging
-import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -131,10 +129,10 @@ class RanksCircuitsJob:
         return self._batches
 
     def _log(self, step: int, result, summaries: dict[str, list[dict]], seconds: float) -> None:
-        from orchestrator.circuit_report import format_table, result_metrics
+        from orchestrator.circuit_report import format_table, parquet_rows, result_metrics
 
         artifacts = {"circuits.txt": (format_table(result) + "\n").encode()}
-        artifacts |= {f"circuits/attribution/{task}.parquet": parquet(rows) for task, rows in summaries.items()}
+        artifacts |= {f"circuits/attribution/{task}.parquet": parquet_rows(rows) for task, rows in summaries.items()}
         log_measurement(self._context.logger, step, result_metrics(result), seconds, artifacts, result.skipped)
 
 
@@ -142,26 +140,16 @@ def mask_summary_rows(engine, circuit: AttributionCircuit) -> list[dict[str, Any
     """Per τ and scoped matrix, the rows ``xcm circuits`` writes from a whole mask (matrix, kept, size, share,
     locality, tau), from every rank's kept count summed in one all-reduce and the circuit's global locality blocks;
     every rank must call it."""
+    from orchestrator.circuit_report import summary_row
     from orchestrator.sharded_attribution import all_sum
 
     parameters = dict(engine.module.named_parameters())
     cells = [(tau, name) for tau, mask in circuit.masks.items() for name in mask]
     kept = all_sum(torch.tensor([int(circuit.masks[tau][name].sum()) for tau, name in cells], dtype=torch.int64))
-    rows = []
-    for (tau, name), count in zip(cells, kept.tolist(), strict=True):
-        size = parameters[name].ds_numel
-        block = circuit.locality[tau].blocks.get(name) if circuit.locality else None
-        inside = float(torch.diagonal(block).sum() / block.sum()) if block is not None and block.sum() else math.nan
-        rows.append(
-            {"matrix": name, "kept": count, "size": size, "share": count / size, "locality": inside, "tau": tau}
+    return [
+        summary_row(
+            name, count, parameters[name].ds_numel, circuit.locality[tau].blocks.get(name) if circuit.locality else None
         )
-    return rows
-
-
-def parquet(rows: list[dict[str, Any]]) -> bytes:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buffer)
-    return buffer.getvalue()
+        | {"tau": tau}
+        for (tau, name), count in zip(cells, kept.tolist(), strict=True)
+    ]
